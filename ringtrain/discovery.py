@@ -1,0 +1,608 @@
+"""Find the other nodes of a job on the LAN with mDNS / DNS-SD (python-zeroconf).
+
+Each node announces one service of type ``_ringtrain._tcp.local.`` whose TXT record
+carries the job, node id, protocol version, key fingerprint, generation and state,
+and browses for the others. An advert is only a *candidate*: mDNS has no
+authentication, so any device on the LAN can claim anything. Identity is proven
+later, by the key handshake; this module only validates that received records
+are well formed and bounded.
+
+This is the only module that imports zeroconf; its errors become
+:class:`~ringtrain.errors.TransportError` or :class:`~ringtrain.errors.ConfigError` here.
+
+    with Discovery(["127.0.0.1"]) as discovery:
+        discovery.announce(Advert("n1", "job", ("127.0.0.1",), 5555, 1, "", 0, "forming"))
+        peers = discovery.browse(job="job").wait_for(2, "job", timeout=5.0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import ipaddress
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+import ifaddr
+from zeroconf import (
+    BadTypeInNameException,
+    IPVersion,
+    NamePartTooLongException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf import Error as ZeroconfError
+
+from ringtrain.errors import ConfigError, MembershipError, TransportError
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_ringtrain._tcp.local."
+
+# Records expire after this long without a refresh, so a node that died without a
+# goodbye disappears within a minute instead of the 75 minutes RFC 6762 suggests for
+# PTR/TXT records. Browsers re-query at 80-95 % of the TTL, so live nodes stay.
+ADVERT_TTL_S = 60
+
+# A hostile LAN can announce any number of services; keep at most this many.
+MAX_ADVERTS = 64
+MAX_ADDRESSES = 16
+# Remember this many malformed sources to log each only once.
+_MAX_LOGGED_SOURCES = 256
+
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+_JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+_STATE_RE = re.compile(r"[a-z][a-z_]{0,15}")
+_FINGERPRINT_RE = re.compile(r"[\x21-\x7e]{0,64}")  # printable ASCII, no spaces
+_UINT_RE = re.compile(r"[0-9]{1,19}")
+_MAX_GENERATION = 2**63 - 1
+_MAX_PROTOCOL = 65535
+
+# zeroconf's own defaults, in seconds, plus headroom: register with probing takes
+# ~1.3 s, announcements and goodbyes 0.25-0.45 s.
+_REGISTER_TIMEOUT_S = 10.0
+_UPDATE_TIMEOUT_S = 2.0
+_UNREGISTER_TIMEOUT_S = 2.0
+# How long the browser thread may wait for a service's SRV/TXT/A records when an
+# announcement did not carry them all (our own announcements always do).
+_RESOLVE_TIMEOUT_MS = 1000
+
+Event = Literal["added", "updated", "removed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Advert:
+    """What one node tells the LAN about itself.
+
+    Attributes:
+        node_id: unique id of the node, 1-32 characters ``[A-Za-z0-9_-]``.
+        job: the training job it belongs to, 1-32 characters ``[A-Za-z0-9_.-]``.
+        addresses: IPv4 addresses (text) where its transport listens.
+        port: TCP port of its transport.
+        protocol: ringtrain wire-protocol version.
+        key_fingerprint: fingerprint of its public key, or "" when it has none.
+        generation: the membership generation it is in.
+        state: its lifecycle state, e.g. "forming" or "training".
+        instance_name: the full DNS-SD service name; "" until announced.
+
+    Raises:
+        ConfigError: a field is out of range or malformed.
+    """
+
+    node_id: str
+    job: str
+    addresses: tuple[str, ...]
+    port: int
+    protocol: int
+    key_fingerprint: str
+    generation: int
+    state: str
+    instance_name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_text("node_id", self.node_id, _NODE_ID_RE)
+        _check_text("job", self.job, _JOB_RE)
+        _check_text("key_fingerprint", self.key_fingerprint, _FINGERPRINT_RE)
+        _check_text("state", self.state, _STATE_RE)
+        _check_int("port", self.port, 1, 65535)
+        _check_int("protocol", self.protocol, 0, _MAX_PROTOCOL)
+        _check_int("generation", self.generation, 0, _MAX_GENERATION)
+        if not isinstance(self.addresses, tuple) or not 1 <= len(self.addresses) <= MAX_ADDRESSES:
+            raise ConfigError(
+                f"addresses must be a tuple of 1 to {MAX_ADDRESSES} IPv4 addresses, "
+                f"got {self.addresses!r}"
+            )
+        for address in self.addresses:
+            _check_ipv4(address)
+        if not isinstance(self.instance_name, str) or len(self.instance_name) > 255:
+            raise ConfigError(f"instance_name must be text of at most 255 characters, "
+                              f"got {self.instance_name!r}")
+
+    def txt(self) -> dict[str, str]:
+        """The TXT properties that carry this advert."""
+        return {
+            "job": self.job,
+            "id": self.node_id,
+            "proto": str(self.protocol),
+            "fp": self.key_fingerprint,
+            "gen": str(self.generation),
+            "state": self.state,
+        }
+
+
+def _check_text(name: str, value: object, pattern: re.Pattern[str]) -> None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ConfigError(f"{name} must match {pattern.pattern!r}, got {value!r}")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_ipv4(address: object) -> None:
+    try:
+        parsed = ipaddress.IPv4Address(address)  # type: ignore[arg-type]
+    except (ipaddress.AddressValueError, TypeError, ValueError) as exc:
+        raise ConfigError(f"not an IPv4 address: {address!r}") from exc
+    if parsed.is_unspecified or parsed.is_multicast or parsed == ipaddress.IPv4Address(
+        "255.255.255.255"
+    ):
+        raise ConfigError(f"not a unicast IPv4 address: {address!r}")
+
+
+def _parse_uint(name: str, raw: str) -> int:
+    if not _UINT_RE.fullmatch(raw):
+        raise ConfigError(f"{name} must be decimal digits, got {raw!r}")
+    return int(raw)
+
+
+def parse_service_info(info: ServiceInfo) -> Advert:
+    """Build an :class:`Advert` from a resolved zeroconf record, validating every field.
+
+    Raises:
+        ConfigError: a field is missing, too long or malformed.
+    """
+    txt: dict[str, str] = {}
+    for key, value in info.properties.items():
+        if value is None or len(key) > 16 or len(value) > 255:
+            continue  # unknown or boolean keys carry nothing we use
+        try:
+            txt[key.decode("ascii")] = value.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"TXT key {key!r} is not ASCII") from exc
+    missing = [k for k in ("job", "id", "proto", "fp", "gen", "state") if k not in txt]
+    if missing:
+        raise ConfigError(f"TXT record lacks {', '.join(missing)}")
+    if info.port is None:
+        raise ConfigError("no SRV port")
+    addresses = tuple(info.parsed_addresses(IPVersion.V4Only))
+    return Advert(
+        node_id=txt["id"],
+        job=txt["job"],
+        addresses=addresses[:MAX_ADDRESSES],
+        port=info.port,
+        protocol=_parse_uint("proto", txt["proto"]),
+        key_fingerprint=txt["fp"],
+        generation=_parse_uint("gen", txt["gen"]),
+        state=txt["state"],
+        instance_name=info.name,
+    )
+
+
+def usable_ipv4_addresses(interface: str | None = None) -> list[str]:
+    """IPv4 addresses discovery should use on this host.
+
+    Args:
+        interface: None for every interface except loopback (loopback only when it is
+            all there is); otherwise an interface name ("eth0") or one of the host's
+            IPv4 addresses, which pins discovery to it (loopback included).
+
+    Returns:
+        The addresses as text, in interface order.
+
+    Raises:
+        ConfigError: ``interface`` names no interface or address of this host.
+    """
+    adapters = ifaddr.get_adapters()
+    by_adapter = [
+        (adapter.nice_name, [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)])
+        for adapter in adapters
+    ]
+    if interface is not None:
+        for name, ips in by_adapter:
+            if interface == name and ips:
+                return ips
+            if interface in ips:
+                return [interface]
+        known = ", ".join(f"{name} {ips}" for name, ips in by_adapter if ips)
+        raise ConfigError(f"no IPv4 interface or address {interface!r} on this host; "
+                          f"have: {known}")
+    every = [ip for _, ips in by_adapter for ip in ips]
+    usable = [ip for ip in every if not ipaddress.IPv4Address(ip).is_loopback]
+    return usable or [ip for ip in every if ipaddress.IPv4Address(ip).is_loopback]
+
+
+class Discovery:
+    """One zeroconf instance shared by the announcers and browsers of this process.
+
+    Args:
+        interfaces: IPv4 addresses to send and receive mDNS on; None means
+            :func:`usable_ipv4_addresses` ``(None)``.
+
+    Raises:
+        ConfigError: an address is not IPv4 text.
+        TransportError: the mDNS sockets could not be opened.
+    """
+
+    def __init__(self, interfaces: Sequence[str] | None = None) -> None:
+        chosen = list(usable_ipv4_addresses(None) if interfaces is None else interfaces)
+        if not chosen:
+            raise ConfigError("no IPv4 interface to run discovery on")
+        for address in chosen:
+            try:
+                ipaddress.IPv4Address(address)
+            except ipaddress.AddressValueError as exc:
+                raise ConfigError(f"discovery interface must be IPv4 text, got {address!r}") \
+                    from exc
+        self.interfaces: tuple[str, ...] = tuple(chosen)
+        try:
+            self._zc = Zeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
+        except (OSError, ZeroconfError) as exc:
+            raise TransportError(f"cannot open mDNS sockets on {chosen}: {exc}") from exc
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return bool(self._zc.done)
+
+    def announce(self, advert: Advert, *, probe: bool = False) -> Announcer:
+        """Register ``advert`` on this instance; see :class:`Announcer`."""
+        return Announcer(advert, discovery=self, probe=probe)
+
+    def browse(self, job: str | None = None,
+               on_change: Callable[[Event, Advert], None] | None = None) -> Browser:
+        """Browse for adverts on this instance; see :class:`Browser`."""
+        return Browser(job, discovery=self, on_change=on_change)
+
+    def close(self) -> None:
+        """Send goodbyes for every advert still registered and close the sockets."""
+        if self._zc.done:
+            return
+        try:
+            self._zc.close()
+        except (OSError, ZeroconfError, RuntimeError) as exc:
+            log.warning("closing mDNS on %s: %s", self.interfaces, exc)
+
+    def __enter__(self) -> Discovery:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, Any], what: str, timeout: float) -> Any:
+        """Run ``coro`` on zeroconf's event loop thread and wait at most ``timeout`` s."""
+        loop = self._zc.loop
+        if self._zc.done or loop is None or not loop.is_running():
+            coro.close()
+            raise TransportError(f"{what}: discovery on {self.interfaces} is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise TransportError(f"{what}: no result within {timeout} s") from exc
+        except (BadTypeInNameException, NamePartTooLongException) as exc:
+            raise ConfigError(f"{what}: bad service name: {exc!r}") from exc
+        except (ZeroconfError, OSError) as exc:
+            raise TransportError(f"{what}: {exc!r}") from exc
+
+
+def _owned_or_shared(discovery: Discovery | None,
+                     interfaces: Sequence[str] | None) -> tuple[Discovery, bool]:
+    if discovery is not None:
+        if interfaces is not None:
+            raise ConfigError("pass either interfaces or discovery, not both")
+        return discovery, False
+    return Discovery(interfaces), True
+
+
+class Announcer:
+    """Announces one :class:`Advert` until closed.
+
+    The instance name is ``ringtrain-<node_id>``; on a name conflict zeroconf
+    appends ``-2``, ``-3``, ... (the name is never an identity).
+
+    Args:
+        advert: what to announce (its ``instance_name`` is ignored).
+        interfaces: addresses for a private :class:`Discovery`; or
+        discovery: a shared one (not closed by :meth:`close`).
+        probe: probe for name conflicts before announcing (RFC 6762 section 8.1).
+            It costs ~1.3 s; the default skips it because node ids are unique and
+            the key handshake, not the name, proves identity.
+
+    Raises:
+        ConfigError: bad arguments.
+        TransportError: zeroconf failed to register.
+    """
+
+    def __init__(self, advert: Advert, interfaces: Sequence[str] | None = None, *,
+                 discovery: Discovery | None = None, probe: bool = False) -> None:
+        if not isinstance(advert, Advert):
+            raise ConfigError(f"advert must be an Advert, got {type(advert).__name__}")
+        self._discovery, self._owned = _owned_or_shared(discovery, interfaces)
+        self._lock = threading.Lock()
+        self._closed = False
+        name = f"ringtrain-{advert.node_id}.{SERVICE_TYPE}"
+        self._info = self._service_info(advert, name)
+        zc = self._discovery._zc
+
+        async def register() -> None:
+            # Returns once probing is done and the record is served; the three
+            # announcements go on in the background, so we do not wait ~0.45 s for them.
+            await zc.async_register_service(self._info, allow_name_change=True,
+                                            cooperating_responders=not probe)
+
+        started = time.monotonic()
+        try:
+            self._discovery._run(register(), f"announcing node {advert.node_id}",
+                                 _REGISTER_TIMEOUT_S)
+        except BaseException:
+            if self._owned:
+                self._discovery.close()
+            raise
+        self._advert = dataclasses.replace(advert, instance_name=self._info.name)
+        log.debug("announced %s as %s in %.3f s", advert.node_id, self._info.name,
+                  time.monotonic() - started)
+
+    @property
+    def advert(self) -> Advert:
+        """The advert as currently announced, with its final ``instance_name``."""
+        return self._advert
+
+    def update(self, *, generation: int | None = None, state: str | None = None) -> Advert:
+        """Re-announce with a new generation and/or state.
+
+        Returns:
+            The new advert.
+
+        Raises:
+            ConfigError: a value is invalid.
+            TransportError: the announcer is closed or zeroconf failed.
+        """
+        with self._lock:
+            if self._closed:
+                raise TransportError(f"node {self._advert.node_id}: update after close")
+            changes: dict[str, Any] = {}
+            if generation is not None:
+                changes["generation"] = generation
+            if state is not None:
+                changes["state"] = state
+            advert = dataclasses.replace(self._advert, **changes)
+            info = self._service_info(advert, self._info.name)
+            zc = self._discovery._zc
+
+            async def update() -> None:
+                await zc.async_update_service(info)
+
+            self._discovery._run(update(), f"updating node {advert.node_id}", _UPDATE_TIMEOUT_S)
+            self._info = info
+            self._advert = advert
+            return advert
+
+    def close(self) -> None:
+        """Send goodbyes (waits ~0.25 s, at most a few seconds) and stop announcing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._owned:
+            self._discovery.close()  # its close sends the goodbyes
+            return
+        zc = self._discovery._zc
+        if not zc.done:
+            async def unregister() -> None:
+                goodbyes = await zc.async_unregister_service(self._info)
+                await goodbyes
+
+            try:
+                self._discovery._run(unregister(), f"withdrawing node {self._advert.node_id}",
+                                     _UNREGISTER_TIMEOUT_S)
+            except TransportError as exc:
+                log.warning("%s", exc)
+
+    def __enter__(self) -> Announcer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @staticmethod
+    def _service_info(advert: Advert, name: str) -> ServiceInfo:
+        return ServiceInfo(
+            SERVICE_TYPE,
+            name,
+            port=advert.port,
+            properties=advert.txt(),
+            parsed_addresses=list(advert.addresses),
+            server=f"ringtrain-{advert.node_id}.local.",
+            host_ttl=ADVERT_TTL_S,
+            other_ttl=ADVERT_TTL_S,
+        )
+
+
+class Browser:
+    """Keeps the current adverts of ``_ringtrain._tcp`` on the LAN, keyed by node id.
+
+    Records are validated; malformed ones are dropped with one warning per service
+    name. An advert goes away on its goodbye or when its records expire
+    (:data:`ADVERT_TTL_S`). At most :data:`MAX_ADVERTS` are kept.
+
+    Args:
+        job: keep only adverts of this job; None keeps all.
+        interfaces: addresses for a private :class:`Discovery`; or
+        discovery: a shared one (not closed by :meth:`close`).
+        on_change: called as ``on_change(event, advert)`` with event "added",
+            "updated" or "removed", on discovery's thread; it must not block, and
+            its exceptions are logged.
+
+    Raises:
+        ConfigError: bad arguments.
+        TransportError: zeroconf failed to start browsing.
+    """
+
+    def __init__(self, job: str | None = None, interfaces: Sequence[str] | None = None, *,
+                 discovery: Discovery | None = None,
+                 on_change: Callable[[Event, Advert], None] | None = None) -> None:
+        if job is not None:
+            _check_text("job", job, _JOB_RE)
+        self.job = job
+        self._on_change = on_change
+        self._discovery, self._owned = _owned_or_shared(discovery, interfaces)
+        self._changed = threading.Condition()
+        self._adverts: dict[str, tuple[Advert, float]] = {}
+        self._logged_sources: set[str] = set()
+        try:
+            self._browser = ServiceBrowser(self._discovery._zc, SERVICE_TYPE,
+                                                    handlers=[self._on_state_change])
+        except (OSError, RuntimeError, ZeroconfError) as exc:
+            if self._owned:
+                self._discovery.close()
+            raise TransportError(f"cannot browse {SERVICE_TYPE} on "
+                                 f"{self._discovery.interfaces}: {exc!r}") from exc
+
+    def adverts(self, job: str | None = None) -> list[Advert]:
+        """Current adverts, sorted by node id; only those of ``job`` when given."""
+        with self._changed:
+            found = [advert for advert, _ in self._adverts.values()]
+        return sorted((a for a in found if job is None or a.job == job), key=lambda a: a.node_id)
+
+    def last_seen(self, node_id: str) -> float | None:
+        """``time.monotonic()`` when ``node_id``'s advert last arrived or changed, or None."""
+        with self._changed:
+            entry = self._adverts.get(node_id)
+        return None if entry is None else entry[1]
+
+    def wait_for(self, count: int, job: str | None = None, timeout: float = 10.0) -> list[Advert]:
+        """Wait until at least ``count`` adverts (of ``job``, when given) are present.
+
+        Returns:
+            All current matching adverts, sorted by node id.
+
+        Raises:
+            ConfigError: count < 0 or timeout <= 0.
+            MembershipError: the deadline passed first; the message lists who was found.
+        """
+        if count < 0 or not timeout > 0:
+            raise ConfigError(f"wait_for needs count >= 0 and timeout > 0, "
+                              f"got {count}, {timeout}")
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = self.adverts(job)
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    names = ", ".join(f"{a.node_id}@{','.join(a.addresses)}:{a.port}"
+                                      for a in found) or "none"
+                    raise MembershipError(
+                        f"found {len(found)} of {count} nodes of job {job!r} within "
+                        f"{timeout} s on {self._discovery.interfaces}: {names}")
+                self._changed.wait(remaining)
+
+    def close(self) -> None:
+        """Stop browsing (bounded by the record resolution timeout)."""
+        if self._browser.is_alive():
+            try:
+                self._browser.cancel()
+            except RuntimeError as exc:  # the loop already stopped under us
+                log.debug("cancelling browser: %s", exc)
+        if self._owned:
+            self._discovery.close()
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _on_state_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                         state_change: ServiceStateChange) -> None:
+        """Runs on the ServiceBrowser thread for every added, updated or removed name.
+
+        zeroconf passes the arguments by these keywords.
+        """
+        if state_change is ServiceStateChange.Removed:
+            self._remove(name)
+            return
+        advert = self._resolve(name)
+        if advert is None:
+            self._remove(name)  # a record that turned malformed replaces a good one
+            return
+        if self.job is not None and advert.job != self.job:
+            return
+        with self._changed:
+            previous = self._adverts.get(advert.node_id)
+            if previous is None and len(self._adverts) >= MAX_ADVERTS:
+                self._warn_once(name, f"more than {MAX_ADVERTS} adverts; ignoring {name!r}")
+                return
+            self._adverts[advert.node_id] = (advert, time.monotonic())
+            self._changed.notify_all()
+        if previous is None:
+            self._notify("added", advert)
+        elif previous[0] != advert:
+            self._notify("updated", advert)
+
+    def _resolve(self, name: str) -> Advert | None:
+        zc = self._discovery._zc
+        try:
+            info = ServiceInfo(SERVICE_TYPE, name)
+            if not info.load_from_cache(zc) and not info.request(zc, _RESOLVE_TIMEOUT_MS):
+                self._warn_once(name, f"could not resolve {name!r} within "
+                                      f"{_RESOLVE_TIMEOUT_MS} ms; ignoring it")
+                return None
+            return parse_service_info(info)
+        except ConfigError as exc:
+            self._warn_once(name, f"dropping malformed advert {name!r}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - hostile input must not kill the browser
+            self._warn_once(name, f"dropping undecodable advert {name!r}: {exc!r}")
+        return None
+
+    def _remove(self, name: str) -> None:
+        with self._changed:
+            node_ids = [node_id for node_id, (advert, _) in self._adverts.items()
+                        if advert.instance_name.lower() == name.lower()]
+            removed = [self._adverts.pop(node_id)[0] for node_id in node_ids]
+            if removed:
+                self._changed.notify_all()
+        for advert in removed:
+            self._notify("removed", advert)
+
+    def _notify(self, event: Event, advert: Advert) -> None:
+        log.debug("%s %s", event, advert)
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(event, advert)
+        except Exception:  # noqa: BLE001 - a user callback must not stop discovery
+            log.exception("on_change callback failed for %s of node %s", event, advert.node_id)
+
+    def _warn_once(self, source: str, message: str) -> None:
+        if source in self._logged_sources:
+            return
+        if len(self._logged_sources) < _MAX_LOGGED_SOURCES:
+            self._logged_sources.add(source)
+            log.warning("%s", message)
+
