@@ -386,4 +386,4 @@ def _check_labels(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)

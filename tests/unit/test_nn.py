@@ -238,7 +238,7 @@ def test_one_big_batch_equals_the_weighted_mean_of_sub_batches(dtype, rtol):
     members = [_mlp(seed=3, dtype=dtype) for _ in sizes]
     bounds = np.cumsum([0, *sizes])
     weighted_sum = np.zeros(whole.num_params, dtype=np.float64)
-    for member, start, stop in zip(members, bounds[:-1], bounds[1:]):
+    for member, start, stop in zip(members, bounds[:-1], bounds[1:], strict=True):
         _, dlogits = softmax_cross_entropy(member.forward(x[start:stop]), y[start:stop])
         member.backward(dlogits)
         weighted_sum += (stop - start) * member.grads.astype(np.float64)

@@ -61,7 +61,7 @@ def test_split_proportional_sums_exactly_and_stays_within_one_of_each_share():
         parts = split_proportional(total, list(weights))
         assert sum(parts) == total
         weight_sum = sum(Fraction(float(w)) for w in weights)
-        for part, weight in zip(parts, weights):
+        for part, weight in zip(parts, weights, strict=True):
             share = total * Fraction(float(weight)) / weight_sum
             assert share - 1 < part < share + 1
             assert weight > 0 or part == 0
@@ -153,7 +153,7 @@ def test_resume_needs_only_seed_epoch_and_position():
     restored = Sampler(300, seed=5)
     batches, after = restored.next_batches(DataPosition(at.epoch, at.position), [16, 16, 8])
     assert after == expected_after
-    for got, want in zip(batches, expected):
+    for got, want in zip(batches, expected, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
