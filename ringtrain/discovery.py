@@ -254,6 +254,11 @@ class Discovery:
                 raise ConfigError(f"discovery interface must be IPv4 text, got {address!r}") \
                     from exc
         self.interfaces: tuple[str, ...] = tuple(chosen)
+        self._networks = [
+            ipaddress.IPv4Network(f"{ip.ip}/{ip.network_prefix}", strict=False)
+            for adapter in ifaddr.get_adapters() for ip in adapter.ips
+            if isinstance(ip.ip, str) and ip.ip in chosen
+        ]
         try:
             self._zc = Zeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
         except (OSError, ZeroconfError) as exc:
@@ -288,6 +293,18 @@ class Discovery:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    def _reachable_first(self, advert: Advert) -> Advert:
+        """``advert`` with the addresses on one of our interfaces' subnets first.
+
+        A peer with two interfaces advertises both addresses; the one on our LAN is
+        the one to dial.
+        """
+        def remote(address: str) -> bool:
+            ip = ipaddress.IPv4Address(address)
+            return not any(ip in network for network in self._networks)
+
+        return dataclasses.replace(advert, addresses=tuple(sorted(advert.addresses, key=remote)))
 
     def _run(self, coro: Coroutine[Any, Any, Any], what: str, timeout: float) -> Any:
         """Run ``coro`` on zeroconf's event loop thread and wait at most ``timeout`` s."""
@@ -573,7 +590,7 @@ class Browser:
                 self._warn_once(name, f"could not resolve {name!r} within "
                                       f"{_RESOLVE_TIMEOUT_MS} ms; ignoring it")
                 return None
-            return parse_service_info(info)
+            return self._discovery._reachable_first(parse_service_info(info))
         except ConfigError as exc:
             self._warn_once(name, f"dropping malformed advert {name!r}: {exc}")
         except Exception as exc:  # noqa: BLE001 - hostile input must not kill the browser
