@@ -1,0 +1,65 @@
+"""One discovery node for the netns tests: announce, browse, report JSON lines, wait.
+
+Run inside a namespace: python tests/netns/discovery_node.py --job J --node-id N
+--port P --expect K [--interface eth0]. It prints one JSON object per line:
+"announced", then "found" (or "error"), then, once stdin closes, "closed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import select
+import sys
+import time
+
+from ringtrain.discovery import Advert, Discovery, usable_ipv4_addresses
+from ringtrain.errors import RingtrainError
+
+MAX_LIFETIME_S = 60.0
+
+
+def report(event: str, **fields: object) -> None:
+    print(json.dumps({"event": event, "t": time.time(), **fields}), flush=True)
+
+
+def main() -> int:
+    started = time.time()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--expect", type=int, required=True)
+    parser.add_argument("--interface", default=None)
+    parser.add_argument("--timeout", type=float, default=15.0)
+    args = parser.parse_args()
+    addresses = usable_ipv4_addresses(args.interface)
+    advert = Advert(args.node_id, args.job, tuple(addresses), args.port, 1, "", 0, "forming")
+    with Discovery(addresses) as discovery:
+        everyone = discovery.browse(None)
+        browser = discovery.browse(args.job)
+        announced = time.time()
+        announcer = discovery.announce(advert)
+        report("announced", started=started, register_s=time.time() - announced,
+               interfaces=list(discovery.interfaces), advert=dataclasses.asdict(announcer.advert))
+        try:
+            found = browser.wait_for(args.expect, args.job, timeout=args.timeout)
+        except RingtrainError as exc:
+            report("error", message=str(exc), everyone=[a.node_id for a in everyone.adverts()])
+            return 1
+        report("found", started=started, adverts=[dataclasses.asdict(a) for a in found],
+               everyone=[dataclasses.asdict(a) for a in everyone.adverts()])
+        # Stay announced until the test closes stdin (bounded, in case it never does).
+        select.select([sys.stdin], [], [], MAX_LIFETIME_S)
+        report("final", everyone=[dataclasses.asdict(a) for a in everyone.adverts()],
+               adverts=[dataclasses.asdict(a) for a in browser.adverts()])
+        announcer.close()
+        browser.close()
+        everyone.close()
+    report("closed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
