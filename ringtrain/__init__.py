@@ -1,0 +1,19 @@
+"""ringtrain: train one model together on the devices you already have.
+
+Nodes on one LAN find each other, agree on a ring with no leader, and average gradients by
+ring-allreduce over ZeroMQ. Start here: :class:`Node`.
+"""
+
+from .config import Settings
+from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MembershipError,
+                     MismatchError, PeerFailedError, ProtocolError, RingtrainError,
+                     SecurityError, TransportError)
+from .node import Node, Work
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CollectiveError", "CollectiveTimeout", "ConfigError", "MembershipError", "MismatchError",
+    "Node", "PeerFailedError", "ProtocolError", "RingtrainError", "SecurityError", "Settings",
+    "TransportError", "Work", "__version__",
+]

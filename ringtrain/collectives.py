@@ -1,0 +1,407 @@
+"""Collectives: what each one computes, and the runner that moves a plan's segments.
+
+Building a collective is pure: it turns the caller's arrays into a flat working buffer, a
+descriptor (what was called, with which shapes, dtype and op), a ring plan and a finisher that
+turns the buffer back into the caller's result. The :class:`RingRunner` then executes the plan:
+it sends the plan's first segments, and for every segment that arrives from the predecessor it
+checks the header, reduces or copies the payload into the buffer with a numpy ufunc
+(``out=``, in place, no per-element Python) and forwards the same region to the successor.
+
+Agreement on shape and dtype: every data message carries the 8-byte digest of its sender's
+descriptor, and the first message a node sends in a collective carries the descriptor itself.
+A node checks the digest of every message before touching its payload, so mismatched data is
+never combined. The node that sees a mismatch aborts the collective on every member (ABORT
+names both nodes and both descriptors). Because completing a collective needs data that was
+accepted across every link of the ring (see ``ring.broadcast_plan``), no node can complete a
+collective that another node rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import ring
+from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MismatchError,
+                     PeerFailedError, ProtocolError, TransportError)
+from .mailbox import Mailbox, Message
+from .membership import View
+from .transport import Transport
+from .wire import (FLAG_DESCRIPTOR, Header, MessageKind, canonical_json, decode_control, digest_of,
+                   dtype_code, encode_control)
+
+log = logging.getLogger(__name__)
+
+REDUCE_OPS: dict[str, np.ufunc] = {"sum": np.add, "mean": np.add, "max": np.maximum,
+                                   "min": np.minimum}
+TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
+
+
+@dataclass
+class Collective:
+    """One collective, ready to run on a ring of ``world_size`` at ``rank``."""
+
+    name: str
+    descriptor: dict[str, Any]
+    buffer: np.ndarray  # flat, contiguous, the node's own copy
+    plan: ring.Plan
+    combine: np.ufunc | None  # None: segments overwrite, never reduce
+    finish: Callable[[np.ndarray], Any]
+    digest: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = digest_of(self.descriptor)
+
+
+def _flat_copy(arrays: Sequence[np.ndarray], extra: int = 0) -> tuple[np.ndarray, np.dtype]:
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    if len(dtypes) != 1:
+        raise ConfigError(f"arrays of one collective must share a dtype, got {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop().newbyteorder("=")
+    dtype_code(dtype)  # raises for dtypes the wire cannot carry
+    total = sum(a.size for a in arrays)
+    buffer = np.empty(total + extra, dtype=dtype)
+    offset = 0
+    for a in arrays:
+        buffer[offset:offset + a.size] = np.ravel(a)
+        offset += a.size
+    return buffer, dtype
+
+
+def _unflatten(buffer: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    out, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(buffer[offset:offset + size].reshape(shape))
+        offset += size
+    return out
+
+
+def _as_arrays(arrays: Sequence[Any]) -> list[np.ndarray]:
+    return [np.asarray(a) for a in arrays]
+
+
+def _check_op(op: str, dtype: np.dtype, weight: float | None) -> None:
+    if op not in REDUCE_OPS:
+        raise ConfigError(f"op must be one of {sorted(REDUCE_OPS)}, got {op!r}")
+    if op == "mean" and dtype.kind != "f":
+        raise ConfigError(f"op 'mean' needs a floating dtype, got {dtype}; use op='sum'")
+    if weight is not None:
+        if op != "mean":
+            raise ConfigError(f"weight is only meaningful with op='mean', got op={op!r}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"weight must be finite and >= 0, got {weight!r}")
+
+
+def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, world_size: int,
+               segment_elements: Callable[[np.dtype], int]) -> Collective:
+    """Reduce a list of arrays (fused into one buffer) across the ring.
+
+    With ``op="mean"`` and a ``weight``, each node's arrays are scaled by its weight and the
+    sum is divided by the sum of the weights (which travels as one extra element of the
+    buffer, so it costs no extra pass).
+    """
+    arrays = _as_arrays(arrays)
+    if not arrays:
+        raise ConfigError("all_reduce needs at least one array")
+    weighted = weight is not None
+    buffer, dtype = _flat_copy(arrays, extra=1 if weighted else 0)
+    _check_op(op, dtype, weight)
+    shapes = [tuple(a.shape) for a in arrays]
+    if weighted:
+        np.multiply(buffer[:-1], dtype.type(weight), out=buffer[:-1])
+        buffer[-1] = weight
+
+    def finish(result: np.ndarray) -> list[np.ndarray]:
+        if op == "mean":
+            if weighted:
+                total = result[-1]
+                if not total > 0:
+                    raise ConfigError("the weights of all nodes sum to 0: no weighted mean")
+                result = result[:-1]
+                np.divide(result, total, out=result)
+            else:
+                np.divide(result, dtype.type(world_size), out=result)
+        return _unflatten(result, shapes)
+
+    descriptor = {"collective": "all_reduce", "op": op, "dtype": dtype.name,
+                  "shapes": [list(s) for s in shapes], "weighted": weighted}
+    plan = ring.all_reduce_plan(rank, world_size, buffer.size, segment_elements(dtype))
+    return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish)
+
+
+def reduce_scatter(array: Any, op: str, rank: int, world_size: int,
+                   segment_elements: Callable[[np.dtype], int]) -> Collective:
+    """Reduce a flattened array; rank r receives chunk r (``ring.chunk_bounds`` of its size)."""
+    array = np.asarray(array)
+    buffer, dtype = _flat_copy([array])
+    _check_op(op, dtype, None)
+    start, stop = ring.chunk_bounds(buffer.size, world_size)[rank]
+
+    def finish(result: np.ndarray) -> np.ndarray:
+        mine = result[start:stop]
+        if op == "mean":
+            np.divide(mine, dtype.type(world_size), out=mine)
+        return mine
+
+    descriptor = {"collective": "reduce_scatter", "op": op, "dtype": dtype.name,
+                  "shapes": [list(array.shape)]}
+    plan = ring.reduce_scatter_plan(rank, world_size, buffer.size, segment_elements(dtype))
+    return Collective("reduce_scatter", descriptor, buffer, plan, REDUCE_OPS[op], finish)
+
+
+def all_gather(array: Any, rank: int, world_size: int,
+               segment_elements: Callable[[np.dtype], int]) -> Collective:
+    """Every node's array, stacked in rank order: shape (world_size, *array.shape)."""
+    array = np.asarray(array)
+    own, dtype = _flat_copy([array])
+    buffer = np.empty(own.size * world_size, dtype=dtype)
+    buffer[rank * own.size:(rank + 1) * own.size] = own
+    descriptor = {"collective": "all_gather", "dtype": dtype.name, "shapes": [list(array.shape)]}
+    plan = ring.all_gather_plan(rank, world_size, own.size, segment_elements(dtype))
+    return Collective("all_gather", descriptor, buffer, plan, None,
+                      lambda result: result.reshape((world_size, *array.shape)))
+
+
+def broadcast(array: Any, root: int, rank: int, world_size: int,
+              segment_elements: Callable[[np.dtype], int]) -> Collective:
+    """The root's array on every node. Other nodes pass an array of the same shape and dtype
+    (its values are ignored)."""
+    array = np.asarray(array)
+    if not 0 <= root < world_size:
+        raise ConfigError(f"root must be a rank in [0, {world_size}), got {root}")
+    buffer, dtype = _flat_copy([array])
+    descriptor = {"collective": "broadcast", "root": root, "dtype": dtype.name,
+                  "shapes": [list(array.shape)]}
+    plan = ring.broadcast_plan(rank, world_size, root, buffer.size, segment_elements(dtype))
+    return Collective("broadcast", descriptor, buffer, plan, None,
+                      lambda result: result.reshape(array.shape))
+
+
+def describe(descriptor: dict[str, Any]) -> str:
+    """A descriptor as a person reads it: ``all_reduce(shapes=[(3,)], dtype=float32, op=sum)``."""
+    name = descriptor.get("collective", "?")
+    args = [f"{k}={v}" for k, v in sorted(descriptor.items()) if k != "collective"]
+    return f"{name}({', '.join(args)})"
+
+
+class RingRunner:
+    """Runs collectives of one node over its transport. Not thread-safe: one caller thread.
+
+    Args:
+        transport: the node's sockets; links are named by peer node id.
+        mailbox: where validated messages wait.
+        node_id: this node's id.
+        job: the 64-bit job id stamped on every message.
+        progress_timeout: longest wait for the next message of a collective.
+    """
+
+    def __init__(self, transport: Transport, mailbox: Mailbox, node_id: str, job: int,
+                 progress_timeout: float):
+        self.transport = transport
+        self.mailbox = mailbox
+        self.node_id = node_id
+        self.job = job
+        self.progress_timeout = progress_timeout
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
+
+    def segment_elements(self, dtype: np.dtype) -> int:
+        """How many elements of ``dtype`` fit in one segment."""
+        return max(1, self.transport.settings.segment_bytes // np.dtype(dtype).itemsize)
+
+    def run(self, collective: Collective, view: View, sequence: int, deadline: float,
+            step: int = 0) -> Any:
+        """Execute ``collective`` as collective number ``sequence`` of ``view``.
+
+        Raises:
+            MismatchError: members called different collectives, shapes or dtypes.
+            PeerFailedError: a member stopped sending or receiving, or sent garbage.
+            CollectiveTimeout: ``deadline`` passed.
+        """
+        if view.world_size == 1:
+            return collective.finish(collective.buffer)
+        try:
+            self._move(collective, view, sequence, deadline, step)
+        except CollectiveError as exc:
+            self._abort_everyone(view, sequence, exc)
+            raise
+        finally:
+            self.stage = "idle"
+            self.mailbox.retire(view.generation, sequence)
+        return collective.finish(collective.buffer)
+
+    def _header(self, collective: Collective, view: View, sequence: int, step: int,
+                transfer: ring.Transfer, with_descriptor: bool) -> Header:
+        return Header(kind=MessageKind.DATA, job=self.job, generation=view.generation,
+                      sequence=sequence, sender=view.rank, step=step, hop=transfer.hop,
+                      chunk=transfer.chunk, segment=transfer.segment,
+                      dtype=dtype_code(collective.buffer.dtype),
+                      flags=FLAG_DESCRIPTOR if with_descriptor else 0, digest=collective.digest,
+                      nbytes=(transfer.stop - transfer.start) * collective.buffer.itemsize)
+
+    def _move(self, collective: Collective, view: View, sequence: int, deadline: float,
+              step: int) -> None:
+        plan, buffer = collective.plan, collective.buffer
+        successor = view.members[ring.successor(view.rank, view.world_size)]
+        predecessor = view.members[ring.predecessor(view.rank, view.world_size)]
+        predecessor_rank = ring.predecessor(view.rank, view.world_size)
+        descriptor_frame = canonical_json(collective.descriptor)
+        pending: deque[ring.Transfer] = deque(plan.first_sends)
+        trackers = []
+        described = False
+        received = 0
+        progress_deadline = time.monotonic() + self.progress_timeout
+        where = f"{collective.name} #{sequence} of generation {view.generation}"
+        while received < len(plan.receives) or pending:
+            # 1. send as much as the successor's queue takes
+            while pending:
+                transfer = pending[0]
+                header = self._header(collective, view, sequence, step, transfer, not described)
+                frames = [header.pack(), buffer[transfer.start:transfer.stop]]
+                if not described:
+                    frames.append(descriptor_frame)
+                big = header.nbytes >= TRACK_BYTES
+                try:
+                    sent = self.transport.try_send(successor, frames, track=big)
+                except TransportError as exc:
+                    raise PeerFailedError(f"{where}: cannot send to successor {successor}: {exc}",
+                                          peer=successor, generation=view.generation,
+                                          collective=sequence) from exc
+                if sent is False:
+                    break
+                if big:
+                    trackers.append(sent)
+                described = True
+                pending.popleft()
+                self.bytes_sent += header.nbytes
+                self.messages_sent += 1
+                progress_deadline = time.monotonic() + self.progress_timeout
+            # 2. take in every segment that has arrived
+            while received < len(plan.receives):
+                message = self.mailbox.next_data(view.generation, sequence)
+                if message is None:
+                    break
+                expected = plan.receives[received]
+                self._accept(collective, view, sequence, message, expected, predecessor,
+                             predecessor_rank)
+                received += 1
+                if expected.then is not None:
+                    pending.append(expected.then)
+                progress_deadline = time.monotonic() + self.progress_timeout
+            if received == len(plan.receives) and not pending:
+                break
+            abort = self.mailbox.aborts.get((view.generation, sequence))
+            if abort is not None:
+                raise _error_from_abort(abort, where, view.generation, sequence)
+            # 3. wait for traffic, bounded by both deadlines
+            now = time.monotonic()
+            if now >= deadline:
+                raise CollectiveTimeout(f"{where} missed its deadline "
+                                        f"({received}/{len(plan.receives)} segments received, "
+                                        f"{len(pending)} waiting to be sent)",
+                                        generation=view.generation, collective=sequence)
+            if now >= progress_deadline:
+                if pending and received == len(plan.receives):
+                    culprit, what = successor, "stopped accepting data"
+                else:
+                    culprit, what = predecessor, "sent nothing"
+                raise PeerFailedError(f"{where}: {culprit} {what} for "
+                                      f"{self.progress_timeout:.1f} s "
+                                      f"({received}/{len(plan.receives)} segments received)",
+                                      peer=culprit, generation=view.generation,
+                                      collective=sequence)
+            self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
+                          f"{predecessor}, {len(pending)} waiting for {successor}")
+            self.mailbox.pump(min(deadline, progress_deadline) - now,
+                              writable=successor if pending else None)
+        # the caller may change the buffer once we return: wait until libzmq let go of it
+        for tracker in trackers:
+            remaining = deadline - time.monotonic()
+            try:
+                tracker.wait(max(remaining, 0.001))
+            except Exception as exc:  # zmq.NotDone: the successor never took the data
+                raise PeerFailedError(f"{where}: successor {successor} did not take the last "
+                                      f"segments", peer=successor, generation=view.generation,
+                                      collective=sequence) from exc
+
+    def _accept(self, collective: Collective, view: View, sequence: int, message: Message,
+                expected: ring.Receive, predecessor: str, predecessor_rank: int) -> None:
+        header = message.header
+        where = f"{collective.name} #{sequence} of generation {view.generation}"
+        if message.origin != predecessor or header.sender != predecessor_rank:
+            raise PeerFailedError(f"{where}: data from {message.origin} (rank {header.sender}), "
+                                  f"but only the predecessor {predecessor} sends to this node",
+                                  peer=message.origin, generation=view.generation,
+                                  collective=sequence)
+        if header.digest != collective.digest:
+            theirs = "a different collective"
+            if message.descriptor is not None:
+                try:
+                    theirs = describe(decode_control(message.descriptor, {}, message.origin,
+                                                     "descriptor"))
+                except ProtocolError:
+                    pass
+            raise MismatchError(
+                f"collective mismatch in generation {view.generation}, collective {sequence}: "
+                f"node {self.node_id} (rank {view.rank}) called "
+                f"{describe(collective.descriptor)} but node {predecessor} "
+                f"(rank {predecessor_rank}) called {theirs}",
+                generation=view.generation, collective=sequence)
+        transfer = expected.transfer
+        got = (header.hop, header.chunk, header.segment, header.nbytes,
+               header.dtype)
+        want = (transfer.hop, transfer.chunk, transfer.segment,
+                (transfer.stop - transfer.start) * collective.buffer.itemsize,
+                dtype_code(collective.buffer.dtype))
+        if got != want:
+            raise PeerFailedError(f"{where}: {predecessor} sent (hop, chunk, segment, nbytes, "
+                                  f"dtype) = {got}, expected {want}", peer=predecessor,
+                                  generation=view.generation, collective=sequence)
+        region = collective.buffer[transfer.start:transfer.stop]
+        incoming = np.frombuffer(message.payload, dtype=collective.buffer.dtype)
+        if expected.reduce:
+            collective.combine(region, incoming, out=region)
+        else:
+            region[...] = incoming
+
+    def _abort_everyone(self, view: View, sequence: int, exc: CollectiveError) -> None:
+        """Tell every member that this collective failed here, so nobody waits for it."""
+        if (view.generation, sequence) in self.mailbox.aborts:
+            return  # somebody else's abort: they have told everyone already
+        kind = "mismatch" if isinstance(exc, MismatchError) else "failure"
+        body = {"kind": kind, "message": str(exc), "node": self.node_id,
+                "peer": getattr(exc, "peer", None) or ""}
+        payload = encode_control(body)
+        header = Header(kind=MessageKind.ABORT, job=self.job, generation=view.generation,
+                        sequence=sequence, sender=view.rank, nbytes=len(payload)).pack()
+        for member in view.members:
+            if member == self.node_id:
+                continue
+            try:
+                self.transport.try_send(member, [header, payload])
+            except TransportError:
+                pass  # best effort: that member will time out instead
+
+
+def _error_from_abort(abort: Message, where: str, generation: int, sequence: int
+                      ) -> CollectiveError:
+    try:
+        body = decode_control(abort.payload, {"kind": str, "message": str, "node": str,
+                                              "peer": str}, abort.origin, "abort")
+    except ProtocolError as exc:
+        return PeerFailedError(f"{where} aborted by {abort.origin}: {exc}", peer=abort.origin,
+                               generation=generation, collective=sequence)
+    if body["kind"] == "mismatch":
+        return MismatchError(body["message"], generation=generation, collective=sequence)
+    return PeerFailedError(f"{where} aborted by {abort.origin}: {body['message']}",
+                           peer=body["peer"] or None, generation=generation, collective=sequence)
+

@@ -1,0 +1,74 @@
+"""Settings with finite defaults, and the one place that reads ``RINGTRAIN_*`` environment variables.
+
+Every timeout is in seconds; every default is finite, so no wait in ringtrain is unbounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+ENV_PREFIX = "RINGTRAIN_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Tunables of a node. Construct with keywords, or :meth:`from_env` for the defaults plus
+    any ``RINGTRAIN_<FIELD>`` variables (e.g. ``RINGTRAIN_SEGMENT_BYTES=524288``)."""
+
+    segment_bytes: int = 1 << 20
+    """Largest payload of one message. Gloo uses 1 MiB; zmq slows down past 4 MiB here."""
+    queue_bytes: int = 8 << 20
+    """Bytes that may wait in each send or receive queue; turned into ZeroMQ high-water marks."""
+    collective_timeout: float = 120.0
+    """Hard cap on one collective, start to finish."""
+    progress_timeout: float = 10.0
+    """Longest wait for the next segment from the predecessor before it is declared stalled."""
+    heartbeat_interval: float = 1.0
+    """ZMTP heartbeat interval on every connection."""
+    heartbeat_timeout: float = 5.0
+    """A connection whose heartbeats stop for this long is dropped by ZeroMQ."""
+    handshake_timeout: float = 5.0
+    """Longest a connection may take to finish the ZMTP (and CURVE) handshake."""
+    form_timeout: float = 60.0
+    """Longest wait for the ring to form at start."""
+    linger: float = 1.0
+    """How long close() lets queued messages drain before dropping them."""
+    max_stash_bytes: int = 1 << 30
+    """Cap on data received ahead of the collective it belongs to."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not value > 0:
+                raise ConfigError(f"setting {field.name} must be positive, got {value!r}")
+        if self.segment_bytes % 8:
+            raise ConfigError(f"setting segment_bytes must be a multiple of 8, "
+                              f"got {self.segment_bytes}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Defaults, then ``RINGTRAIN_*`` variables, then ``overrides``."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            caster = int if field.type in ("int", int) else float
+            try:
+                values[field.name] = caster(raw)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{field.name.upper()}={raw!r} is not "
+                                  f"{'an integer' if caster is int else 'a number'}") from None
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The value of ``RINGTRAIN_<NAME>``, or ``default``."""
+    return os.environ.get(ENV_PREFIX + name, default)
