@@ -38,6 +38,7 @@ from zeroconf import (
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
+    current_time_millis,
 )
 from zeroconf import Error as ZeroconfError
 
@@ -47,10 +48,17 @@ log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_ringtrain._tcp.local."
 
-# Records expire after this long without a refresh, so a node that died without a
-# goodbye disappears within a minute instead of the 75 minutes RFC 6762 suggests for
-# PTR/TXT records. Browsers re-query at 80-95 % of the TTL, so live nodes stay.
+# TTL of our SRV, TXT and A records. A node that died without a goodbye drops out of
+# browsers once its SRV record is older than this (python-zeroconf raises any PTR TTL to
+# at least 1125 s on receipt, so PTR expiry alone would keep a dead node ~19 minutes).
 ADVERT_TTL_S = 60
+# Announcers re-send their records this often, so two lost packets in a row do not
+# expire a live node; one ~250-byte multicast packet per node per interval.
+_REANNOUNCE_S = ADVERT_TTL_S / 3
+# How often a browser checks its adverts' SRV records for expiry.
+_SWEEP_S = 1.0
+_TYPE_SRV = 33  # DNS record type and class numbers (RFC 1035, RFC 2782)
+_CLASS_IN = 1
 
 # A hostile LAN can announce any number of services; keep at most this many.
 MAX_ADVERTS = 64
@@ -58,8 +66,8 @@ MAX_ADDRESSES = 16
 # Remember this many malformed sources to log each only once.
 _MAX_LOGGED_SOURCES = 256
 
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
-_JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,29}")  # job-node_id fits 63 bytes
+_JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 _STATE_RE = re.compile(r"[a-z][a-z_]{0,15}")
 _FINGERPRINT_RE = re.compile(r"[\x21-\x7e]{0,64}")  # printable ASCII, no spaces
 _UINT_RE = re.compile(r"[0-9]{1,19}")
@@ -83,8 +91,8 @@ class Advert:
     """What one node tells the LAN about itself.
 
     Attributes:
-        node_id: unique id of the node, 1-32 characters ``[A-Za-z0-9_-]``.
-        job: the training job it belongs to, 1-32 characters ``[A-Za-z0-9_.-]``.
+        node_id: id of the node, unique within its job, 1-30 characters ``[A-Za-z0-9_-]``.
+        job: the training job it belongs to, 1-32 characters ``[A-Za-z0-9_-]``.
         addresses: IPv4 addresses (text) where its transport listens.
         port: TCP port of its transport.
         protocol: ringtrain wire-protocol version.
@@ -150,7 +158,7 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
 
 def _check_ipv4(address: object) -> None:
     try:
-        parsed = ipaddress.IPv4Address(address)  # type: ignore[arg-type]
+        parsed = ipaddress.IPv4Address(address)
     except (ipaddress.AddressValueError, TypeError, ValueError) as exc:
         raise ConfigError(f"not an IPv4 address: {address!r}") from exc
     if parsed.is_unspecified or parsed.is_multicast or parsed == ipaddress.IPv4Address(
@@ -306,6 +314,14 @@ class Discovery:
 
         return dataclasses.replace(advert, addresses=tuple(sorted(advert.addresses, key=remote)))
 
+    def _start(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+        """Run ``coro`` on zeroconf's event loop in the background; cancel the result to stop."""
+        loop = self._zc.loop
+        if self._zc.done or loop is None or not loop.is_running():
+            coro.close()
+            raise TransportError(f"discovery on {self.interfaces} is closed")
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
     def _run(self, coro: Coroutine[Any, Any, Any], what: str, timeout: float) -> Any:
         """Run ``coro`` on zeroconf's event loop thread and wait at most ``timeout`` s."""
         loop = self._zc.loop
@@ -336,7 +352,7 @@ def _owned_or_shared(discovery: Discovery | None,
 class Announcer:
     """Announces one :class:`Advert` until closed.
 
-    The instance name is ``ringtrain-<node_id>``; on a name conflict zeroconf
+    The instance name is ``<job>-<node_id>``; on a name conflict zeroconf
     appends ``-2``, ``-3``, ... (the name is never an identity).
 
     Args:
@@ -359,7 +375,7 @@ class Announcer:
         self._discovery, self._owned = _owned_or_shared(discovery, interfaces)
         self._lock = threading.Lock()
         self._closed = False
-        name = f"ringtrain-{advert.node_id}.{SERVICE_TYPE}"
+        name = f"{advert.job}-{advert.node_id}.{SERVICE_TYPE}"
         self._info = self._service_info(advert, name)
         zc = self._discovery._zc
 
@@ -378,6 +394,7 @@ class Announcer:
                 self._discovery.close()
             raise
         self._advert = dataclasses.replace(advert, instance_name=self._info.name)
+        self._refresher = self._discovery._start(self._reannounce())
         log.debug("announced %s as %s in %.3f s", advert.node_id, self._info.name,
                   time.monotonic() - started)
 
@@ -385,6 +402,13 @@ class Announcer:
     def advert(self) -> Advert:
         """The advert as currently announced, with its final ``instance_name``."""
         return self._advert
+
+    async def _reannounce(self) -> None:
+        """Runs on zeroconf's loop: keep the records fresh in every browser's cache."""
+        zc = self._discovery._zc
+        while True:
+            await asyncio.sleep(_REANNOUNCE_S)
+            zc.async_send(zc.generate_service_broadcast(self._info, None))
 
     def update(self, *, generation: int | None = None, state: str | None = None) -> Advert:
         """Re-announce with a new generation and/or state.
@@ -422,6 +446,7 @@ class Announcer:
             if self._closed:
                 return
             self._closed = True
+        self._refresher.cancel()
         if self._owned:
             self._discovery.close()  # its close sends the goodbyes
             return
@@ -452,7 +477,7 @@ class Announcer:
             port=advert.port,
             properties=advert.txt(),
             parsed_addresses=list(advert.addresses),
-            server=f"ringtrain-{advert.node_id}.local.",
+            server=f"{advert.job}-{advert.node_id}.local.",
             host_ttl=ADVERT_TTL_S,
             other_ttl=ADVERT_TTL_S,
         )
@@ -489,6 +514,7 @@ class Browser:
         self._changed = threading.Condition()
         self._adverts: dict[str, tuple[Advert, float]] = {}
         self._logged_sources: set[str] = set()
+        self._stop = threading.Event()
         try:
             self._browser = ServiceBrowser(self._discovery._zc, SERVICE_TYPE,
                                                     handlers=[self._on_state_change])
@@ -497,6 +523,9 @@ class Browser:
                 self._discovery.close()
             raise TransportError(f"cannot browse {SERVICE_TYPE} on "
                                  f"{self._discovery.interfaces}: {exc!r}") from exc
+        self._sweeper = threading.Thread(target=self._sweep, daemon=True,
+                                         name=f"ringtrain-browser-sweep-{job}")
+        self._sweeper.start()
 
     def adverts(self, job: str | None = None) -> list[Advert]:
         """Current adverts, sorted by node id; only those of ``job`` when given."""
@@ -505,7 +534,11 @@ class Browser:
         return sorted((a for a in found if job is None or a.job == job), key=lambda a: a.node_id)
 
     def last_seen(self, node_id: str) -> float | None:
-        """``time.monotonic()`` when ``node_id``'s advert last arrived or changed, or None."""
+        """``time.monotonic()`` when ``node_id``'s records last arrived, or None.
+
+        A live node re-sends them every ``ADVERT_TTL_S / 3`` s; this view is updated
+        about once a second.
+        """
         with self._changed:
             entry = self._adverts.get(node_id)
         return None if entry is None else entry[1]
@@ -540,6 +573,9 @@ class Browser:
 
     def close(self) -> None:
         """Stop browsing (bounded by the record resolution timeout)."""
+        self._stop.set()
+        if self._sweeper is not threading.current_thread():
+            self._sweeper.join(_SWEEP_S + 1.0)
         if self._browser.is_alive():
             try:
                 self._browser.cancel()
@@ -581,6 +617,24 @@ class Browser:
             self._notify("added", advert)
         elif previous[0] != advert:
             self._notify("updated", advert)
+
+    def _sweep(self) -> None:
+        """Thread: drop adverts whose SRV record expired (the node went without a goodbye)."""
+        cache = self._discovery._zc.cache
+        while not self._stop.wait(_SWEEP_S):
+            now = current_time_millis()
+            with self._changed:
+                names = [advert.instance_name for advert, _ in self._adverts.values()]
+            for name in names:
+                srv = cache.get_by_details(name, _TYPE_SRV, _CLASS_IN)
+                if srv is None or srv.is_expired(now):
+                    log.info("advert %s expired: no refresh for %d s", name, ADVERT_TTL_S)
+                    self._remove(name)
+                    continue
+                with self._changed:  # zeroconf's clock is time.monotonic() in ms
+                    for node_id, (advert, seen) in list(self._adverts.items()):
+                        if advert.instance_name == name:
+                            self._adverts[node_id] = (advert, max(seen, srv.created / 1000))
 
     def _resolve(self, name: str) -> Advert | None:
         zc = self._discovery._zc

@@ -177,7 +177,7 @@ def test_four_nodes_find_each_other_over_multicast(run_nodes: Any) -> None:
                                  "_ringtrain._tcp.local", "PTR", "+time=2", "+tries=3"],
                              timeout=15)
             print(answer.stdout)
-            assert "ringtrain-node0._ringtrain._tcp.local." in answer.stdout, answer.stdout
+            assert f"{job}-node0._ringtrain._tcp.local." in answer.stdout, answer.stdout
 
         nodes.stop()
         for i in range(4):
@@ -207,9 +207,9 @@ def test_dig_sees_advert(run_nodes: Any) -> None:
     answer = lan.run(1, ["dig", "-p", "5353", f"@{lan.address(0)}", "_ringtrain._tcp.local",
                          "PTR", "+time=2", "+tries=3"], timeout=15)
     assert answer.returncode == 0, answer.stderr
-    assert "ringtrain-node0._ringtrain._tcp.local." in answer.stdout, answer.stdout
+    assert f"{job}-node0._ringtrain._tcp.local." in answer.stdout, answer.stdout
     srv = lan.run(1, ["dig", "-p", "5353", f"@{lan.address(0)}",
-                      "ringtrain-node0._ringtrain._tcp.local", "SRV", "+short", "+time=2",
+                      f"{job}-node0._ringtrain._tcp.local", "SRV", "+short", "+time=2",
                       "+tries=3"], timeout=15)
     assert "7000" in srv.stdout, srv.stdout
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -24,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 PORT = 7700
 
 # Accepts connections forever, closing each; the probe below connects to it.
-LISTENER = ("import socket\ns = socket.create_server(('', %d))\n"
-            "while True:\n    s.accept()[0].close()\n" % PORT)
+LISTENER = (f"import socket\ns = socket.create_server(('', {PORT}))\n"
+            "while True:\n    s.accept()[0].close()\n")
 PROBE = ("import socket, sys\ntry:\n"
-         "    socket.create_connection((sys.argv[1], %d), timeout=float(sys.argv[2])).close()\n"
-         "    print('ok')\nexcept OSError as exc:\n    print('fail', exc)\n" % PORT)
+         f"    socket.create_connection((sys.argv[1], {PORT}), float(sys.argv[2])).close()\n"
+         "    print('ok')\nexcept OSError as exc:\n    print('fail', exc)\n")
 
 
 def _unsupported() -> str | None:
@@ -116,11 +117,11 @@ def test_drop_all_then_none(lan: EmulatedLan) -> None:
 
 def test_rate_shaping_bounds_throughput() -> None:
     rate_mbit = 20
-    sink = ("import socket\ns = socket.create_server(('', %d))\nc = s.accept()[0]\n"
-            "while c.recv(1 << 16):\n    pass\n" % PORT)
-    send = ("import socket, sys, time\nc = socket.create_connection((sys.argv[1], %d), 5)\n"
+    sink = (f"import socket\ns = socket.create_server(('', {PORT}))\nc = s.accept()[0]\n"
+            "while c.recv(1 << 16):\n    pass\n")
+    send = (f"import socket, sys, time\nc = socket.create_connection((sys.argv[1], {PORT}), 5)\n"
             "t = time.monotonic(); c.sendall(b'x' * 3_000_000); c.shutdown(1); c.recv(1)\n"
-            "print(time.monotonic() - t)\n" % PORT)
+            "print(time.monotonic() - t)\n")
     with EmulatedLan(2, rate_mbit=rate_mbit) as lan:
         qdiscs = subprocess.run(["ip", "netns", "exec", lan.bridge_namespace, "tc", "qdisc"],
                                 capture_output=True, text=True, check=True).stdout
@@ -171,10 +172,13 @@ def test_name_in_use_is_refused_and_bad_arguments() -> None:
         with pytest.raises(ConfigError, match="already exist"):
             EmulatedLan(1, prefix=lan.prefix)
         assert lan.namespace(0) in namespaces()  # the refused one did not tear ours down
-    for bad in ({"n": 0}, {"n": 1, "prefix": "../x"}, {"n": 2, "subnet": "10.0.0.0/30"},
-                {"n": 1, "subnet": "nonsense"}, {"n": 1, "rate_mbit": -1}):
+    bad_arguments: list[dict[str, Any]] = [
+        {"n": 0}, {"n": 1, "prefix": "../x"}, {"n": 2, "subnet": "10.0.0.0/30"},
+        {"n": 1, "subnet": "nonsense"}, {"n": 1, "rate_mbit": -1},
+    ]
+    for bad in bad_arguments:
         with pytest.raises(ConfigError):
-            EmulatedLan(**bad).close()  # type: ignore[arg-type]
+            EmulatedLan(**bad).close()
     with pytest.raises(ConfigError):
         teardown("not-ours")
 

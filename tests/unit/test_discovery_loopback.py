@@ -7,6 +7,8 @@ each other's adverts. Every wait has a deadline.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -32,7 +34,8 @@ DEADLINE_S = 10.0
 
 def make_advert(job: str, node_id: str | None = None, **changes: object) -> Advert:
     fields: dict[str, object] = dict(
-        node_id=uuid.uuid4().hex[:10] if node_id is None else node_id, job=job, addresses=("127.0.0.1",),
+        node_id=uuid.uuid4().hex[:10] if node_id is None else node_id, job=job,
+        addresses=("127.0.0.1",),
         port=5555, protocol=1, key_fingerprint="ab" * 16, generation=0, state="forming",
     )
     fields.update(changes)
@@ -62,8 +65,8 @@ def discovery() -> Iterator[Discovery]:
 
 
 @pytest.mark.parametrize("changes", [
-    {"node_id": ""}, {"node_id": "a" * 33}, {"node_id": "bad id"}, {"node_id": "-x"},
-    {"job": ""}, {"job": "j" * 33}, {"job": "job\x00"},
+    {"node_id": ""}, {"node_id": "a" * 31}, {"node_id": "bad id"}, {"node_id": "-x"},
+    {"job": ""}, {"job": "j" * 33}, {"job": "job\x00"}, {"job": "a.b"},
     {"addresses": ()}, {"addresses": ["127.0.0.1"]}, {"addresses": ("::1",)},
     {"addresses": ("300.1.1.1",)}, {"addresses": ("224.0.0.251",)},
     {"addresses": ("0.0.0.0",)}, {"addresses": ("10.0.0.1",) * 17},
@@ -147,7 +150,7 @@ def test_two_announcers_and_a_browser_see_each_other(job: str) -> None:
         found = browser.wait_for(2, job, timeout=DEADLINE_S)
         assert [ad.node_id for ad in found] == ["node-a", "node-b"]
         assert found[0] == a.advert and found[1] == b.advert
-        assert found[0].instance_name.startswith("ringtrain-node-a.")
+        assert found[0].instance_name == f"{job}-node-a.{SERVICE_TYPE}"
         assert found[0].addresses == ("127.0.0.1",) and found[0].port == 6001
         assert found[0].generation == 2 and found[1].key_fingerprint == ""
         assert sorted(events) == [("added", "node-a"), ("added", "node-b")]
@@ -178,8 +181,12 @@ def test_update_reaches_browser(job: str, discovery: Discovery) -> None:
 
 def test_goodbye_removes_advert(job: str, discovery: Discovery) -> None:
     removed = threading.Event()
-    with discovery.browse(job, on_change=lambda e, a: e == "removed" and removed.set()) \
-            as browser:
+
+    def on_change(event: str, advert: Advert) -> None:
+        if event == "removed":
+            removed.set()
+
+    with discovery.browse(job, on_change=on_change) as browser:
         announcer = discovery.announce(make_advert(job, "node-g"))
         browser.wait_for(1, job, timeout=DEADLINE_S)
         announcer.close()
@@ -208,11 +215,12 @@ def test_malformed_txt_is_dropped_and_logged_once(job: str, discovery: Discovery
         hostile.register_service(bad, cooperating_responders=True)
         with discovery.browse(job) as browser, discovery.announce(make_advert(job, "good")):
             assert [a.node_id for a in browser.wait_for(1, job, DEADLINE_S)] == ["good"]
-            poll(lambda: any("evil" in r.getMessage() for r in caplog.records), "the warning")
+            poll(lambda: any(f"evil-{job}" in r.getMessage() for r in caplog.records),
+                 "the warning")
             hostile.update_service(bad)  # the same bad record again: no second log line
             time.sleep(0.3)
             assert [a.node_id for a in browser.adverts()] == ["good"]
-        lines = [r for r in caplog.records if "evil" in r.getMessage()]
+        lines = [r for r in caplog.records if f"evil-{job}" in r.getMessage()]
         assert len(lines) == 1 and "gen" in lines[0].getMessage()
     finally:
         hostile.close()
@@ -261,3 +269,59 @@ def test_closing_discovery_first_leaves_announcer_and_browser_closable(job: str)
     browser.close()
     discovery.close()
     assert time.monotonic() - started < 2.0
+
+
+CRASHING_NODE = f"""
+import sys, time
+from zeroconf import ServiceInfo, Zeroconf
+zc = Zeroconf(interfaces={LOOPBACK!r})
+name = "crash-" + sys.argv[1]
+zc.register_service(ServiceInfo(
+    "{SERVICE_TYPE}", name + ".{SERVICE_TYPE}", port=7001, parsed_addresses=["127.0.0.1"],
+    server=name + ".local.", host_ttl=1, other_ttl=1,
+    properties={{"job": sys.argv[1], "id": "crash", "proto": "1", "fp": "", "gen": "0",
+                 "state": "training"}}), cooperating_responders=True)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_advert_of_a_killed_node_expires(job: str, discovery: Discovery) -> None:
+    """No goodbye: the advert goes once its SRV record's TTL (1 s here) runs out."""
+    removed = threading.Event()
+
+    def on_change(event: str, advert: Advert) -> None:
+        if event == "removed" and advert.node_id == "crash":
+            removed.set()
+
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_NODE, job],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with discovery.browse(job, on_change=on_change) as browser:
+            browser.wait_for(1, job, DEADLINE_S)
+            proc.kill()
+            proc.wait(5)
+            started = time.monotonic()
+            assert removed.wait(DEADLINE_S), "the killed node's advert never expired"
+            print(f"expired {time.monotonic() - started:.1f} s after the kill")
+            assert browser.adverts(job) == []
+    except BaseException:
+        proc.kill()
+        out, err = proc.communicate(timeout=5)
+        print(f"crashing node stdout:\n{out}\nstderr:\n{err}")
+        raise
+
+
+def test_live_node_is_kept_fresh_past_its_ttl(job: str, discovery: Discovery,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ringtrain.discovery.ADVERT_TTL_S", 2)
+    monkeypatch.setattr("ringtrain.discovery._REANNOUNCE_S", 0.5)
+    events: list[str] = []
+    with discovery.browse(job, on_change=lambda e, a: events.append(e)) as browser, \
+            discovery.announce(make_advert(job, "alive")):
+        browser.wait_for(1, job, DEADLINE_S)
+        time.sleep(4.0)  # twice the TTL: only re-announcements keep it
+        assert [a.node_id for a in browser.adverts(job)] == ["alive"]
+        last = browser.last_seen("alive")
+        assert last is not None and time.monotonic() - last < 2.0
+        assert events == ["added"]
