@@ -2,6 +2,9 @@
 
 Every message is decoded and checked here before anything else sees it. A message that breaks
 the wire format is dropped, counted, and logged once per peer; it never reaches a collective.
+On a keyed ring, a message that arrives on our listening socket is accepted only from a CURVE
+key that membership has admitted for the node id it claims, HELLOs (which prove the key)
+excepted: nobody can speak for another node.
 Data that arrives before the collective it belongs to has started (a fast predecessor) is kept,
 up to a byte budget, until that collective asks for it.
 """
@@ -28,6 +31,7 @@ class Message:
     frames: list = field(repr=False)
     on_link: bool = False
     peer_address: str = ""
+    user: str = ""  # the sender's proven CURVE public key on a keyed ring
 
     @property
     def payload(self) -> memoryview:
@@ -59,6 +63,7 @@ class Mailbox:
         self._data: dict[tuple[int, int], deque[Message]] = defaultdict(deque)
         self._stash_bytes = 0
         self._logged: set[tuple[str, str]] = set()
+        self.admitted: dict[str, str] = {}  # node id -> the CURVE key it proved (keyed rings)
         self.floor: tuple[int, int] = (0, 0)  # (generation, sequence) below which data is stale
 
     def pump(self, timeout: float, writable: str | None = None) -> bool:
@@ -88,12 +93,19 @@ class Mailbox:
         except ProtocolError as exc:
             self._drop(incoming.origin, exc.field, str(exc))
             return
+        if (self.transport.key is not None and not incoming.on_link
+                and header.kind is not MessageKind.HELLO
+                and self.admitted.get(incoming.origin) != incoming.user):
+            self._drop(incoming.origin, "unauthenticated",
+                       f"message from {incoming.origin!r} at {incoming.peer_address} whose key "
+                       f"was not admitted, dropped")
+            return
         if header.job != self.job:
             self._drop(incoming.origin, "job", f"message from {incoming.origin} of another job "
                                                f"({header.job:#x}), dropped")
             return
         message = Message(header, incoming.origin, incoming.frames, incoming.on_link,
-                          incoming.peer_address)
+                          incoming.peer_address, incoming.user)
         if header.kind is MessageKind.DATA:
             key = (header.generation, header.sequence)
             if key < self.floor:

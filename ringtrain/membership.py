@@ -3,7 +3,10 @@
 Protocol (every message a control message, see ``wire.MessageKind``):
 
 1. HELLO. A node dials every candidate endpoint it knows (static ``--peer`` list or mDNS) and
-   sends HELLO {id, job, protocol, port}. The receiver answers WELCOME on the same connection and,
+   sends HELLO {id, job, protocol, endpoint, key, proof}. On a keyed ring ``key`` is the CURVE
+   public key the connection was made with and ``proof`` an HMAC of (job, id, key) under the
+   job key: the receiver admits that key for that id only if the proof holds and the key is
+   the one CURVE authenticated. The receiver answers WELCOME on the same connection and,
    if it has no link to the sender yet, dials back the address the HELLO came from. A peer is
    *linked* once we have had its HELLO (it reaches us) and its WELCOME (we reach it).
 2. PROPOSE. When the linked peers make a ring this node wants (for a static ring: every expected
@@ -21,6 +24,7 @@ the members, so every member computes the same ranks.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Iterable
@@ -74,6 +78,7 @@ class Formation:
     job_name: str
     job: int
     transport: Transport
+    mailbox: Mailbox
     expected_size: int
     peers: dict[str, PeerState] = field(default_factory=dict)
     view: View | None = None
@@ -109,9 +114,12 @@ class Formation:
         if now - self._last_send < RESEND_INTERVAL:
             return
         self._last_send = now
+        public_key = self.transport.public_key.decode()
         hello = self._control(MessageKind.HELLO, {"id": self.node_id, "job": self.job_name,
                                                   "protocol": PROTOCOL_VERSION,
-                                                  "endpoint": self.transport.endpoint})
+                                                  "endpoint": self.transport.endpoint,
+                                                  "key": public_key,
+                                                  "proof": self._proof(self.node_id, public_key)})
         for link in list(self._probes) + [p for p, s in self.peers.items() if not s.welcomed]:
             if link in self.transport.links():
                 self._send(link, hello)
@@ -161,13 +169,26 @@ class Formation:
 
     def _on_hello(self, message: Message) -> None:
         body = decode_control(message.payload, {"id": str, "job": str, "protocol": int,
-                                                "endpoint": str}, message.origin, "hello")
+                                                "endpoint": str, "key": str, "proof": str},
+                              message.origin, "hello")
         peer_id = body["id"]
         if peer_id != message.origin or not 0 < len(peer_id) <= MAX_ID_LENGTH:
             raise ProtocolError("hello.id", f"the sender's routing id {message.origin!r}",
                                 peer_id, message.origin)
         if body["job"] != self.job_name:
             raise ProtocolError("hello.job", self.job_name, body["job"], message.origin)
+        if body["protocol"] != PROTOCOL_VERSION:
+            raise ProtocolError("hello.protocol", PROTOCOL_VERSION, body["protocol"],
+                                message.origin)
+        if self.transport.key is not None:
+            if body["key"] != message.user or not hmac.compare_digest(
+                    body["proof"], self._proof(peer_id, body["key"])):
+                raise ProtocolError("hello.proof", "proof of the job key for the connection's "
+                                    "CURVE key", "a proof that does not verify", message.origin)
+            if self.mailbox.admitted.get(peer_id) not in (None, message.user):
+                log.info("%s came back with a new key: a new incarnation, the old one is fenced "
+                         "off", peer_id)
+            self.mailbox.admitted[peer_id] = message.user
         peer = self.peers.setdefault(peer_id, PeerState())
         peer.heard = True
         peer.endpoint = self._reachable_endpoint(body["endpoint"], message)
@@ -242,6 +263,11 @@ class Formation:
         header = Header(kind=kind, job=self.job, generation=self._highest_generation,
                         sequence=0, nbytes=len(payload))
         return [header.pack(), payload]
+
+    def _proof(self, node_id: str, public_key: str) -> str:
+        if self.transport.key is None:
+            return ""
+        return self.transport.key.derive(f"hello:{self.job_name}:{node_id}:{public_key}").hex()
 
     def _send(self, link: str, frames: list[bytes]) -> bool:
         try:

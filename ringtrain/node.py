@@ -30,7 +30,8 @@ from .errors import (CollectiveTimeout, ConfigError, MembershipError, ProtocolEr
                      RingtrainError)
 from .mailbox import Mailbox
 from .membership import Formation, View
-from .transport import Transport, normalize_endpoint
+from .security import JobKey, key_from_environment
+from .transport import Transport, is_loopback, normalize_endpoint
 from .wire import job_id
 
 log = logging.getLogger(__name__)
@@ -85,26 +86,37 @@ class Node:
             this node).
         node_id: this node's unique id (default: random). Ring order sorts by id.
         settings: timeouts and limits (default: :meth:`Settings.from_env`).
+        key: the job key (default: from ``RINGTRAIN_KEY_FILE`` or ``RINGTRAIN_KEY``). Every
+            link is then authenticated and encrypted with CURVE.
+        insecure: allow running with no key, unauthenticated and in clear text. Refused
+            unless every address is loopback.
 
     Raises:
+        ConfigError: no key and not ``insecure``, or ``insecure`` off loopback.
         MembershipError: the ring did not form within ``settings.form_timeout``.
     """
 
     def __init__(self, peers: Iterable[str] = (), *, listen: str = "127.0.0.1:0",
                  job: str = "default", world_size: int | None = None,
-                 node_id: str | None = None, settings: Settings | None = None):
+                 node_id: str | None = None, settings: Settings | None = None,
+                 key: JobKey | None = None, insecure: bool = False):
         self.settings = settings or Settings.from_env()
         self.node_id = node_id or secrets.token_hex(4)
         self.job = job
         self._job_id = job_id(job)
-        self._transport = Transport(self.node_id, listen, self.settings)
+        peers = list(peers)
+        key = key or key_from_environment()
+        if key is None:
+            _check_insecure_allowed(insecure, [listen, *peers])
+        self._transport = Transport(self.node_id, listen, self.settings, key)
         self.endpoint = self._transport.endpoint
         peer_endpoints = {normalize_endpoint(p) for p in peers} - {self.endpoint}
         size = world_size if world_size is not None else len(peer_endpoints) + 1
         if size < 1:
             raise ConfigError(f"world_size must be >= 1, got {size}")
         self._mailbox = Mailbox(self._transport, self._job_id, self.settings.max_stash_bytes)
-        self._formation = Formation(self.node_id, job, self._job_id, self._transport, size)
+        self._formation = Formation(self.node_id, job, self._job_id, self._transport,
+                                    self._mailbox, size)
         self._formation.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_timeout)
@@ -321,6 +333,20 @@ class Node:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_insecure_allowed(insecure: bool, addresses: list[str]) -> None:
+    """Running without a key is allowed on loopback only, and only when asked for."""
+    if not insecure:
+        raise ConfigError("no job key: create one with `ringtrain keygen --out job.key` and pass "
+                          "it (key=read_key_file(...), or RINGTRAIN_KEY_FILE=job.key); "
+                          "on one machine only, insecure=True runs without one")
+    off_loopback = [a for a in addresses if not is_loopback(a)]
+    if off_loopback:
+        raise ConfigError(f"insecure mode is only allowed on loopback, but {off_loopback} "
+                          f"is not a loopback address; use a job key")
+    log.warning("INSECURE: this ring runs without authentication or encryption "
+                "(allowed because every address is loopback)")
 
 
 def _single(collective: Collective) -> Collective:

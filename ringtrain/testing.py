@@ -7,7 +7,8 @@
 
     results = run_local(work, 4, args=(2.0,))   # one result per rank, in rank order
 
-The function must be importable (defined at module level): processes are started with
+Each run makes its own job key, so the nodes talk over authenticated, encrypted links exactly
+as they would across a LAN. The function must be importable (defined at module level): processes are started with
 ``spawn`` so the same code runs on Linux, macOS and Windows. Each process gets node id
 ``node-00``, ``node-01``, ... so rank i is process i. Every wait is bounded: a process that
 has not finished by the deadline prints its node's state and every thread's stack, and
@@ -31,6 +32,7 @@ from typing import Any
 from .config import Settings
 from .errors import RingtrainError
 from .node import Node
+from .security import JobKey
 
 WATCHDOG_MARGIN = 3.0  # seconds before the parent's deadline at which a child reports itself
 
@@ -68,8 +70,8 @@ class _Child:
 
 
 def _child_main(fn: Callable, index: int, endpoints: list[str], args: tuple, kwargs: dict,
-                job: str, settings: Settings | None, deadline: float, report_path: str,
-                conn: Any) -> None:
+                job: str, settings: Settings | None, key_hex: str, deadline: float,
+                report_path: str, conn: Any) -> None:
     node_ref: list[Node] = []
 
     def watchdog() -> None:
@@ -84,7 +86,7 @@ def _child_main(fn: Callable, index: int, endpoints: list[str], args: tuple, kwa
     threading.Thread(target=watchdog, daemon=True).start()
     try:
         with Node(endpoints, listen=endpoints[index], job=job, node_id=node_id(index),
-                  settings=settings) as node:
+                  settings=settings, key=JobKey.from_hex(key_hex)) as node:
             node_ref.append(node)
             result = fn(node, *args, **kwargs)
         conn.send(("ok", result))
@@ -114,6 +116,7 @@ class LocalCluster:
         """Start the processes; returns at once."""
         context = mp.get_context("spawn")
         endpoints = [f"127.0.0.1:{p}" for p in free_ports(self.size)]
+        key = JobKey.generate()  # a local run makes its own key: secure without asking
         self._deadline = time.time() + self.timeout
         for index in range(self.size):
             parent, child = context.Pipe(duplex=False)
@@ -123,7 +126,8 @@ class LocalCluster:
             process = context.Process(
                 target=_child_main, name=node_id(index), daemon=True,
                 args=(self.fn, index, endpoints, self.args, self.kwargs, self.job,
-                      self.settings, self._deadline - WATCHDOG_MARGIN, report.name, child))
+                      self.settings, key.hex(), self._deadline - WATCHDOG_MARGIN, report.name,
+                      child))
             process.start()
             child.close()
             self._children.append(_Child(index, process, report.name))

@@ -12,26 +12,83 @@ Limits set on every socket (see :class:`ringtrain.config.Settings`):
   ``segment_bytes``, so ``queue_bytes // segment_bytes`` messages bound the bytes queued.
 * ZMTP heartbeats, so a dead or suspended host is noticed by the transport itself.
 * a handshake deadline, reconnect back-off and a bounded linger on close.
+* with a job key: CURVE encryption on every connection. Every node listens with the server
+  keypair derived from the job key, so dialling a node that lacks the job key fails in the
+  handshake. Each node dials with its own random keypair; the ZAP handler stamps every
+  message with the dialler's public key (``Incoming.user``), which CURVE has proven the
+  dialler holds the secret of. ``membership`` admits a key only after its HELLO proved
+  knowledge of the job key, and the mailbox drops everything else.
 
 zmq errors become :class:`TransportError` here and nowhere else.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 import zmq
+import zmq.utils.z85
 
 from .config import Settings
-from .errors import ConfigError, TransportError
+from .errors import ConfigError, SecurityError, TransportError
+from .security import JobKey
 from .wire import HEADER_SIZE, MAX_CONTROL_BYTES
 
 log = logging.getLogger(__name__)
 
 MIN_LIBZMQ = (4, 3, 3)
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"ringtrain"
+
+
+def curve_keypair(key: JobKey, purpose: str) -> tuple[bytes, bytes]:
+    """The CURVE (public, secret) pair, Z85-encoded, derived from ``key`` for ``purpose``."""
+    secret = zmq.utils.z85.encode(key.derive(purpose))
+    return zmq.curve_public(secret), secret
+
+
+class ZapHandler:
+    """Answers ZAP requests for the node's listening socket: CURVE clients are let through
+    with their public key (Z85) as ``User-Id``; anything else is refused. Whether that key
+    belongs to a member is decided later, from the HELLO it sends (see ``membership``)."""
+
+    def __init__(self, context: zmq.Context):
+        self.refused = 0
+        self._socket = context.socket(zmq.REP)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(ZAP_ENDPOINT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="ringtrain-zap", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._socket.poll(100):
+                    continue
+                request = self._socket.recv_multipart()
+                self._socket.send_multipart(self._answer(request))
+            except zmq.ZMQError:
+                return  # context terminated: we are closing
+
+    def _answer(self, request: list[bytes]) -> list[bytes]:
+        if len(request) == 7 and request[2] == ZAP_DOMAIN and request[5] == b"CURVE" \
+                and len(request[6]) == 32:
+            version, request_id = request[:2]
+            return [version, request_id, b"200", b"OK", zmq.utils.z85.encode(request[6]), b""]
+        self.refused += 1
+        version, request_id = (request + [b"1.0", b""])[:2]
+        return [version, request_id, b"400", b"CURVE required", b"", b""]
+
+    def close(self) -> None:
+        """Stop answering (the context's termination ends the thread)."""
+        self._stop.set()
+        self._thread.join(1.0)
+        self._socket.close(linger=0)
 
 
 @dataclass
@@ -42,6 +99,7 @@ class Incoming:
     frames: list = field(repr=False)
     on_link: bool = False  # True when it came back on one of our outgoing links
     peer_address: str = ""  # the sender's IP address as the connection sees it, if known
+    user: str = ""  # the sender's CURVE public key (Z85), proven by the handshake; "" if insecure
 
 
 def check_libzmq() -> None:
@@ -62,6 +120,20 @@ def normalize_endpoint(address: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def is_loopback(address: str) -> bool:
+    """Whether an address (``host:port`` or a zmq endpoint) stays on this machine."""
+    endpoint = normalize_endpoint(address)
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[1].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Transport:
     """The sockets of one node. Not thread-safe, except :meth:`wake`.
 
@@ -69,11 +141,16 @@ class Transport:
         identity: this node's id; peers see it as the sender of everything we send.
         listen: the address to bind, ``host:port`` (port 0 picks a free one) or a zmq endpoint.
         settings: limits and timeouts.
+        key: the job key; None runs without authentication or encryption (loopback only,
+            enforced by the caller).
     """
 
-    def __init__(self, identity: str, listen: str, settings: Settings):
+    def __init__(self, identity: str, listen: str, settings: Settings, key: JobKey | None):
         check_libzmq()
+        if key is not None and not zmq.has("curve"):
+            raise SecurityError("this libzmq has no CURVE support; pip install -U pyzmq")
         self.identity = identity
+        self.key = key
         self.settings = settings
         self.max_message = settings.segment_bytes + HEADER_SIZE + MAX_CONTROL_BYTES
         self._hwm = max(2, settings.queue_bytes // settings.segment_bytes)
@@ -81,8 +158,18 @@ class Transport:
         self._links: dict[str, zmq.Socket] = {}
         self._link_endpoints: dict[str, str] = {}
         self._wake_lock = threading.Lock()
+        self._zap = ZapHandler(self._context) if key is not None else None
+        if key is not None:
+            self.public_key, self._secret_key = zmq.curve_keypair()
+        else:
+            self.public_key, self._secret_key = b"", b""
         try:
             self._router = self._socket(zmq.ROUTER)
+            if key is not None:
+                self._router.curve_server = True
+                self._router.curve_secretkey = curve_keypair(key, "server")[1]
+                self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+                self._router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             endpoint = normalize_endpoint(listen)
             if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
@@ -97,6 +184,8 @@ class Transport:
             self._wake_out = self._context.socket(zmq.PAIR)
             self._wake_out.connect(wake_address)
         except zmq.ZMQError as exc:
+            if self._zap is not None:
+                self._zap.close()
             self._context.destroy(linger=0)
             raise TransportError(f"cannot listen on {listen}: {exc}") from exc
         self._poller = zmq.Poller()
@@ -130,6 +219,10 @@ class Transport:
             sock = self._socket(zmq.DEALER)
             sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            if self.key is not None:
+                sock.curve_serverkey = curve_keypair(self.key, "server")[0]
+                sock.curve_publickey = self.public_key
+                sock.curve_secretkey = self._secret_key
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
@@ -189,7 +282,8 @@ class Transport:
         try:
             frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             return Incoming(bytes(frames[0].bytes).decode("utf-8", "replace"), frames[1:],
-                            peer_address=_peer_address(frames[-1]))
+                            peer_address=_frame_property(frames[-1], "Peer-Address"),
+                            user=_frame_property(frames[-1], "User-Id") if self.key else "")
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
@@ -254,11 +348,13 @@ class Transport:
         with self._wake_lock:
             self._wake_out.close(linger=0)
         self._wake_in.close(linger=0)
+        if self._zap is not None:
+            self._zap.close()
         self._context.term()
 
 
-def _peer_address(frame: zmq.Frame) -> str:
+def _frame_property(frame: zmq.Frame, name: str) -> str:
     try:
-        return frame.get("Peer-Address")
+        return frame.get(name)
     except (zmq.ZMQError, UnicodeDecodeError):
         return ""
