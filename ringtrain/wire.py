@@ -201,7 +201,8 @@ def decode_control(payload: bytes | memoryview, fields: dict[str, type | tuple[t
     """
     try:
         body = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: 64 KiB of "[" nests deeper than the parser's stack allows
         raise ProtocolError(what, "a UTF-8 JSON object", f"undecodable bytes ({exc})", peer) from None
     if not isinstance(body, dict):
         raise ProtocolError(what, "a JSON object", type(body).__name__, peer)
