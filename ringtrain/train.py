@@ -1,0 +1,573 @@
+"""Data-parallel training on a :class:`~ringtrain.node.Node`: every member trains the same model
+on its own shard of each step's global batch, and every member ends with the same parameters.
+
+Two pieces:
+
+* :class:`DistributedOptimizer` wraps an optimizer from :mod:`ringtrain.optim`. Constructing it
+  checks that every member trains the same thing and copies rank 0's parameters and optimizer
+  state to every member. Each :meth:`~DistributedOptimizer.step` averages the gradient over the
+  members in one fused all-reduce, weighted by each member's sample count, and then steps the
+  optimizer. Losses are means over the local batch, so the weighted mean
+  ``sum(n_i * grad_i) / sum(n_i)`` is the gradient of the union batch: N members with batch b
+  compute what one process with batch N*b would. Every member applies the same reduced bytes
+  with the same deterministic optimizer, so parameters stay bit-identical.
+* :class:`Trainer` runs the loop: sharding, speed-adaptive batches, local SGD, non-finite
+  gradients and checkpoints, as follows.
+
+Sharding. Every epoch has one permutation of the data set (:mod:`ringtrain.sharding`), read
+front to back as one stream; each step takes the next ``batch_size * world_size`` samples and
+cuts them into one contiguous piece per member, in rank order. The position in the stream is
+global, so no sample of an epoch is dropped or repeated, and a run resumed with another world
+size carries on from the same position.
+
+Speed-adaptive batches (``adaptive=True``, the default). Each member times its own forward and
+backward pass and keeps a smoothed throughput (samples per second, an exponentially weighted
+moving average with weight ``SPEED_SMOOTHING`` on the newest step). Every ``share_every`` steps
+the members all-gather their throughputs (8 bytes each) and from then on cut the global batch
+in proportion to them (:func:`~ringtrain.sharding.split_proportional`), every member getting at
+least one sample so its speed stays measured. A member twice as fast then gets about twice the
+samples, and fast members stop idling behind slow ones at every step. The gradient weights are
+the sample counts, so the result is the same big-batch gradient whatever the split (up to float
+rounding). Switch it off with ``adaptive=False`` to cut every batch evenly (bit-reproducible
+runs: the split, and with it the rounding, then never depends on timing).
+
+Local SGD (``average_every=k > 1``). Each member steps its optimizer on its own gradient for k
+steps without communicating, then the members average their parameters and optimizer arrays,
+weighted by the samples each consumed since the last average. One all-reduce per k steps
+instead of per step: the mode for slow links. Between averages members differ; after each they
+are identical again (and :meth:`Trainer.fit` ends with an average).
+
+Non-finite gradients. A member whose gradient or loss holds NaN or Inf sends zeros and raises a
+flag element fused into the same all-reduce; when the reduced flag is set (or the reduced
+gradient overflowed) every member skips the step: the optimizer does not move, the samples
+count as consumed. After ``max_nonfinite`` skips in a row, :class:`NonFiniteGradientError`.
+In local SGD mode the check is local: a member skips its own local step.
+
+Checkpoints (``checkpoint_dir``). Rank 0 saves an atomic checkpoint (parameters, optimizer
+state, step, epoch, data position, generation) every ``checkpoint_every`` steps; members are
+identical then, so one copy is the state of all. Rank 0 also records the last finished step in
+``progress.json`` (best effort, no fsync). At start, every member looks for the newest
+checkpoint in its own ``checkpoint_dir``; the member with the highest step (lowest rank on ties)
+loads it and broadcasts it, so every member resumes from the same state, and the log reports
+the steps done after that checkpoint and lost. Each model carries a :class:`ModelVersion`
+(generation, step, content hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint
+from .errors import ConfigError, RingtrainError
+from .nn import Sequential, softmax_cross_entropy
+from .node import Node
+from .optim import Optimizer
+from .sharding import DataPosition, Sampler, split_proportional
+
+__all__ = ["DistributedOptimizer", "ModelVersion", "NonFiniteGradientError", "StepReport",
+           "Trainer"]
+
+log = logging.getLogger(__name__)
+
+Loss = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+"""A loss: (model output, targets) -> (mean loss over the batch, d loss / d output)."""
+
+SPEED_SMOOTHING = 0.3  # weight of the newest step in the throughput average: adapts in ~3 shares
+FACT_BYTES = 64  # each agreement fact travels as this many UTF-8 bytes (a hex SHA-256 fits)
+PROGRESS_FILE = "progress.json"
+
+
+class NonFiniteGradientError(RingtrainError):
+    """Gradients were NaN or Inf on some member for ``max_nonfinite`` steps in a row.
+
+    Attributes:
+        step: the last step skipped.
+        generation: the membership generation.
+    """
+
+    def __init__(self, message: str, *, step: int, generation: int):
+        self.step = step
+        self.generation = generation
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """Which model this is: membership generation, global step and a hash of the state."""
+
+    generation: int
+    step: int
+    content_hash: str
+
+    def __str__(self) -> str:
+        return f"generation {self.generation} step {self.step} hash {self.content_hash}"
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one :meth:`Trainer.step` did on this node.
+
+    Attributes:
+        step: global steps completed, this one included.
+        epoch: the epoch this step's samples came from.
+        end_of_epoch: whether this step consumed the epoch's last samples.
+        loss: the loss over the global batch (synchronous mode) or this node's batch (local
+            SGD), before the update.
+        applied: False when the step was skipped for non-finite gradients.
+        indices: this node's sample indices (into the training set).
+        batch_sizes: every member's batch size this step, in rank order.
+        compute_seconds: this node's forward and backward time.
+        step_seconds: this node's whole step, communication included.
+        throughput: this node's smoothed compute throughput, samples per second (0: not yet
+            measured).
+    """
+
+    step: int
+    epoch: int
+    end_of_epoch: bool
+    loss: float
+    applied: bool
+    indices: np.ndarray
+    batch_sizes: tuple[int, ...]
+    compute_seconds: float
+    step_seconds: float
+    throughput: float
+
+
+class DistributedOptimizer:
+    """An optimizer whose steps use the gradient averaged over every member.
+
+    Constructing it is a collective (every member must construct one): it checks that the
+    members agree on the optimizer, the parameter count and ``agree_on``, then copies rank 0's
+    parameters and optimizer state to every member.
+
+    Args:
+        node: this process's node.
+        optimizer: steps ``optimizer.params`` (the model's flat parameter buffer) in place.
+        agree_on: named facts every member must share (e.g. ``{"model":
+            model.schema_hash()}``); values are turned into text with ``str``.
+        max_nonfinite: skipped steps in a row before :class:`NonFiniteGradientError`.
+        timeout: seconds for each collective (default: the node's setting).
+
+    Raises:
+        ConfigError: members disagree; the message names the fact, both ranks and both values.
+    """
+
+    def __init__(self, node: Node, optimizer: Optimizer, *,
+                 agree_on: Mapping[str, object] | None = None, max_nonfinite: int = 10,
+                 timeout: float | None = None):
+        if isinstance(max_nonfinite, bool) or not isinstance(max_nonfinite, int) \
+                or max_nonfinite < 1:
+            raise ConfigError(f"max_nonfinite must be a positive integer, got {max_nonfinite!r}")
+        self.node = node
+        self.optimizer = optimizer
+        self.params = optimizer.params
+        self.max_nonfinite = max_nonfinite
+        self.timeout = timeout
+        self.loss = math.nan
+        """The weighted mean loss over every member's batch, from the last :meth:`step`."""
+        self.nonfinite_in_a_row = 0
+        self.steps = 0
+        # gradient, then the loss, then the non-finite flag: one buffer, one all-reduce
+        self._buffer = np.empty(self.params.size + 2, dtype=self.params.dtype)
+        facts = {"optimizer": _optimizer_kind(optimizer),
+                 "parameters": f"{self.params.size} {self.params.dtype}"}
+        facts.update({name: str(value) for name, value in (agree_on or {}).items()})
+        _check_agreement(node, facts, timeout)
+        self.broadcast_state(0)
+
+    def step(self, grads: np.ndarray, weight: float, loss: float = 0.0) -> bool:
+        """Average ``grads`` over the members weighted by ``weight``, then step the optimizer.
+
+        Args:
+            grads: this node's gradient, the mean over its local batch (same shape and dtype
+                as the parameters).
+            weight: this node's sample count (0 if it had no samples this step).
+            loss: this node's mean loss over its batch; averaged into :attr:`loss`.
+
+        Returns:
+            False if some member's gradient was not finite and every member skipped the step.
+
+        Raises:
+            NonFiniteGradientError: the ``max_nonfinite``-th skipped step in a row.
+        """
+        body = self._buffer[:-2]
+        finite = bool(np.isfinite(grads).all()) and math.isfinite(loss)
+        if finite:
+            body[...] = grads
+            self._buffer[-2] = loss
+            self._buffer[-1] = 0
+        else:
+            log.warning("rank %d: non-finite gradient or loss at step %d (generation %d)",
+                        self.node.rank, self.steps + 1, self.node.generation)
+            self._buffer[...] = 0
+            self._buffer[-1] = 1
+        reduced = self.node.all_reduce(self._buffer, op="mean", weight=float(weight),
+                                       timeout=self.timeout)
+        self.steps += 1
+        if reduced[-1] != 0 or not np.isfinite(reduced).all():
+            self.nonfinite_in_a_row += 1
+            self.loss = math.nan
+            if self.nonfinite_in_a_row >= self.max_nonfinite:
+                raise NonFiniteGradientError(
+                    f"gradients were not finite on some member for {self.nonfinite_in_a_row} "
+                    f"steps in a row, up to step {self.steps} (generation "
+                    f"{self.node.generation}); this node's were "
+                    f"{'finite' if finite else 'not finite'}. Lower the learning rate or "
+                    f"check the data.", step=self.steps, generation=self.node.generation)
+            return False
+        self.nonfinite_in_a_row = 0
+        self.loss = float(reduced[-2])
+        self.optimizer.step(reduced[:-2])
+        return True
+
+    def average_state(self, weight: float) -> None:
+        """Replace parameters and optimizer arrays by their mean over the members, weighted by
+        ``weight`` (samples this node consumed since the last average); for local SGD.
+
+        Raises:
+            NonFiniteGradientError: the averaged parameters are not finite.
+        """
+        state = self.optimizer.state_dict()
+        names = _array_names(state)
+        arrays = [self.params, *(state[name] for name in names)]
+        averaged = self.node.all_reduce_many(arrays, op="mean", weight=float(weight),
+                                             timeout=self.timeout)
+        if not all(np.isfinite(a).all() for a in averaged):
+            raise NonFiniteGradientError(
+                f"averaged parameters are not finite after step {self.steps} (generation "
+                f"{self.node.generation})", step=self.steps, generation=self.node.generation)
+        self.params[...] = averaged[0]
+        state.update(zip(names, averaged[1:], strict=True))
+        self.optimizer.load_state_dict(state)
+
+    def broadcast_state(self, root: int) -> None:
+        """Copy the ``root`` member's parameters and optimizer state to every member."""
+        state = self.optimizer.state_dict()
+        names = _array_names(state)
+        scalars = sorted(name for name in state if name not in names)
+        flat = np.concatenate([self.params, *(np.ravel(state[name]) for name in names)])
+        flat = self.node.broadcast(flat, root, timeout=self.timeout)
+        numbers = np.array([float(state[name]) for name in scalars], dtype=np.float64)
+        numbers = self.node.broadcast(numbers, root, timeout=self.timeout)
+        size = self.params.size
+        self.params[...] = flat[:size]
+        for index, name in enumerate(names, start=1):
+            state[name] = flat[index * size:(index + 1) * size]
+        for name, value in zip(scalars, numbers, strict=True):
+            state[name] = int(value) if isinstance(state[name], (int, np.integer)) \
+                else float(value)
+        self.optimizer.load_state_dict(state)
+
+
+class Trainer:
+    """Trains ``model`` on ``(x, y)`` data-parallel with the other members (policies: module
+    docstring). Constructing it is a collective: agreement check, then rank 0's state or the
+    newest checkpoint on every member.
+
+    Args:
+        node: this process's node.
+        model: the model; ``model.params`` is what the optimizer steps.
+        optimizer: built on ``model.params``.
+        x: the whole training set's inputs (every member holds the same copy and reads only
+            its samples).
+        y: the targets.
+        batch_size: samples per member per step; the global batch is
+            ``batch_size * world_size``.
+        loss: mean-over-batch loss (default softmax cross-entropy).
+        seed: the data order seed.
+        adaptive: cut the global batch by measured member speed.
+        share_every: steps between throughput exchanges (adaptive only).
+        average_every: 1 averages gradients every step; k > 1 is local SGD.
+        checkpoint_dir: where checkpoints live (None: no checkpoints).
+        checkpoint_every: steps between checkpoints; a multiple of ``average_every``.
+        max_nonfinite: skipped steps in a row before :class:`NonFiniteGradientError`.
+        timeout: seconds for each collective (default: the node's setting).
+
+    Raises:
+        ConfigError: a bad argument, or members that disagree on model, data or settings.
+        CheckpointError: this node's newest checkpoint cannot be read.
+    """
+
+    def __init__(self, node: Node, model: Sequential, optimizer: Optimizer, x: np.ndarray,
+                 y: np.ndarray, *, batch_size: int, loss: Loss = softmax_cross_entropy,
+                 seed: int = 0, adaptive: bool = True, share_every: int = 10,
+                 average_every: int = 1, checkpoint_dir: str | os.PathLike[str] | None = None,
+                 checkpoint_every: int = 100, max_nonfinite: int = 10,
+                 timeout: float | None = None):
+        for name, value in (("batch_size", batch_size), ("share_every", share_every),
+                            ("average_every", average_every),
+                            ("checkpoint_every", checkpoint_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if checkpoint_every % average_every:
+            raise ConfigError(f"checkpoint_every ({checkpoint_every}) must be a multiple of "
+                              f"average_every ({average_every}): members differ in between")
+        if optimizer.params is not model.params:
+            raise ConfigError("the optimizer must be built on model.params")
+        if len(x) != len(y):
+            raise ConfigError(f"x has {len(x)} samples but y has {len(y)}")
+        self.node = node
+        self.model = model
+        self.x, self.y = x, y
+        self.loss_fn = loss
+        self.batch_size = batch_size
+        self.adaptive = adaptive
+        self.share_every = share_every
+        self.average_every = average_every
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = checkpoint_every
+        self.sampler = Sampler(len(x), seed)
+        self.position = DataPosition()
+        self.step_count = 0
+        self.throughput = 0.0
+        """This node's smoothed compute throughput, samples per second (0: not measured)."""
+        self.lost_steps = 0
+        """Steps that had been done after the checkpoint this run resumed from, and were lost."""
+        self._speeds: list[float] | None = None
+        self._since_average = 0  # samples since the last parameter average (local SGD)
+        self._local_steps = 0
+        self._local_nonfinite = 0
+        self.optimizer = DistributedOptimizer(
+            node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout,
+            agree_on={"model": model.schema_hash(), "data": _data_digest(x, y),
+                      "batch_size": batch_size, "seed": seed, "adaptive": adaptive,
+                      "share_every": share_every, "average_every": average_every,
+                      "loss": getattr(loss, "__name__", type(loss).__name__)})
+        if self.checkpoint_dir is not None:
+            self._resume(self.checkpoint_dir)
+
+    # the loop -------------------------------------------------------------------------------
+
+    def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Forward and backward on one local batch; fills ``model.grads``, returns the loss.
+
+        Override to change how gradients are computed (the tests slow a node down here).
+        """
+        loss, grad_out = self.loss_fn(self.model.forward(x), y)
+        self.model.backward(grad_out)
+        return loss
+
+    def step(self) -> StepReport:
+        """One global step: this node's share of the next global batch, forward, backward,
+        then a gradient average (or, in local SGD mode, a local update and every
+        ``average_every`` steps a parameter average)."""
+        started = time.perf_counter()
+        node = self.node
+        sizes = self._batch_sizes()
+        epoch = self.position.epoch
+        batches, after = self.sampler.next_batches(self.position, sizes)
+        indices = batches[node.rank]
+        compute_started = time.perf_counter()
+        if len(indices):
+            loss = self.compute_gradients(self.x[indices], self.y[indices])
+        else:
+            loss = 0.0
+            self.model.grads[...] = 0
+        compute_seconds = time.perf_counter() - compute_started
+        if len(indices) and compute_seconds > 0:
+            rate = len(indices) / compute_seconds
+            self.throughput = rate if self.throughput == 0 else \
+                SPEED_SMOOTHING * rate + (1 - SPEED_SMOOTHING) * self.throughput
+        if self.average_every == 1:
+            applied = self.optimizer.step(self.model.grads, len(indices), loss)
+            loss = self.optimizer.loss
+        else:
+            applied = self._local_step(len(indices), loss)
+        self.position = after
+        self.step_count += 1
+        if self.adaptive and self.step_count % self.share_every == 0:
+            self._share_speeds()
+        if self.checkpoint_dir is not None and node.rank == 0:
+            if self.step_count % self.checkpoint_every == 0:
+                self.save_checkpoint()
+            self._write_progress(self.checkpoint_dir)
+        return StepReport(self.step_count, epoch, after.epoch != epoch, loss, applied, indices,
+                          tuple(len(b) for b in batches), compute_seconds,
+                          time.perf_counter() - started, self.throughput)
+
+    def fit(self, epochs: int, on_step: Callable[[StepReport], None] | None = None,
+            max_steps: int | None = None) -> StepReport | None:
+        """Train until the data position reaches epoch ``epochs`` (counted from the start of
+        training, so a resumed run stops where an uninterrupted one would), or until
+        ``max_steps`` global steps are done.
+
+        Args:
+            epochs: the epoch to stop at.
+            on_step: called with each step's report.
+            max_steps: stop once the global step count reaches this.
+
+        Returns:
+            the last step's report (None if no step was left to do).
+        """
+        report = None
+        while self.position.epoch < epochs and (max_steps is None
+                                                or self.step_count < max_steps):
+            report = self.step()
+            if on_step is not None:
+                on_step(report)
+        if self._local_steps:
+            self._average()
+        return report
+
+    @property
+    def version(self) -> ModelVersion:
+        """The model's version: generation, global step and a hash of parameters and
+        optimizer state (equal on every member whenever they are in sync)."""
+        return ModelVersion(self.node.generation, self.step_count, checkpoint.content_hash(
+            self.model.params, self.optimizer.optimizer.state_dict()))
+
+    # checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write this node's state to ``checkpoint_dir`` atomically; returns the file.
+
+        Raises:
+            ConfigError: the trainer has no ``checkpoint_dir``.
+            CheckpointError: the file could not be written.
+        """
+        if self.checkpoint_dir is None:
+            raise ConfigError("save_checkpoint needs a Trainer with a checkpoint_dir")
+        state = checkpoint.TrainingState(
+            params=self.model.params.copy(),
+            optimizer_state=self.optimizer.optimizer.state_dict(),
+            step=self.step_count, epoch=self.position.epoch, position=self.position.position,
+            generation=self.node.generation,
+            metadata={"model": self.model.schema_hash(), "world_size": self.node.world_size})
+        return checkpoint.save(self.checkpoint_dir, state)
+
+    def _resume(self, directory: Path) -> None:
+        path = checkpoint.latest(directory)
+        state = None if path is None else checkpoint.load(path)
+        offered = np.array([-1 if state is None else state.step], dtype=np.int64)
+        steps = self.node.all_gather(offered, timeout=self.optimizer.timeout)[:, 0]
+        best = int(steps.max())
+        if best < 0:
+            return
+        root = int(np.argmax(steps))
+        meta = np.zeros(4, dtype=np.int64)
+        if self.node.rank == root and state is not None:
+            if state.params.shape != self.model.params.shape:
+                raise ConfigError(f"checkpoint {path} holds {state.params.size} parameters, "
+                                  f"the model has {self.model.num_params}")
+            self.model.load_params(state.params)
+            self.optimizer.optimizer.load_state_dict(state.optimizer_state)
+            done = self._read_progress(directory)
+            meta[:] = (state.step, state.epoch, state.position, max(0, done - state.step))
+        self.optimizer.broadcast_state(root)
+        meta = self.node.broadcast(meta, root, timeout=self.optimizer.timeout)
+        self.step_count, epoch, position, self.lost_steps = (int(v) for v in meta)
+        self.position = DataPosition(epoch, position)
+        self.optimizer.steps = self.step_count
+        log.info("rank %d resumed from the checkpoint of rank %d at step %d (epoch %d, "
+                 "position %d), now %s; lost work: %d steps done after that checkpoint",
+                 self.node.rank, root, self.step_count, epoch, position, self.version,
+                 self.lost_steps)
+
+    def _write_progress(self, directory: Path) -> None:
+        # Best effort, no fsync: it only tells a resumed run how much work was lost.
+        temporary = directory / f".{PROGRESS_FILE}.tmp"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps({"step": self.step_count}))
+            os.replace(temporary, directory / PROGRESS_FILE)
+        except OSError as exc:
+            log.warning("could not record progress in %s: %s", directory, exc)
+
+    @staticmethod
+    def _read_progress(directory: Path) -> int:
+        try:
+            return int(json.loads((directory / PROGRESS_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    # policies -------------------------------------------------------------------------------
+
+    def _batch_sizes(self) -> list[int]:
+        world_size = self.node.world_size
+        total = self.batch_size * world_size
+        if self._speeds is None or len(self._speeds) != world_size:
+            return split_proportional(total, [1] * world_size)
+        # one sample each first, so a slow member keeps being measured
+        return [1 + size for size in split_proportional(total - world_size, self._speeds)]
+
+    def _share_speeds(self) -> None:
+        speeds = self.node.all_gather(np.array([self.throughput]),
+                                      timeout=self.optimizer.timeout)[:, 0]
+        if (speeds > 0).all() and np.isfinite(speeds).all():
+            self._speeds = [float(s) for s in speeds]
+            log.debug("step %d: member throughputs %s samples/s", self.step_count,
+                      [round(s) for s in self._speeds])
+
+    def _local_step(self, samples: int, loss: float) -> bool:
+        grads = self.model.grads
+        applied = samples > 0 and math.isfinite(loss) and bool(np.isfinite(grads).all())
+        if applied:
+            self.optimizer.optimizer.step(grads)
+            self._local_nonfinite = 0
+        elif samples:
+            self._local_nonfinite += 1
+            log.warning("rank %d: non-finite gradient at step %d, skipped locally",
+                        self.node.rank, self.step_count + 1)
+            if self._local_nonfinite >= self.optimizer.max_nonfinite:
+                raise NonFiniteGradientError(
+                    f"rank {self.node.rank}: gradients were not finite for "
+                    f"{self._local_nonfinite} local steps in a row, up to step "
+                    f"{self.step_count + 1} (generation {self.node.generation})",
+                    step=self.step_count + 1, generation=self.node.generation)
+        self._since_average += samples
+        self._local_steps += 1
+        if self._local_steps == self.average_every:
+            self._average()
+        return applied
+
+    def _average(self) -> None:
+        self.optimizer.average_state(self._since_average)
+        self._since_average = 0
+        self._local_steps = 0
+
+
+def _optimizer_kind(optimizer: Optimizer) -> str:
+    state = optimizer.state_dict()
+    return f"{type(optimizer).__name__}({','.join(sorted(state))})"
+
+
+def _array_names(state: Mapping[str, object]) -> list[str]:
+    return sorted(name for name, value in state.items() if isinstance(value, np.ndarray))
+
+
+def _data_digest(x: np.ndarray, y: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in (np.asarray(x), np.asarray(y)):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def _check_agreement(node: Node, facts: Mapping[str, str], timeout: float | None) -> None:
+    """All-gather every member's facts and raise if any member's differ from rank 0's."""
+    names = sorted(facts)
+    texts = [facts[name] for name in names]
+    encoded = [text.encode() if len(text.encode()) <= FACT_BYTES
+               else hashlib.sha256(text.encode()).hexdigest().encode() for text in texts]
+    mine = np.zeros((len(names), FACT_BYTES), dtype=np.uint8)
+    for row, data in enumerate(encoded):
+        mine[row, :len(data)] = np.frombuffer(data, dtype=np.uint8)
+    gathered = node.all_gather(mine, timeout=timeout)
+    for rank in range(1, len(gathered)):
+        for row, name in enumerate(names):
+            if not np.array_equal(gathered[rank, row], gathered[0, row]):
+                first, other = (bytes(gathered[r, row]).rstrip(b"\0").decode(errors="replace")
+                                for r in (0, rank))
+                raise ConfigError(f"members disagree on {name}: rank 0 ({node.members[0]}) has "
+                                  f"{first!r}, rank {rank} ({node.members[rank]}) has {other!r}")
