@@ -3,7 +3,8 @@
 #   bash deploy/install.sh          the package (numpy, pyzmq, zeroconf)
 #   bash deploy/install.sh --test   the package with its test tools, and (as root on Debian or
 #                                   Ubuntu) the system tools the network-namespace tests use:
-#                                   iproute2 (ip, tc), iptables, dnsutils (dig)
+#                                   iproute2 (ip, tc), nftables (loss, partitions),
+#                                   procps (sysctl), dnsutils (dig)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip --version >/dev/null 2>&1 || { echo "install.sh: python3 with pip is needed" >&2; exit 2; }
@@ -11,7 +12,8 @@ if [ "${1:-}" = "--test" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing=()
         command -v ip >/dev/null 2>&1 || missing+=(iproute2)
-        command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+        command -v nft >/dev/null 2>&1 || missing+=(nftables)
+        command -v sysctl >/dev/null 2>&1 || missing+=(procps)
         command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
         if [ "${#missing[@]}" -gt 0 ]; then
             echo "install.sh: installing ${missing[*]} (used by the network-namespace tests)"

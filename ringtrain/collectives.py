@@ -39,6 +39,7 @@ from .wire import (FLAG_DESCRIPTOR, Header, MessageKind, canonical_json, decode_
 
 log = logging.getLogger(__name__)
 
+PROGRESS_FACTOR = 8.0  # progress deadline = this x the smoothed longest gap between segments
 REDUCE_OPS: dict[str, np.ufunc] = {"sum": np.add, "mean": np.add, "max": np.maximum,
                                    "min": np.minimum}
 TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
@@ -195,21 +196,35 @@ def describe(descriptor: dict[str, Any]) -> str:
 class RingRunner:
     """Runs collectives of one node over its transport. Not thread-safe: one caller thread.
 
+    The progress deadline (how long the runner waits for the next segment before blaming a
+    member) adapts: it is ``PROGRESS_FACTOR`` times the smoothed longest wait between segments
+    of recent collectives, kept between ``progress_floor`` and ``progress_cap``.
+
     Args:
         transport: the node's sockets; links are named by peer node id.
         mailbox: where validated messages wait.
         node_id: this node's id.
         job: the 64-bit job id stamped on every message.
-        progress_timeout: longest wait for the next message of a collective.
+        progress_floor, progress_cap: bounds of the adaptive progress deadline, seconds.
+        service: called on every turn of the wait loop (the node's membership work); returns
+            None, or (why, suspect) to abort the collective because a member failed.
+        poll_interval: longest single wait, so ``service`` runs at least this often.
     """
 
     def __init__(self, transport: Transport, mailbox: Mailbox, node_id: str, job: int,
-                 progress_timeout: float):
+                 progress_floor: float, progress_cap: float,
+                 service: Callable[[View], tuple[str, str | None] | None],
+                 poll_interval: float):
         self.transport = transport
         self.mailbox = mailbox
         self.node_id = node_id
         self.job = job
-        self.progress_timeout = progress_timeout
+        self.progress_floor = progress_floor
+        self.progress_cap = progress_cap
+        self.service = service
+        self.poll_interval = poll_interval
+        self.progress_timeout = progress_cap
+        self._slowest_wait = 0.0  # smoothed longest gap between segments, seconds
         self.bytes_sent = 0
         self.messages_sent = 0
         self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
@@ -231,9 +246,6 @@ class RingRunner:
             return collective.finish(collective.buffer)
         try:
             self._move(collective, view, sequence, deadline, step)
-        except CollectiveError as exc:
-            self._abort_everyone(view, sequence, exc)
-            raise
         finally:
             self.stage = "idle"
             self.mailbox.retire(view.generation, sequence)
@@ -259,7 +271,9 @@ class RingRunner:
         trackers = []
         described = False
         received = 0
-        progress_deadline = time.monotonic() + self.progress_timeout
+        last_progress = time.monotonic()
+        longest_gap = 0.0
+        progress_deadline = last_progress + self.progress_timeout
         where = f"{collective.name} #{sequence} of generation {view.generation}"
         while received < len(plan.receives) or pending:
             # 1. send as much as the successor's queue takes
@@ -284,7 +298,9 @@ class RingRunner:
                 pending.popleft()
                 self.bytes_sent += header.nbytes
                 self.messages_sent += 1
-                progress_deadline = time.monotonic() + self.progress_timeout
+                now = time.monotonic()
+                longest_gap = max(longest_gap, now - last_progress)
+                last_progress, progress_deadline = now, now + self.progress_timeout
             # 2. take in every segment that has arrived
             while received < len(plan.receives):
                 message = self.mailbox.next_data(view.generation, sequence)
@@ -296,12 +312,19 @@ class RingRunner:
                 received += 1
                 if expected.then is not None:
                     pending.append(expected.then)
-                progress_deadline = time.monotonic() + self.progress_timeout
+                now = time.monotonic()
+                longest_gap = max(longest_gap, now - last_progress)
+                last_progress, progress_deadline = now, now + self.progress_timeout
             if received == len(plan.receives) and not pending:
                 break
             abort = self.mailbox.aborts.get((view.generation, sequence))
             if abort is not None:
                 raise _error_from_abort(abort, where, view.generation, sequence)
+            failure = self.service(view)
+            if failure is not None:
+                why, suspect = failure
+                raise PeerFailedError(f"{where} abandoned: {why}", peer=suspect,
+                                      generation=view.generation, collective=sequence)
             # 3. wait for traffic, bounded by both deadlines
             now = time.monotonic()
             if now >= deadline:
@@ -321,8 +344,9 @@ class RingRunner:
                                       collective=sequence)
             self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
                           f"{predecessor}, {len(pending)} waiting for {successor}")
-            self.mailbox.pump(min(deadline, progress_deadline) - now,
+            self.mailbox.pump(min(deadline, progress_deadline, now + self.poll_interval) - now,
                               writable=successor if pending else None)
+        self._learn_gap(longest_gap)
         # the caller may change the buffer once we return: wait until libzmq let go of it
         for tracker in trackers:
             remaining = deadline - time.monotonic()
@@ -332,6 +356,12 @@ class RingRunner:
                 raise PeerFailedError(f"{where}: successor {successor} did not take the last "
                                       f"segments", peer=successor, generation=view.generation,
                                       collective=sequence) from exc
+
+    def _learn_gap(self, gap: float) -> None:
+        """Adapt the progress deadline to the gaps this ring really has."""
+        self._slowest_wait = gap if self._slowest_wait == 0 else 0.8 * self._slowest_wait + 0.2 * gap
+        self.progress_timeout = min(self.progress_cap,
+                                    max(self.progress_floor, PROGRESS_FACTOR * self._slowest_wait))
 
     def _accept(self, collective: Collective, view: View, sequence: int, message: Message,
                 expected: ring.Receive, predecessor: str, predecessor_rank: int) -> None:
@@ -373,13 +403,14 @@ class RingRunner:
         else:
             region[...] = incoming
 
-    def _abort_everyone(self, view: View, sequence: int, exc: CollectiveError) -> None:
-        """Tell every member that this collective failed here, so nobody waits for it."""
+    def abort_everyone(self, view: View, sequence: int, exc: CollectiveError,
+                       suspect: str | None) -> None:
+        """Tell every member that this collective failed here (and whom we blame), so
+        nobody waits for it."""
         if (view.generation, sequence) in self.mailbox.aborts:
             return  # somebody else's abort: they have told everyone already
         kind = "mismatch" if isinstance(exc, MismatchError) else "failure"
-        body = {"kind": kind, "message": str(exc), "node": self.node_id,
-                "peer": getattr(exc, "peer", None) or ""}
+        body = {"kind": kind, "message": str(exc), "node": self.node_id, "peer": suspect or ""}
         payload = encode_control(body)
         header = Header(kind=MessageKind.ABORT, job=self.job, generation=view.generation,
                         sequence=sequence, sender=view.rank, nbytes=len(payload)).pack()

@@ -27,15 +27,23 @@ class Settings:
     collective_timeout: float = 120.0
     """Hard cap on one collective, start to finish."""
     progress_timeout: float = 10.0
-    """Longest wait for the next segment from the predecessor before it is declared stalled."""
-    heartbeat_interval: float = 1.0
-    """ZMTP heartbeat interval on every connection."""
-    heartbeat_timeout: float = 5.0
-    """A connection whose heartbeats stop for this long is dropped by ZeroMQ."""
+    """Cap on the wait for the next segment of a collective before the member holding it up
+    is declared stalled. The wait actually allowed adapts to measured segment times, between
+    ``progress_floor`` and this cap."""
+    progress_floor: float = 2.0
+    """Floor of the adaptive progress deadline."""
+    heartbeat_interval: float = 0.25
+    """How often nodes send heartbeats (ZMTP pings and membership heartbeats)."""
+    heartbeat_timeout: float = 2.0
+    """A peer silent for this long is suspected dead; ZeroMQ drops such a connection too."""
     handshake_timeout: float = 5.0
     """Longest a connection may take to finish the ZMTP (and CURVE) handshake."""
     form_timeout: float = 60.0
     """Longest wait for the ring to form at start."""
+    reform_timeout: float = 30.0
+    """Longest wait for the ring to re-form after a failure, before reporting it."""
+    settle: float = 0.5
+    """Seconds the set of discovered nodes must stay unchanged before a first ring forms."""
     linger: float = 1.0
     """How long close() lets queued messages drain before dropping them."""
     max_stash_bytes: int = 1 << 30

@@ -9,13 +9,22 @@ HELLOs, proposals). Collectives therefore overlap the caller's computation when 
 Every member must call the same collectives in the same order, as with MPI or
 torch.distributed: the n-th collective of a generation on one node meets the n-th on every
 other node.
+
+Elasticity. When a member fails, the collectives in flight raise :class:`PeerFailedError` on
+every survivor (nothing partial is ever returned). The caller then calls :meth:`Node.reform`,
+which agrees on a new generation without the failed member (see ``membership``), and redoes
+its step. New nodes are admitted the same way: :attr:`Node.reform_due` turns true, and the
+caller reforms at a point all members agree on (the training layer fuses that flag into its
+gradient all-reduce, so every member sees it after the same step).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,10 +35,10 @@ import numpy as np
 from . import collectives
 from .collectives import Collective, RingRunner
 from .config import Settings
-from .errors import (CollectiveTimeout, ConfigError, MembershipError, ProtocolError,
-                     RingtrainError)
+from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MembershipError,
+                     PeerFailedError, ProtocolError, RingtrainError)
 from .mailbox import Mailbox
-from .membership import Formation, View
+from .membership import Membership, View
 from .security import JobKey, key_from_environment
 from .transport import Transport, is_loopback, normalize_endpoint
 from .wire import job_id
@@ -78,65 +87,100 @@ class Node:
     """This process's node in a ring. Use as a context manager.
 
     Args:
-        peers: addresses (``host:port``) of the other members. Listing this node's own address
-            too is fine, so every node can be given the same list.
+        peers: addresses (``host:port``) of other nodes. Listing this node's own address too
+            is fine, so every node can be given the same list.
         listen: address to listen on; port 0 picks a free port.
         job: the job name; nodes of other jobs are never admitted.
-        world_size: how many members the ring must have (default: the distinct peers plus
-            this node).
-        node_id: this node's unique id (default: random). Ring order sorts by id.
+        world_size: how many nodes the first ring waits for (default: with static peers, the
+            distinct peers plus this node; with discovery, ``min_size``).
+        min_size, max_size: bounds on the ring size as it shrinks and grows (elastic).
+            Below ``min_size`` the job waits for nodes to come back; nodes beyond
+            ``max_size`` are not admitted. Defaults 1 and 64.
+        node_id: this node's unique id (default: derived from the host name plus random
+            digits). Ring order sorts by id.
         settings: timeouts and limits (default: :meth:`Settings.from_env`).
         key: the job key (default: from ``RINGTRAIN_KEY_FILE`` or ``RINGTRAIN_KEY``). Every
             link is then authenticated and encrypted with CURVE.
         insecure: allow running with no key, unauthenticated and in clear text. Refused
             unless every address is loopback.
+        candidates: extra endpoints to dial later, from another thread (e.g. mDNS discovery):
+            a callable that registers a callback receiving lists of ``host:port``.
 
     Raises:
-        ConfigError: no key and not ``insecure``, or ``insecure`` off loopback.
+        ConfigError: bad arguments; no key and not ``insecure``; ``insecure`` off loopback.
         MembershipError: the ring did not form within ``settings.form_timeout``.
     """
 
     def __init__(self, peers: Iterable[str] = (), *, listen: str = "127.0.0.1:0",
                  job: str = "default", world_size: int | None = None,
+                 min_size: int | None = None, max_size: int | None = None,
                  node_id: str | None = None, settings: Settings | None = None,
-                 key: JobKey | None = None, insecure: bool = False):
+                 key: JobKey | None = None, insecure: bool = False,
+                 candidates: Callable[[Callable[[list[str]], None]], None] | None = None):
         self.settings = settings or Settings.from_env()
-        self.node_id = node_id or secrets.token_hex(4)
+        self.node_id = node_id or default_node_id()
+        check_name("node id", self.node_id, MAX_NODE_ID)
+        check_name("job", job, MAX_JOB)
         self.job = job
         self._job_id = job_id(job)
         peers = list(peers)
         key = key or key_from_environment()
         if key is None:
             _check_insecure_allowed(insecure, [listen, *peers])
+        self.key = key
         self._transport = Transport(self.node_id, listen, self.settings, key)
         self.endpoint = self._transport.endpoint
         peer_endpoints = {normalize_endpoint(p) for p in peers} - {self.endpoint}
-        size = world_size if world_size is not None else len(peer_endpoints) + 1
-        if size < 1:
-            raise ConfigError(f"world_size must be >= 1, got {size}")
+        min_size = 1 if min_size is None else min_size
+        max_size = max(min_size, 64) if max_size is None else max_size
+        if world_size is None:
+            world_size = len(peer_endpoints) + 1 if candidates is None else min_size
+        if not 1 <= min_size <= max_size or not min_size <= world_size <= max_size:
+            raise ConfigError(f"need 1 <= min_size <= world_size <= max_size, got min_size "
+                              f"{min_size}, world_size {world_size}, max_size {max_size}")
         self._mailbox = Mailbox(self._transport, self._job_id, self.settings.max_stash_bytes)
-        self._formation = Formation(self.node_id, job, self._job_id, self._transport,
-                                    self._mailbox, size)
-        self._formation.add_candidates(peer_endpoints)
+        self._membership = Membership(
+            self.node_id, job, self._job_id, self._transport, self._mailbox, world_size,
+            min_size, max_size, self.settings.settle if candidates is not None else 0.0,
+            self.settings.heartbeat_interval, self.settings.heartbeat_timeout)
+        self._membership.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
-                                  self.settings.progress_timeout)
-        self._view: View | None = View(1, (self.node_id,), 0) if size == 1 else None
+                                  self.settings.progress_floor, self.settings.progress_timeout,
+                                  self._service, self.settings.heartbeat_interval)
+        self._view: View | None = None
+        if world_size == 1 and candidates is None:
+            self._view = self._membership.view = View(1, (self.node_id,), 0)
         self._sequence = 0
-        self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
+        self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
+        self._view_listeners: list[Callable[[View], None]] = []
         self._closing = False
         self._formed = threading.Event()
         self._fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._engine, name=f"ringtrain-{self.node_id}",
                                         daemon=True)
         self._thread.start()
+        if candidates is not None:
+            candidates(self.add_candidates)
         if not self._formed.wait(self.settings.form_timeout) or self._fatal is not None:
             state = self.state()
             self.close()
             if self._fatal is not None:
                 raise MembershipError(f"node {self.node_id} failed while forming: "
                                       f"{self._fatal}") from self._fatal
-            raise MembershipError(f"ring of {size} did not form within "
-                                  f"{self.settings.form_timeout:.0f} s; node state: {state}")
+            raise MembershipError(f"the ring did not form within "
+                                  f"{self.settings.form_timeout:.0f} s (waiting for "
+                                  f"{world_size} nodes); node state: {state}")
+
+    def add_candidates(self, endpoints: list[str]) -> None:
+        """Dial these ``host:port`` endpoints (safe from any thread, e.g. mDNS callbacks)."""
+        self._new_candidates.put(list(endpoints))
+        self._transport.wake()
+
+    def on_view_change(self, listener: Callable[[View], None]) -> None:
+        """Call ``listener(view)`` on the engine thread whenever a view is installed (keep it
+        quick: e.g. update an mDNS advert)."""
+        self._view_listeners.append(listener)
 
     # properties -----------------------------------------------------------------------------
 
@@ -168,6 +212,12 @@ class Node:
         return self.view.members
 
     @property
+    def reform_due(self) -> bool:
+        """Whether the ring should re-form: a member is suspected, or a node waits to join.
+        Every member must then call :meth:`reform` at the same point of its collectives."""
+        return self._membership.reform_due
+
+    @property
     def bytes_sent(self) -> int:
         """Payload bytes this node has sent in collectives."""
         return self._runner.bytes_sent
@@ -179,7 +229,7 @@ class Node:
                 {"generation": self._view.generation, "members": list(self._view.members),
                  "rank": self._view.rank},
                 "sequence": self._sequence, "stage": self._runner.stage,
-                "formation": self._formation.state() if self._view is None else "formed",
+                "membership": self._membership.state(),
                 "dropped": dict(self._mailbox.dropped),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
 
@@ -243,11 +293,57 @@ class Node:
         """Return once every member has reached this barrier."""
         self.all_reduce(np.zeros(1, dtype=np.int8), timeout=timeout)
 
-    def _submit(self, build: Builder, timeout: float | None, step: int = 0) -> Work:
+    def reform(self, timeout: float | None = None) -> View:
+        """Agree on a new generation: drop suspected members, admit waiting joiners.
+
+        Call it on every member after a collective raised :class:`PeerFailedError`, or when
+        :attr:`reform_due` is true at a point every member agrees on. If the others already
+        installed a newer generation meanwhile, this returns it at once.
+
+        Raises:
+            MembershipError: no new ring within ``timeout`` (default
+                ``settings.reform_timeout``), e.g. too few nodes alive or no majority.
+        """
+        limit = self.settings.reform_timeout if timeout is None else timeout
+        done = threading.Event()
+        outcome: list[Any] = []
+        since = self._view.generation if self._view else 0
+
+        def run() -> None:
+            try:
+                outcome.append(self._reform(since, time.monotonic() + limit))
+            except RingtrainError as exc:
+                outcome.append(exc)
+            done.set()
+
+        self._check_open()
+        self._queue.put(run)
+        self._transport.wake()
+        if not done.wait(limit + 2.0):
+            raise MembershipError(f"reform did not finish in {limit:.0f} s; state: "
+                                  f"{self.state()}")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def leave(self) -> None:
+        """Leave the ring on purpose: tell the members (so they re-form at once rather than
+        after a timeout), then close."""
+        if not self._closing and self._fatal is None:
+            done = threading.Event()
+            self._queue.put(lambda: (self._membership.leave(), done.set()))
+            self._transport.wake()
+            done.wait(2.0)
+        self.close()
+
+    def _check_open(self) -> None:
         if self._closing:
             raise RingtrainError(f"node {self.node_id} is closed")
         if self._fatal is not None:
             raise RingtrainError(f"node {self.node_id} stopped: {self._fatal}") from self._fatal
+
+    def _submit(self, build: Builder, timeout: float | None, step: int = 0) -> Work:
+        self._check_open()
         work = Work(build, self.settings.collective_timeout if timeout is None else timeout, step)
         self._queue.put(work)
         self._transport.wake()
@@ -259,23 +355,22 @@ class Node:
         try:
             while not self._closing:
                 if self._view is None:
-                    self._formation.tick()
-                    self._mailbox.pump(0.05)
-                    self._handle_control()
-                    if self._formation.view is not None:
-                        self._view = self._formation.view
-                        self._formed.set()
+                    self._serve_membership()
+                    self._mailbox.pump(self.settings.heartbeat_interval / 2)
                     continue
                 self._formed.set()
                 try:
                     work = self._queue.get_nowait()
                 except queue.Empty:
-                    self._mailbox.pump(0.5)
-                    self._handle_control()
+                    self._serve_membership()
+                    self._mailbox.pump(self.settings.heartbeat_interval / 2)
                     continue
                 if work is None:
                     break
-                self._execute(work)
+                if isinstance(work, Work):
+                    self._execute(work)
+                else:
+                    work()
         except BaseException as exc:  # noqa: BLE001 - reported to every waiter, then re-raised
             log.exception("node %s engine stopped", self.node_id)
             self._fatal = exc
@@ -284,27 +379,93 @@ class Node:
             self._fail_queued(RingtrainError(f"node {self.node_id} closed"))
             self._transport.close(linger=0 if self._fatal else self.settings.linger)
 
+    def _serve_membership(self) -> None:
+        """Membership work on the engine thread: new candidates, control messages, ticks."""
+        while True:
+            try:
+                self._membership.add_candidates(self._new_candidates.get_nowait())
+            except queue.Empty:
+                break
+        self._mailbox.drain()
+        while self._mailbox.control:
+            message = self._mailbox.control.popleft()
+            try:
+                self._membership.handle(message)
+            except ProtocolError as exc:
+                self._mailbox.dropped[exc.field] += 1
+                log.warning("dropped control message: %s", exc)
+        self._membership.tick()
+        installed = self._membership.view
+        if installed is not None and installed != self._view:
+            self._install(installed)
+
+    def _install(self, view: View) -> None:
+        self._view = view
+        self._sequence = 0
+        self._mailbox.retire(view.generation, -1)
+        self._formed.set()
+        for listener in self._view_listeners:
+            try:
+                listener(view)
+            except Exception:  # noqa: BLE001 - a listener must not stop the engine
+                log.exception("view listener failed")
+
+    def _service(self, view: View) -> tuple[str, str | None] | None:
+        """Runs between segments of a collective: keep membership alive, and abandon the
+        collective if the ring is changing under it."""
+        self._serve_membership()
+        membership = self._membership
+        suspects = membership.suspects & set(view.members)
+        if suspects:
+            suspect = sorted(suspects)[0]
+            return f"member {suspect} is suspected to have failed", suspect
+        if membership.reforming or membership.newer_generation_seen() or self._view != view:
+            return "the ring is re-forming", None
+        return None
+
+    def _reform(self, since: int, deadline: float) -> View:
+        membership = self._membership
+        if self._view is not None and self._view.generation > since and not membership.reforming:
+            return self._view
+        if not membership.reforming:
+            membership.start_reform()
+        while time.monotonic() < deadline and not self._closing:
+            self._serve_membership()
+            view = self._view
+            if view is not None and view.generation > since and not membership.reforming:
+                return view
+            self._mailbox.pump(self.settings.heartbeat_interval / 2)
+        raise MembershipError(f"node {self.node_id} could not re-form the ring since generation "
+                              f"{since}; membership: {membership.state()}")
+
     def _execute(self, work: Work) -> None:
         view = self.view
         sequence = self._sequence
         self._sequence += 1
+        self._membership.sequence = sequence
         try:
             collective = work.build(view.rank, view.world_size)
             deadline = time.monotonic() + work.timeout
             result = self._runner.run(collective, view, sequence, deadline, work.step)
+        except CollectiveError as exc:
+            suspect = exc.peer if isinstance(exc, PeerFailedError) else None
+            if isinstance(exc, PeerFailedError):
+                suspect = self._laggard(view) or suspect
+                self._membership.suspect(suspect, str(exc))
+            self._runner.abort_everyone(view, sequence, exc, suspect)
+            work._finish(error=exc)
         except RingtrainError as exc:
             work._finish(error=exc)
         else:
             work._finish(result)
 
-    def _handle_control(self) -> None:
-        while self._mailbox.control:
-            message = self._mailbox.control.popleft()
-            try:
-                self._formation.handle(message)
-            except ProtocolError as exc:
-                self._mailbox.dropped[exc.field] += 1
-                log.warning("dropped control message: %s", exc)
+    def _laggard(self, view: View) -> str | None:
+        """The member furthest behind in collectives, if one is behind us: a live process
+        that stopped calling collectives is the one holding the ring up."""
+        behind = [(p.sequence, m) for m in view.members
+                  if m != self.node_id and (p := self._membership.peers.get(m)) is not None
+                  and p.generation == view.generation and p.sequence < self._sequence - 1]
+        return min(behind)[1] if behind else None
 
     def _fail_queued(self, error: BaseException) -> None:
         while True:
@@ -312,7 +473,7 @@ class Node:
                 work = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if work is not None:
+            if isinstance(work, Work):
                 work._finish(error=error)
 
     # lifecycle ------------------------------------------------------------------------------
@@ -333,6 +494,23 @@ class Node:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+MAX_NODE_ID, MAX_JOB = 30, 32  # they must fit one DNS label together (mDNS instance names)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_name(what: str, value: str, limit: int) -> None:
+    """Node ids and job names: letters, digits, '-' and '_', starting with a letter or digit."""
+    if not (isinstance(value, str) and len(value) <= limit and _NAME.fullmatch(value)):
+        raise ConfigError(f"{what} {value!r} must be 1-{limit} letters, digits, '-' or '_', "
+                          f"starting with a letter or digit")
+
+
+def default_node_id() -> str:
+    """This host's name (cleaned up) plus random digits, e.g. ``laptop-3f9a1c``."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]).strip("-_")
+    return f"{host[:MAX_NODE_ID - 7] or 'node'}-{secrets.token_hex(3)}"
 
 
 def _check_insecure_allowed(insecure: bool, addresses: list[str]) -> None:
