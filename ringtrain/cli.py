@@ -22,6 +22,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "allreduce-demo": ("ringtrain.local_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
+    "demo": ("ringtrain.demo",
+             "start N local nodes that train a digits classifier together, beside one alone"),
 }
 
 

@@ -66,7 +66,12 @@ def _flat_copy(arrays: Sequence[np.ndarray], extra: int = 0) -> tuple[np.ndarray
     if len(dtypes) != 1:
         raise ConfigError(f"arrays of one collective must share a dtype, got {sorted(map(str, dtypes))}")
     dtype = dtypes.pop().newbyteorder("=")
-    dtype_code(dtype)  # raises for dtypes the wire cannot carry
+    try:
+        dtype_code(dtype)
+    except ProtocolError:
+        # the caller's argument, not a peer's bytes: a ConfigError like every other bad argument
+        raise ConfigError(f"dtype {dtype} cannot be reduced; use float16/32/64 or an "
+                          f"(unsigned) integer of 8 to 64 bits") from None
     total = sum(a.size for a in arrays)
     buffer = np.empty(total + extra, dtype=dtype)
     offset = 0

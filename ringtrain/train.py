@@ -75,7 +75,7 @@ from .optim import Optimizer
 from .sharding import DataPosition, Sampler, split_proportional
 
 __all__ = ["DistributedOptimizer", "ModelVersion", "NonFiniteGradientError", "StepReport",
-           "Trainer"]
+           "Trainer", "check_agreement"]
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class DistributedOptimizer:
         facts = {"optimizer": _optimizer_kind(optimizer),
                  "parameters": f"{self.params.size} {self.params.dtype}"}
         facts.update({name: str(value) for name, value in (agree_on or {}).items()})
-        _check_agreement(node, facts, timeout)
+        check_agreement(node, facts, timeout)
         self.broadcast_state(0)
 
     def step(self, grads: np.ndarray, weight: float, loss: float = 0.0) -> bool:
@@ -554,8 +554,17 @@ def _data_digest(x: np.ndarray, y: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _check_agreement(node: Node, facts: Mapping[str, str], timeout: float | None) -> None:
-    """All-gather every member's facts and raise if any member's differ from rank 0's."""
+def check_agreement(node: Node, facts: Mapping[str, str], timeout: float | None = None
+                    ) -> None:
+    """Check that every member holds the same ``facts`` (a collective).
+
+    Each fact travels as up to 64 UTF-8 bytes (a longer one as its SHA-256), so the error can
+    show both values.
+
+    Raises:
+        ConfigError: a member's fact differs from rank 0's; names the fact, both ranks, both
+            node ids and both values.
+    """
     names = sorted(facts)
     texts = [facts[name] for name in names]
     encoded = [text.encode() if len(text.encode()) <= FACT_BYTES
