@@ -201,7 +201,8 @@ def summary(descriptor: dict[str, Any]) -> dict[str, Any]:
     shapes = descriptor.get("shapes")
     if not isinstance(shapes, list) or len(shapes) <= SHOWN_SHAPES or "arrays" in descriptor:
         return descriptor  # short, or a summary already (as a peer's descriptor frame is)
-    elements = sum(math.prod(s) for s in shapes if isinstance(s, list))
+    elements = sum(math.prod(s) for s in shapes  # a peer's frame may hold anything
+                   if isinstance(s, list) and all(type(d) is int for d in s))
     return {**descriptor, "shapes": [*shapes[:SHOWN_SHAPES], "..."], "arrays": len(shapes),
             "elements": elements}
 
