@@ -191,10 +191,27 @@ def broadcast(array: Any, root: int, rank: int, world_size: int,
                       lambda result: result.reshape(array.shape))
 
 
+SHOWN_SHAPES = 8  # a descriptor of more arrays is abbreviated in messages and on the wire
+
+
+def summary(descriptor: dict[str, Any]) -> dict[str, Any]:
+    """The descriptor, with a long list of shapes cut to its first few plus the number of
+    arrays and elements. Digests are always of the full descriptor; this is for people, and
+    keeps the descriptor frame within ``wire.MAX_DESCRIPTOR_BYTES`` and ABORTs within
+    ``wire.MAX_CONTROL_BYTES`` whatever the number of arrays fused."""
+    shapes = descriptor.get("shapes")
+    if not isinstance(shapes, list) or len(shapes) <= SHOWN_SHAPES or "arrays" in descriptor:
+        return descriptor  # short, or a summary already (as a peer's descriptor frame is)
+    elements = sum(math.prod(s) for s in shapes  # a peer's frame may hold anything
+                   if isinstance(s, list) and all(type(d) is int for d in s))
+    return {**descriptor, "shapes": [*shapes[:SHOWN_SHAPES], "..."], "arrays": len(shapes),
+            "elements": elements}
+
+
 def describe(descriptor: dict[str, Any]) -> str:
     """A descriptor as a person reads it: ``all_reduce(shapes=[(3,)], dtype=float32, op=sum)``."""
     name = descriptor.get("collective", "?")
-    args = [f"{k}={v}" for k, v in sorted(descriptor.items()) if k != "collective"]
+    args = [f"{k}={v}" for k, v in sorted(summary(descriptor).items()) if k != "collective"]
     return f"{name}({', '.join(args)})"
 
 
@@ -271,7 +288,7 @@ class RingRunner:
         successor = view.members[ring.successor(view.rank, view.world_size)]
         predecessor = view.members[ring.predecessor(view.rank, view.world_size)]
         predecessor_rank = ring.predecessor(view.rank, view.world_size)
-        descriptor_frame = canonical_json(collective.descriptor)
+        descriptor_frame = canonical_json(summary(collective.descriptor))
         pending: deque[ring.Transfer] = deque(plan.first_sends)
         trackers = []
         described = False

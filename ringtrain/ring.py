@@ -172,10 +172,14 @@ def all_gather_plan(rank: int, world_size: int, chunk_length: int, segment_eleme
 
 def broadcast_plan(rank: int, world_size: int, root: int, length: int, segment_elements: int
                    ) -> Plan:
-    """Pipelined chain broadcast from ``root`` around the ring, closed by an empty token.
+    """Pipelined chain broadcast from ``root`` around the ring, opened by an empty check and
+    closed by an empty token.
 
-    The data flows root → root+1 → ... → root-1 in hops 0 .. N-2, each rank forwarding every
-    segment as it arrives. Then root-1 starts an empty token (hop N-1) that goes once around
+    Hop 0: every rank sends an empty check to its successor, so every rank sees its
+    predecessor's descriptor (which holds the root) at once: ranks that disagree on the root
+    raise a mismatch even when none of them believes it is the root and would send data.
+    The data flows root → root+1 → ... → root-1 in hops 1 .. N-1, each rank forwarding every
+    segment as it arrives. Then root-1 starts an empty token (hop N) that goes once around
     the whole ring, each rank passing it on. A rank returns only once the token has reached
     it, i.e. once every rank has accepted data from its predecessor: so no rank can succeed
     while another rejected the collective (say, for a shape mismatch).
@@ -184,18 +188,20 @@ def broadcast_plan(rank: int, world_size: int, root: int, length: int, segment_e
     if n == 1:
         return Plan((), ())
     distance = (rank - root) % n
-    data = _segments(0, 0, (0, length), segment_elements)
+    first = (Transfer(0, 0, 0, 0, 0),)
+    check = Receive(Transfer(0, 0, 0, 0, 0), False, None)
+    data = _segments(1, 0, (0, length), segment_elements)
     if distance == 0:
-        token = Transfer(n - 1, 0, 0, 0, 0)
-        return Plan(tuple(data), (Receive(token, False, _next_hop(token)),))
-    receives = [Receive(Transfer(distance - 1, t.chunk, t.segment, t.start, t.stop), False,
-                        Transfer(distance, t.chunk, t.segment, t.start, t.stop)
+        token = Transfer(n, 0, 0, 0, 0)
+        return Plan(first + tuple(data), (check, Receive(token, False, _next_hop(token))))
+    receives = [Receive(Transfer(distance, t.chunk, t.segment, t.start, t.stop), False,
+                        Transfer(distance + 1, t.chunk, t.segment, t.start, t.stop)
                         if distance < n - 1 else None)
                 for t in data]
-    token = Transfer(n - 1 + distance, 0, 0, 0, 0)
+    token = Transfer(n + distance, 0, 0, 0, 0)
     if distance == n - 1:
         # the last rank starts the token once all its data is in, and ends when it returns
         last = receives[-1]
-        receives[-1] = Receive(last.transfer, False, Transfer(n - 1, 0, 0, 0, 0))
-        return Plan((), (*receives, Receive(token, False, None)))
-    return Plan((), (*receives, Receive(token, False, _next_hop(token))))
+        receives[-1] = Receive(last.transfer, False, Transfer(n, 0, 0, 0, 0))
+        return Plan(first, (check, *receives, Receive(token, False, None)))
+    return Plan(first, (check, *receives, Receive(token, False, _next_hop(token))))

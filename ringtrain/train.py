@@ -290,7 +290,8 @@ class Trainer:
         share_every: steps between throughput exchanges (adaptive only).
         average_every: 1 averages gradients every step; k > 1 is local SGD.
         checkpoint_dir: where checkpoints live (None: no checkpoints).
-        checkpoint_every: steps between checkpoints; a multiple of ``average_every``.
+        checkpoint_every: steps between checkpoints; with a ``checkpoint_dir``, a multiple of
+            ``average_every``.
         max_nonfinite: skipped steps in a row before :class:`NonFiniteGradientError`.
         timeout: seconds for each collective (default: the node's setting).
 
@@ -310,7 +311,7 @@ class Trainer:
                             ("checkpoint_every", checkpoint_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if checkpoint_every % average_every:
+        if checkpoint_dir is not None and checkpoint_every % average_every:
             raise ConfigError(f"checkpoint_every ({checkpoint_every}) must be a multiple of "
                               f"average_every ({average_every}): members differ in between")
         if optimizer.params is not model.params:

@@ -404,3 +404,33 @@ def test_argument_errors_raise_config_error_on_every_node_and_the_ring_goes_on()
         for name, (error, elapsed) in outcome.items():
             assert error == "ConfigError", f"rank {rank}, {name}: {error}"
             assert elapsed < 5, f"rank {rank}, {name}: took {elapsed:.1f} s"
+
+
+def fuse_many(node, count: int) -> dict:
+    """A model's worth of small gradients: many arrays, varied shapes, one fused pass."""
+    arrays = [np.full((1 + i % 3, 2), node.rank + 1.0 + i, dtype=np.float32)
+              for i in range(count)]
+    started = time.monotonic()
+    try:
+        outputs = node.all_reduce_many(arrays, timeout=CALL_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        return {"error": f"{type(exc).__name__}: {exc}"[:500],
+                "elapsed": time.monotonic() - started}
+    n = node.world_size
+    wrong = [i for i, out in enumerate(outputs)
+             if out.shape != arrays[i].shape
+             or not np.array_equal(out, np.full(out.shape, n * (n + 1) / 2 + n * i))]
+    return {"error": None, "wrong": wrong[:5], "count": len(outputs),
+            "sha256": hashlib.sha256(b"".join(o.tobytes() for o in outputs)).hexdigest()}
+
+
+@pytest.mark.parametrize("count", [100, 5000])
+def test_all_reduce_many_fuses_thousands_of_arrays(count):
+    """5000 arrays make a descriptor (their shapes) of ~30 KB: the collective must still run."""
+    n = 3
+    results = run_local(fuse_many, n, args=(count,), timeout=60.0, job=f"fuse-{count}",
+                        settings=Settings(progress_timeout=5.0))
+    for rank, outcome in enumerate(results):
+        assert outcome["error"] is None, (rank, outcome)
+        assert outcome["count"] == count and outcome["wrong"] == [], (rank, outcome)
+    assert len({o["sha256"] for o in results}) == 1

@@ -37,7 +37,7 @@ def _batches(world_size: int):
     sampler, at = Sampler(SAMPLES, seed=0), DataPosition()
     for _ in range(STEPS):
         parts, at = sampler.next_batches(at, [BATCH] * world_size)
-        yield [(x[torch.from_numpy(p)], y[torch.from_numpy(p)]) for p in parts]
+        yield [(x[torch.from_numpy(p.copy())], y[torch.from_numpy(p.copy())]) for p in parts]
 
 
 def _flat(model) -> np.ndarray:

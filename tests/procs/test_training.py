@@ -12,6 +12,7 @@ import pytest
 
 from ringtrain.checkpoint import content_hash
 from ringtrain.datasets import load_digits
+from ringtrain.errors import ConfigError
 from ringtrain.nn import Dense, Sequential, Tanh, softmax_cross_entropy
 from ringtrain.node import Node
 from ringtrain.optim import SGD, Adam, Optimizer
@@ -227,3 +228,20 @@ def test_resume_on_more_nodes_reshards_without_dropping_a_sample(tmp_path: Path)
     expected = _oracle(global_batches, "sgd", len(global_batches))
     assert np.abs(resumed[0]["params"] - expected).max() < TOLERANCE
     assert content_hash(resumed[0]["params"], {}) == content_hash(resumed[3]["params"], {})
+
+
+def _mismatched(node: Node) -> str:
+    x, y = _data()
+    model = Sequential(Dense(64, 16 + node.rank), Tanh(), Dense(16 + node.rank, 10), seed=1)
+    try:
+        Trainer(node, model, SGD(model.params, lr=0.1), x, y, batch_size=BATCH)
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_members_training_different_models_are_refused_with_both_named():
+    messages = run_local(_mismatched, 2, timeout=60)
+    assert messages[0] == messages[1]
+    assert "members disagree on model: rank 0 (node-00) has '" in messages[0]
+    assert "rank 1 (node-01) has '" in messages[0]

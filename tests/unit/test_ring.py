@@ -224,12 +224,14 @@ def test_broadcast_from_every_root(n, length, segment):
         if n == 1:
             assert wire.sent == [0]
             continue
-        # data: N-1 links carry every segment once; then one empty token goes round the ring
+        # every rank sends an empty check; N-1 links carry every data segment once; then one
+        # empty token goes round the ring
         segments = len(ring.segment_bounds(0, length, segment))
-        assert sum(wire.sent) == (n - 1) * segments + n
+        assert sum(wire.sent) == (n - 1) * segments + 2 * n
         last = (root - 1) % n
-        assert wire.sent[last] == 1
-        assert all(wire.sent[r] == segments + 1 for r in range(n) if r != last)
+        assert wire.sent[last] == 2
+        assert all(wire.sent[r] == segments + 2 for r in range(n) if r != last)
+        assert all(plan.first_sends[0] == ring.Transfer(0, 0, 0, 0, 0) for plan in plans)
         assert all(dst == ring.successor(src, n) for src, dst, _ in wire.log)
 
 
@@ -242,7 +244,9 @@ def test_broadcast_no_rank_finishes_before_every_rank_received_its_data(n):
         for rank, plan in enumerate(plans):
             token = plan.receives[-1].transfer
             assert (token.start, token.stop) == (0, 0)
-            assert token.hop >= n - 1, f"rank {rank} ends on a data hop"
+            assert token.hop >= n, f"rank {rank} ends on a data hop"
+            check = plan.receives[0].transfer
+            assert (check.hop, check.start, check.stop) == (0, 0, 0), "no check first"
 
 
 # plan shapes ------------------------------------------------------------------------------------
