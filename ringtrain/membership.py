@@ -103,6 +103,8 @@ class Membership:
         settle: seconds the forming set must stay unchanged before it is proposed (0: propose
             as soon as ``form_size`` nodes are linked).
         heartbeat_interval, suspect_timeout: liveness timing.
+        schema: what members must share (e.g. a hash of model and data); a node with another
+            schema is refused at HELLO, and told why.
     """
 
     node_id: str
@@ -116,12 +118,15 @@ class Membership:
     settle: float
     heartbeat_interval: float
     suspect_timeout: float
+    schema: str = ""
+    refusal: str = ""  # why a peer refused us (a schema mismatch): joining cannot succeed
     peers: dict[str, PeerState] = field(default_factory=dict)
     view: View | None = None
     sequence: int = 0  # the collective this node is at (reported in heartbeats)
     reform_due: bool = False  # a suspect to drop or a joiner to admit (refreshed by tick)
     reforming: bool = False  # a view change is under way
     evicted: bool = False  # the others moved on without us: we must join as a new member
+    joined: bool = False  # the installed view admitted us into a ring that was running
     suspects: set[str] = field(default_factory=set)
     _probes: set[str] = field(default_factory=set)  # links named by endpoint, not identified
     _proposal: tuple[int, tuple[str, ...]] | None = None
@@ -224,7 +229,7 @@ class Membership:
         hello = self._control(MessageKind.HELLO, {
             "id": self.node_id, "job": self.job_name, "protocol": PROTOCOL_VERSION,
             "endpoint": self.transport.endpoint, "key": public_key,
-            "proof": self._proof(self.node_id, public_key)})
+            "proof": self._proof(self.node_id, public_key), "schema": self.schema})
         links = self.transport.links()
         for link in list(self._probes) + [p for p, s in self.peers.items() if not s.welcomed]:
             if link in links:
@@ -333,6 +338,7 @@ class Membership:
                     return
         old = self.view
         self.view = View(generation, members, members.index(self.node_id))
+        self.joined = self._joining
         self.reforming = self.evicted = self._joining = False
         self._proposal = None
         self._waiting_logged = ""
@@ -374,8 +380,8 @@ class Membership:
 
     def _on_hello(self, message: Message) -> None:
         body = decode_control(message.payload, {"id": str, "job": str, "protocol": int,
-                                                "endpoint": str, "key": str, "proof": str},
-                              message.origin, "hello")
+                                                "endpoint": str, "key": str, "proof": str,
+                                                "schema": str}, message.origin, "hello")
         peer_id = body["id"]
         if peer_id != message.origin or not 0 < len(peer_id) <= MAX_ID_LENGTH:
             raise ProtocolError("hello.id", f"the sender's routing id {message.origin!r}",
@@ -396,6 +402,14 @@ class Membership:
                          "fenced off", peer_id)
                 self._forget_incarnation(peer_id)
             self.mailbox.admitted[peer_id] = message.user
+        if body["schema"] != self.schema:
+            refusal = (f"node {self.node_id} refuses {peer_id}: it trains schema "
+                       f"{body['schema'] or '(none)'}, this ring trains "
+                       f"{self.schema or '(none)'} (different model, data or settings)")
+            self.transport.reply(message.origin, self._control(MessageKind.WELCOME, {
+                "id": self.node_id, "generation": 0, "members": [], "refused": refusal}))
+            raise ProtocolError("hello.schema", self.schema or "(none)",
+                                body["schema"] or "(none)", message.origin)
         peer = self.peers.setdefault(peer_id, PeerState())
         peer.heard = True
         peer.left = False
@@ -437,8 +451,18 @@ class Membership:
             self._probes.discard(message.origin)
             self.transport.disconnect(message.origin)
             return
+        refused = body.get("refused")
+        if isinstance(refused, str) and refused:
+            if self.refusal != refused:
+                log.error("%s", refused)
+            self.refusal = refused[:500]
+            return
         if message.origin in self._probes:
             self._probes.discard(message.origin)
+            if self.peers.get(peer_id, PeerState()).welcomed and peer_id in self.transport.links():
+                # another of its addresses answered first: keep that one
+                self.transport.disconnect(message.origin)
+                return
             self.transport.rename_link(message.origin, peer_id)
         elif message.origin != peer_id:
             return  # a reply on a link that has since been renamed or replaced

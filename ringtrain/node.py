@@ -105,6 +105,8 @@ class Node:
             unless every address is loopback.
         candidates: extra endpoints to dial later, from another thread (e.g. mDNS discovery):
             a callable that registers a callback receiving lists of ``host:port``.
+        schema: what every member must share, e.g. ``train.schema_of(facts)``: a node with
+            another schema is refused when it says HELLO, and both values are named.
 
     Raises:
         ConfigError: bad arguments; no key and not ``insecure``; ``insecure`` off loopback.
@@ -116,7 +118,8 @@ class Node:
                  min_size: int | None = None, max_size: int | None = None,
                  node_id: str | None = None, settings: Settings | None = None,
                  key: JobKey | None = None, insecure: bool = False,
-                 candidates: Callable[[Callable[[list[str]], None]], None] | None = None):
+                 candidates: Callable[[Callable[[list[str]], None]], None] | None = None,
+                 schema: str = ""):
         self.settings = settings or Settings.from_env()
         self.node_id = node_id or default_node_id()
         check_name("node id", self.node_id, MAX_NODE_ID)
@@ -142,7 +145,7 @@ class Node:
         self._membership = Membership(
             self.node_id, job, self._job_id, self._transport, self._mailbox, world_size,
             min_size, max_size, self.settings.settle if candidates is not None else 0.0,
-            self.settings.heartbeat_interval, self.settings.heartbeat_timeout)
+            self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema)
         self._membership.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_floor, self.settings.progress_timeout,
@@ -162,7 +165,7 @@ class Node:
         self._thread.start()
         if candidates is not None:
             candidates(self.add_candidates)
-        if not self._formed.wait(self.settings.form_timeout) or self._fatal is not None:
+        if not self._wait_formed() or self._fatal is not None:
             state = self.state()
             self.close()
             if self._fatal is not None:
@@ -171,6 +174,17 @@ class Node:
             raise MembershipError(f"the ring did not form within "
                                   f"{self.settings.form_timeout:.0f} s (waiting for "
                                   f"{world_size} nodes); node state: {state}")
+
+    def _wait_formed(self) -> bool:
+        deadline = time.monotonic() + self.settings.form_timeout
+        while not self._formed.wait(0.1):
+            if self._membership.refusal:
+                refusal = self._membership.refusal
+                self.close()
+                raise MembershipError(refusal)
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def add_candidates(self, endpoints: list[str]) -> None:
         """Dial these ``host:port`` endpoints (safe from any thread, e.g. mDNS callbacks)."""
@@ -210,6 +224,12 @@ class Node:
     def members(self) -> tuple[str, ...]:
         """Member node ids in ring order."""
         return self.view.members
+
+    @property
+    def joined_running_ring(self) -> bool:
+        """Whether the current view admitted this node into a ring that was already running
+        (its state must come from the members, not from a fresh start)."""
+        return self._membership.joined
 
     @property
     def reform_due(self) -> bool:

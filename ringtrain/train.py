@@ -68,14 +68,14 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint
-from .errors import ConfigError, RingtrainError
+from .errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
 from .nn import Sequential, softmax_cross_entropy
 from .node import Node
 from .optim import Optimizer
 from .sharding import DataPosition, Sampler, split_proportional
 
 __all__ = ["DistributedOptimizer", "ModelVersion", "NonFiniteGradientError", "StepReport",
-           "Trainer", "check_agreement"]
+           "Trainer", "check_agreement", "schema_of", "training_facts"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ class DistributedOptimizer:
             model.schema_hash()}``); values are turned into text with ``str``.
         max_nonfinite: skipped steps in a row before :class:`NonFiniteGradientError`.
         timeout: seconds for each collective (default: the node's setting).
+        joining: this node joins a ring that is already training: skip the start-up
+            agreement (the members are not running it); the caller syncs state instead.
 
     Raises:
         ConfigError: members disagree; the message names the fact, both ranks and both values.
@@ -165,7 +167,7 @@ class DistributedOptimizer:
 
     def __init__(self, node: Node, optimizer: Optimizer, *,
                  agree_on: Mapping[str, object] | None = None, max_nonfinite: int = 10,
-                 timeout: float | None = None):
+                 timeout: float | None = None, joining: bool = False):
         if isinstance(max_nonfinite, bool) or not isinstance(max_nonfinite, int) \
                 or max_nonfinite < 1:
             raise ConfigError(f"max_nonfinite must be a positive integer, got {max_nonfinite!r}")
@@ -178,13 +180,21 @@ class DistributedOptimizer:
         """The weighted mean loss over every member's batch, from the last :meth:`step`."""
         self.nonfinite_in_a_row = 0
         self.steps = 0
-        # gradient, then the loss, then the non-finite flag: one buffer, one all-reduce
-        self._buffer = np.empty(self.params.size + 2, dtype=self.params.dtype)
-        facts = {"optimizer": _optimizer_kind(optimizer),
-                 "parameters": f"{self.params.size} {self.params.dtype}"}
-        facts.update({name: str(value) for name, value in (agree_on or {}).items()})
-        check_agreement(node, facts, timeout)
-        self.broadcast_state(0)
+        self.reform_agreed = False
+        """Whether, in the last :meth:`step`, some member asked for the ring to re-form
+        (a joiner to admit, a suspect to drop, a member leaving): every member sees the same
+        flag after the same step, so they all re-form at the same point."""
+        self.leaving = False
+        """Set to ask the others, through the next step, to re-form without this node."""
+        # weight x gradient, weight x loss, weight, non-finite flag, re-form flag: one buffer,
+        # one all-reduce (a sum: the flags must count whatever the weights)
+        self._buffer = np.empty(self.params.size + 4, dtype=self.params.dtype)
+        if not joining:
+            facts = {"optimizer": _optimizer_kind(optimizer),
+                     "parameters": f"{self.params.size} {self.params.dtype}"}
+            facts.update({name: str(value) for name, value in (agree_on or {}).items()})
+            check_agreement(node, facts, timeout)
+            self.broadcast_state(0)
 
     def step(self, grads: np.ndarray, weight: float, loss: float = 0.0) -> bool:
         """Average ``grads`` over the members weighted by ``weight``, then step the optimizer.
@@ -201,21 +211,22 @@ class DistributedOptimizer:
         Raises:
             NonFiniteGradientError: the ``max_nonfinite``-th skipped step in a row.
         """
-        body = self._buffer[:-2]
+        n = self.params.size
         finite = bool(np.isfinite(grads).all()) and math.isfinite(loss)
         if finite:
-            body[...] = grads
-            self._buffer[-2] = loss
-            self._buffer[-1] = 0
+            np.multiply(grads, weight, out=self._buffer[:n])
+            self._buffer[n:n + 3] = (loss * weight, weight, 0)
         else:
             log.warning("rank %d: non-finite gradient or loss at step %d (generation %d)",
                         self.node.rank, self.steps + 1, self.node.generation)
-            self._buffer[...] = 0
-            self._buffer[-1] = 1
-        reduced = self.node.all_reduce(self._buffer, op="mean", weight=float(weight),
-                                       timeout=self.timeout)
+            self._buffer[:n + 2] = 0
+            self._buffer[n + 2] = 1
+        self._buffer[n + 3] = 1 if (self.leaving or self.node.reform_due) else 0
+        reduced = self.node.all_reduce(self._buffer, op="sum", timeout=self.timeout)
         self.steps += 1
-        if reduced[-1] != 0 or not np.isfinite(reduced).all():
+        self.reform_agreed = bool(reduced[n + 3] != 0)
+        total = reduced[n + 1]
+        if reduced[n + 2] != 0 or not np.isfinite(reduced[:n + 2]).all() or not total > 0:
             self.nonfinite_in_a_row += 1
             self.loss = math.nan
             if self.nonfinite_in_a_row >= self.max_nonfinite:
@@ -227,8 +238,10 @@ class DistributedOptimizer:
                     f"check the data.", step=self.steps, generation=self.node.generation)
             return False
         self.nonfinite_in_a_row = 0
-        self.loss = float(reduced[-2])
-        self.optimizer.step(reduced[:-2])
+        self.loss = float(reduced[n] / total)
+        gradient = reduced[:n]
+        np.divide(gradient, total, out=gradient)
+        self.optimizer.step(gradient)
         return True
 
     def average_state(self, weight: float) -> None:
@@ -294,6 +307,11 @@ class Trainer:
             ``average_every``.
         max_nonfinite: skipped steps in a row before :class:`NonFiniteGradientError`.
         timeout: seconds for each collective (default: the node's setting).
+        global_batch_size: keep the global batch at this size whatever the number of members
+            (elastic runs then compute the same gradients as a failure-free run); default
+            ``batch_size * world_size``.
+        rejoin_timeout: how long the trainer waits for a ring to re-form (e.g. below
+            ``min_size``, or on the minority side of a partition) before giving up.
 
     Raises:
         ConfigError: a bad argument, or members that disagree on model, data or settings.
@@ -305,7 +323,8 @@ class Trainer:
                  seed: int = 0, adaptive: bool = True, share_every: int = 10,
                  average_every: int = 1, checkpoint_dir: str | os.PathLike[str] | None = None,
                  checkpoint_every: int = 100, max_nonfinite: int = 10,
-                 timeout: float | None = None):
+                 timeout: float | None = None, rejoin_timeout: float = 600.0,
+                 global_batch_size: int | None = None):
         for name, value in (("batch_size", batch_size), ("share_every", share_every),
                             ("average_every", average_every),
                             ("checkpoint_every", checkpoint_every)):
@@ -339,13 +358,20 @@ class Trainer:
         self._since_average = 0  # samples since the last parameter average (local SGD)
         self._local_steps = 0
         self._local_nonfinite = 0
+        self.rejoin_timeout = rejoin_timeout
+        self.global_batch_size = global_batch_size
+        self.reforms = 0
+        """How many times the ring re-formed under this trainer (failures, joins, leaves)."""
+        joining = node.joined_running_ring
         self.optimizer = DistributedOptimizer(
-            node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout,
-            agree_on={"model": model.schema_hash(), "data": _data_digest(x, y),
-                      "batch_size": batch_size, "seed": seed, "adaptive": adaptive,
-                      "share_every": share_every, "average_every": average_every,
-                      "loss": getattr(loss, "__name__", type(loss).__name__)})
-        if self.checkpoint_dir is not None:
+            node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout, joining=joining,
+            agree_on=training_facts(model, x, y, batch_size=batch_size, seed=seed,
+                                    adaptive=adaptive, share_every=share_every,
+                                    average_every=average_every, loss=loss,
+                                    global_batch_size=global_batch_size))
+        if joining:
+            self._sync_state()
+        elif self.checkpoint_dir is not None:
             self._resume(self.checkpoint_dir)
 
     # the loop -------------------------------------------------------------------------------
@@ -362,7 +388,26 @@ class Trainer:
     def step(self) -> StepReport:
         """One global step: this node's share of the next global batch, forward, backward,
         then a gradient average (or, in local SGD mode, a local update and every
-        ``average_every`` steps a parameter average)."""
+        ``average_every`` steps a parameter average).
+
+        If a member fails during the step, the ring re-forms without it and the step is done
+        again by the survivors (the failed member's samples re-cut among them); nothing
+        partial is applied. If members asked for a change (a joiner, a leave), the ring
+        re-forms after the step, at the same point on every member.
+        """
+        while True:
+            try:
+                report = self._step_once()
+            except PeerFailedError as exc:
+                log.warning("rank %d: step %d failed (%s); re-forming the ring and redoing it",
+                            self.node.rank, self.step_count + 1, exc)
+                self._reform()
+                continue
+            if self.optimizer.reform_agreed and not self.optimizer.leaving:
+                self._reform()
+            return report
+
+    def _step_once(self) -> StepReport:
         started = time.perf_counter()
         node = self.node
         sizes = self._batch_sizes()
@@ -388,7 +433,11 @@ class Trainer:
         self.position = after
         self.step_count += 1
         if self.adaptive and self.step_count % self.share_every == 0:
-            self._share_speeds()
+            try:
+                self._share_speeds()
+            except PeerFailedError as exc:  # the step itself is done: just re-form
+                log.warning("rank %d: sharing speeds failed (%s); re-forming", node.rank, exc)
+                self._reform()
         if self.checkpoint_dir is not None and node.rank == 0:
             if self.step_count % self.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -396,6 +445,47 @@ class Trainer:
         return StepReport(self.step_count, epoch, after.epoch != epoch, loss, applied, indices,
                           tuple(len(b) for b in batches), compute_seconds,
                           time.perf_counter() - started, self.throughput)
+
+    def _reform(self) -> None:
+        """Re-form the ring, then make every member's state that of the most advanced one."""
+        deadline = time.monotonic() + self.rejoin_timeout
+        while True:
+            try:
+                view = self.node.reform(timeout=max(1.0, min(self.node.settings.reform_timeout,
+                                                             deadline - time.monotonic())))
+                self.reforms += 1
+                log.info("rank %d: ring re-formed as generation %d with %d members",
+                         view.rank, view.generation, view.world_size)
+                self._sync_state()
+                return
+            except PeerFailedError as exc:
+                log.warning("another failure while re-forming (%s); trying again", exc)
+            except MembershipError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("still waiting for the ring to re-form: %s", exc)
+
+    def _sync_state(self) -> None:
+        """After a membership change: every member adopts the state of the member furthest
+        ahead (most steps done; lowest rank among equals). A member that finished a step the
+        others abandoned thus passes on that step's result, so no step is lost or applied
+        twice; a joiner receives everything it needs."""
+        mine = np.array([self.step_count, self.position.epoch, self.position.position],
+                        dtype=np.int64)
+        gathered = self.node.all_gather(mine, timeout=self.optimizer.timeout)
+        root = int(np.argmax(gathered[:, 0]))
+        self.optimizer.broadcast_state(root)
+        self.step_count, epoch, position = (int(v) for v in gathered[root])
+        self.position = DataPosition(epoch, position)
+        self.optimizer.steps = self.step_count
+        self._speeds = None  # the members changed: measure again
+        self._since_average = 0
+        self._local_steps = 0
+
+    def request_leave(self) -> None:
+        """Leave after the next step: the others learn it through that step and re-form
+        without this node, so no step fails. Then :meth:`fit` returns and the node closes."""
+        self.optimizer.leaving = True
 
     def fit(self, epochs: int, on_step: Callable[[StepReport], None] | None = None,
             max_steps: int | None = None) -> StepReport | None:
@@ -417,6 +507,9 @@ class Trainer:
             report = self.step()
             if on_step is not None:
                 on_step(report)
+            if self.optimizer.leaving:
+                self.node.leave()
+                return report
         if self._local_steps:
             self._average()
         return report
@@ -496,7 +589,7 @@ class Trainer:
 
     def _batch_sizes(self) -> list[int]:
         world_size = self.node.world_size
-        total = self.batch_size * world_size
+        total = self.global_batch_size or self.batch_size * world_size
         if self._speeds is None or len(self._speeds) != world_size:
             return split_proportional(total, [1] * world_size)
         # one sample each first, so a slow member keeps being measured
@@ -553,6 +646,24 @@ def _data_digest(x: np.ndarray, y: np.ndarray) -> str:
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()
+
+
+def training_facts(model: Sequential, x: np.ndarray, y: np.ndarray, **settings: object
+                   ) -> dict[str, str]:
+    """What every member of one training job must share: model schema, data, settings. Pass
+    ``schema_of(facts)`` to the Node as its ``schema`` so that a node with other facts is
+    refused when it tries to join, with both values named."""
+    facts = {"model": model.schema_hash(), "data": _data_digest(x, y)}
+    for name, value in sorted(settings.items()):
+        facts[name] = getattr(value, "__name__", None) or str(value) if callable(value) \
+            else str(value)
+    return facts
+
+
+def schema_of(facts: Mapping[str, str]) -> str:
+    """A short digest of :func:`training_facts`, to pass to a Node as its ``schema``."""
+    text = json.dumps(dict(facts), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_agreement(node: Node, facts: Mapping[str, str], timeout: float | None = None
