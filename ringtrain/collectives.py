@@ -355,7 +355,9 @@ class RingRunner:
                                         f"{len(pending)} waiting to be sent)",
                                         generation=view.generation, collective=sequence)
             if now >= progress_deadline:
-                if pending and received == len(plan.receives):
+                if pending:
+                    # we had data for the successor all along and it took none: it is stuck,
+                    # whatever our predecessor did (which may only be waiting on us)
                     culprit, what = successor, "stopped accepting data"
                 else:
                     culprit, what = predecessor, "sent nothing"

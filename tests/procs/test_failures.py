@@ -1,0 +1,109 @@
+"""Peers that die or never come: survivors raise the named error within a bound, never hang.
+
+The elastic-membership work extends this file; here the ring is static, so a collective
+with a dead member must fail fast with :class:`PeerFailedError` naming the dead peer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ringtrain import MembershipError, Node, PeerFailedError
+from ringtrain.config import Settings
+from ringtrain.testing import LocalCluster, free_ports, node_id
+
+PROGRESS_TIMEOUT = 2.0
+MARGIN = 5.0  # generous: detection, the abort's trip, a loaded 2-core machine
+SETTINGS = Settings(progress_timeout=PROGRESS_TIMEOUT, heartbeat_timeout=2.0,
+                    heartbeat_interval=0.5, collective_timeout=60.0)
+
+
+def wait_for(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def lose_a_peer(node, flags: str, victim: int, when: str) -> dict:
+    """Form, pass a barrier, then the victim waits to be killed while the others all-reduce:
+    after the kill (``when="before"``) or while it is being killed (``"during"``)."""
+    node.barrier(timeout=20)
+    flag_dir = Path(flags)
+    if node.rank == victim:
+        (flag_dir / "ready").touch()
+        threading.Event().wait(60)  # the parent kills us long before this
+        return {"error": "victim was not killed"}
+    if when == "before" and not wait_for(flag_dir / "killed", 30):
+        return {"error": "the parent never killed the victim"}
+    started = time.monotonic()
+    try:
+        node.all_reduce(np.ones(100_000, dtype=np.float32), timeout=30)
+        outcome = {"error": None}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        outcome = {"error": type(exc).__name__, "message": str(exc),
+                   "peer": getattr(exc, "peer", None)}
+    outcome["elapsed"] = time.monotonic() - started
+    return outcome
+
+
+def run_with_a_death(n: int, victim: int, when: str, tmp_path: Path) -> list[dict]:
+    cluster = LocalCluster(lose_a_peer, n, args=(str(tmp_path), victim, when), timeout=60.0,
+                           settings=SETTINGS, job=f"failure-{n}-{victim}-{when}").start()
+    try:
+        assert wait_for(tmp_path / "ready", 40), "the ring never formed"
+        process = cluster.process(victim)
+        process.kill()  # SIGKILL: no goodbye, sockets reset by the kernel
+        process.join(10)
+        assert not process.is_alive()
+        (tmp_path / "killed").touch()
+    except BaseException:
+        cluster.stop()
+        raise
+    results = cluster.results(allow_failed=[victim])
+    return [r for rank, r in enumerate(results) if rank != victim]
+
+
+@pytest.mark.parametrize("n,victim,when", [
+    (2, 0, "before"), (3, 1, "before"), (3, 0, "before"), (4, 2, "before"), (5, 3, "before"),
+    (3, 2, "during"), (4, 1, "during"),
+])
+def test_survivors_raise_peer_failed_naming_the_dead_peer(n, victim, when, tmp_path):
+    survivors = run_with_a_death(n, victim, when, tmp_path)
+    dead = node_id(victim)
+    problems = []
+    for outcome in survivors:
+        if outcome["error"] != "PeerFailedError":
+            problems.append(f"{outcome}")
+            continue
+        if outcome["peer"] != dead or dead not in outcome["message"]:
+            problems.append(f"blames {outcome['peer']}, not {dead}: {outcome['message']}")
+        if outcome["elapsed"] > PROGRESS_TIMEOUT + MARGIN:
+            problems.append(f"took {outcome['elapsed']:.1f} s: {outcome['message']}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_node_whose_peers_never_come_raises_membership_error():
+    absent = free_ports(2)
+    started = time.monotonic()
+    with pytest.raises(MembershipError) as info:
+        Node([f"127.0.0.1:{p}" for p in absent], listen="127.0.0.1:0", node_id="lonely",
+             settings=Settings(form_timeout=1.5), insecure=True)
+    elapsed = time.monotonic() - started
+    assert 1.4 < elapsed < 1.5 + MARGIN
+    assert "3" in str(info.value)  # the ring size it waited for
+
+
+def test_a_node_told_to_expect_more_members_than_it_finds_raises_membership_error():
+    started = time.monotonic()
+    with pytest.raises(MembershipError):
+        Node([], listen="127.0.0.1:0", world_size=2, settings=Settings(form_timeout=1.0),
+             insecure=True)
+    assert time.monotonic() - started < 1.0 + MARGIN
