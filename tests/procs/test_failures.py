@@ -75,17 +75,13 @@ def run_with_a_death(n: int, victim: int, when: str, tmp_path: Path) -> list[dic
     (2, 0, "before"), (3, 1, "before"), (3, 0, "before"), (4, 2, "before"), (5, 3, "before"),
     (3, 2, "during"), (4, 1, "during"),
 ])
-def test_survivors_raise_peer_failed_naming_the_dead_peer(n, victim, when, tmp_path):
+def test_survivors_raise_peer_failed_within_the_progress_timeout(n, victim, when, tmp_path):
     survivors = run_with_a_death(n, victim, when, tmp_path)
-    dead = node_id(victim)
     problems = []
     for outcome in survivors:
         if outcome["error"] != "PeerFailedError":
             problems.append(f"{outcome}")
-            continue
-        if outcome["peer"] != dead or dead not in outcome["message"]:
-            problems.append(f"blames {outcome['peer']}, not {dead}: {outcome['message']}")
-        if outcome["elapsed"] > PROGRESS_TIMEOUT + MARGIN:
+        elif outcome["elapsed"] > PROGRESS_TIMEOUT + MARGIN:
             problems.append(f"took {outcome['elapsed']:.1f} s: {outcome['message']}")
     assert not problems, "\n".join(problems)
 
@@ -107,3 +103,17 @@ def test_a_node_told_to_expect_more_members_than_it_finds_raises_membership_erro
         Node([], listen="127.0.0.1:0", world_size=2, settings=Settings(form_timeout=1.0),
              insecure=True)
     assert time.monotonic() - started < 1.0 + MARGIN
+
+
+@pytest.mark.parametrize("n,victim", [(4, 2), (5, 3)])
+def test_every_survivor_names_the_dead_peer(n, victim, tmp_path):
+    """Fails today (reported on issue 2): a stall spreads round the ring, every starved
+    survivor reaches its progress deadline within milliseconds of the others and blames its
+    own predecessor, alive or not, and the first ABORT to arrive wins. Naming the dead peer
+    needs liveness the collective does not have (the predecessor's connection state or
+    heartbeats), which belongs to transport/membership."""
+    survivors = run_with_a_death(n, victim, "before", tmp_path)
+    dead = node_id(victim)
+    wrong = [f"blames {o.get('peer')}: {o.get('message')}" for o in survivors
+             if o.get("peer") != dead]
+    assert not wrong, "\n".join(wrong)
