@@ -107,11 +107,10 @@ def test_a_node_told_to_expect_more_members_than_it_finds_raises_membership_erro
 
 @pytest.mark.parametrize("n,victim", [(4, 2), (5, 3)])
 def test_every_survivor_names_the_dead_peer(n, victim, tmp_path):
-    """Fails today (reported on issue 2): a stall spreads round the ring, every starved
-    survivor reaches its progress deadline within milliseconds of the others and blames its
-    own predecessor, alive or not, and the first ABORT to arrive wins. Naming the dead peer
-    needs liveness the collective does not have (the predecessor's connection state or
-    heartbeats), which belongs to transport/membership."""
+    """A stall spreads round the ring and every starved survivor reaches its progress
+    deadline within milliseconds of the others; each would blame its own predecessor. Before
+    peer liveness (heartbeats) reached the collectives this failed: the first ABORT to arrive
+    could name an alive node."""
     survivors = run_with_a_death(n, victim, "before", tmp_path)
     dead = node_id(victim)
     wrong = [f"blames {o.get('peer')}: {o.get('message')}" for o in survivors
