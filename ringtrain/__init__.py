@@ -8,12 +8,15 @@ from .config import Settings
 from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MembershipError,
                      MismatchError, PeerFailedError, ProtocolError, RingtrainError,
                      SecurityError, TransportError)
+from .launch import join
 from .node import Node, Work
+from .security import JobKey, read_key_file, write_key_file
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CollectiveError", "CollectiveTimeout", "ConfigError", "MembershipError", "MismatchError",
     "Node", "PeerFailedError", "ProtocolError", "RingtrainError", "SecurityError", "Settings",
-    "TransportError", "Work", "__version__",
+    "TransportError", "Work", "JobKey", "join", "read_key_file", "write_key_file",
+    "__version__",
 ]

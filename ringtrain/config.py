@@ -80,3 +80,61 @@ class Settings:
 def env(name: str, default: str | None = None) -> str | None:
     """The value of ``RINGTRAIN_<NAME>``, or ``default``."""
     return os.environ.get(ENV_PREFIX + name, default)
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How ``ringtrain node`` starts a node, and how a script it runs finds its node again
+    (:func:`ringtrain.join`): flags on the command line, ``RINGTRAIN_*`` variables in the
+    script's environment."""
+
+    job: str = "default"
+    peers: tuple[str, ...] = ()
+    port: int = 7077
+    interface: str | None = None
+    min_nodes: int = 2
+    max_nodes: int = 64
+    discovery: bool = True
+    insecure: bool = False
+    node_id: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LaunchOptions:
+        """Options from ``RINGTRAIN_JOB``, ``RINGTRAIN_PEERS`` (comma-separated host:port),
+        ``RINGTRAIN_PORT``, ``RINGTRAIN_INTERFACE``, ``RINGTRAIN_MIN_NODES``,
+        ``RINGTRAIN_MAX_NODES``, ``RINGTRAIN_DISCOVERY`` (0/1), ``RINGTRAIN_INSECURE`` (0/1),
+        ``RINGTRAIN_NODE_ID``; defaults for the rest."""
+        environ = os.environ if environ is None else environ
+        get = lambda name: environ.get(ENV_PREFIX + name)  # noqa: E731
+        defaults = cls()
+        try:
+            return cls(
+                job=get("JOB") or defaults.job,
+                peers=tuple(p.strip() for p in (get("PEERS") or "").split(",") if p.strip()),
+                port=int(get("PORT") or defaults.port),
+                interface=get("INTERFACE") or None,
+                min_nodes=int(get("MIN_NODES") or defaults.min_nodes),
+                max_nodes=int(get("MAX_NODES") or defaults.max_nodes),
+                discovery=_flag(get("DISCOVERY"), defaults.discovery),
+                insecure=_flag(get("INSECURE"), defaults.insecure),
+                node_id=get("NODE_ID") or None)
+        except ValueError as exc:
+            raise ConfigError(f"bad RINGTRAIN_* variable: {exc}") from None
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that make :meth:`from_env` return these options."""
+        values = {"JOB": self.job, "PEERS": ",".join(self.peers), "PORT": str(self.port),
+                  "INTERFACE": self.interface or "", "MIN_NODES": str(self.min_nodes),
+                  "MAX_NODES": str(self.max_nodes), "DISCOVERY": str(int(self.discovery)),
+                  "INSECURE": str(int(self.insecure)), "NODE_ID": self.node_id or ""}
+        return {ENV_PREFIX + name: value for name, value in values.items()}
+
+
+def _flag(raw: str | None, default: bool) -> bool:
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not 0 or 1")

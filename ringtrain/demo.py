@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
-from .datasets import load_digits
+from .datasets import Dataset, load_digits
 from .errors import ConfigError
 from .nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
 from .node import Node
@@ -40,14 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the run of one node alone")
 
 
-def train_node(node: Node, epochs: int, seed: int, batch_size: int, label: str) -> dict:
-    """Train the demo model on this node, printing a line per epoch; returns its summary."""
+def demo_model(seed: int) -> tuple[Dataset, Dataset, Sequential, Adam]:
+    """The demo's data split, model and optimizer (also ``ringtrain node``'s default job)."""
     train, test = load_digits().split(TEST_FRACTION, seed)
     model = Sequential(Dense(64, HIDDEN), ReLU(), Dense(HIDDEN, 10), seed=seed)
-    trainer = Trainer(node, model, Adam(model.params, lr=LEARNING_RATE), train.x, train.y,
-                      batch_size=batch_size, seed=seed)
-    name = f"{label} {node.rank}/{node.world_size}" if node.world_size > 1 else label
-    started = epoch_started = time.perf_counter()
+    return train, test, model, Adam(model.params, lr=LEARNING_RATE)
+
+
+def epoch_printer(trainer: Trainer, test: Dataset, epochs: int, label: str
+                  ) -> Callable[[StepReport], None]:
+    """An ``on_step`` callback printing one line per epoch: loss, test accuracy, speed."""
+    node, model = trainer.node, trainer.model
+    epoch_started = time.perf_counter()
     samples = steps = 0
 
     def progress(report: StepReport) -> None:
@@ -59,16 +64,27 @@ def train_node(node: Node, epochs: int, seed: int, batch_size: int, label: str) 
         now = time.perf_counter()
         logits = model.forward(test.x)
         test_loss, _ = softmax_cross_entropy(logits, test.y)
+        name = f"{label} {node.rank}/{node.world_size}" if node.world_size > 1 else label
         # one write per line, so the lines of concurrent nodes do not interleave
         sys.stdout.write(
             f"[{name}] epoch {report.epoch + 1:2d}/{epochs}  loss {report.loss:.3f}  "
             f"test loss {test_loss:.3f}  test accuracy {accuracy(logits, test.y):.3f}  "
             f"{samples / (now - epoch_started):7,.0f} samples/s  "
-            f"mean batch {samples / steps:4.1f} of {batch_size * node.world_size}\n")
+            f"mean batch {samples / steps:4.1f} of "
+            f"{trainer.global_batch_size or trainer.batch_size * node.world_size}\n")
         sys.stdout.flush()
         samples, steps, epoch_started = 0, 0, now
 
-    trainer.fit(epochs, on_step=progress)
+    return progress
+
+
+def train_node(node: Node, epochs: int, seed: int, batch_size: int, label: str) -> dict:
+    """Train the demo model on this node, printing a line per epoch; returns its summary."""
+    train, test, model, optimizer = demo_model(seed)
+    trainer = Trainer(node, model, optimizer, train.x, train.y, batch_size=batch_size,
+                      seed=seed)
+    started = time.perf_counter()
+    trainer.fit(epochs, on_step=epoch_printer(trainer, test, epochs, label))
     seconds = time.perf_counter() - started
     return {"accuracy": accuracy(model.forward(test.x), test.y), "seconds": seconds,
             "bytes": node.bytes_sent, "version": str(trainer.version),

@@ -39,9 +39,10 @@ from .errors import (CollectiveError, CollectiveTimeout, ConfigError, Membership
                      PeerFailedError, ProtocolError, RingtrainError)
 from .mailbox import Mailbox
 from .membership import Membership, View
+from .discovery import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
 from .security import JobKey, key_from_environment
 from .transport import Transport, is_loopback, normalize_endpoint
-from .wire import job_id
+from .wire import PROTOCOL_VERSION, job_id
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class Node:
     Args:
         peers: addresses (``host:port``) of other nodes. Listing this node's own address too
             is fine, so every node can be given the same list.
-        listen: address to listen on; port 0 picks a free port.
+        listen: address to listen on; port 0 picks a free port. Default: 127.0.0.1 on a free
+            port, or with ``discover`` every interface (``0.0.0.0``).
         job: the job name; nodes of other jobs are never admitted.
         world_size: how many nodes the first ring waits for (default: with static peers, the
             distinct peers plus this node; with discovery, ``min_size``).
@@ -107,19 +109,23 @@ class Node:
             a callable that registers a callback receiving lists of ``host:port``.
         schema: what every member must share, e.g. ``train.schema_of(facts)``: a node with
             another schema is refused when it says HELLO, and both values are named.
+        discover: announce this node and find the others with mDNS / DNS-SD. Adverts are only
+            candidates to dial: a peer is trusted only once its handshake proves the job key.
+        interface: with ``discover``, the interface (name or IPv4 address) to announce and
+            browse on; default: every non-loopback interface.
 
     Raises:
         ConfigError: bad arguments; no key and not ``insecure``; ``insecure`` off loopback.
         MembershipError: the ring did not form within ``settings.form_timeout``.
     """
 
-    def __init__(self, peers: Iterable[str] = (), *, listen: str = "127.0.0.1:0",
+    def __init__(self, peers: Iterable[str] = (), *, listen: str | None = None,
                  job: str = "default", world_size: int | None = None,
                  min_size: int | None = None, max_size: int | None = None,
                  node_id: str | None = None, settings: Settings | None = None,
                  key: JobKey | None = None, insecure: bool = False,
                  candidates: Callable[[Callable[[list[str]], None]], None] | None = None,
-                 schema: str = ""):
+                 schema: str = "", discover: bool = False, interface: str | None = None):
         self.settings = settings or Settings.from_env()
         self.node_id = node_id or default_node_id()
         check_name("node id", self.node_id, MAX_NODE_ID)
@@ -127,6 +133,9 @@ class Node:
         self.job = job
         self._job_id = job_id(job)
         peers = list(peers)
+        if listen is None:
+            listen = "0.0.0.0:0" if discover and not _is_loopback_name(interface) \
+                else "127.0.0.1:0"
         key = key or key_from_environment()
         if key is None:
             _check_insecure_allowed(insecure, [listen, *peers])
@@ -136,22 +145,23 @@ class Node:
         peer_endpoints = {normalize_endpoint(p) for p in peers} - {self.endpoint}
         min_size = 1 if min_size is None else min_size
         max_size = max(min_size, 64) if max_size is None else max_size
+        elastic_start = candidates is not None or discover
         if world_size is None:
-            world_size = len(peer_endpoints) + 1 if candidates is None else min_size
+            world_size = min_size if elastic_start else len(peer_endpoints) + 1
         if not 1 <= min_size <= max_size or not min_size <= world_size <= max_size:
             raise ConfigError(f"need 1 <= min_size <= world_size <= max_size, got min_size "
                               f"{min_size}, world_size {world_size}, max_size {max_size}")
         self._mailbox = Mailbox(self._transport, self._job_id, self.settings.max_stash_bytes)
         self._membership = Membership(
             self.node_id, job, self._job_id, self._transport, self._mailbox, world_size,
-            min_size, max_size, self.settings.settle if candidates is not None else 0.0,
+            min_size, max_size, self.settings.settle if elastic_start else 0.0,
             self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema)
         self._membership.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_floor, self.settings.progress_timeout,
                                   self._service, self.settings.heartbeat_interval)
         self._view: View | None = None
-        if world_size == 1 and candidates is None:
+        if world_size == 1 and not elastic_start:
             self._view = self._membership.view = View(1, (self.node_id,), 0)
         self._sequence = 0
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
@@ -165,6 +175,15 @@ class Node:
         self._thread.start()
         if candidates is not None:
             candidates(self.add_candidates)
+        self._discovery: Discovery | None = None
+        self._announcer: Announcer | None = None
+        self._browser: Browser | None = None
+        if discover:
+            try:
+                self._start_discovery(interface)
+            except RingtrainError:
+                self.close()
+                raise
         if not self._wait_formed() or self._fatal is not None:
             state = self.state()
             self.close()
@@ -174,6 +193,31 @@ class Node:
             raise MembershipError(f"the ring did not form within "
                                   f"{self.settings.form_timeout:.0f} s (waiting for "
                                   f"{world_size} nodes); node state: {state}")
+
+    def _start_discovery(self, interface: str | None) -> None:
+        """Announce ourselves and dial every advert of our job that carries our key's
+        fingerprint (adverts are hints; the handshake decides)."""
+        addresses = usable_ipv4_addresses(interface)
+        fingerprint = self.key.fingerprint if self.key is not None else ""
+        port = int(self.endpoint.rpartition(":")[2])
+        self._discovery = Discovery(addresses)
+
+        def on_change(event: str, advert: Advert) -> None:
+            if (event != "removed" and advert.node_id != self.node_id
+                    and advert.key_fingerprint == fingerprint
+                    and advert.protocol == PROTOCOL_VERSION):
+                self.add_candidates([f"{address}:{advert.port}" for address in advert.addresses])
+
+        self._browser = self._discovery.browse(job=self.job, on_change=on_change)
+        self._announcer = self._discovery.announce(Advert(
+            self.node_id, self.job, tuple(addresses), port, PROTOCOL_VERSION, fingerprint,
+            0, "forming"))
+
+        def advertise(view: View) -> None:
+            if self._announcer is not None:
+                self._announcer.update(generation=view.generation, state="training")
+
+        self.on_view_change(advertise)
 
     def _wait_formed(self) -> bool:
         deadline = time.monotonic() + self.settings.form_timeout
@@ -502,6 +546,12 @@ class Node:
         """Stop the engine and close the sockets (bounded by ``timeout`` seconds)."""
         if self._closing:
             return
+        if getattr(self, "_discovery", None) is not None:
+            if self._announcer is not None:
+                self._announcer.close()  # says goodbye for our advert
+            if self._browser is not None:
+                self._browser.close()
+            self._discovery.close()
         self._queue.put(None)
         self._closing = True
         self._transport.wake()
@@ -531,6 +581,10 @@ def default_node_id() -> str:
     """This host's name (cleaned up) plus random digits, e.g. ``laptop-3f9a1c``."""
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]).strip("-_")
     return f"{host[:MAX_NODE_ID - 7] or 'node'}-{secrets.token_hex(3)}"
+
+
+def _is_loopback_name(interface: str | None) -> bool:
+    return interface is not None and (interface == "lo" or is_loopback(f"{interface}:0"))
 
 
 def _check_insecure_allowed(insecure: bool, addresses: list[str]) -> None:

@@ -27,11 +27,11 @@ LAYERS: dict[str, int] = {
     # 2 protocols
     "mailbox": 2, "membership": 2, "collectives": 2,
     # 3 the node, and the package surface that re-exports it
-    "node": 3, "__init__": 3,
+    "node": 3, "launch": 3, "__init__": 3,
     # 4 training and tools built on a node
     "train": 4, "demo": 4, "local_demo": 4, "testing": 4, "integrations": 4,
     # 5 entry points
-    "cli": 5, "bench": 5, "__main__": 5,
+    "cli": 5, "bench": 5, "__main__": 5, "run_node": 5, "peers": 5,
 }
 LAYER_NAMES = {0: "pure", 1: "one outside world", 2: "protocols", 3: "node", 4: "training",
                5: "entry points"}

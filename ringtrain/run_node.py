@@ -1,0 +1,150 @@
+"""``ringtrain node``: run this device's node of a job.
+
+With a script (``ringtrain node train.py --lr 0.1``), the script runs as this device's node,
+the way torchrun runs a script per machine: it gets its :class:`~ringtrain.Node` from
+:func:`ringtrain.join`, which reads the options this command puts in its environment.
+
+With no script, the node runs the built-in job: the demo's classifier on the bundled digits,
+trained elastically with whoever else runs ``ringtrain node`` for the same job on the LAN.
+Nodes may come and go; checkpoints go to ``--checkpoint-dir`` (default
+``./ringtrain-<job>``) and a restarted job resumes from the newest one. Ctrl-C (or SIGTERM)
+leaves the ring after the current step, so the others carry on without a failed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import LaunchOptions
+from .demo import demo_model, epoch_printer
+from .errors import ConfigError
+from .launch import join
+from .nn import accuracy
+from .train import Trainer, schema_of, training_facts
+
+EXIT_LEFT = 130  # the node left the ring on Ctrl-C / SIGTERM
+GLOBAL_BATCH = 64  # fixed whatever the ring size: a node joining or leaving changes no step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the subcommand."""
+    env = LaunchOptions.from_env()
+    parser.add_argument("script", nargs="?", help="a Python training script to run as this "
+                        "node (it calls ringtrain.join()); default: the built-in job")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER,
+                        help="arguments for the script")
+    parser.add_argument("--job", default=env.job,
+                        help=f"job name: only nodes of the same job form a ring "
+                             f"(default {env.job!r}, or RINGTRAIN_JOB)")
+    parser.add_argument("--min-nodes", type=int, default=env.min_nodes,
+                        help=f"the ring forms, and keeps training, only with at least this "
+                             f"many nodes (default {env.min_nodes})")
+    parser.add_argument("--max-nodes", type=int, default=env.max_nodes,
+                        help=f"more nodes than this are not admitted (default {env.max_nodes})")
+    parser.add_argument("--interface", default=env.interface,
+                        help="network interface (name or IPv4 address) to announce and listen "
+                             "on (default: every non-loopback interface)")
+    parser.add_argument("--port", type=int, default=env.port,
+                        help=f"TCP port to listen on (default {env.port}; 0 picks a free one)")
+    parser.add_argument("--peer", action="append", default=list(env.peers), metavar="HOST:PORT",
+                        help="a peer to dial directly, where multicast does not pass "
+                             "(repeatable; also RINGTRAIN_PEERS=host:port,host:port)")
+    parser.add_argument("--no-discovery", action="store_true", default=not env.discovery,
+                        help="do not use mDNS; only --peer addresses")
+    parser.add_argument("--node-id", default=env.node_id,
+                        help="this node's id (default: host name plus random digits)")
+    parser.add_argument("--key-file", default=None,
+                        help="the job key made by `ringtrain keygen` (or RINGTRAIN_KEY_FILE); "
+                             "every device of the job needs the same key")
+    parser.add_argument("--insecure", action="store_true", default=env.insecure,
+                        help="no key, no encryption: refused unless every address is loopback")
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="built-in job: epochs to train (default 30)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="built-in job: where checkpoints go (default ./ringtrain-<job>)")
+
+
+def options_from(args: argparse.Namespace) -> LaunchOptions:
+    """The launch options the flags describe."""
+    if args.min_nodes < 1 or args.max_nodes < args.min_nodes:
+        raise ConfigError(f"need 1 <= --min-nodes <= --max-nodes, got {args.min_nodes} and "
+                          f"{args.max_nodes}")
+    if args.no_discovery and not args.peer:
+        raise ConfigError("--no-discovery needs at least one --peer HOST:PORT")
+    return LaunchOptions(job=args.job, peers=tuple(args.peer), port=args.port,
+                         interface=args.interface, min_nodes=args.min_nodes,
+                         max_nodes=args.max_nodes, discovery=not args.no_discovery,
+                         insecure=args.insecure, node_id=args.node_id)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the script or the built-in job as this device's node."""
+    options = options_from(args)
+    if args.key_file:
+        os.environ["RINGTRAIN_KEY_FILE"] = args.key_file
+    if args.script:
+        return _run_script(args.script, args.script_args, options)
+    return _run_builtin_job(options, args.epochs, Path(args.checkpoint_dir or
+                                                       f"ringtrain-{options.job}"))
+
+
+def _run_script(script: str, script_args: list[str], options: LaunchOptions) -> int:
+    if not Path(script).is_file():
+        raise ConfigError(f"no such script: {script}")
+    env = {**os.environ, **options.to_env()}
+    child = subprocess.Popen([sys.executable, script, *script_args], env=env)
+    # pass Ctrl-C / SIGTERM on to the script, so it can leave the ring cleanly
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, _frame: child.send_signal(number))
+    return child.wait()
+
+
+def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) -> int:
+    train, test, model, optimizer = demo_model(seed=0)
+    settings = {"batch_size": GLOBAL_BATCH, "seed": 0, "adaptive": True, "share_every": 10,
+                "average_every": 1, "loss": "softmax_cross_entropy",
+                "global_batch_size": GLOBAL_BATCH}
+    schema = schema_of(training_facts(model, train.x, train.y, **settings))
+    print(f"ringtrain node: job {options.job!r}, looking for at least {options.min_nodes} "
+          f"nodes{' by mDNS' if options.discovery else ''}"
+          f"{' and at ' + ', '.join(options.peers) if options.peers else ''}...", flush=True)
+    started = time.perf_counter()
+    with join(options, schema=schema) as node:
+        print(f"ringtrain node {node.node_id}: in a ring of {node.world_size} (generation "
+              f"{node.generation}) after {time.perf_counter() - started:.1f} s; members: "
+              f"{', '.join(node.members)}", flush=True)
+        trainer = Trainer(node, model, optimizer, train.x, train.y, batch_size=GLOBAL_BATCH,
+                          global_batch_size=GLOBAL_BATCH, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=50)
+        leaving = _leave_on_signal(trainer)
+        trainer.fit(epochs, on_step=epoch_printer(trainer, test, epochs, node.node_id))
+        if not leaving:
+            trainer.save_checkpoint()
+        print(f"ringtrain node {node.node_id}: {'left the ring' if leaving else 'done'} at "
+              f"step {trainer.step_count}, model {trainer.version}, test accuracy "
+              f"{accuracy(model.forward(test.x), test.y):.3f}, re-formations "
+              f"{trainer.reforms}; checkpoints in {checkpoint_dir}/", flush=True)
+        return EXIT_LEFT if leaving else 0
+
+
+def _leave_on_signal(trainer: Trainer) -> list[int]:
+    """First Ctrl-C / SIGTERM: leave after the current step. Second: stop at once."""
+    received: list[int] = []
+
+    def handler(number: int, _frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(number)
+        print("ringtrain node: leaving the ring after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+        trainer.request_leave()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return received
