@@ -12,7 +12,7 @@ The header is little-endian, packed, no padding:
     6      1    kind        MessageKind
     7      1    dtype       DTYPE_CODES; 0 for control messages (payload is UTF-8 JSON)
     8      2    flags       FLAG_DESCRIPTOR: a third frame carries the sender's descriptor
-    10     2    hop         ring hop index within a collective (0 .. 2(N-1)-1)
+    10     2    hop         ring hop index within a collective (see ring.py plans)
     12     4    chunk       chunk index the payload belongs to
     16     4    segment     segment index within the chunk
     20     4    sender      sender's rank in the generation (cross-checked with its identity)
