@@ -22,6 +22,16 @@ if [ "${1:-}" = "--test" ]; then
         fi
     fi
     python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    # The PyTorch tests (integration, DDP parity) run where a CPU wheel of torch lies in a
+    # local wheel directory; we never let pip fetch torch from an index (a multi-GB CUDA build).
+    for dir in ${PIP_FIND_LINKS:-}; do
+        wheel=$(ls "$dir"/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1)
+        if [ -n "$wheel" ] && ! python3 -c "import torch" >/dev/null 2>&1; then
+            echo "install.sh: installing PyTorch (CPU) from $wheel for the torch tests"
+            python3 -m pip install --quiet --disable-pip-version-check "$wheel"
+            break
+        fi
+    done
 else
     python3 -m pip install --quiet --disable-pip-version-check -e .
 fi
