@@ -13,6 +13,9 @@ as they would across a LAN. The function must be importable (defined at module l
 ``node-00``, ``node-01``, ... so rank i is process i. Every wait is bounded: a process that
 has not finished by the deadline prints its node's state and every thread's stack, and
 :class:`ClusterFailed` carries that report for each stuck node.
+
+Elastic tests start more processes into a running cluster with :meth:`LocalCluster.start_extra`:
+a node that joins late, or a killed node restarted under its old id (a new incarnation).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -69,13 +73,15 @@ class _Child:
     outcome: tuple | None = None
 
 
-def _child_main(fn: Callable, index: int, endpoints: list[str], args: tuple, kwargs: dict,
-                job: str, settings: Settings | None, key_hex: str, deadline: float,
-                report_path: str, conn: Any) -> None:
+def _child_main(fn: Callable, index: int, endpoints: list[str], listen: str, args: tuple,
+                kwargs: dict, job: str, settings: Settings | None, node_options: dict,
+                key_hex: str, deadline: float, report_path: str, conn: Any) -> None:
     node_ref: list[Node] = []
 
     def watchdog() -> None:
-        time.sleep(max(0.0, deadline - time.time()))
+        # until the deadline, or until the parent asks for a report now (LocalCluster.fail)
+        while time.time() < deadline and not os.path.exists(report_path + ".now"):
+            time.sleep(min(0.1, max(0.0, deadline - time.time())))
         with open(report_path, "w") as report:
             state = node_ref[0].state() if node_ref else "node not constructed"
             report.write(f"node {node_id(index)} did not finish in time; state: {state}\n")
@@ -85,8 +91,8 @@ def _child_main(fn: Callable, index: int, endpoints: list[str], args: tuple, kwa
 
     threading.Thread(target=watchdog, daemon=True).start()
     try:
-        with Node(endpoints, listen=endpoints[index], job=job, node_id=node_id(index),
-                  settings=settings, key=JobKey.from_hex(key_hex)) as node:
+        with Node(endpoints, listen=listen, job=job, node_id=node_id(index),
+                  settings=settings, key=JobKey.from_hex(key_hex), **node_options) as node:
             node_ref.append(node)
             result = fn(node, *args, **kwargs)
         conn.send(("ok", result))
@@ -99,7 +105,11 @@ def _child_main(fn: Callable, index: int, endpoints: list[str], args: tuple, kwa
 
 @dataclass
 class LocalCluster:
-    """N node processes on 127.0.0.1 running one function. See :func:`run_local`."""
+    """N node processes on 127.0.0.1 running one function. See :func:`run_local`.
+
+    ``node_options`` are passed to every :class:`Node` (e.g. ``min_size``). After
+    :meth:`start`, ``endpoints`` lists the nodes' addresses and ``key`` is the job key.
+    """
 
     fn: Callable
     size: int
@@ -108,41 +118,72 @@ class LocalCluster:
     timeout: float = 60.0
     job: str = "local"
     settings: Settings | None = None
+    node_options: dict = field(default_factory=dict)
+    endpoints: list[str] = field(default_factory=list)
+    key: JobKey | None = None
     _children: list[_Child] = field(default_factory=list)
     _pipes: list[Any] = field(default_factory=list)
     _deadline: float = 0.0
 
     def start(self) -> LocalCluster:
         """Start the processes; returns at once."""
-        context = mp.get_context("spawn")
-        endpoints = [f"127.0.0.1:{p}" for p in free_ports(self.size)]
-        key = JobKey.generate()  # a local run makes its own key: secure without asking
+        self.endpoints = [f"127.0.0.1:{p}" for p in free_ports(self.size)]
+        self.key = JobKey.generate()  # a local run makes its own key: secure without asking
         self._deadline = time.time() + self.timeout
         for index in range(self.size):
-            parent, child = context.Pipe(duplex=False)
-            report = tempfile.NamedTemporaryFile(prefix=f"ringtrain-{index}-", suffix=".txt",
-                                                 delete=False)
-            report.close()
-            process = context.Process(
-                target=_child_main, name=node_id(index), daemon=True,
-                args=(self.fn, index, endpoints, self.args, self.kwargs, self.job,
-                      self.settings, key.hex(), self._deadline - WATCHDOG_MARGIN, report.name,
-                      child))
-            process.start()
-            child.close()
-            self._children.append(_Child(index, process, report.name))
-            self._pipes.append(parent)
+            self._spawn(index, self.endpoints, self.endpoints[index], self.fn, self.args,
+                        self.kwargs, self.node_options)
         return self
 
+    def start_extra(self, index: int, *, fn: Callable | None = None, args: tuple | None = None,
+                    kwargs: dict | None = None, node_options: dict | None = None) -> Any:
+        """Start one more node process into the running cluster; returns its process.
+
+        ``index`` below ``size`` restarts node ``index`` (same node id and address: a new
+        incarnation); a higher one is a new node on a fresh port. It dials the cluster's
+        endpoints. Its result follows the others in :meth:`results`, in the order started.
+        The defaults are the cluster's ``fn``, ``args``, ``kwargs`` and ``node_options``.
+        """
+        if not self.endpoints:
+            raise RingtrainError("start the cluster before starting extra nodes")
+        if index < self.size:
+            listen = self.endpoints[index]
+        else:
+            listen = f"127.0.0.1:{free_ports(1)[0]}"
+        return self._spawn(index, [*self.endpoints, listen], listen, fn or self.fn,
+                           self.args if args is None else args,
+                           self.kwargs if kwargs is None else kwargs,
+                           self.node_options if node_options is None else node_options)
+
+    def _spawn(self, index: int, endpoints: list[str], listen: str, fn: Callable, args: tuple,
+               kwargs: dict, node_options: dict) -> Any:
+        context = mp.get_context("spawn")
+        parent, child = context.Pipe(duplex=False)
+        report = tempfile.NamedTemporaryFile(prefix=f"ringtrain-{index}-", suffix=".txt",
+                                             delete=False)
+        report.close()
+        process = context.Process(
+            target=_child_main, name=node_id(index), daemon=True,
+            args=(fn, index, endpoints, listen, args, kwargs, self.job, self.settings,
+                  node_options, self.key.hex(), self._deadline - WATCHDOG_MARGIN, report.name,
+                  child))
+        process.start()
+        child.close()
+        self._children.append(_Child(index, process, report.name))
+        self._pipes.append(parent)
+        return process
+
     def process(self, index: int) -> Any:
-        """The ``multiprocessing.Process`` of node ``index`` (to kill or stop it)."""
-        return self._children[index].process
+        """The ``multiprocessing.Process`` of node ``index`` (to kill or stop it); for a
+        restarted node, its newest incarnation."""
+        return [c for c in self._children if c.index == index][-1].process
 
     def results(self, allow_failed: Sequence[int] = ()) -> list[Any]:
         """Each node's return value, in index order; waits until the deadline at most.
 
         Args:
-            allow_failed: indexes whose death or error is expected (their result is None).
+            allow_failed: node indexes whose death or error is expected (their result is
+                None); for a restarted node this covers every incarnation.
 
         Raises:
             ClusterFailed: a node raised, died or hung; the message has every report.
@@ -169,6 +210,35 @@ class LocalCluster:
         finally:
             self.stop()
 
+    def fail(self, why: str) -> None:
+        """Stop now and raise :class:`ClusterFailed` with ``why`` and every running node's
+        state and stacks (e.g. when a test's own wait for an event runs out).
+
+        Raises:
+            ClusterFailed: always.
+        """
+        for child in self._children:
+            if child.process.is_alive():
+                open(child.report_path + ".now", "w").close()
+                try:
+                    os.kill(child.process.pid, signal.SIGCONT)  # a stopped node cannot report
+                except OSError:
+                    pass
+        reports = []
+        for child, pipe in zip(self._children, self._pipes):
+            child.process.join(WATCHDOG_MARGIN)
+            if child.outcome is None and pipe.poll(0):
+                try:
+                    child.outcome = pipe.recv()
+                except EOFError:
+                    pass
+            if child.outcome is not None and child.outcome[0] == "ok":
+                reports.append(f"{node_id(child.index)}: finished")
+            else:
+                reports.append(self._report(child))
+        self.stop()
+        raise ClusterFailed(why + "\n\n" + "\n\n".join(reports))
+
     def _report(self, child: _Child) -> str:
         child.process.join(max(0.0, min(WATCHDOG_MARGIN + 1, self._deadline + 1 - time.time())))
         with open(child.report_path) as report:
@@ -185,10 +255,11 @@ class LocalCluster:
             if child.process.is_alive():
                 child.process.kill()
             child.process.join(5)
-            try:
-                os.unlink(child.report_path)
-            except OSError:
-                pass
+            for path in (child.report_path, child.report_path + ".now"):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
 
 def run_local(fn: Callable, size: int, *, args: tuple = (), kwargs: dict | None = None,
