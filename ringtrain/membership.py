@@ -216,8 +216,8 @@ class Membership:
                 self._send(peer_id, frames)
 
     def _suspect_silent(self, now: float) -> None:
-        if self.view is None:
-            return
+        if self.view is None or self.evicted:
+            return  # an evicted node has no members to suspect: it is joining anew
         for member in self.view.members:
             peer = self.peers.get(member)
             if member != self.node_id and peer is not None and peer.last_heard \
@@ -349,6 +349,8 @@ class Membership:
                 peer.evictions += 1
                 peer.backoff_until = time.monotonic() + min(
                     BACKOFF_CAP, BACKOFF_FIRST * 2 ** (peer.evictions - 1))
+        if self.joined:
+            self.suspects.clear()  # suspicions from before we joined are void
         self.suspects -= set(old.members if old else ()) - set(members)
         self.suspects &= set(members)
         log.info("node %s installed generation %d: %s", self.node_id, generation,
@@ -486,6 +488,11 @@ class Membership:
             if not self.evicted:
                 log.warning("node %s was left out of generation %d by %s: it will rejoin as a "
                             "new member", self.node_id, generation, peer_id)
+                # Suspicions belong to the view we were evicted from. Kept, they would make
+                # the running ring's members look dead to us (a node that was stopped
+                # suspects everyone on waking up) and we would refuse every offer to admit us.
+                self.suspects.clear()
+                self._proposal = None
             self.evicted = True
 
     def _on_propose(self, message: Message, peer: PeerState) -> None:
