@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import ring
+from .compression import Codec, check_supported, get_codec
 from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MismatchError,
                      PeerFailedError, ProtocolError, TransportError)
 from .mailbox import Mailbox, Message
@@ -55,10 +56,34 @@ class Collective:
     plan: ring.Plan
     combine: np.ufunc | None  # None: segments overwrite, never reduce
     finish: Callable[[np.ndarray], Any]
+    compressed: Compressed | None = None  # how segments are encoded, if they are
     digest: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.digest = digest_of(self.descriptor)
+
+
+@dataclass
+class Compressed:
+    """How a compressed all-reduce encodes its segments (see ``compression``).
+
+    Elements from ``exact_from`` on travel uncompressed (the weight of a weighted mean: a
+    quantized sum of weights would skew every value). ``residual`` receives, element by
+    element, what this node's encodings left out: the partial sums it sends in reduce-scatter
+    and its own chunk in all-gather, each element exactly once, so the residuals of all nodes
+    add up to (true sum - result). Adding them to the next call's contributions is error
+    feedback that loses nothing over time.
+    """
+
+    codec: Codec
+    exact_from: int
+    gather_hop: int  # the owner's first all-gather send: it quantizes its own final chunk
+    residual: np.ndarray | None  # None: no error feedback
+    scratch: np.ndarray  # one segment of decoded values
+
+    def cut(self, transfer: ring.Transfer) -> int:
+        """Where a segment's encoded part ends and its exact part begins."""
+        return min(max(transfer.start, self.exact_from), transfer.stop)
 
 
 def _flat_copy(arrays: Sequence[np.ndarray], extra: int = 0) -> tuple[np.ndarray, np.dtype]:
@@ -107,12 +132,18 @@ def _check_op(op: str, dtype: np.dtype, weight: float | None) -> None:
 
 
 def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, world_size: int,
-               segment_elements: Callable[[np.dtype], int]) -> Collective:
+               segment_elements: Callable[[np.dtype], int], codec: Codec | None = None,
+               feedback_key: Any = None) -> Collective:
     """Reduce a list of arrays (fused into one buffer) across the ring.
 
     With ``op="mean"`` and a ``weight``, each node's arrays are scaled by its weight and the
     sum is divided by the sum of the weights (which travels as one extra element of the
     buffer, so it costs no extra pass).
+
+    With a ``codec`` (float sum or mean only), segments travel compressed; the result is the
+    same on every node, within the codec's error of the exact reduction. With error feedback,
+    the codec keeps this node's residual under ``feedback_key`` (default: the descriptor, i.e.
+    the shapes, dtype and op) and adds it to the next call with that key.
     """
     arrays = _as_arrays(arrays)
     if not arrays:
@@ -139,8 +170,29 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
 
     descriptor = {"collective": "all_reduce", "op": op, "dtype": dtype.name,
                   "shapes": [list(s) for s in shapes], "weighted": weighted}
-    plan = ring.all_reduce_plan(rank, world_size, buffer.size, segment_elements(dtype))
-    return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish)
+    elements = segment_elements(dtype)
+    plan = ring.all_reduce_plan(rank, world_size, buffer.size, elements)
+    if codec is None:
+        return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish)
+    check_supported(codec, dtype, op)
+    descriptor["compression"] = codec.spec()
+    exact_from = buffer.size - 1 if weighted else buffer.size
+    # a segment's payload must fit where its raw bytes would (the wire's size limit)
+    largest = max(codec.payload_bytes(elements, dtype),
+                  codec.payload_bytes(elements - 1, dtype) + dtype.itemsize)
+    if largest > elements * dtype.itemsize:
+        raise ConfigError(f"compression {codec.spec()} would make segments of {elements} "
+                          f"{dtype} values larger ({largest} bytes), not smaller")
+    residual = codec.residual(digest_of(descriptor) if feedback_key is None else feedback_key,
+                              exact_from, dtype)
+    if residual is not None:
+        # error feedback: what earlier calls left out joins this call's contribution; the
+        # same array then records what this call leaves out
+        np.add(buffer[:exact_from], residual, out=buffer[:exact_from])
+        residual[...] = 0
+    compressed = Compressed(codec, exact_from, world_size - 1, residual,
+                            np.empty(min(elements, buffer.size), dtype=dtype))
+    return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish, compressed)
 
 
 def reduce_scatter(array: Any, op: str, rank: int, world_size: int,
@@ -250,6 +302,20 @@ class RingRunner:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
+        self._codecs: dict[str, Codec] = {}
+
+    def codec(self, compression: str | Codec | None) -> Codec | None:
+        """The codec for a ``compression`` argument: a name gives this node's one codec of
+        that name, so its error-feedback state lasts from call to call; a :class:`Codec`
+        is used as it is."""
+        if compression is None or isinstance(compression, Codec):
+            return compression
+        if compression not in self._codecs:
+            codec = get_codec(compression)
+            if codec is None:
+                return None
+            self._codecs[compression] = codec
+        return self._codecs[compression]
 
     def segment_elements(self, dtype: np.dtype) -> int:
         """How many elements of ``dtype`` fit in one segment."""
@@ -275,12 +341,12 @@ class RingRunner:
 
     def _header(self, collective: Collective, view: View, sequence: int, step: int,
                 transfer: ring.Transfer, with_descriptor: bool) -> Header:
+        dtype, nbytes = _wire_shape(collective, transfer)
         return Header(kind=MessageKind.DATA, job=self.job, generation=view.generation,
                       sequence=sequence, sender=view.rank, step=step, hop=transfer.hop,
-                      chunk=transfer.chunk, segment=transfer.segment,
-                      dtype=dtype_code(collective.buffer.dtype),
+                      chunk=transfer.chunk, segment=transfer.segment, dtype=dtype,
                       flags=FLAG_DESCRIPTOR if with_descriptor else 0, digest=collective.digest,
-                      nbytes=(transfer.stop - transfer.start) * collective.buffer.itemsize)
+                      nbytes=nbytes)
 
     def _move(self, collective: Collective, view: View, sequence: int, deadline: float,
               step: int) -> None:
@@ -289,7 +355,8 @@ class RingRunner:
         predecessor = view.members[ring.predecessor(view.rank, view.world_size)]
         predecessor_rank = ring.predecessor(view.rank, view.world_size)
         descriptor_frame = canonical_json(summary(collective.descriptor))
-        pending: deque[ring.Transfer] = deque(plan.first_sends)
+        # what to send next, with the payload to forward unchanged (compressed all-gather)
+        pending: deque[tuple[ring.Transfer, Any]] = deque((t, None) for t in plan.first_sends)
         trackers = []
         described = False
         received = 0
@@ -300,12 +367,19 @@ class RingRunner:
         while received < len(plan.receives) or pending:
             # 1. send as much as the successor's queue takes
             while pending:
-                transfer = pending[0]
+                transfer, forward = pending[0]
                 header = self._header(collective, view, sequence, step, transfer, not described)
-                frames = [header.pack(), buffer[transfer.start:transfer.stop]]
+                if collective.compressed is None:
+                    payload = buffer[transfer.start:transfer.stop]
+                    big = header.nbytes >= TRACK_BYTES
+                else:
+                    # a fresh array or a received frame, never our buffer: no need to track
+                    payload = forward if forward is not None else \
+                        _encode(collective, transfer)
+                    big = False
+                frames = [header.pack(), payload]
                 if not described:
                     frames.append(descriptor_frame)
-                big = header.nbytes >= TRACK_BYTES
                 try:
                     sent = self.transport.try_send(successor, frames, track=big)
                 except TransportError as exc:
@@ -329,11 +403,11 @@ class RingRunner:
                 if message is None:
                     break
                 expected = plan.receives[received]
-                self._accept(collective, view, sequence, message, expected, predecessor,
-                             predecessor_rank)
+                forward = self._accept(collective, view, sequence, message, expected,
+                                       predecessor, predecessor_rank)
                 received += 1
                 if expected.then is not None:
-                    pending.append(expected.then)
+                    pending.append((expected.then, forward))
                 now = time.monotonic()
                 longest_gap = max(longest_gap, now - last_progress)
                 last_progress, progress_deadline = now, now + self.progress_timeout
@@ -388,7 +462,9 @@ class RingRunner:
                                     max(self.progress_floor, PROGRESS_FACTOR * self._slowest_wait))
 
     def _accept(self, collective: Collective, view: View, sequence: int, message: Message,
-                expected: ring.Receive, predecessor: str, predecessor_rank: int) -> None:
+                expected: ring.Receive, predecessor: str, predecessor_rank: int) -> Any:
+        """Check a segment and take it into the buffer. Returns the payload to forward
+        unchanged, when the segment is compressed and only copied (all-gather), else None."""
         header = message.header
         where = f"{collective.name} #{sequence} of generation {view.generation}"
         if message.origin != predecessor or header.sender != predecessor_rank:
@@ -414,18 +490,26 @@ class RingRunner:
         got = (header.hop, header.chunk, header.segment, header.nbytes,
                header.dtype)
         want = (transfer.hop, transfer.chunk, transfer.segment,
-                (transfer.stop - transfer.start) * collective.buffer.itemsize,
-                dtype_code(collective.buffer.dtype))
+                *reversed(_wire_shape(collective, transfer)))
         if got != want:
             raise PeerFailedError(f"{where}: {predecessor} sent (hop, chunk, segment, nbytes, "
                                   f"dtype) = {got}, expected {want}", peer=predecessor,
                                   generation=view.generation, collective=sequence)
+        if collective.compressed is not None:
+            try:
+                return _decode(collective, expected, message.payload)
+            except ProtocolError as exc:
+                raise PeerFailedError(f"{where}: {predecessor} sent a bad compressed segment "
+                                      f"(hop {transfer.hop}, chunk {transfer.chunk}, segment "
+                                      f"{transfer.segment}): {exc}", peer=predecessor,
+                                      generation=view.generation, collective=sequence) from exc
         region = collective.buffer[transfer.start:transfer.stop]
         incoming = np.frombuffer(message.payload, dtype=collective.buffer.dtype)
         if expected.reduce:
             collective.combine(region, incoming, out=region)
         else:
             region[...] = incoming
+        return None
 
     def abort_everyone(self, view: View, sequence: int, exc: CollectiveError,
                        suspect: str | None) -> None:
@@ -445,6 +529,68 @@ class RingRunner:
                 self.transport.try_send(member, [header, payload])
             except TransportError:
                 pass  # best effort: that member will time out instead
+
+
+U1 = dtype_code(np.dtype("u1"))  # compressed payloads travel as bytes
+
+
+def _wire_shape(collective: Collective, transfer: ring.Transfer) -> tuple[int, int]:
+    """(wire dtype code, payload bytes) of one segment of ``collective``."""
+    buffer, compressed = collective.buffer, collective.compressed
+    if compressed is None:
+        return dtype_code(buffer.dtype), (transfer.stop - transfer.start) * buffer.itemsize
+    cut = compressed.cut(transfer)
+    return U1, (compressed.codec.payload_bytes(cut - transfer.start, buffer.dtype)
+                + (transfer.stop - cut) * buffer.itemsize)
+
+
+def _encode(collective: Collective, transfer: ring.Transfer) -> np.ndarray:
+    """The payload of one compressed segment we send: encoded values, then the exact ones.
+
+    Records what the encoding left out in the residual. In the owner's first all-gather hop
+    the owner's own values become exactly what every other node will decode.
+    """
+    compressed, buffer = collective.compressed, collective.buffer
+    assert compressed is not None
+    codec, cut = compressed.codec, compressed.cut(transfer)
+    values = buffer[transfer.start:cut]
+    size = codec.payload_bytes(values.size, buffer.dtype)
+    exact = buffer[cut:transfer.stop]
+    payload = np.empty(size + exact.nbytes, dtype=np.uint8)
+    codec.encode(values, payload[:size])
+    payload[size:] = exact.view(np.uint8)
+    owner = transfer.hop == compressed.gather_hop
+    if compressed.residual is None and not owner:
+        return payload
+    decoded = compressed.scratch[:values.size]
+    codec.decode(payload[:size], decoded)
+    if compressed.residual is not None:
+        np.subtract(values, decoded, out=compressed.residual[transfer.start:cut])
+    if owner:
+        values[...] = decoded
+    return payload
+
+
+def _decode(collective: Collective, expected: ring.Receive, payload: memoryview) -> Any:
+    """Take one received compressed segment into the buffer; returns the payload when it is
+    to be forwarded unchanged (all-gather)."""
+    compressed, buffer, transfer = collective.compressed, collective.buffer, expected.transfer
+    assert compressed is not None
+    codec, cut = compressed.codec, compressed.cut(transfer)
+    values = buffer[transfer.start:cut]
+    data = np.frombuffer(payload, dtype=np.uint8)
+    size = codec.payload_bytes(values.size, buffer.dtype)
+    exact = buffer[cut:transfer.stop]
+    incoming_exact = data[size:].view(buffer.dtype)
+    if expected.reduce:
+        decoded = compressed.scratch[:values.size]
+        codec.decode(data[:size], decoded)
+        collective.combine(values, decoded, out=values)
+        collective.combine(exact, incoming_exact, out=exact)
+        return None
+    codec.decode(data[:size], values)
+    exact[...] = incoming_exact
+    return payload if expected.then is not None else None
 
 
 def _error_from_abort(abort: Message, where: str, generation: int, sequence: int

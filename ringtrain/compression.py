@@ -1,0 +1,258 @@
+"""Gradient compression codecs: pure numpy, no I/O.
+
+A codec turns ``count`` floating values into a payload of bytes and back. The ring runner
+(``collectives``) uses one per compressed all-reduce: in reduce-scatter every node encodes the
+partial sums it sends and decodes what it receives into scratch space before adding it in;
+in all-gather the owner of a chunk replaces its values by ``decode(encode(values))`` and every
+other node decodes the very same payload bytes, so every node ends bit-identical.
+
+    codec         payload of n values                      error
+    fp16          n float16                                ~2^-11 relative, saturates at 65504
+    int8          float32 scale, then n int8 (scale/127)   max|x| / 254 per segment
+    topk:R        k = ceil(R n) uint32 indices, k values   everything outside the k largest |x|
+
+Error feedback: what a node's quantization left out is kept (:class:`Codec.residuals`, one
+array per tensor key) and added to that node's next contribution, so over many calls nothing
+is lost, only delayed. ``int8`` and ``topk`` use it by default, ``fp16`` does not need it.
+
+Decoding is exact arithmetic on IEEE numbers (casts and one multiplication per value), so two
+machines decode the same payload to the same bits. A payload is a peer's bytes: its length
+is checked by the runner, and top-k indices are checked here (:class:`ProtocolError`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, ProtocolError
+
+FP16_MAX = float(np.finfo(np.float16).max)
+SCALE_BYTES = 4  # int8: one float32 scale in front of the values
+INDEX_DTYPE = np.dtype("<u4")
+FLOATS = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
+
+
+class Codec:
+    """A lossy encoding of float segments, with per-tensor error-feedback state.
+
+    Args:
+        error_feedback: keep what quantization left out and add it to the next call.
+    """
+
+    name = "none"
+
+    def __init__(self, error_feedback: bool = True):
+        self.error_feedback = error_feedback
+        self.residuals: dict[Any, np.ndarray] = {}
+
+    def spec(self) -> str:
+        """The codec as it appears in a collective's descriptor (nodes must agree on it)."""
+        return self.name + ("+ef" if self.error_feedback else "")
+
+    def payload_bytes(self, count: int, dtype: np.dtype) -> int:
+        """The exact payload size of ``count`` values of ``dtype``."""
+        raise NotImplementedError
+
+    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        """Write the payload of ``values`` into ``out`` (uint8, ``payload_bytes`` long)."""
+        raise NotImplementedError
+
+    def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
+        """Write the values a payload (uint8) stands for into ``out`` (their dtype and count).
+
+        Raises:
+            ProtocolError: the payload cannot be a valid encoding of ``out.size`` values.
+        """
+        raise NotImplementedError
+
+    def round_trip(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(payload, decode(payload)) of ``values``; for tests and the owner's chunk."""
+        payload = np.empty(self.payload_bytes(values.size, values.dtype), np.uint8)
+        self.encode(values, payload)
+        decoded = np.empty_like(values)
+        self.decode(payload, decoded)
+        return payload, decoded
+
+    def residual(self, key: Any, size: int, dtype: np.dtype) -> np.ndarray | None:
+        """The error-feedback array of tensor ``key`` (zeros the first time), or None when
+        error feedback is off. A key whose size or dtype changed starts again from zeros."""
+        if not self.error_feedback:
+            return None
+        current = self.residuals.get(key)
+        if current is None or current.size != size or current.dtype != dtype:
+            current = self.residuals[key] = np.zeros(size, dtype=dtype)
+        return current
+
+    def __repr__(self) -> str:
+        return f"<codec {self.spec()}>"
+
+
+class Fp16(Codec):
+    """Half precision on the wire: halves float32 traffic, quarters float64."""
+
+    name = "fp16"
+
+    def __init__(self, error_feedback: bool = False):
+        super().__init__(error_feedback)
+
+    def payload_bytes(self, count: int, dtype: np.dtype) -> int:
+        return 2 * count
+
+    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        half = out.view(np.float16)
+        if values.dtype == np.float16:
+            half[...] = values
+        else:
+            # clip first: a float32 beyond 65504 would become inf, which is not a rounding
+            np.clip(values, -FP16_MAX, FP16_MAX, out=half, casting="unsafe")
+
+    def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
+        if payload.size != 2 * out.size:
+            raise ProtocolError("fp16 payload", f"{2 * out.size} bytes", f"{payload.size} bytes")
+        out[...] = payload.view(np.float16)
+
+
+class Int8(Codec):
+    """8-bit integers with one float32 scale per segment (max|x| / 127), rounded to nearest."""
+
+    name = "int8"
+
+    def payload_bytes(self, count: int, dtype: np.dtype) -> int:
+        return SCALE_BYTES + count
+
+    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        scale_bytes, quantized = out[:SCALE_BYTES], out[SCALE_BYTES:].view(np.int8)
+        if values.size == 0:
+            scale_bytes.view(np.float32)[0] = 0.0
+            return
+        # two read-only passes instead of abs(): no temporary of the segment's size
+        peak = max(float(values.max()), -float(values.min()))
+        scale = np.float32(peak / 127.0)
+        scale_bytes.view("<f4")[0] = scale
+        if not (math.isfinite(peak) and scale > 0):
+            # all zeros (scale 0) or a NaN/Inf (scale non-finite): decoding gives zeros or
+            # non-finite values, so a non-finite gradient stays visible on every node
+            quantized[...] = 0
+            return
+        scaled = np.divide(values, scale, dtype=np.float32)
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, -127, 127, out=scaled)
+        quantized[...] = scaled
+
+    def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
+        if payload.size != SCALE_BYTES + out.size:
+            raise ProtocolError("int8 payload", f"{SCALE_BYTES + out.size} bytes",
+                                f"{payload.size} bytes")
+        scale = payload[:SCALE_BYTES].view("<f4")[0]
+        quantized = payload[SCALE_BYTES:].view(np.int8)
+        if not math.isfinite(scale):
+            out[...] = scale  # NaN or Inf everywhere: the non-finite input stays visible
+            return
+        np.multiply(quantized, scale, out=out, casting="unsafe")
+
+
+class TopK(Codec):
+    """The ``ratio`` fraction of values largest in magnitude (at least one), as (index, value)
+    pairs; the rest are zero.
+
+    Args:
+        ratio: fraction of values kept, in (0, 1].
+    """
+
+    name = "topk"
+
+    def __init__(self, ratio: float = 0.01, error_feedback: bool = True):
+        if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+            raise ConfigError(f"top-k ratio must be in (0, 1], got {ratio!r}")
+        super().__init__(error_feedback)
+        self.ratio = float(ratio)
+
+    def spec(self) -> str:
+        return f"topk:{self.ratio:g}" + ("+ef" if self.error_feedback else "")
+
+    def kept(self, count: int) -> int:
+        """How many values a segment of ``count`` keeps."""
+        return min(count, max(1, math.ceil(self.ratio * count))) if count else 0
+
+    def payload_bytes(self, count: int, dtype: np.dtype) -> int:
+        return self.kept(count) * (INDEX_DTYPE.itemsize + np.dtype(dtype).itemsize)
+
+    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        k = self.kept(values.size)
+        if k == 0:
+            return
+        if k == values.size:
+            indices = np.arange(k)
+        else:
+            indices = np.argpartition(np.abs(values), values.size - k)[values.size - k:]
+            indices.sort()  # sorted indices: deterministic layout, friendly scatter
+        index_bytes = k * INDEX_DTYPE.itemsize
+        out[:index_bytes].view(INDEX_DTYPE)[...] = indices
+        out[index_bytes:].view(values.dtype)[...] = values[indices]
+
+    def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
+        k = self.kept(out.size)
+        if payload.size != self.payload_bytes(out.size, out.dtype):
+            raise ProtocolError("top-k payload", f"{self.payload_bytes(out.size, out.dtype)} "
+                                f"bytes", f"{payload.size} bytes")
+        out[...] = 0
+        if k == 0:
+            return
+        index_bytes = k * INDEX_DTYPE.itemsize
+        indices = payload[:index_bytes].view(INDEX_DTYPE)
+        if int(indices.max()) >= out.size:
+            raise ProtocolError("top-k index", f"below {out.size}", int(indices.max()))
+        out[indices] = payload[index_bytes:].view(out.dtype)
+
+
+def get_codec(spec: str | Codec | None) -> Codec | None:
+    """A codec from its name: ``none``, ``fp16``, ``int8``, ``topk`` (1 %) or ``topk:RATIO``,
+    optionally with ``+ef`` / ``-ef`` to force error feedback on or off; a :class:`Codec`
+    passes through.
+
+    Raises:
+        ConfigError: an unknown name or a bad ratio.
+    """
+    if spec is None or isinstance(spec, Codec):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"compression must be a codec name or a Codec, got {spec!r}")
+    text, feedback = spec.strip().lower(), None
+    for suffix, value in (("+ef", True), ("-ef", False)):
+        if text.endswith(suffix):
+            text, feedback = text[: -len(suffix)], value
+    name, _, argument = text.partition(":")
+    codec: Codec
+    if name == "none" and not argument:
+        return None
+    if name == "fp16" and not argument:
+        codec = Fp16()
+    elif name == "int8" and not argument:
+        codec = Int8()
+    elif name == "topk":
+        try:
+            ratio = float(argument) if argument else 0.01
+        except ValueError:
+            raise ConfigError(f"top-k ratio must be a number, got {argument!r}") from None
+        codec = TopK(ratio)
+    else:
+        raise ConfigError(f"unknown compression {spec!r}: use none, fp16, int8, topk or "
+                          f"topk:RATIO (optionally +ef or -ef)")
+    if feedback is not None:
+        codec.error_feedback = feedback
+    return codec
+
+
+def check_supported(codec: Codec, dtype: np.dtype, op: str) -> None:
+    """Compression applies to float sums and means only.
+
+    Raises:
+        ConfigError: another dtype or op.
+    """
+    if np.dtype(dtype) not in FLOATS:
+        raise ConfigError(f"compression {codec.spec()} needs float16/32/64 values, got {dtype}")
+    if op not in ("sum", "mean"):
+        raise ConfigError(f"compression {codec.spec()} works with op 'sum' or 'mean', got {op!r}")
