@@ -34,6 +34,7 @@ import numpy as np
 
 from . import collectives
 from .collectives import Collective, RingRunner
+from .compression import Codec
 from .config import Settings
 from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MembershipError,
                      PeerFailedError, ProtocolError, RingtrainError)
@@ -300,7 +301,8 @@ class Node:
     # collectives ----------------------------------------------------------------------------
 
     def all_reduce(self, array: Any, op: str = "sum", weight: float | None = None,
-                   timeout: float | None = None) -> np.ndarray:
+                   timeout: float | None = None, compression: str | Codec | None = None
+                   ) -> np.ndarray:
         """Reduce ``array`` over all members; every member gets the same result.
 
         Args:
@@ -309,30 +311,36 @@ class Node:
             weight: with op="mean", this node's weight (e.g. its sample count): the result
                 is sum(w_i * x_i) / sum(w_i).
             timeout: seconds (default ``settings.collective_timeout``).
+            compression: None, or a codec name (``fp16``, ``int8``, ``topk[:RATIO]``, see
+                ``ringtrain.compression``) or a Codec, for float sums and means. Every member
+                must pass the same; error-feedback state is kept per codec name and shapes.
         """
-        return self.all_reduce_async(array, op, weight, timeout).wait()
+        return self.all_reduce_async(array, op, weight, timeout, compression).wait()
 
     def all_reduce_async(self, array: Any, op: str = "sum", weight: float | None = None,
-                         timeout: float | None = None) -> Work:
+                         timeout: float | None = None, compression: str | Codec | None = None
+                         ) -> Work:
         """Start :meth:`all_reduce`; ``wait()`` on the returned handle gives the result."""
         array = np.array(array, copy=True)
+        codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: _single(
             collectives.all_reduce([array], op, weight, rank, size,
-                                   self._runner.segment_elements)), timeout)
+                                   self._runner.segment_elements, codec)), timeout)
 
     def all_reduce_many(self, arrays: Sequence[Any], op: str = "sum",
-                        weight: float | None = None, timeout: float | None = None
-                        ) -> list[np.ndarray]:
+                        weight: float | None = None, timeout: float | None = None,
+                        compression: str | Codec | None = None) -> list[np.ndarray]:
         """Reduce many arrays of one dtype in a single pass around the ring (fused)."""
-        return self.all_reduce_many_async(arrays, op, weight, timeout).wait()
+        return self.all_reduce_many_async(arrays, op, weight, timeout, compression).wait()
 
     def all_reduce_many_async(self, arrays: Sequence[Any], op: str = "sum",
-                              weight: float | None = None, timeout: float | None = None
-                              ) -> Work:
+                              weight: float | None = None, timeout: float | None = None,
+                              compression: str | Codec | None = None) -> Work:
         """Start :meth:`all_reduce_many`."""
         copies = [np.array(a, copy=True) for a in arrays]
+        codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: collectives.all_reduce(
-            copies, op, weight, rank, size, self._runner.segment_elements), timeout)
+            copies, op, weight, rank, size, self._runner.segment_elements, codec), timeout)
 
     def reduce_scatter(self, array: Any, op: str = "sum", timeout: float | None = None
                        ) -> np.ndarray:
