@@ -128,6 +128,7 @@ class Membership:
     evicted: bool = False  # the others moved on without us: we must join as a new member
     joined: bool = False  # the installed view admitted us into a ring that was running
     suspects: set[str] = field(default_factory=set)
+    reborn: set[str] = field(default_factory=set)  # members that restarted: joiners again
     _probes: set[str] = field(default_factory=set)  # links named by endpoint, not identified
     _proposal: tuple[int, tuple[str, ...]] | None = None
     _proposed: dict[int, tuple[str, ...]] = field(default_factory=dict)
@@ -167,7 +168,7 @@ class Membership:
     def _reform_due(self) -> bool:
         if self.view is None:
             return False
-        if self.evicted or self.suspects & set(self.view.members):
+        if self.evicted or (self.suspects | self.reborn) & set(self.view.members):
             return True
         return bool(self._joiners())
 
@@ -182,11 +183,14 @@ class Membership:
         return {"view": None if self.view is None else
                 {"generation": self.view.generation, "members": list(self.view.members)},
                 "reforming": self.reforming, "evicted": self.evicted,
-                "suspects": sorted(self.suspects), "proposal": self._proposal,
+                "suspects": sorted(self.suspects), "reborn": sorted(self.reborn),
+                "proposal": self._proposal,
                 "probes": sorted(self._probes),
                 "peers": {pid: {"endpoint": p.endpoint, "heard": p.heard, "welcomed": p.welcomed,
                                 "silent_s": round(now - p.last_heard, 2) if p.last_heard else None,
-                                "generation": p.generation, "proposal": p.proposal}
+                                "generation": p.generation, "proposal": p.proposal,
+                                "evictions": p.evictions,
+                                "backoff_s": round(max(0.0, p.backoff_until - now), 2)}
                           for pid, p in sorted(self.peers.items())}}
 
     # periodic work --------------------------------------------------------------------------
@@ -236,34 +240,37 @@ class Membership:
                 self._send(link, hello)
 
     def _alive(self, peer_id: str) -> bool:
+        # a restarted member is suspected as the member it was, not as the joiner it is now
         peer = self.peers.get(peer_id)
         return (peer is not None and peer.heard and peer.welcomed and not peer.left
-                and peer_id not in self.suspects
+                and (peer_id not in self.suspects or peer_id in self.reborn)
                 and time.monotonic() - peer.last_heard <= self.suspect_timeout)
 
     def _joiners(self) -> list[str]:
-        """Live linked peers that are not members and may join now."""
+        """Live linked peers that are not members (or restarted since) and may join now."""
         if self.view is None:
             return []
         now = time.monotonic()
         return sorted(p for p, s in self.peers.items()
-                      if p not in self.view.members and self._alive(p)
+                      if (p not in self.view.members or p in self.reborn) and self._alive(p)
                       and now >= s.backoff_until and s.generation < self.view.generation)
 
     def _wanted(self) -> tuple[str, ...] | None:
         """The member set this node wants to propose now, or None to wait."""
         if self.view is None or self.evicted:
             return self._wanted_forming()
-        survivors = [m for m in self.view.members
-                     if m == self.node_id or (m not in self.suspects and self._alive(m))]
+        survivors = [m for m in self.view.members if m == self.node_id or (
+            m not in self.suspects and m not in self.reborn and self._alive(m))]
         room = max(0, self.max_size - len(survivors))
         wanted = tuple(ring.ring_order([*survivors, *self._joiners()[:room]]))
         if len(wanted) < self.min_size:
             self._log_waiting(f"waiting for nodes: {len(wanted)} alive, the job needs at least "
                               f"{self.min_size}")
             return None
-        if not has_quorum(self.view.members, wanted):
-            self._log_waiting(f"waiting for a majority: {len(wanted)} of the "
+        if not has_quorum(self.view.members, tuple(survivors)):
+            # a restarted member is not its old incarnation: only survivors make a majority
+            # (else a stopped old incarnation, woken, could form a second ring)
+            self._log_waiting(f"waiting for a majority: {len(survivors)} of the "
                               f"{self.view.world_size} members of generation "
                               f"{self.view.generation} reachable")
             return None
@@ -289,8 +296,8 @@ class Membership:
     def _agree(self) -> None:
         if self._proposal is not None:
             members = self._proposal[1]
-            if any(m != self.node_id and (m in self.suspects or not self._alive(m))
-                   for m in members):
+            if any(m != self.node_id and ((m in self.suspects and m not in self.reborn)
+                                          or not self._alive(m)) for m in members):
                 self._proposal = None  # someone in it failed meanwhile: propose again
             elif (self.view is None and not self._joining
                   and self._wanted_forming() not in (None, members)):
@@ -345,10 +352,11 @@ class Membership:
         self.sequence = 0
         for member in old.members if old else ():
             if member not in members and member in self.peers:
-                peer = self.peers[member]
-                peer.evictions += 1
-                peer.backoff_until = time.monotonic() + min(
-                    BACKOFF_CAP, BACKOFF_FIRST * 2 ** (peer.evictions - 1))
+                self._back_off(self.peers[member])
+        # every member proposed this view as the incarnation it is now (a restart forgets
+        # the peer's proposal): whoever restarted before it is a member like the others
+        self.suspects -= self.reborn
+        self.reborn.clear()
         if self.joined:
             self.suspects.clear()  # suspicions from before we joined are void
         self.suspects -= set(old.members if old else ()) - set(members)
@@ -434,8 +442,19 @@ class Membership:
     def _forget_incarnation(self, peer_id: str) -> None:
         """A peer restarted under the same id: its old state (and membership) is void."""
         self.peers.pop(peer_id, None)
-        if self.view is not None and peer_id in self.view.members:
+        if self.view is not None and peer_id in self.view.members and not self.evicted:
+            # The old incarnation failed as a member: drop it and admit the new one as a
+            # joiner, in one view change (and even if the ring could not change without it,
+            # e.g. below min_size).
             self.suspect(peer_id, "it restarted (a new incarnation)")
+            self.reborn.add(peer_id)
+
+    @staticmethod
+    def _back_off(peer: PeerState) -> None:
+        """One more failure of ``peer``: it may join again only after a doubling wait."""
+        peer.evictions += 1
+        peer.backoff_until = time.monotonic() + min(
+            BACKOFF_CAP, BACKOFF_FIRST * 2 ** (peer.evictions - 1))
 
     def _reachable_endpoint(self, declared: str, message: Message) -> str:
         endpoint = normalize_endpoint(declared)
