@@ -351,7 +351,7 @@ class Membership:
         self._waiting_logged = ""
         self.sequence = 0
         for member in old.members if old else ():
-            if member not in members and member in self.peers:
+            if member not in members and member in self.peers and member not in self.reborn:
                 self._back_off(self.peers[member])
         # every member proposed this view as the incarnation it is now (a restart forgets
         # the peer's proposal): whoever restarted before it is a member like the others
@@ -440,14 +440,20 @@ class Membership:
                 peer.welcomed = False
 
     def _forget_incarnation(self, peer_id: str) -> None:
-        """A peer restarted under the same id: its old state (and membership) is void."""
-        self.peers.pop(peer_id, None)
+        """A peer restarted under the same id: its old state (and membership) is void, but
+        not its record of failures, so a node that keeps crashing is backed off."""
+        old = self.peers.pop(peer_id, None)
+        fresh = self.peers[peer_id] = PeerState()
+        if old is not None:
+            fresh.evictions, fresh.backoff_until = old.evictions, old.backoff_until
         if self.view is not None and peer_id in self.view.members and not self.evicted:
             # The old incarnation failed as a member: drop it and admit the new one as a
             # joiner, in one view change (and even if the ring could not change without it,
-            # e.g. below min_size).
+            # e.g. below min_size). Its crash counts as an eviction.
             self.suspect(peer_id, "it restarted (a new incarnation)")
-            self.reborn.add(peer_id)
+            if peer_id not in self.reborn:
+                self.reborn.add(peer_id)
+                self._back_off(fresh)
 
     @staticmethod
     def _back_off(peer: PeerState) -> None:
