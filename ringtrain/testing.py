@@ -135,21 +135,22 @@ class LocalCluster:
                         self.kwargs, self.node_options)
         return self
 
-    def start_extra(self, index: int, *, fn: Callable | None = None, args: tuple | None = None,
-                    kwargs: dict | None = None, node_options: dict | None = None) -> Any:
+    def start_extra(self, index: int, *, listen: str | None = None, fn: Callable | None = None,
+                    args: tuple | None = None, kwargs: dict | None = None,
+                    node_options: dict | None = None) -> Any:
         """Start one more node process into the running cluster; returns its process.
 
-        ``index`` below ``size`` restarts node ``index`` (same node id and address: a new
-        incarnation); a higher one is a new node on a fresh port. It dials the cluster's
-        endpoints. Its result follows the others in :meth:`results`, in the order started.
-        The defaults are the cluster's ``fn``, ``args``, ``kwargs`` and ``node_options``.
+        It gets node id ``node_id(index)``: ``index`` below ``size`` restarts that node (a new
+        incarnation, by default on its old address), a higher one is a new node (by default
+        on a fresh port). It dials the cluster's endpoints. Its result follows the others in
+        :meth:`results`, in the order started. The defaults are the cluster's ``fn``,
+        ``args``, ``kwargs`` and ``node_options``.
         """
         if not self.endpoints:
             raise RingtrainError("start the cluster before starting extra nodes")
-        if index < self.size:
-            listen = self.endpoints[index]
-        else:
-            listen = f"127.0.0.1:{free_ports(1)[0]}"
+        if listen is None:
+            listen = self.endpoints[index] if index < self.size \
+                else f"127.0.0.1:{free_ports(1)[0]}"
         return self._spawn(index, [*self.endpoints, listen], listen, fn or self.fn,
                            self.args if args is None else args,
                            self.kwargs if kwargs is None else kwargs,
