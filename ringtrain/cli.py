@@ -24,6 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
     "demo": ("ringtrain.demo",
              "start N local nodes that train a digits classifier together, beside one alone"),
+    "keygen": ("ringtrain.keygen", "write a new job key to a file (mode 0600); print its "
+               "fingerprint"),
+    "bench-security": ("ringtrain.security_bench",
+                       "time all_reduce with and without encryption (CURVE) on loopback"),
     "node": ("ringtrain.run_node",
              "run this device's node of a job: the built-in job, or a training script"),
     "peers": ("ringtrain.peers", "list the ringtrain nodes announcing themselves on the LAN"),

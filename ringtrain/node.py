@@ -464,8 +464,9 @@ class Node:
             try:
                 self._membership.handle(message)
             except ProtocolError as exc:
-                self._mailbox.dropped[exc.field] += 1
-                log.warning("dropped control message: %s", exc)
+                self._mailbox.reject(message, exc)  # counted, logged once per sender
+        for peer, reason in self._mailbox.take_offenders().items():
+            self._membership.suspect(peer, reason)  # a member that keeps sending garbage
         self._membership.tick()
         installed = self._membership.view
         if installed is not None and installed != self._view:

@@ -1,15 +1,16 @@
 """Job keys: who may join a ring.
 
 A job key is 32 random bytes shared by every device of one job (``ringtrain keygen`` writes one
-to a file). It never travels: nodes prove they hold it through ZeroMQ CURVE handshakes whose
-keys are derived from it (see ``transport``):
+to a file). It never travels: nodes prove they hold it without sending it (see ``transport``
+and ``membership``):
 
-* the *server* keypair, the same on every node, is derived from the job key: a node that
+* the CURVE *server* keypair, the same on every node, is derived from the job key: a node that
   dials a peer only completes the handshake if that peer holds the job key, so a spoofed
   advert costs at most a failed connection;
-* each node's *client* keypair is derived from the job key and the node's id, and the
-  listening side recomputes it from the id the client presents (ZAP): only a holder of the
-  job key can speak, and only under its own id. No member can speak for another.
+* each node dials with its own random CURVE keypair, and its first message (HELLO) carries an
+  HMAC under the job key of (job, node id, that public key). A listener admits the key for that
+  id only if the proof holds and CURVE proved the dialler holds the key's secret: only a holder
+  of the job key can speak, and only under its own id. No member can speak for another.
 
 Keys are read from a file or an environment variable, never from the command line (where
 ``ps`` would show them to every user of the machine).
@@ -74,7 +75,12 @@ def write_key_file(path: str | os.PathLike, key: JobKey, overwrite: bool = False
     path = Path(path)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; pass --force to overwrite it")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write key file {path}: {exc.strerror}") from None
+    if os.name == "posix":
+        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
     with os.fdopen(fd, "w") as handle:
         handle.write(KEY_FILE_HEADER + key.hex() + "\n")
     return path

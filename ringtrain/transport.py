@@ -1,23 +1,42 @@
 """The ZeroMQ transport: the only module that imports zmq.
 
 A node listens on one ROUTER socket; every peer it talks to gets one DEALER socket connected to
-that peer's ROUTER. Messages arrive on the ROUTER tagged with the sender's routing id (its node
-id); replies to a handshake come back on the DEALER that sent it. One extra inproc socket lets
-other threads wake the thread that owns the sockets.
+that peer's ROUTER. Messages arrive on the ROUTER tagged with the sender's routing id, which
+names its node id (see *Routing ids* below); replies to a handshake come back on the DEALER
+that sent it. One extra inproc socket lets other threads wake the thread that owns the sockets.
 
-Limits set on every socket (see :class:`ringtrain.config.Settings`):
+Limits on everything a peer controls (see :class:`ringtrain.config.Settings`):
 
-* ``MAXMSGSIZE``: a peer cannot make us allocate more than one segment plus a header.
-* high-water marks derived from a byte budget: ZeroMQ counts messages, our messages are at most
-  ``segment_bytes``, so ``queue_bytes // segment_bytes`` messages bound the bytes queued.
-* ZMTP heartbeats, so a dead or suspended host is noticed by the transport itself.
-* a handshake deadline, reconnect back-off and a bounded linger on close.
-* with a job key: CURVE encryption on every connection. Every node listens with the server
-  keypair derived from the job key, so dialling a node that lacks the job key fails in the
-  handshake. Each node dials with its own random keypair; the ZAP handler stamps every
-  message with the dialler's public key (``Incoming.user``), which CURVE has proven the
-  dialler holds the secret of. ``membership`` admits a key only after its HELLO proved
-  knowledge of the job key, and the mailbox drops everything else.
+* message size, ``MAXMSGSIZE``: a peer cannot make us allocate more than one segment plus a
+  header; a larger message resets its connection.
+* bytes queued: high-water marks derived from a byte budget: ZeroMQ counts messages, our
+  messages are at most ``segment_bytes``, so ``queue_bytes // segment_bytes`` messages bound the
+  bytes queued per connection.
+* handshake time, ``HANDSHAKE_IVL``: a connection that has not finished the ZMTP (and CURVE)
+  handshake within ``handshake_timeout`` is closed. This is what bounds connections that never
+  authenticate (idle sockets, truncated greetings, slowloris): at most the attacker's connect
+  rate times ``handshake_timeout`` of them exist at once; garbage and HTTP are closed at once.
+* connection count: ZeroMQ has no such option, so a monitor on the ROUTER counts open
+  connections per remote address (``EVENT_ACCEPTED`` / ``EVENT_DISCONNECTED``) and the ZAP
+  handler refuses a CURVE client whose address already holds ``MAX_CONNECTIONS_PER_ADDRESS``
+  connections, unless its key is one membership admitted (a member reconnecting is never
+  refused). See :class:`ZapHandler` for what this does and does not bound.
+* liveness: ZMTP heartbeats, so a dead or suspended host is noticed by the transport itself;
+  reconnect back-off and a bounded linger on close.
+
+Authentication, with a job key: CURVE encryption on every connection. Every node listens with
+the server keypair derived from the job key, so dialling a node that lacks the job key fails in
+the handshake. Each node dials with its own random keypair; the ZAP handler stamps every
+message with the dialler's public key (``Incoming.user``), which CURVE has proven the dialler
+holds the secret of. ``membership`` admits a key only after its HELLO proved knowledge of the
+job key, and the mailbox drops everything else.
+
+Routing ids. A DEALER presents ``<node id> NUL <tag>``, the tag being its CURVE public key (a
+random nonce on insecure rings). The ROUTER hands a routing id over to the newest connection
+presenting it (``ROUTER_HANDOVER``, so a peer that reconnects is reachable at once); because the
+tag is a key only its holder and the servers it dialled ever see, nobody else can present the
+same routing id and steal a member's route. A message whose tag is not the key that CURVE
+proved is forged (the mailbox drops it), and replies go to ``<node id> NUL <admitted key>``.
 
 zmq errors become :class:`TransportError` here and nowhere else.
 """
@@ -26,6 +45,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import secrets
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +66,9 @@ log = logging.getLogger(__name__)
 MIN_LIBZMQ = (4, 3, 3)
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"ringtrain"
+MAX_CONNECTIONS_PER_ADDRESS = 64  # a ring has at most 64 members by default, one link each
+MAX_TRACKED_CONNECTIONS = 4096  # bound on the connection table (and on logged refusals)
+ROUTE_SEPARATOR = b"\0"
 
 
 def curve_keypair(key: JobKey, purpose: str) -> tuple[bytes, bytes]:
@@ -52,43 +78,121 @@ def curve_keypair(key: JobKey, purpose: str) -> tuple[bytes, bytes]:
 
 
 class ZapHandler:
-    """Answers ZAP requests for the node's listening socket: CURVE clients are let through
-    with their public key (Z85) as ``User-Id``; anything else is refused. Whether that key
-    belongs to a member is decided later, from the HELLO it sends (see ``membership``)."""
+    """Answers ZAP requests for the node's listening socket, and counts its connections.
 
-    def __init__(self, context: zmq.Context):
+    CURVE clients are let through with their public key (Z85) as ``User-Id``; anything else is
+    refused. Whether that key belongs to a member is decided later, from the HELLO it sends
+    (see ``membership``). A client whose address already holds ``max_per_address`` open
+    connections is refused, unless its key is in ``admitted`` (a member reconnecting).
+
+    Open connections are counted from a monitor on the ROUTER: ``EVENT_ACCEPTED`` carries the
+    new connection's file descriptor, whose peer address is read at once, and
+    ``EVENT_DISCONNECTED`` the descriptor of one that closed. What this bounds: connections
+    that completed a CURVE handshake (so their owner knows the server public key, i.e. holds
+    or leaked the job key) and were not admitted, to ``max_per_address`` per source address.
+    What it does not: a client with many addresses (IPv6 privacy addresses) gets that many per
+    address; connections that never finish the handshake never reach ZAP and are bounded by
+    ``HANDSHAKE_IVL`` instead. A refused client is told so by libzmq and does not reconnect on
+    that socket.
+
+    Args:
+        context: the transport's context (the ZAP endpoint is per context).
+        admitted: node id -> admitted CURVE key, shared with the mailbox (read here only).
+        max_per_address: open connections allowed per remote address before refusing.
+    """
+
+    def __init__(self, context: zmq.Context, admitted: dict[str, str], max_per_address: int):
         self.refused = 0
+        self.admitted = admitted
+        self.max_per_address = max_per_address
+        self.connections: dict[int, str] = {}  # file descriptor -> remote address
+        self._refusals_logged: set[str] = set()
+        self._monitor: zmq.Socket | None = None
         self._socket = context.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(ZAP_ENDPOINT)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="ringtrain-zap", daemon=True)
+
+    def start(self, router: zmq.Socket) -> None:
+        """Watch ``router``'s connections and start answering."""
+        self._monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._thread.start()
 
+    def open_connections(self, address: str) -> int:
+        """How many connections from ``address`` are open now."""
+        return sum(1 for a in list(self.connections.values()) if a == address)
+
     def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if not self._socket.poll(100):
-                    continue
-                request = self._socket.recv_multipart()
-                self._socket.send_multipart(self._answer(request))
+                events = dict(poller.poll(100))
+                # connection events first: a client is accepted long before it asks ZAP
+                if self._monitor is not None and self._monitor in events:
+                    while self._monitor.poll(0):
+                        self._on_event(self._monitor.recv_multipart())
+                if self._socket in events:
+                    request = self._socket.recv_multipart()
+                    self._socket.send_multipart(self._answer(request))
             except zmq.ZMQError:
                 return  # context terminated: we are closing
 
+    def _on_event(self, frames: list[bytes]) -> None:
+        if len(frames) < 1 or len(frames[0]) < 6:
+            return
+        event, fd = struct.unpack("=hi", frames[0][:6])
+        if event == zmq.EVENT_ACCEPTED:
+            self.connections[fd] = _peer_address_of(fd)
+            if len(self.connections) > MAX_TRACKED_CONNECTIONS:
+                # a descriptor whose DISCONNECTED we missed: forget the oldest
+                self.connections.pop(next(iter(self.connections)))
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.connections.pop(fd, None)
+
     def _answer(self, request: list[bytes]) -> list[bytes]:
-        if len(request) == 7 and request[2] == ZAP_DOMAIN and request[5] == b"CURVE" \
-                and len(request[6]) == 32:
-            version, request_id = request[:2]
-            return [version, request_id, b"200", b"OK", zmq.utils.z85.encode(request[6]), b""]
-        self.refused += 1
         version, request_id = (request + [b"1.0", b""])[:2]
-        return [version, request_id, b"400", b"CURVE required", b"", b""]
+        if not (len(request) == 7 and request[2] == ZAP_DOMAIN and request[5] == b"CURVE"
+                and len(request[6]) == 32):
+            self.refused += 1
+            return [version, request_id, b"400", b"CURVE required", b"", b""]
+        key = zmq.utils.z85.encode(request[6])
+        address = request[3].decode("utf-8", "replace")
+        if key.decode() not in frozenset(self.admitted.values()):
+            open_now = self.open_connections(address)
+            if open_now > self.max_per_address:
+                self.refused += 1
+                if address not in self._refusals_logged and \
+                        len(self._refusals_logged) < MAX_TRACKED_CONNECTIONS:
+                    self._refusals_logged.add(address)
+                    log.warning("refusing new connections from %s: it holds %d open connections, "
+                                "the limit is %d (further refusals are not logged)", address,
+                                open_now, self.max_per_address)
+                return [version, request_id, b"400", b"too many connections", b"", b""]
+        return [version, request_id, b"200", b"OK", key, b""]
 
     def close(self) -> None:
         """Stop answering (the context's termination ends the thread)."""
         self._stop.set()
-        self._thread.join(1.0)
+        if self._thread.is_alive():
+            self._thread.join(1.0)
         self._socket.close(linger=0)
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+
+
+def _peer_address_of(fd: int) -> str:
+    """The remote IP address of a connected socket libzmq owns (by descriptor), or ""."""
+    try:
+        # a duplicate: reading the address must not touch (or close) libzmq's descriptor
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            address = sock.getpeername()
+    except OSError:
+        return ""  # closed already; its DISCONNECTED event follows
+    return address[0] if isinstance(address, tuple) else ""
 
 
 @dataclass
@@ -100,6 +204,14 @@ class Incoming:
     on_link: bool = False  # True when it came back on one of our outgoing links
     peer_address: str = ""  # the sender's IP address as the connection sees it, if known
     user: str = ""  # the sender's CURVE public key (Z85), proven by the handshake; "" if insecure
+    tag: str = ""  # the tag of its routing id: its CURVE public key, as the sender claims it
+
+
+def split_route(route: bytes) -> tuple[str, str]:
+    """A ROUTER routing id -> (node id, tag). Ids without a tag (a foreign client, or one
+    libzmq made up) give their whole text and an empty tag."""
+    node_id, _, tag = route.partition(ROUTE_SEPARATOR)
+    return node_id.decode("utf-8", "replace"), tag.decode("utf-8", "replace")
 
 
 def check_libzmq() -> None:
@@ -143,6 +255,11 @@ class Transport:
         settings: limits and timeouts.
         key: the job key; None runs without authentication or encryption (loopback only,
             enforced by the caller).
+
+    Attributes:
+        admitted: node id -> the CURVE key membership admitted for it. The mailbox shares this
+            dict; the transport reads it to address replies and to let members reconnect past
+            the connection cap.
     """
 
     def __init__(self, identity: str, listen: str, settings: Settings, key: JobKey | None):
@@ -158,11 +275,17 @@ class Transport:
         self._links: dict[str, zmq.Socket] = {}
         self._link_endpoints: dict[str, str] = {}
         self._wake_lock = threading.Lock()
-        self._zap = ZapHandler(self._context) if key is not None else None
+        self.admitted: dict[str, str] = {}
+        self._routes: dict[str, bytes] = {}  # insecure rings: node id -> its last routing id
+        self._zap = (ZapHandler(self._context, self.admitted, MAX_CONNECTIONS_PER_ADDRESS)
+                     if key is not None else None)
         if key is not None:
             self.public_key, self._secret_key = zmq.curve_keypair()
+            tag = self.public_key
         else:
             self.public_key, self._secret_key = b"", b""
+            tag = secrets.token_hex(8).encode()
+        self.route = identity.encode() + ROUTE_SEPARATOR + tag
         try:
             self._router = self._socket(zmq.ROUTER)
             if key is not None:
@@ -178,6 +301,8 @@ class Transport:
             else:
                 self._router.bind(endpoint)
             self.endpoint = endpoint
+            if self._zap is not None:
+                self._zap.start(self._router)
             wake_address = f"inproc://wake-{id(self)}"
             self._wake_in = self._context.socket(zmq.PAIR)
             self._wake_in.bind(wake_address)
@@ -217,7 +342,7 @@ class Transport:
         self.disconnect(link)
         try:
             sock = self._socket(zmq.DEALER)
-            sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
+            sock.setsockopt(zmq.ROUTING_ID, self.route)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             if self.key is not None:
                 sock.curve_serverkey = curve_keypair(self.key, "server")[0]
@@ -281,9 +406,16 @@ class Transport:
         """One waiting message, without blocking, or None."""
         try:
             frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-            return Incoming(bytes(frames[0].bytes).decode("utf-8", "replace"), frames[1:],
+            route = frames[0].bytes
+            origin, tag = split_route(route)
+            if self.key is None and tag:
+                if origin not in self._routes and len(self._routes) >= MAX_TRACKED_CONNECTIONS:
+                    self._routes.pop(next(iter(self._routes)))
+                self._routes[origin] = route
+            return Incoming(origin, frames[1:],
                             peer_address=_frame_property(frames[-1], "Peer-Address"),
-                            user=_frame_property(frames[-1], "User-Id") if self.key else "")
+                            user=_frame_property(frames[-1], "User-Id") if self.key else "",
+                            tag=tag)
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
@@ -313,13 +445,26 @@ class Transport:
         return tracker if track else True
 
     def reply(self, origin: str, frames: list) -> bool:
-        """Answer a message that arrived on the ROUTER, over the same connection. Best effort:
-        returns False if it could not be queued."""
+        """Answer node ``origin`` over the connection it dialled us on. On a keyed ring only a
+        node whose key was admitted can be answered, at the connection that proved that key.
+        Best effort: returns False if it could not be queued."""
+        if self.key is not None:
+            key = self.admitted.get(origin)
+            route = origin.encode() + ROUTE_SEPARATOR + key.encode() if key else None
+        else:
+            route = self._routes.get(origin)
+        if route is None:
+            return False
         try:
-            self._router.send_multipart([origin.encode(), *frames], zmq.NOBLOCK)
+            self._router.send_multipart([route, *frames], zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False
+
+    def open_connections(self, address: str) -> int:
+        """Connections from ``address`` open on the listening socket now (keyed rings; 0
+        otherwise)."""
+        return self._zap.open_connections(address) if self._zap is not None else 0
 
     def send(self, link: str, frames: list, deadline: float) -> None:
         """Send, blocking until ``deadline`` (a ``time.monotonic()`` value)."""
