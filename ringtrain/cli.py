@@ -22,6 +22,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "allreduce-demo": ("ringtrain.local_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
+    "bench-recovery": ("ringtrain.recovery_bench",
+                       "time recovery after a SIGKILL (detect, re-form, redo) for N local nodes"),
     "demo": ("ringtrain.demo",
              "start N local nodes that train a digits classifier together, beside one alone"),
     "keygen": ("ringtrain.keygen", "write a new job key to a file (mode 0600); print its "
