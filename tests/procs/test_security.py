@@ -525,3 +525,13 @@ def test_nan_on_one_node_never_reaches_any_parameters():
         assert all(result["finite"]), result["finite"]
         assert [i for i, ok in enumerate(result["applied"], 1) if not ok] == [4]
         np.testing.assert_array_equal(result["params"], results[0]["params"])
+
+
+def test_bench_security_prints_both_timings_and_their_ratio(capsys):
+    from ringtrain import cli
+
+    assert cli.main(["bench-security", "--nodes", "2", "--sizes", "4096", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:3] == ["2", "4", "KiB"])
+    clear, curve, ratio = float(row.split()[3]), float(row.split()[5]), row.split()[7]
+    assert clear > 0 and curve > 0 and ratio.endswith("x")
