@@ -24,6 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
     "bench-recovery": ("ringtrain.recovery_bench",
                        "time recovery after a SIGKILL (detect, re-form, redo) for N local nodes"),
+    "bench-formation": ("ringtrain.formation_bench",
+                        "time from the last node's start to a formed ring, 4 and 8 nodes on an "
+                        "emulated LAN (root)"),
     "demo": ("ringtrain.demo",
              "start N local nodes that train a digits classifier together, beside one alone"),
     "keygen": ("ringtrain.keygen", "write a new job key to a file (mode 0600); print its "

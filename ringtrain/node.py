@@ -522,8 +522,18 @@ class Node:
             result = self._runner.run(collective, view, sequence, deadline, work.step)
         except CollectiveError as exc:
             suspect = exc.peer if isinstance(exc, PeerFailedError) else None
-            if isinstance(exc, PeerFailedError):
+            # Look for a laggard only when this node itself blamed a peer nobody suspected
+            # yet (a stall: then every healthy member's heartbeats report the stalled
+            # collective). Not when the collective was abandoned because the ring is
+            # re-forming (no peer), nor for a member already suspected, nor when another
+            # member aborted it naming whom it blames: heartbeat sequences are then up to a
+            # heartbeat old, and the "laggard" is just the member heard from last, healthy.
+            # Blaming it evicted healthy nodes when a joiner was admitted or a node left.
+            aborted = (view.generation, sequence) in self._mailbox.aborts
+            if isinstance(exc, PeerFailedError) and suspect is not None and not aborted \
+                    and suspect not in self._membership.suspects:
                 suspect = self._laggard(view) or suspect
+            if suspect is not None:
                 self._membership.suspect(suspect, str(exc))
             self._runner.abort_everyone(view, sequence, exc, suspect)
             work._finish(error=exc)

@@ -370,7 +370,11 @@ class Trainer:
                                     average_every=average_every, loss=loss,
                                     global_batch_size=global_batch_size))
         if joining:
-            self._sync_state()
+            try:
+                self._sync_state()
+            except PeerFailedError as exc:  # the ring changed again while admitting us
+                log.warning("state sync after joining failed (%s); re-forming", exc)
+                self._reform()
         elif self.checkpoint_dir is not None:
             self._resume(self.checkpoint_dir)
 

@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     # 4 training and tools built on a node
     "train": 4, "demo": 4, "local_demo": 4, "testing": 4, "integrations": 4,
     # 5 entry points
-    "cli": 5, "bench": 5, "__main__": 5, "run_node": 5, "peers": 5,
+    "cli": 5, "bench": 5, "__main__": 5, "run_node": 5, "peers": 5, "formation_bench": 5,
     "recovery_bench": 5, "keygen": 5,
     "security_bench": 5,
 }
