@@ -303,6 +303,9 @@ class RingRunner:
         self.messages_sent = 0
         self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
         self._codecs: dict[str, Codec] = {}
+        # peer -> time.monotonic() of its last accepted segment: a sign of life. A busy link's
+        # send queue is full of segments, so heartbeats on it are dropped; the data is not.
+        self.heard: dict[str, float] = {}
 
     def codec(self, compression: str | Codec | None) -> Codec | None:
         """The codec for a ``compression`` argument: a name gives this node's one codec of
@@ -472,6 +475,7 @@ class RingRunner:
                                   f"but only the predecessor {predecessor} sends to this node",
                                   peer=message.origin, generation=view.generation,
                                   collective=sequence)
+        self.heard[message.origin] = time.monotonic()
         if header.digest != collective.digest:
             theirs = "a different collective"
             if message.descriptor is not None:

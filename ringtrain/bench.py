@@ -1,0 +1,460 @@
+"""``ringtrain bench``: all-reduce time, algbw and busbw per size, in the style of nccl-tests,
+side by side with torch.distributed's Gloo (and MPI when mpi4py is there), in one run.
+
+    ringtrain bench                                   # loopback, 4 nodes, keyed (encrypted)
+    ringtrain bench --insecure                        # loopback without encryption
+    ringtrain bench --where lan --rate 1000 --sizes 64M --repeats 5
+    ringtrain bench --where lan --rate 1000 --compression int8 --sizes 64M
+    ringtrain bench --where lan --rate 1000 --slow-node 3 --slow-rate 100
+    ringtrain bench --quick                           # a check that takes under a minute
+
+Method (see ../shared/research/perf-baselines.md): every run starts N fresh worker processes
+(in N network namespaces for ``--where lan``), and for each size times ``iterations``
+all-reduces, each after a barrier; an iteration's time is the slowest rank's. A run's time is
+the median of its iterations. ringtrain and Gloo runs alternate (``--repeats`` pairs), and
+the table shows the median and the best of the runs' times. algbw = bytes / time; busbw =
+algbw x 2(N-1)/N. With compression, bytes are the uncompressed bytes (effective busbw).
+Memory: each worker's peak RSS growth while running a size, beyond its input buffer, over
+the buffer's bytes (so a node's total is 1 + that, plus fixed buffers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, RingtrainError
+from .security import JobKey
+
+DEFAULT_SIZES = "4K,64K,1M,16M,64M,256M"
+QUICK_SIZES = "4K,1M,16M"
+LOOPBACK_ESTIMATE_BPS = 0.5e9  # bytes/s a loopback ring of 4 moves; only to pick iterations
+RUN_TIMEOUT = 600.0
+RINGTRAIN_PORT, GLOO_PORT = 29600, 29700  # inside namespaces every node has its own ports
+
+
+def parse_size(text: str) -> int:
+    """``4K`` → 4096, ``64M`` → 67108864, ``1G``; plain numbers are bytes."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        if text and text[-1] in units:
+            value = int(float(text[:-1]) * units[text[-1]])
+        else:
+            value = int(text)
+    except ValueError:
+        raise ConfigError(f"size {text!r} is not like 4K, 64M or 1G") from None
+    if value < 4 or value % 4:
+        raise ConfigError(f"size {text!r} must be a positive multiple of 4 bytes (float32)")
+    return value
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the subcommand."""
+    parser.add_argument("-n", "--nodes", type=int, default=4, help="nodes (default 4)")
+    parser.add_argument("--sizes", default=None,
+                        help=f"comma-separated buffer sizes (default {DEFAULT_SIZES}; "
+                             f"--quick: {QUICK_SIZES})")
+    parser.add_argument("--where", choices=("loopback", "lan"), default="loopback",
+                        help="local processes on 127.0.0.1, or an emulated LAN of network "
+                             "namespaces (Linux, root)")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="--where lan: link rate in Mbit/s (default 1000)")
+    parser.add_argument("--slow-node", type=int, default=None,
+                        help="--where lan: shape this node's link to --slow-rate")
+    parser.add_argument("--slow-rate", type=float, default=100.0,
+                        help="Mbit/s of the slow node's link (default 100)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of each backend, interleaved (default 5 on lan, 3 on "
+                             "loopback, 1 with --quick)")
+    parser.add_argument("--target-s", type=float, default=None,
+                        help="seconds of timed iterations per size and run (default 1, "
+                             "--quick 0.2)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="loopback only: no job key, no encryption (shows its cost)")
+    parser.add_argument("--compression", default="none",
+                        help="none, fp16, int8, topk or topk:RATIO (effective busbw)")
+    parser.add_argument("--baselines", default="gloo,mpi",
+                        help="comma-separated: gloo, mpi, or none (default gloo,mpi)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of under a minute: few sizes, one repeat, short timing")
+    parser.add_argument("--json", default=None, help="also write every measurement here")
+
+
+# timing, shared by every backend ----------------------------------------------------------------
+
+def measure(op: Callable[[], Any], barrier: Callable[[], Any], warmup: int, iterations: int
+            ) -> dict:
+    """Run ``op`` ``warmup`` times untimed, then ``iterations`` times, each after a barrier;
+    also the peak RSS growth while doing so (bytes)."""
+    for _ in range(warmup):
+        barrier()
+        op()
+    times = []
+    for _ in range(iterations):
+        barrier()
+        start = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - start)
+    return {"times": times}
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark of this process; returns the current RSS (bytes)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss("VmRSS")
+
+
+def _rss(field_name: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def iterations_for(size: int, world_size: int, bytes_per_s: float, target_s: float) -> int:
+    """Timed iterations of one size: about ``target_s`` seconds, between 3 and 50."""
+    estimate = 2 * (world_size - 1) / world_size * size / bytes_per_s + 1e-3
+    return int(min(50, max(3, target_s / estimate)))
+
+
+# workers ---------------------------------------------------------------------------------------
+
+def _ringtrain_worker(config: dict) -> dict:
+    from .config import Settings
+    from .node import Node
+
+    key = None if config["insecure"] else JobKey.from_hex(os.environ["RINGTRAIN_BENCH_KEY"])
+    addresses = config["addresses"]
+    rank = config["rank"]
+    with Node(addresses, listen=addresses[rank], job="bench", node_id=f"bench-{rank:02d}",
+              key=key, insecure=config["insecure"],
+              settings=Settings.from_env(collective_timeout=300.0)) as node:
+        out = {}
+        for size in config["sizes"]:
+            data = np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32)
+            base = _reset_peak_rss()
+            compression = None if config["compression"] == "none" else config["compression"]
+
+            def op(data: np.ndarray = data, compression: str | None = compression) -> None:
+                node.all_reduce(data, compression=compression)
+
+            result = measure(op, node.barrier, config["warmup"],
+                             config["iterations"][str(size)])
+            result["peak_rss_growth"] = _rss("VmHWM") - base
+            out[size] = result
+            del data
+        node.barrier()
+        return out
+
+
+def _gloo_worker(config: dict) -> dict:
+    from .integrations.baselines import gloo_worker
+
+    def measure_with_rss(op: Callable, barrier: Callable, warmup: int, iters: int) -> dict:
+        base = _reset_peak_rss()
+        result = measure(op, barrier, warmup, iters)
+        result["peak_rss_growth"] = _rss("VmHWM") - base
+        return result
+
+    iterations = config["iterations"]
+    return gloo_worker(config["rank"], len(config["addresses"]), config["master"],
+                       config["sizes"], lambda size: iterations[str(size)], config["warmup"],
+                       measure_with_rss)
+
+
+def worker_main(argv: list[str]) -> int:
+    """``python -m ringtrain.bench worker CONFIG_JSON``: one rank of one run; prints JSON."""
+    config = json.loads(argv[0])
+    if config["backend"] == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", config["interface"])
+        out = _gloo_worker(config)
+    else:
+        out = _ringtrain_worker(config)
+    print("RESULT " + json.dumps({str(k): v for k, v in out.items()}), flush=True)
+    return 0
+
+
+# the parent ------------------------------------------------------------------------------------
+
+@dataclass
+class Series:
+    """One backend's runs: per size, each run's median iteration time."""
+
+    name: str
+    runs: dict[int, list[float]] = field(default_factory=dict)
+    memory: dict[int, int] = field(default_factory=dict)  # largest peak RSS growth seen
+    skipped: str = ""
+
+    def add(self, size: int, time_s: float, peak: int) -> None:
+        self.runs.setdefault(size, []).append(time_s)
+        self.memory[size] = max(self.memory.get(size, 0), peak)
+
+    def median(self, size: int) -> float | None:
+        runs = self.runs.get(size)
+        return statistics.median(runs) if runs else None
+
+    def best(self, size: int) -> float | None:
+        runs = self.runs.get(size)
+        return min(runs) if runs else None
+
+
+class Launcher:
+    """Starts the N workers of one run, on loopback or in the namespaces of an emulated LAN."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.n = args.nodes
+        self.lan = None
+        if args.where == "lan":
+            from .netns import EmulatedLan
+
+            self.lan = EmulatedLan(self.n, rate_mbit=args.rate)
+            if args.slow_node is not None:
+                self.lan.set_rate(args.slow_node, args.slow_rate)
+        self.key = JobKey.generate()
+        self.round = 0
+
+    def hosts(self) -> list[str]:
+        if self.lan is None:
+            return ["127.0.0.1"] * self.n
+        return [self.lan.address(i) for i in range(self.n)]
+
+    def ports(self, base: int) -> list[int]:
+        self.round += 1
+        if self.lan is None:
+            from .testing import free_ports
+
+            return free_ports(self.n)
+        # fresh ports every run: the last run's connections may linger in TIME_WAIT
+        return [base + self.round] * self.n
+
+    def run(self, backend: str, sizes: list[int], iterations: dict[str, int]) -> list[dict]:
+        """One run of ``backend``; each rank's measurements."""
+        hosts = self.hosts()
+        ports = self.ports(RINGTRAIN_PORT if backend == "ringtrain" else GLOO_PORT)
+        common = {"backend": backend, "sizes": sizes, "iterations": iterations,
+                  "warmup": 2, "insecure": self.args.insecure,
+                  "compression": self.args.compression,
+                  "addresses": [f"{h}:{p}" for h, p in zip(hosts, ports)],
+                  "master": f"{hosts[0]}:{ports[0]}",
+                  "interface": "lo" if self.lan is None else "eth0"}
+        env = {**os.environ, "RINGTRAIN_BENCH_KEY": self.key.hex(), "OMP_NUM_THREADS": "1"}
+        processes = []
+        for rank in range(self.n):
+            argv = [sys.executable, "-m", "ringtrain.bench", "worker",
+                    json.dumps({**common, "rank": rank})]
+            if self.lan is None:
+                process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True, env=env)
+            else:
+                process = self.lan.popen(rank, argv, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, env=env)
+            processes.append(process)
+        results, problems = [], []
+        deadline = time.monotonic() + RUN_TIMEOUT
+        for rank, process in enumerate(processes):
+            try:
+                stdout, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for p in processes:
+                    p.kill()
+                stdout, stderr = process.communicate()
+                problems.append(f"{backend} rank {rank}: no result in {RUN_TIMEOUT:.0f} s")
+                continue
+            lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+            if process.returncode != 0 or not lines:
+                problems.append(f"{backend} rank {rank} failed ({process.returncode}): "
+                                f"{stderr.strip()[-2000:]}")
+                continue
+            results.append({int(k): v for k, v in json.loads(lines[-1][7:]).items()})
+        if problems:
+            raise RingtrainError("benchmark run failed:\n" + "\n".join(problems))
+        return results
+
+    def close(self) -> None:
+        if self.lan is not None:
+            self.lan.close()
+
+
+def _mpi_status() -> str:
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("mpi4py") is None:
+            return "skipped: mpi4py is not installed"
+    except (ImportError, ValueError):
+        return "skipped: mpi4py is not importable"
+    return "skipped: the MPI baseline is not implemented in this benchmark yet"
+
+
+def _record(series: Series, sizes: list[int], per_rank: list[dict]) -> None:
+    for size in sizes:
+        per_iteration = np.max([r[size]["times"] for r in per_rank], axis=0)
+        series.add(size, float(np.median(per_iteration)),
+                   max(r[size]["peak_rss_growth"] for r in per_rank))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the table."""
+    if args.nodes < 2:
+        raise ConfigError("a benchmark needs at least 2 nodes")
+    if args.where == "lan" and args.insecure:
+        raise ConfigError("--insecure is for loopback only")
+    if args.slow_node is not None and not (args.where == "lan" and 0 <= args.slow_node < args.nodes):
+        raise ConfigError("--slow-node needs --where lan and a node index below --nodes")
+    from .compression import get_codec
+
+    get_codec(None if args.compression == "none" else args.compression)  # fail early
+    sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else
+                                                    DEFAULT_SIZES)).split(",")]
+    repeats = args.repeats or (1 if args.quick else 5 if args.where == "lan" else 3)
+    target_s = args.target_s or (0.2 if args.quick else 1.0)
+    baselines = {b.strip() for b in args.baselines.split(",")} - {"none", ""}
+    unknown = baselines - {"gloo", "mpi"}
+    if unknown:
+        raise ConfigError(f"unknown baselines {sorted(unknown)}: use gloo, mpi or none")
+    rate_bps = args.rate * 1e6 / 8 if args.where == "lan" else LOOPBACK_ESTIMATE_BPS
+    if args.slow_node is not None:
+        rate_bps = min(rate_bps, args.slow_rate * 1e6 / 8)
+    iterations = {str(s): iterations_for(s, args.nodes, rate_bps, target_s) for s in sizes}
+
+    ours = Series("ringtrain")
+    gloo = Series("gloo")
+    mpi = Series("mpi", skipped=_mpi_status() if "mpi" in baselines else "")
+    if "gloo" in baselines:
+        from .integrations.baselines import torch_available
+
+        if not torch_available():
+            gloo.skipped = "skipped: torch with Gloo is not importable"
+    else:
+        gloo.skipped = "not asked for"
+    started = time.monotonic()
+    launcher = Launcher(args)
+    try:
+        for repeat in range(repeats):
+            _record(ours, sizes, launcher.run("ringtrain", sizes, iterations))
+            if not gloo.skipped:
+                _record(gloo, sizes, launcher.run("gloo", sizes, iterations))
+            print(f"run {repeat + 1}/{repeats} done ({time.monotonic() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
+    finally:
+        launcher.close()
+    print(report(args, sizes, repeats, ours, gloo, mpi))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "sizes": sizes, "iterations": iterations,
+                       "ringtrain": ours.runs, "gloo": gloo.runs, "memory": ours.memory,
+                       "gloo_memory": gloo.memory}, f, indent=1, default=str)
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["ringtrain bench", f"-n {args.nodes}", f"--where {args.where}"]
+    if args.where == "lan":
+        parts.append(f"--rate {args.rate:g}")
+        if args.slow_node is not None:
+            parts.append(f"--slow-node {args.slow_node} --slow-rate {args.slow_rate:g}")
+    if args.sizes:
+        parts.append(f"--sizes {args.sizes}")
+    if args.repeats:
+        parts.append(f"--repeats {args.repeats}")
+    if args.target_s:
+        parts.append(f"--target-s {args.target_s:g}")
+    if args.insecure:
+        parts.append("--insecure")
+    if args.compression != "none":
+        parts.append(f"--compression {args.compression}")
+    if args.baselines != "gloo,mpi":
+        parts.append(f"--baselines {args.baselines}")
+    if args.quick:
+        parts.append("--quick")
+    return " ".join(parts)
+
+
+def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Series,
+           gloo: Series, mpi: Series) -> str:
+    """The results as a markdown table, with the command that reproduces it."""
+    n = args.nodes
+    factor = 2 * (n - 1) / n
+    lan = args.where == "lan"
+    link = args.rate * 1e6 if lan else None
+    if lan and args.slow_node is not None:
+        link = min(link, args.slow_rate * 1e6)
+    security = "no encryption (--insecure)" if args.insecure else "CURVE-encrypted (keyed)"
+    where = (f"emulated LAN, {n} namespaces, links {args.rate:g} Mbit/s"
+             + (f", node {args.slow_node} at {args.slow_rate:g} Mbit/s"
+                if args.slow_node is not None else "") if lan else f"loopback, {n} processes")
+    effective = " (effective: uncompressed bytes / time)" if args.compression != "none" else ""
+    lines = [f"`{command_line(args)}`", "",
+             f"{where}; ringtrain {security}, compression {args.compression}; float32 sum; "
+             f"{repeats} interleaved run(s) per backend, each the median of its iterations "
+             f"(an iteration = slowest rank, after a barrier){effective}.", ""]
+    unit = "Gbit/s" if lan else "GB/s"
+
+    def bw(size: int, t: float | None) -> str:
+        if t is None:
+            return "-"
+        busbw = size / t * factor
+        if lan:
+            text = f"{busbw * 8 / 1e9:.3f}"
+            return text + f" ({busbw * 8 / link:.2f}x link)"
+        return f"{busbw / 1e9:.3f}"
+
+    header = (f"| size | ringtrain median ms | best ms | busbw {unit} median | best | "
+              f"peak RSS / bytes |")
+    rule = "|---|---|---|---|---|---|"
+    if not gloo.skipped:
+        header += f" gloo median ms | gloo busbw {unit} | ringtrain / gloo (busbw) |"
+        rule += "---|---|---|"
+    lines += [header, rule]
+    for size in sizes:
+        t, b = ours.median(size), ours.best(size)
+        row = (f"| {format_size(size)} | {t * 1e3:.3f} | {b * 1e3:.3f} | {bw(size, t)} | "
+               f"{bw(size, b)} | {ours.memory.get(size, 0) / size:.2f} |")
+        if not gloo.skipped:
+            g = gloo.median(size)
+            row += f" {g * 1e3:.3f} | {bw(size, g)} | {g / t:.2f} |"
+        lines.append(row)
+    lines.append("")
+    if gloo.skipped:
+        lines.append(f"Gloo: {gloo.skipped}.")
+    if mpi.skipped:
+        lines.append(f"MPI: {mpi.skipped}.")
+    lines.append("algbw = size / time; busbw = algbw x 2(N-1)/N. ratio > 1: ringtrain faster. "
+                 "peak RSS / bytes: the largest peak RSS growth of a worker while running "
+                 "that size, beyond its input buffer, over the buffer's bytes.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "worker":
+        sys.exit(worker_main(sys.argv[2:]))
+    from .cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))
