@@ -486,6 +486,10 @@ class Node:
     def _service(self, view: View) -> tuple[str, str | None] | None:
         """Runs between segments of a collective: keep membership alive, and abandon the
         collective if the ring is changing under it."""
+        for peer_id, when in self._runner.heard.items():  # data is a sign of life too
+            peer = self._membership.peers.get(peer_id)
+            if peer is not None and when > peer.last_heard:
+                peer.last_heard = when
         self._serve_membership()
         membership = self._membership
         suspects = membership.suspects & set(view.members)
