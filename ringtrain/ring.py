@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import permutations
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,65 @@ class Hop:
 def ring_order(member_ids: Sequence[str]) -> list[str]:
     """The ring order of a member set: sorted ids, so every member computes the same ring."""
     return sorted(member_ids)
+
+
+BRUTE_FORCE_MAX = 8  # up to this many members every ring is tried (7! = 5040 orders)
+
+
+def fastest_ring_order(member_ids: Sequence[str], bandwidth: Sequence[Sequence[float]]
+                       ) -> list[str]:
+    """The ring order whose slowest link is fastest, from measured pairwise bandwidth.
+
+    A ring all-reduce sends the same bytes over every link in lockstep, so it runs at the
+    pace of its slowest link: what matters is the bottleneck, then the next slowest link,
+    and so on. Up to ``BRUTE_FORCE_MAX`` members every ring is compared on its link
+    bandwidths sorted ascending (lexicographically largest wins; ties go to the order that
+    sorts first, so every member that has the same matrix computes the same ring). Beyond
+    that a greedy walk: from the lowest id, always to the fastest unvisited peer.
+
+    Args:
+        member_ids: the members, in any order.
+        bandwidth: ``bandwidth[i][j]`` is the measured rate from ``sorted(member_ids)[i]`` to
+            ``sorted(member_ids)[j]`` (any unit; the diagonal is ignored).
+
+    Returns:
+        the members in ring order, starting with the lowest id.
+
+    Raises:
+        ValueError: the matrix is not n x n, or holds a negative or non-finite rate.
+    """
+    ids = sorted(member_ids)
+    n = len(ids)
+    if len(bandwidth) != n or any(len(row) != n for row in bandwidth):
+        raise ValueError(f"bandwidth must be a {n} x {n} matrix")
+    for i, row in enumerate(bandwidth):
+        for j, rate in enumerate(row):
+            if i != j and not (rate >= 0 and rate != float("inf")):
+                raise ValueError(f"bandwidth from {ids[i]} to {ids[j]} is {rate!r}")
+    if n <= 2:
+        return ids
+    if n <= BRUTE_FORCE_MAX:
+        best_key, best_order = None, None
+        for rest in permutations(range(1, n)):
+            order = (0, *rest)
+            key = sorted(bandwidth[order[k]][order[(k + 1) % n]] for k in range(n))
+            if best_key is None or key > best_key:
+                best_key, best_order = key, order
+        assert best_order is not None
+        return [ids[k] for k in best_order]
+    order, left = [0], set(range(1, n))
+    while left:
+        here = order[-1]
+        step = max(sorted(left), key=lambda j: bandwidth[here][j])  # first of equals wins
+        order.append(step)
+        left.remove(step)
+    return [ids[k] for k in order]
+
+
+def bottleneck(order: Sequence[int], bandwidth: Sequence[Sequence[float]]) -> float:
+    """The slowest link of a ring given as indexes into ``bandwidth``."""
+    n = len(order)
+    return min(bandwidth[order[k]][order[(k + 1) % n]] for k in range(n))
 
 
 def successor(rank: int, world_size: int) -> int:

@@ -337,3 +337,58 @@ def test_all_reduce_property(n, length, segment, seed):
              zero_copy=True, rng=random.Random(seed))
     for buffer in buffers:
         np.testing.assert_array_equal(buffer, np.sum(data, axis=0))
+
+
+# ring order from measured bandwidth -----------------------------------------------------------
+
+def _matrix(n, rate=1000.0):
+    return [[0.0 if i == j else rate for j in range(n)] for i in range(n)]
+
+
+def test_fastest_ring_order_avoids_a_slow_pair():
+    # a and c are joined by a slow link both ways: the sorted ring a-b-c-d-a does not use
+    # it either, but a-c-b-d-a would; and a slow b->c forces b and c apart in that direction
+    bw = _matrix(4)
+    bw[1][2] = 100.0  # b -> c is slow
+    order = ring.fastest_ring_order(["d", "c", "b", "a"], bw)
+    assert order[0] == "a"
+    links = list(zip(order, order[1:] + order[:1]))
+    assert ("b", "c") not in links
+    index = {m: i for i, m in enumerate("abcd")}
+    assert ring.bottleneck([index[m] for m in order], bw) == 1000.0
+
+
+def test_fastest_ring_order_two_sites():
+    # two sites of three machines each, fast inside a site, slow between them: the best ring
+    # crosses between sites exactly twice (any ring must cross at least twice)
+    sites = [0, 0, 0, 1, 1, 1]
+    bw = [[0.0 if i == j else (1000.0 if sites[i] == sites[j] else 50.0) for j in range(6)]
+          for i in range(6)]
+    bw[3][0] = bw[0][3] = 80.0  # one cross link is a little better
+    ids = [f"n{i}" for i in range(6)]
+    order = ring.fastest_ring_order(ids, bw)
+    idx = [ids.index(m) for m in order]
+    crossings = sum(sites[idx[k]] != sites[idx[(k + 1) % 6]] for k in range(6))
+    assert crossings == 2
+    assert ring.bottleneck(idx, bw) == 50.0  # the two crossings: 80 is used, 50 unavoidable
+    assert (0, 3) in zip(idx, idx[1:] + idx[:1]) or (3, 0) in zip(idx, idx[1:] + idx[:1])
+
+
+def test_fastest_ring_order_is_deterministic_and_checks_its_input():
+    bw = _matrix(5)
+    assert ring.fastest_ring_order(list("edcba"), bw) == list("abcde")  # ties: sorted order
+    assert ring.fastest_ring_order(["x"], [[0.0]]) == ["x"]
+    with pytest.raises(ValueError):
+        ring.fastest_ring_order(["a", "b"], [[0.0]])
+    with pytest.raises(ValueError):
+        ring.fastest_ring_order(["a", "b"], [[0.0, -1.0], [1.0, 0.0]])
+
+
+def test_fastest_ring_order_greedy_for_many_members():
+    n = 12
+    bw = _matrix(n)
+    for j in range(n):
+        bw[0][j] = 10.0 if j else 0.0  # node 0 sends slowly to everyone but node 5
+    bw[0][5] = 900.0
+    order = ring.fastest_ring_order([f"m{i:02d}" for i in range(n)], bw)
+    assert order[:2] == ["m00", "m05"] and sorted(order) == [f"m{i:02d}" for i in range(n)]
