@@ -85,6 +85,7 @@ Loss = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
 SPEED_SMOOTHING = 0.3  # weight of the newest step in the throughput average: adapts in ~3 shares
 FACT_BYTES = 64  # each agreement fact travels as this many UTF-8 bytes (a hex SHA-256 fits)
 PROGRESS_FILE = "progress.json"
+REFORM_ROUND = 2.0  # seconds per attempt to re-form; attempts repeat until rejoin_timeout
 
 
 class NonFiniteGradientError(RingtrainError):
@@ -99,6 +100,11 @@ class NonFiniteGradientError(RingtrainError):
         self.step = step
         self.generation = generation
         super().__init__(message)
+
+
+class LeftRing(RingtrainError):
+    """This node left the ring on request (:meth:`Trainer.request_leave`) before it could
+    finish a step; :meth:`Trainer.fit` catches it and returns."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,8 @@ class DistributedOptimizer:
         flag after the same step, so they all re-form at the same point."""
         self.leaving = False
         """Set to ask the others, through the next step, to re-form without this node."""
+        self.leave_announced = False
+        """Whether a completed step carried :attr:`leaving` to the others: now we may go."""
         # weight x gradient, weight x loss, weight, non-finite flag, re-form flag: one buffer,
         # one all-reduce (a sum: the flags must count whatever the weights)
         self._buffer = np.empty(self.params.size + 4, dtype=self.params.dtype)
@@ -221,8 +229,10 @@ class DistributedOptimizer:
                         self.node.rank, self.steps + 1, self.node.generation)
             self._buffer[:n + 2] = 0
             self._buffer[n + 2] = 1
-        self._buffer[n + 3] = 1 if (self.leaving or self.node.reform_due) else 0
+        leaving = self.leaving  # read once: a signal may set it while this step runs
+        self._buffer[n + 3] = 1 if (leaving or self.node.reform_due) else 0
         reduced = self.node.all_reduce(self._buffer, op="sum", timeout=self.timeout)
+        self.leave_announced = leaving
         self.steps += 1
         self.reform_agreed = bool(reduced[n + 3] != 0)
         total = reduced[n + 1]
@@ -407,7 +417,7 @@ class Trainer:
                             self.node.rank, self.step_count + 1, exc)
                 self._reform()
                 continue
-            if self.optimizer.reform_agreed and not self.optimizer.leaving:
+            if self.optimizer.reform_agreed and not self.optimizer.leave_announced:
                 self._reform()
             return report
 
@@ -453,9 +463,11 @@ class Trainer:
     def _reform(self) -> None:
         """Re-form the ring, then make every member's state that of the most advanced one."""
         deadline = time.monotonic() + self.rejoin_timeout
+        waited = False
         while True:
             try:
-                view = self.node.reform(timeout=max(1.0, min(self.node.settings.reform_timeout,
+                # short rounds, so a request to leave is noticed while no ring can form
+                view = self.node.reform(timeout=max(1.0, min(REFORM_ROUND,
                                                              deadline - time.monotonic())))
                 self.reforms += 1
                 log.info("rank %d: ring re-formed as generation %d with %d members",
@@ -467,7 +479,13 @@ class Trainer:
             except MembershipError as exc:
                 if time.monotonic() >= deadline:
                     raise
-                log.warning("still waiting for the ring to re-form: %s", exc)
+                if not waited:
+                    log.warning("waiting for the ring to re-form (up to %.0f s): %s",
+                                self.rejoin_timeout, exc)
+                    waited = True
+            if self.optimizer.leaving:  # asked to leave while no ring could form: just go
+                raise LeftRing(f"left the ring on request at step {self.step_count}, "
+                               f"while it was re-forming")
 
     def _sync_state(self) -> None:
         """After a membership change: every member adopts the state of the member furthest
@@ -508,10 +526,17 @@ class Trainer:
         report = None
         while self.position.epoch < epochs and (max_steps is None
                                                 or self.step_count < max_steps):
-            report = self.step()
+            try:
+                report = self.step()
+            except LeftRing as exc:
+                log.info("%s", exc)
+                self.node.leave()
+                return report
             if on_step is not None:
                 on_step(report)
-            if self.optimizer.leaving:
+            # go once a step told the others (local SGD has no per-step message: go now)
+            if self.optimizer.leave_announced or (self.optimizer.leaving
+                                                  and self.average_every > 1):
                 self.node.leave()
                 return report
         if self._local_steps:
