@@ -133,7 +133,7 @@ def _check_op(op: str, dtype: np.dtype, weight: float | None) -> None:
 
 def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, world_size: int,
                segment_elements: Callable[[np.dtype], int], codec: Codec | None = None,
-               feedback_key: Any = None) -> Collective:
+               feedback_key: Any = None, owned: bool = False) -> Collective:
     """Reduce a list of arrays (fused into one buffer) across the ring.
 
     With ``op="mean"`` and a ``weight``, each node's arrays are scaled by its weight and the
@@ -144,12 +144,22 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
     same on every node, within the codec's error of the exact reduction. With error feedback,
     the codec keeps this node's residual under ``feedback_key`` (default: the descriptor, i.e.
     the shapes, dtype and op) and adds it to the next call with that key.
+
+    ``owned``: the caller hands over its arrays (a private copy): a single contiguous
+    native-order array then becomes the working buffer itself, saving a copy of the whole
+    gradient in time and memory.
     """
     arrays = _as_arrays(arrays)
     if not arrays:
         raise ConfigError("all_reduce needs at least one array")
     weighted = weight is not None
-    buffer, dtype = _flat_copy(arrays, extra=1 if weighted else 0)
+    first = arrays[0]
+    if (owned and len(arrays) == 1 and not weighted and first.flags.c_contiguous
+            and first.flags.writeable and first.dtype.isnative and first.size > 0):
+        buffer, dtype = first.reshape(-1), first.dtype
+        _flat_copy([buffer[:0]])  # the same dtype checks, on no data
+    else:
+        buffer, dtype = _flat_copy(arrays, extra=1 if weighted else 0)
     _check_op(op, dtype, weight)
     shapes = [tuple(a.shape) for a in arrays]
     if weighted:

@@ -325,7 +325,7 @@ class Node:
         codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: _single(
             collectives.all_reduce([array], op, weight, rank, size,
-                                   self._runner.segment_elements, codec)), timeout)
+                                   self._runner.segment_elements, codec, owned=True)), timeout)
 
     def all_reduce_many(self, arrays: Sequence[Any], op: str = "sum",
                         weight: float | None = None, timeout: float | None = None,
