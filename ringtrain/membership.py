@@ -127,6 +127,7 @@ class Membership:
     reforming: bool = False  # a view change is under way
     evicted: bool = False  # the others moved on without us: we must join as a new member
     joined: bool = False  # the installed view admitted us into a ring that was running
+    leaving: bool = False  # we leave after the current step: take part in no view change
     suspects: set[str] = field(default_factory=set)
     reborn: set[str] = field(default_factory=set)  # members that restarted: joiners again
     _probes: set[str] = field(default_factory=set)  # links named by endpoint, not identified
@@ -207,7 +208,7 @@ class Membership:
             return
         self._last_resend = now
         self._hello_unlinked()
-        if self.view is None or self.reforming or self.evicted:
+        if (self.view is None or self.reforming or self.evicted) and not self.leaving:
             self._agree()
 
     def _heartbeat(self) -> None:
@@ -536,6 +537,11 @@ class Membership:
                                 members, message.origin)
         self._highest_generation = max(self._highest_generation, generation)
         peer.proposal = (generation, members)
+        if self.leaving:
+            # Agreeing now would put us in a view we are about to leave: the others would
+            # install it and fail their next collective. Unanswered, they wait for our
+            # LEAVE (or our silence) and propose again without us.
+            return
         current = self.view.generation if self.view else 0
         if generation <= current or self.node_id not in members:
             return  # stale, or a ring without us (we learn of it by heartbeats)

@@ -398,6 +398,12 @@ class Node:
             raise outcome[0]
         return outcome[0]
 
+    def prepare_leave(self) -> None:
+        """Take no part in view changes from now on: this node leaves once the others know
+        (the training layer calls this before the step that tells them), so no view they
+        agree on can still include it."""
+        self._membership.leaving = True
+
     def leave(self) -> None:
         """Leave the ring on purpose: tell the members (so they re-form at once rather than
         after a timeout), then close."""

@@ -508,6 +508,7 @@ class Trainer:
         """Leave after the next step: the others learn it through that step and re-form
         without this node, so no step fails. Then :meth:`fit` returns and the node closes."""
         self.optimizer.leaving = True
+        self.node.prepare_leave()
 
     def fit(self, epochs: int, on_step: Callable[[StepReport], None] | None = None,
             max_steps: int | None = None) -> StepReport | None:
