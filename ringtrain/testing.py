@@ -190,7 +190,7 @@ class LocalCluster:
             ClusterFailed: a node raised, died or hung; the message has every report.
         """
         try:
-            for child, pipe in zip(self._children, self._pipes):
+            for child, pipe in zip(self._children, self._pipes, strict=True):
                 remaining = max(0.0, self._deadline - time.time())
                 if pipe.poll(remaining):
                     try:

@@ -31,7 +31,6 @@ import pytest
 from ringtrain import collectives
 from ringtrain.config import Settings
 from ringtrain.datasets import load_digits
-from ringtrain.errors import PeerFailedError
 from ringtrain.nn import Dense, Sequential, Tanh, softmax_cross_entropy
 from ringtrain.node import Node
 from ringtrain.optim import SGD
@@ -126,6 +125,7 @@ def train(node: Node, plan: dict) -> dict:
     written to ``<out>/target``), acting out the plan's event for this node."""
     out = Path(plan["out"])
     me = node.node_id
+    first_view = {"generation": node.generation, "joined": node.joined_running_ring}
     recorder = _Recorder(out / f"{me}.log")
     logging.getLogger("ringtrain").addHandler(recorder)
     logging.getLogger("ringtrain").setLevel(logging.INFO)
@@ -164,7 +164,7 @@ def train(node: Node, plan: dict) -> dict:
             armed["on"] = True
         if plan.get("leave", {}).get("node") == me and report.step == plan["leave"]["step"]:
             trainer.request_leave()
-        elif trainer.optimizer.leaving:
+        elif trainer.optimizer.leave_announced:  # the others know: go (as Trainer.fit does)
             node.leave()
             break
         time.sleep(plan.get("pace", 0.0))
@@ -174,7 +174,8 @@ def train(node: Node, plan: dict) -> dict:
             "hash": trainer.version.content_hash, "generation": node.generation,
             "members": node.members, "reforms": trainer.reforms, "lost": trainer.lost_steps,
             "start": start, "hashes": hashes, "step_times": step_times, "views": views,
-            "joined_seen": joined_seen, "membership": membership, "log": recorder.lines,
+            "joined_seen": joined_seen, "first_view": first_view, "membership": membership,
+            "log": recorder.lines,
             "dropped": node.state()["dropped"]}
 
 
@@ -204,11 +205,19 @@ def _wait(condition, timeout: float, what: str, cluster: LocalCluster) -> None:
 
 
 def _assert_same_everywhere(results: list[dict]) -> None:
+    """Bit-identical at the end, and at every step one model: every node that held step s
+    held the same content hash for it (a step applied twice or on a stale state would not)."""
     first = results[0]
     for other in results[1:]:
         assert (other["step"], other["position"], other["hash"]) == \
             (first["step"], first["position"], first["hash"]), (first["node"], other["node"])
         np.testing.assert_array_equal(other["params"], first["params"])
+    by_step: dict[int, set[str]] = {}
+    for result in results:
+        for step, digest in result["hashes"].items():
+            by_step.setdefault(step, set()).add(digest)
+    diverged = {step: digests for step, digests in by_step.items() if len(digests) > 1}
+    assert not diverged, f"two models under one step: {diverged}"
 
 
 def _assert_equals_reference(results: list[dict], reference: dict) -> float:
@@ -340,7 +349,8 @@ def test_a_node_joining_mid_training_gets_everyones_state_before_contributing(tm
     _assert_same_everywhere(results)
     joiner = results[3]
     start = joiner["start"]
-    assert start["joined"] and start["step"] > 0, start
+    # admitted into the running ring (not a fresh start): its state came from the members
+    assert joiner["first_view"]["joined"] and start["step"] > 0, (joiner["first_view"], start)
     for member in results[:3]:
         assert member["hashes"][start["step"]] == start["hash"], member["node"]
     print(f"\njoiner {joiner['node']} started with the members' state of step {start['step']} "
@@ -387,7 +397,7 @@ def test_below_min_size_the_job_waits_with_a_clear_message_then_resumes(tmp_path
     waiting = [line for line in results[0]["log"] if message in line]
     print(f"\nbelow min_size: {waiting[0]!r}; resumed at step {stuck_at + 1} when "
           f"{node_id(victim)} came back; max |param diff| vs one process {difference:.2g}")
-    assert results[3]["start"]["joined"]
+    assert results[3]["first_view"]["joined"] and results[3]["start"]["step"] > 0
 
 
 def test_a_restarted_node_is_a_new_member_and_its_old_incarnation_is_fenced_off(tmp_path):
@@ -408,8 +418,8 @@ def test_a_restarted_node_is_a_new_member_and_its_old_incarnation_is_fenced_off(
               "the new incarnation to join and train", cluster)
         os.kill(zombie.pid, signal.SIGCONT)
         woken = _progress(tmp_path, 0)["step"]
-        _wait(lambda: _progress(tmp_path, 0)["step"] >= woken + 40, 30,
-              "40 more steps with the old incarnation awake", cluster)
+        _wait(lambda: _progress(tmp_path, 0)["step"] >= woken + 25, 30,
+              "25 more steps with the old incarnation awake", cluster)
         (tmp_path / "target").write_text(str(_progress(tmp_path, 0)["step"] + 20))
         zombie.kill()  # it waits for a majority it cannot have; it never finishes
     except BaseException:
@@ -420,7 +430,10 @@ def test_a_restarted_node_is_a_new_member_and_its_old_incarnation_is_fenced_off(
     assert new is not None, "the new incarnation failed"
     current = [*results[:old], new]
     _assert_same_everywhere(current)
-    assert new["start"]["joined"] and new["start"]["generation"] > old_generation
+    # a new member: admitted into the running ring in a later generation, with its state
+    assert new["first_view"]["joined"] and new["first_view"]["generation"] > old_generation \
+        and new["start"]["step"] > 0, (new["first_view"], new["start"], old_generation)
+    assert all(r["hashes"][new["start"]["step"]] == new["start"]["hash"] for r in current[:old])
     dropped = {r["node"]: r["dropped"].get("unauthenticated", 0) for r in current}
     print(f"\nrestart of {node_id(old)} under its id: admitted as a new member in generation "
           f"{new['start']['generation']} (old incarnation in {old_generation}); messages of "
@@ -459,7 +472,7 @@ def test_a_node_that_keeps_failing_is_backed_off_longer_each_time(tmp_path):
     # crash's back-off (counted from the kill at the earliest) has passed
     admitted = [next(t for t, _, members in results[0]["views"]
                      if t > killed and members == everyone) for killed in killed_at]
-    waits = [a - k for a, k in zip(admitted, killed_at)]
+    waits = [a - k for a, k in zip(admitted, killed_at, strict=True)]
     print(f"\n{node_id(flaky)} crashed twice: re-admitted {waits[0]:.2f} s and {waits[1]:.2f} s "
           f"after each kill; node-00's record of it: {record}; max |param diff| vs one "
           f"process {difference:.2g}")
