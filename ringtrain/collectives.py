@@ -57,6 +57,7 @@ class Collective:
     combine: np.ufunc | None  # None: segments overwrite, never reduce
     finish: Callable[[np.ndarray], Any]
     compressed: Compressed | None = None  # how segments are encoded, if they are
+    direct: bool = False  # small: one round of all-to-all instead of the ring plan
     digest: bytes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -133,7 +134,8 @@ def _check_op(op: str, dtype: np.dtype, weight: float | None) -> None:
 
 def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, world_size: int,
                segment_elements: Callable[[np.dtype], int], codec: Codec | None = None,
-               feedback_key: Any = None, owned: bool = False) -> Collective:
+               feedback_key: Any = None, owned: bool = False, direct_bytes: int = 0
+               ) -> Collective:
     """Reduce a list of arrays (fused into one buffer) across the ring.
 
     With ``op="mean"`` and a ``weight``, each node's arrays are scaled by its weight and the
@@ -148,6 +150,10 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
     ``owned``: the caller hands over its arrays (a private copy): a single contiguous
     native-order array then becomes the working buffer itself, saving a copy of the whole
     gradient in time and memory.
+
+    ``direct_bytes``: an uncompressed buffer of at most this many bytes (and one segment) is
+    reduced in one round (see ``RingRunner._exchange``) instead of 2(N-1) ring hops: for
+    small messages latency, not bandwidth, is what counts.
     """
     arrays = _as_arrays(arrays)
     if not arrays:
@@ -181,9 +187,13 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
     descriptor = {"collective": "all_reduce", "op": op, "dtype": dtype.name,
                   "shapes": [list(s) for s in shapes], "weighted": weighted}
     elements = segment_elements(dtype)
+    direct = codec is None and buffer.nbytes <= min(direct_bytes, elements * dtype.itemsize)
+    if direct:
+        descriptor["one_round"] = True  # members must agree on the algorithm, too
     plan = ring.all_reduce_plan(rank, world_size, buffer.size, elements)
     if codec is None:
-        return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish)
+        return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish,
+                          direct=direct)
     check_supported(codec, dtype, op)
     descriptor["compression"] = codec.spec()
     exact_from = buffer.size - 1 if weighted else buffer.size
@@ -346,7 +356,10 @@ class RingRunner:
         if view.world_size == 1:
             return collective.finish(collective.buffer)
         try:
-            self._move(collective, view, sequence, deadline, step)
+            if collective.direct:
+                self._exchange(collective, view, sequence, deadline, step)
+            else:
+                self._move(collective, view, sequence, deadline, step)
         finally:
             self.stage = "idle"
             self.mailbox.retire(view.generation, sequence)
@@ -480,26 +493,12 @@ class RingRunner:
         unchanged, when the segment is compressed and only copied (all-gather), else None."""
         header = message.header
         where = f"{collective.name} #{sequence} of generation {view.generation}"
+        self._check_digest(collective, view, sequence, message)
         if message.origin != predecessor or header.sender != predecessor_rank:
             raise PeerFailedError(f"{where}: data from {message.origin} (rank {header.sender}), "
                                   f"but only the predecessor {predecessor} sends to this node",
                                   peer=message.origin, generation=view.generation,
                                   collective=sequence)
-        self.heard[message.origin] = time.monotonic()
-        if header.digest != collective.digest:
-            theirs = "a different collective"
-            if message.descriptor is not None:
-                try:
-                    theirs = describe(decode_control(message.descriptor, {}, message.origin,
-                                                     "descriptor"))
-                except ProtocolError:
-                    pass
-            raise MismatchError(
-                f"collective mismatch in generation {view.generation}, collective {sequence}: "
-                f"node {self.node_id} (rank {view.rank}) called "
-                f"{describe(collective.descriptor)} but node {predecessor} "
-                f"(rank {predecessor_rank}) called {theirs}",
-                generation=view.generation, collective=sequence)
         transfer = expected.transfer
         got = (header.hop, header.chunk, header.segment, header.nbytes,
                header.dtype)
@@ -524,6 +523,105 @@ class RingRunner:
         else:
             region[...] = incoming
         return None
+
+    def _check_digest(self, collective: Collective, view: View, sequence: int,
+                      message: Message) -> None:
+        """Raise MismatchError, naming both calls, if a member's segment belongs to another
+        collective. Checked before anything else in a message is trusted or used."""
+        if message.origin not in view.members:
+            return  # not a member: the caller rejects it
+        self.heard[message.origin] = time.monotonic()
+        if message.header.digest == collective.digest:
+            return
+        theirs = "a different collective"
+        if message.descriptor is not None:
+            try:
+                theirs = describe(decode_control(message.descriptor, {}, message.origin,
+                                                 "descriptor"))
+            except ProtocolError:
+                pass
+        raise MismatchError(
+            f"collective mismatch in generation {view.generation}, collective {sequence}: "
+            f"node {self.node_id} (rank {view.rank}) called {describe(collective.descriptor)} "
+            f"but node {message.origin} (rank {view.members.index(message.origin)}) called "
+            f"{theirs}", generation=view.generation, collective=sequence)
+
+    def _exchange(self, collective: Collective, view: View, sequence: int, deadline: float,
+                  step: int) -> None:
+        """A small all-reduce in one round: send the whole buffer to every other member, take
+        one buffer from each, and add them all in rank order, so every member computes the
+        very same sum. Latency is one hop instead of 2(N-1)."""
+        buffer = collective.buffer
+        where = f"{collective.name} #{sequence} of generation {view.generation}"
+        whole = ring.Transfer(0, view.rank, 0, 0, buffer.size)
+        header = self._header(collective, view, sequence, step, whole, True)
+        frames = [header.pack(), buffer.tobytes(), canonical_json(
+            summary(collective.descriptor))]
+        unsent = [m for m in view.members if m != self.node_id]
+        contributions: dict[int, np.ndarray] = {view.rank: buffer.copy()}
+        progress_deadline = time.monotonic() + self.progress_timeout
+        while unsent or len(contributions) < view.world_size:
+            for member in list(unsent):
+                try:
+                    sent = self.transport.try_send(member, frames)
+                except TransportError as exc:
+                    raise PeerFailedError(f"{where}: cannot send to {member}: {exc}",
+                                          peer=member, generation=view.generation,
+                                          collective=sequence) from exc
+                if sent is not False:
+                    unsent.remove(member)
+                    self.bytes_sent += buffer.nbytes
+                    self.messages_sent += 1
+                    progress_deadline = time.monotonic() + self.progress_timeout
+            while (message := self.mailbox.next_data(view.generation, sequence)) is not None:
+                rank = self._accept_whole(collective, view, sequence, message, contributions)
+                contributions[rank] = np.frombuffer(message.payload, dtype=buffer.dtype)
+                progress_deadline = time.monotonic() + self.progress_timeout
+            if not unsent and len(contributions) == view.world_size:
+                break
+            abort = self.mailbox.aborts.get((view.generation, sequence))
+            if abort is not None:
+                raise _error_from_abort(abort, where, view.generation, sequence)
+            failure = self.service(view)
+            if failure is not None:
+                why, suspect = failure
+                raise PeerFailedError(f"{where} abandoned: {why}", peer=suspect,
+                                      generation=view.generation, collective=sequence)
+            now = time.monotonic()
+            if now >= min(deadline, progress_deadline):
+                missing = unsent or [m for r, m in enumerate(view.members)
+                                     if r not in contributions]
+                error = CollectiveTimeout if now >= deadline else PeerFailedError
+                raise error(f"{where}: nothing from (or to) {', '.join(missing)} for "
+                            f"{self.progress_timeout:.1f} s", generation=view.generation,
+                            collective=sequence, **({} if error is CollectiveTimeout
+                                                    else {"peer": missing[0]}))
+            self.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
+                          f"contributions, {len(unsent)} still to send")
+            self.mailbox.pump(min(deadline, progress_deadline, now + self.poll_interval) - now,
+                              writable=unsent[0] if unsent else None)
+        total = contributions[0].copy()
+        for rank in range(1, view.world_size):
+            collective.combine(total, contributions[rank], out=total)
+        buffer[...] = total
+
+    def _accept_whole(self, collective: Collective, view: View, sequence: int,
+                      message: Message, contributions: dict[int, np.ndarray]) -> int:
+        """Check one member's whole contribution to a one-round all-reduce; its rank."""
+        header = message.header
+        where = f"{collective.name} #{sequence} of generation {view.generation}"
+        self._check_digest(collective, view, sequence, message)
+        rank = view.members.index(message.origin) if message.origin in view.members else -1
+        got = (header.sender, header.hop, header.chunk, header.segment, header.nbytes,
+               header.dtype)
+        want = (rank, 0, rank, 0, collective.buffer.nbytes, dtype_code(collective.buffer.dtype))
+        if rank < 0 or rank in contributions or got != want:
+            raise PeerFailedError(f"{where}: {message.origin} sent (sender, hop, chunk, "
+                                  f"segment, nbytes, dtype) = {got}, expected {want}"
+                                  + (" (a second time)" if rank in contributions else ""),
+                                  peer=message.origin, generation=view.generation,
+                                  collective=sequence)
+        return rank
 
     def abort_everyone(self, view: View, sequence: int, exc: CollectiveError,
                        suspect: str | None) -> None:

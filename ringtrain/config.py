@@ -48,11 +48,14 @@ class Settings:
     """How long close() lets queued messages drain before dropping them."""
     max_stash_bytes: int = 1 << 30
     """Cap on data received ahead of the collective it belongs to."""
+    direct_bytes: int = 16 * 1024
+    """All-reduces up to this size take one round (each member sends its buffer to every
+    other) instead of 2(N-1) ring hops; 0 always uses the ring. Members must agree."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not value > 0:
+            if not (value > 0 or (field.name == "direct_bytes" and value == 0)):
                 raise ConfigError(f"setting {field.name} must be positive, got {value!r}")
         if self.segment_bytes % 8:
             raise ConfigError(f"setting segment_bytes must be a multiple of 8, "

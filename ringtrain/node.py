@@ -325,7 +325,8 @@ class Node:
         codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: _single(
             collectives.all_reduce([array], op, weight, rank, size,
-                                   self._runner.segment_elements, codec, owned=True)), timeout)
+                                   self._runner.segment_elements, codec, owned=True,
+                                   direct_bytes=self.settings.direct_bytes)), timeout)
 
     def all_reduce_many(self, arrays: Sequence[Any], op: str = "sum",
                         weight: float | None = None, timeout: float | None = None,
@@ -340,7 +341,8 @@ class Node:
         copies = [np.array(a, copy=True) for a in arrays]
         codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: collectives.all_reduce(
-            copies, op, weight, rank, size, self._runner.segment_elements, codec), timeout)
+            copies, op, weight, rank, size, self._runner.segment_elements, codec,
+            direct_bytes=self.settings.direct_bytes), timeout)
 
     def reduce_scatter(self, array: Any, op: str = "sum", timeout: float | None = None
                        ) -> np.ndarray:
