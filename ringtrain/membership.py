@@ -295,6 +295,10 @@ class Membership:
         return wanted
 
     def _agree(self) -> None:
+        if (self.view is None or self.evicted) and not self._joining and not self.leaving:
+            offer = self._pending_offer()
+            if offer is not None:
+                self._consider_offer(*offer, from_ring=True)
         if self._proposal is not None:
             members = self._proposal[1]
             if any(m != self.node_id and ((m in self.suspects and m not in self.reborn)
@@ -551,17 +555,7 @@ class Membership:
                             and endpoint)
         mine = self._proposal
         if self.view is None or self.evicted:
-            # not in a ring: a running ring admitting us is taken as it is, if we reach all
-            # of its members; among forming nodes only the number of an equal set is taken
-            from_ring = peer.generation > 0
-            if (from_ring and all(m == self.node_id or self._alive(m) for m in members)) \
-                    or (mine is not None and mine[1] == members and generation > mine[0]):
-                self.reforming = True
-                self._joining = from_ring
-                if self._proposed.get(generation, members) != members:
-                    generation = self._highest_generation + 1
-                if mine != (generation, members):
-                    self._set_proposal(generation, members)
+            self._consider_offer(generation, members, from_ring=peer.generation > 0)
         else:
             if not self.reforming:
                 self.start_reform()
@@ -574,6 +568,29 @@ class Membership:
                         self.suspect(member, f"{message.origin} left it out of its proposal")
                 self._proposal = None
         self._send_proposal()
+
+    def _consider_offer(self, generation: int, members: tuple[str, ...], from_ring: bool
+                        ) -> None:
+        """Not in a ring: a running ring's offer to admit us is taken as it is, if we reach
+        all of its members; among forming nodes only the number of an equal set is taken."""
+        mine = self._proposal
+        if (from_ring and all(m == self.node_id or self._alive(m) for m in members)) \
+                or (mine is not None and mine[1] == members and generation > mine[0]):
+            self.reforming = True
+            self._joining = from_ring
+            if self._proposed.get(generation, members) != members:
+                generation = self._highest_generation + 1
+            if mine != (generation, members):
+                self._set_proposal(generation, members)
+
+    def _pending_offer(self) -> tuple[int, tuple[str, ...]] | None:
+        """The newest offer to admit us that a running ring made: it may have come before we
+        could take it (before its members' WELCOMEs), and it is not sent twice."""
+        current = self.view.generation if self.view else 0
+        offers = [p.proposal for p in self.peers.values()
+                  if p.generation > 0 and p.proposal is not None
+                  and p.proposal[0] > current and self.node_id in p.proposal[1]]
+        return max(offers) if offers else None
 
     # helpers --------------------------------------------------------------------------------
 
