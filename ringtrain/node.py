@@ -215,7 +215,7 @@ class Node:
             0, "forming"))
 
         def advertise(view: View) -> None:
-            if self._announcer is not None:
+            if self._announcer is not None and not self._closing:
                 self._announcer.update(generation=view.generation, state="training")
 
         self.on_view_change(advertise)
