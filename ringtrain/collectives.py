@@ -439,14 +439,7 @@ class RingRunner:
                 last_progress, progress_deadline = now, now + self.progress_timeout
             if received == len(plan.receives) and not pending:
                 break
-            abort = self.mailbox.aborts.get((view.generation, sequence))
-            if abort is not None:
-                raise _error_from_abort(abort, where, view.generation, sequence)
-            failure = self.service(view)
-            if failure is not None:
-                why, suspect = failure
-                raise PeerFailedError(f"{where} abandoned: {why}", peer=suspect,
-                                      generation=view.generation, collective=sequence)
+            self._check_abandoned(view, sequence, where)
             # 3. wait for traffic, bounded by both deadlines
             now = time.monotonic()
             if now >= deadline:
@@ -524,6 +517,17 @@ class RingRunner:
             region[...] = incoming
         return None
 
+    def _check_abandoned(self, view: View, sequence: int, where: str) -> None:
+        """Raise if a member aborted this collective, or the ring is changing under it."""
+        abort = self.mailbox.aborts.get((view.generation, sequence))
+        if abort is not None:
+            raise _error_from_abort(abort, where, view.generation, sequence)
+        failure = self.service(view)
+        if failure is not None:
+            why, suspect = failure
+            raise PeerFailedError(f"{where} abandoned: {why}", peer=suspect,
+                                  generation=view.generation, collective=sequence)
+
     def _check_digest(self, collective: Collective, view: View, sequence: int,
                       message: Message) -> None:
         """Raise MismatchError, naming both calls, if a member's segment belongs to another
@@ -579,14 +583,7 @@ class RingRunner:
                 progress_deadline = time.monotonic() + self.progress_timeout
             if not unsent and len(contributions) == view.world_size:
                 break
-            abort = self.mailbox.aborts.get((view.generation, sequence))
-            if abort is not None:
-                raise _error_from_abort(abort, where, view.generation, sequence)
-            failure = self.service(view)
-            if failure is not None:
-                why, suspect = failure
-                raise PeerFailedError(f"{where} abandoned: {why}", peer=suspect,
-                                      generation=view.generation, collective=sequence)
+            self._check_abandoned(view, sequence, where)
             now = time.monotonic()
             if now >= min(deadline, progress_deadline):
                 missing = unsent or [m for r, m in enumerate(view.members)

@@ -85,10 +85,11 @@ def main() -> int:
         trainer = Trainer(node, model, SGD(model.params, lr=0.1, momentum=0.9), digits.x,
                           digits.y, batch_size=BATCH, global_batch_size=GLOBAL_BATCH,
                           adaptive=False, rejoin_timeout=args.deadline)
-        hashes = {trainer.step_count: trainer.version.content_hash}
+        # "generation:step" -> content hash of the model after that step in that generation
+        hashes = {f"{node.generation}:{trainer.step_count}": trainer.version.content_hash}
         while trainer.step_count < target(out, args.steps):
             trainer.step()
-            hashes[trainer.step_count] = trainer.version.content_hash
+            hashes[f"{node.generation}:{trainer.step_count}"] = trainer.version.content_hash
             write_json(out / f"{me}.json", {"step": trainer.step_count,
                                              "generation": node.generation,
                                              "members": list(node.members), "time": time.time()})

@@ -22,25 +22,11 @@ from typing import Any
 
 import pytest
 
-from ringtrain.errors import ConfigError
-from ringtrain.netns import EmulatedLan, require_support
+from ringtrain.netns import EmulatedLan
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = Path(__file__).with_name("discovery_node.py")
 DEADLINE_S = 20.0
-
-
-def _unsupported() -> str | None:
-    try:
-        require_support()
-    except ConfigError as exc:
-        return str(exc)
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-    return None if probe.returncode == 0 else f"`ip netns` unavailable: {probe.stderr.strip()}"
-
-
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(_unsupported() is not None, reason=str(_unsupported()))]
 
 
 class Nodes:

@@ -19,7 +19,7 @@ import pytest
 
 from ringtrain import netns
 from ringtrain.errors import ConfigError
-from ringtrain.netns import EmulatedLan, require_support, teardown
+from ringtrain.netns import EmulatedLan, teardown
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 7700
@@ -32,16 +32,6 @@ PROBE = ("import socket, sys\ntry:\n"
          "    print('ok')\nexcept OSError as exc:\n    print('fail', exc)\n")
 
 
-def _unsupported() -> str | None:
-    try:
-        require_support()
-    except ConfigError as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(_unsupported() is not None, reason=str(_unsupported()))]
 needs_nft = pytest.mark.skipif(shutil.which("nft") is None,
                                reason="nft missing: install Debian nftables")
 

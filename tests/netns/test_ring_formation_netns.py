@@ -34,8 +34,7 @@ from pathlib import Path
 import pytest
 
 import ringtrain
-from ringtrain.errors import ConfigError
-from ringtrain.netns import EmulatedLan, require_support
+from ringtrain.netns import EmulatedLan
 from ringtrain.security import JobKey
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,19 +52,6 @@ EPOCH_RE = re.compile(r"^\[(\S+) \d+/(\d+)\] epoch\s+(\d+)/\d+\s+(loss \S+\s+tes
                       r"test accuracy \S+)")
 FINAL_RE = re.compile(r"ringtrain node (\S+): (left the ring|done) at step (\d+), model "
                       r"generation (\d+) step (\d+) hash (\w+), .* re-formations (\d+)")
-
-
-def _unsupported() -> str | None:
-    try:
-        require_support()
-    except ConfigError as exc:
-        return str(exc)
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-    return None if probe.returncode == 0 else f"`ip netns` unavailable: {probe.stderr.strip()}"
-
-
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(_unsupported() is not None, reason=str(_unsupported()))]
 
 
 @dataclass

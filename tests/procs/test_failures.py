@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringtrain import MembershipError, Node, PeerFailedError
+from ringtrain import MembershipError, Node
 from ringtrain.config import Settings
 from ringtrain.testing import LocalCluster, free_ports, node_id
 
