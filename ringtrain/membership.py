@@ -174,9 +174,11 @@ class Membership:
         return bool(self._joiners())
 
     def newer_generation_seen(self) -> bool:
-        """Whether some peer is proposing or running a generation above ours."""
+        """Whether some peer runs a generation above ours (installed, as its heartbeats say).
+        A proposal above ours that includes us starts a reform instead (``_on_propose``); the
+        numbers of proposals that lost to others must not abort anything."""
         current = self.view.generation if self.view else 0
-        return self._highest_generation > current
+        return any(peer.generation > current for peer in self.peers.values())
 
     def state(self) -> dict[str, object]:
         """A printable summary, for hang diagnostics and ``ringtrain peers``."""
