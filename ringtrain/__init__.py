@@ -5,9 +5,18 @@ ring-allreduce over ZeroMQ. Start here: :class:`Node`.
 """
 
 from .config import Settings
-from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MembershipError,
-                     MismatchError, PeerFailedError, ProtocolError, RingtrainError,
-                     SecurityError, TransportError)
+from .errors import (
+                     CollectiveError,
+                     CollectiveTimeout,
+                     ConfigError,
+                     MembershipError,
+                     MismatchError,
+                     PeerFailedError,
+                     ProtocolError,
+                     RingtrainError,
+                     SecurityError,
+                     TransportError,
+)
 from .launch import join
 from .node import Node, Work
 from .security import JobKey, read_key_file, write_key_file

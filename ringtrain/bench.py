@@ -261,7 +261,7 @@ class Launcher:
         common = {"backend": backend, "sizes": sizes, "iterations": iterations,
                   "warmup": 2, "insecure": self.args.insecure,
                   "compression": self.args.compression,
-                  "addresses": [f"{h}:{p}" for h, p in zip(hosts, ports)],
+                  "addresses": [f"{h}:{p}" for h, p in zip(hosts, ports, strict=False)],
                   "master": f"{hosts[0]}:{ports[0]}",
                   "interface": "lo" if self.lan is None else "eth0"}
         env = {**os.environ, "RINGTRAIN_BENCH_KEY": self.key.hex(), "OMP_NUM_THREADS": "1"}
@@ -326,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("a benchmark needs at least 2 nodes")
     if args.where == "lan" and args.insecure:
         raise ConfigError("--insecure is for loopback only")
-    if args.slow_node is not None and not (args.where == "lan" and 0 <= args.slow_node < args.nodes):
+    if args.slow_node is not None and not (args.where == "lan"
+                                           and 0 <= args.slow_node < args.nodes):
         raise ConfigError("--slow-node needs --where lan and a node index below --nodes")
     from .compression import get_codec
 

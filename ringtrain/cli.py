@@ -23,7 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "allreduce-demo": ("ringtrain.local_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
     "bench": ("ringtrain.bench",
-              "all-reduce time and bandwidth per size, beside Gloo, on loopback or an emulated LAN"),
+              "all-reduce time and bandwidth per size, beside Gloo, on loopback or an "
+              "emulated LAN"),
     "bench-recovery": ("ringtrain.recovery_bench",
                        "time recovery after a SIGKILL (detect, re-form, redo) for N local nodes"),
     "bench-formation": ("ringtrain.formation_bench",

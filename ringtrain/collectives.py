@@ -30,13 +30,28 @@ import numpy as np
 
 from . import ring
 from .compression import Codec, check_supported, get_codec
-from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MismatchError,
-                     PeerFailedError, ProtocolError, TransportError)
+from .errors import (
+    CollectiveError,
+    CollectiveTimeout,
+    ConfigError,
+    MismatchError,
+    PeerFailedError,
+    ProtocolError,
+    TransportError,
+)
 from .mailbox import Mailbox, Message
 from .membership import View
 from .transport import Transport
-from .wire import (FLAG_DESCRIPTOR, Header, MessageKind, canonical_json, decode_control, digest_of,
-                   dtype_code, encode_control)
+from .wire import (
+    FLAG_DESCRIPTOR,
+    Header,
+    MessageKind,
+    canonical_json,
+    decode_control,
+    digest_of,
+    dtype_code,
+    encode_control,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +105,8 @@ class Compressed:
 def _flat_copy(arrays: Sequence[np.ndarray], extra: int = 0) -> tuple[np.ndarray, np.dtype]:
     dtypes = {np.dtype(a.dtype) for a in arrays}
     if len(dtypes) != 1:
-        raise ConfigError(f"arrays of one collective must share a dtype, got {sorted(map(str, dtypes))}")
+        raise ConfigError(f"arrays of one collective must share a dtype, got "
+                          f"{sorted(map(str, dtypes))}")
     dtype = dtypes.pop().newbyteorder("=")
     try:
         dtype_code(dtype)
@@ -476,7 +492,8 @@ class RingRunner:
 
     def _learn_gap(self, gap: float) -> None:
         """Adapt the progress deadline to the gaps this ring really has."""
-        self._slowest_wait = gap if self._slowest_wait == 0 else 0.8 * self._slowest_wait + 0.2 * gap
+        smoothed = 0.8 * self._slowest_wait + 0.2 * gap
+        self._slowest_wait = gap if self._slowest_wait == 0 else smoothed
         self.progress_timeout = min(self.progress_cap,
                                     max(self.progress_floor, PROGRESS_FACTOR * self._slowest_wait))
 

@@ -1,4 +1,4 @@
-"""Settings with finite defaults, and the one place that reads ``RINGTRAIN_*`` environment variables.
+"""Settings with finite defaults; the one place that reads ``RINGTRAIN_*`` environment variables.
 
 Every timeout is in seconds; every default is finite, so no wait in ringtrain is unbounded.
 """

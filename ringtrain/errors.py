@@ -2,7 +2,7 @@
 
     RingtrainError
     ├── ConfigError            bad argument, flag or environment variable (a user mistake)
-    ├── ProtocolError          a peer's bytes broke the wire format (names field, expected, got, peer)
+    ├── ProtocolError          a peer's bytes broke the wire format (field, expected, got, peer)
     ├── TransportError         a socket could not be bound, connected or used
     ├── CollectiveError        a collective did not complete; nothing was applied
     │   ├── MismatchError      members called a collective with different shape, dtype or op

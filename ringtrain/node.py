@@ -36,11 +36,18 @@ from . import collectives
 from .collectives import Collective, RingRunner
 from .compression import Codec
 from .config import Settings
-from .errors import (CollectiveError, CollectiveTimeout, ConfigError, MembershipError,
-                     PeerFailedError, ProtocolError, RingtrainError)
+from .discovery import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
+from .errors import (
+    CollectiveError,
+    CollectiveTimeout,
+    ConfigError,
+    MembershipError,
+    PeerFailedError,
+    ProtocolError,
+    RingtrainError,
+)
 from .mailbox import Mailbox
 from .membership import Membership, View
-from .discovery import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
 from .security import JobKey, key_from_environment
 from .transport import Transport, is_loopback, normalize_endpoint
 from .wire import PROTOCOL_VERSION, job_id

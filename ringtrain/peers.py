@@ -34,5 +34,6 @@ def run(args: argparse.Namespace) -> int:
              for a in sorted(adverts, key=lambda a: (a.job, a.node_id))]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
     return 0

@@ -8,11 +8,11 @@
     results = run_local(work, 4, args=(2.0,))   # one result per rank, in rank order
 
 Each run makes its own job key, so the nodes talk over authenticated, encrypted links exactly
-as they would across a LAN. The function must be importable (defined at module level): processes are started with
-``spawn`` so the same code runs on Linux, macOS and Windows. Each process gets node id
-``node-00``, ``node-01``, ... so rank i is process i. Every wait is bounded: a process that
-has not finished by the deadline prints its node's state and every thread's stack, and
-:class:`ClusterFailed` carries that report for each stuck node.
+as they would across a LAN. The function must be importable (defined at module level):
+processes are started with ``spawn`` so the same code runs on Linux, macOS and Windows.
+Each process gets node id ``node-00``, ``node-01``, ... so rank i is process i. Every wait is
+bounded: a process that has not finished by the deadline prints its node's state and every
+thread's stack, and :class:`ClusterFailed` carries that report for each stuck node.
 
 Elastic tests start more processes into a running cluster with :meth:`LocalCluster.start_extra`:
 a node that joins late, or a killed node restarted under its old id (a new incarnation).
@@ -226,7 +226,7 @@ class LocalCluster:
                 except OSError:
                     pass
         reports = []
-        for child, pipe in zip(self._children, self._pipes):
+        for child, pipe in zip(self._children, self._pipes, strict=False):
             child.process.join(WATCHDOG_MARGIN)
             if child.outcome is None and pipe.poll(0):
                 try:

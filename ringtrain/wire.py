@@ -129,7 +129,8 @@ class Header:
                            self.job, self.generation, self.step, self.sequence, self.nbytes)
 
 
-def decode_header(frame: bytes | memoryview, *, max_payload: int, peer: str | None = None) -> Header:
+def decode_header(frame: bytes | memoryview, *, max_payload: int, peer: str | None = None
+                  ) -> Header:
     """Decode and validate a header frame.
 
     Args:
@@ -203,7 +204,8 @@ def decode_control(payload: bytes | memoryview, fields: dict[str, type | tuple[t
         body = json.loads(bytes(payload).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # RecursionError: 64 KiB of "[" nests deeper than the parser's stack allows
-        raise ProtocolError(what, "a UTF-8 JSON object", f"undecodable bytes ({exc})", peer) from None
+        raise ProtocolError(what, "a UTF-8 JSON object", f"undecodable bytes ({exc})",
+                            peer) from None
     if not isinstance(body, dict):
         raise ProtocolError(what, "a JSON object", type(body).__name__, peer)
     for name, kind in fields.items():

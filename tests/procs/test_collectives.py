@@ -94,7 +94,7 @@ def digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-# what every node runs ----------------------------------------------------------------------------
+# what every node runs -----------------------------------------------------------------------------
 
 def call(node, case: Case) -> list[Any]:
     """Make the case's collective call; its outputs as a list."""
@@ -144,7 +144,7 @@ def run_cases(node, cases: list[Case]) -> list[dict]:
     return outcomes
 
 
-# the numpy reference -------------------------------------------------------------------------------
+# the numpy reference ------------------------------------------------------------------------------
 
 def reference(case: Case, n: int, rank: int) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
     """For each output: (expected array, elementwise tolerance or None for bit-exact)."""
@@ -186,7 +186,8 @@ def float_reference(case: Case, stack: np.ndarray, n: int, exact: bool):
     tiny = float(np.finfo(dtype).smallest_subnormal) * 4 * n
     wide = stack.astype(np.float64)
     if case.weighted:
-        weights = np.array([weight_of(r, n) for r in range(n)]).reshape((n,) + (1,) * (wide.ndim - 1))
+        weights = np.array([weight_of(r, n) for r in range(n)])
+        weights = weights.reshape((n,) + (1,) * (wide.ndim - 1))
         total = float(sum(weight_of(r, n) for r in range(n)))
         if exact:  # w * x and their sums are exact in the dtype: only the division rounds
             summed = np.asarray((wide * weights).sum(axis=0)).astype(dtype)
@@ -207,7 +208,7 @@ def float_reference(case: Case, stack: np.ndarray, n: int, exact: bool):
     return value, bound + tiny
 
 
-# the cases --------------------------------------------------------------------------------------
+# the cases ----------------------------------------------------------------------------------------
 
 def cases_for(n: int) -> list[Case]:
     small = [(0,), (1,), (max(n - 1, 0),), (), (7, 11, 13), (2, 0, 3)]  # sizes 0, 1, < N, odd
@@ -250,7 +251,7 @@ def cases_for(n: int) -> list[Case]:
     return [Case(i, **spec) for i, spec in enumerate(specs)]
 
 
-# checking -------------------------------------------------------------------------------------------
+# checking -----------------------------------------------------------------------------------------
 
 def check(case: Case, n: int, outcomes: list[dict]) -> list[str]:
     """Everything wrong with one case across all ranks, as readable lines."""
@@ -311,7 +312,7 @@ def run_and_check(n: int, cases: list[Case], settings: Settings | None = None) -
     return results
 
 
-# tests ---------------------------------------------------------------------------------------------
+# tests --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_every_collective_dtype_and_size_against_numpy(n):

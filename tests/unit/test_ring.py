@@ -260,7 +260,7 @@ def test_hops_send_what_the_successor_receives(n):
             mine, theirs = hops_of(rank), hops_of(ring.successor(rank, n))
             assert [h.send_chunk for h in mine] == [h.recv_chunk for h in theirs]
             # the chunk received in one hop is the chunk sent in the next (within a phase)
-            for this, following in zip(mine, mine[1:]):
+            for this, following in zip(mine, mine[1:], strict=False):
                 if this.reduce == following.reduce:
                     assert following.send_chunk == this.recv_chunk
 
@@ -299,7 +299,7 @@ def test_chunk_bounds_cover_contiguously_with_sizes_differing_by_at_most_one(len
     bounds = ring.chunk_bounds(length, parts)
     assert len(bounds) == parts
     assert bounds[0][0] == 0 and bounds[-1][1] == length
-    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+    for (_, stop), (start, _) in zip(bounds, bounds[1:], strict=False):
         assert stop == start
     sizes = [hi - lo for lo, hi in bounds]
     assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 1
@@ -316,7 +316,7 @@ def test_segment_bounds_cover_the_chunk_in_bounded_pieces(start, size, segment):
         assert bounds == [(start, start)]  # an empty chunk still costs one message
         return
     assert bounds[0][0] == start and bounds[-1][1] == stop
-    for (_, hi), (lo, _) in zip(bounds, bounds[1:]):
+    for (_, hi), (lo, _) in zip(bounds, bounds[1:], strict=False):
         assert hi == lo
     assert all(0 < hi - lo <= segment for lo, hi in bounds)
     assert len(bounds) == -(-size // segment)
@@ -352,7 +352,7 @@ def test_fastest_ring_order_avoids_a_slow_pair():
     bw[1][2] = 100.0  # b -> c is slow
     order = ring.fastest_ring_order(["d", "c", "b", "a"], bw)
     assert order[0] == "a"
-    links = list(zip(order, order[1:] + order[:1]))
+    links = list(zip(order, order[1:] + order[:1], strict=False))
     assert ("b", "c") not in links
     index = {m: i for i, m in enumerate("abcd")}
     assert ring.bottleneck([index[m] for m in order], bw) == 1000.0
@@ -371,7 +371,8 @@ def test_fastest_ring_order_two_sites():
     crossings = sum(sites[idx[k]] != sites[idx[(k + 1) % 6]] for k in range(6))
     assert crossings == 2
     assert ring.bottleneck(idx, bw) == 50.0  # the two crossings: 80 is used, 50 unavoidable
-    assert (0, 3) in zip(idx, idx[1:] + idx[:1]) or (3, 0) in zip(idx, idx[1:] + idx[:1])
+    links = list(zip(idx, idx[1:] + idx[:1], strict=True))
+    assert (0, 3) in links or (3, 0) in links
 
 
 def test_fastest_ring_order_is_deterministic_and_checks_its_input():

@@ -13,8 +13,15 @@ from hypothesis import strategies as st
 
 from ringtrain import wire
 from ringtrain.errors import ProtocolError, RingtrainError
-from ringtrain.wire import (FLAG_DESCRIPTOR, HEADER, HEADER_SIZE, MAX_CONTROL_BYTES,
-                            MAX_DESCRIPTOR_BYTES, Header, MessageKind)
+from ringtrain.wire import (
+    FLAG_DESCRIPTOR,
+    HEADER,
+    HEADER_SIZE,
+    MAX_CONTROL_BYTES,
+    MAX_DESCRIPTOR_BYTES,
+    Header,
+    MessageKind,
+)
 
 MAX_PAYLOAD = 1 << 20
 
@@ -42,7 +49,7 @@ def repack(header: Header, index: int, value) -> bytes:
     return HEADER.pack(*values)
 
 
-# round trip -------------------------------------------------------------------------------------
+# round trip ---------------------------------------------------------------------------------------
 
 def test_header_is_72_bytes():
     assert HEADER_SIZE == 72 == len(data_header().pack())
@@ -195,7 +202,7 @@ def test_descriptor_too_long():
     assert info.value.field == "descriptor length"
 
 
-# control bodies ----------------------------------------------------------------------------------
+# control bodies -----------------------------------------------------------------------------------
 
 def test_control_round_trip():
     body = {"id": "node-01", "protocol": 1, "members": ["a", "b"], "ok": True}
@@ -249,7 +256,7 @@ def test_decode_control_refuses_huge_integers_as_protocol_errors():
         wire.decode_control(b'{"n": ' + b"9" * 5000 + b"}", {"n": int})
 
 
-# fuzzing: anything a peer sends is either valid or a ProtocolError ---------------------------------
+# fuzzing: anything a peer sends is either valid or a ProtocolError --------------------------------
 
 def decode_everything(frames: list[bytes], max_payload: int = 4096) -> None:
     """What the mailbox and membership do with a peer's frames."""
