@@ -141,6 +141,8 @@ class Membership:
     _last_heartbeat: float = 0.0
     _waiting_logged: str = ""
     _joining: bool = False  # our proposal is a running ring's offer to admit us
+    incarnation: int = field(default_factory=time.time_ns)  # a restart has a higher one
+    _incarnations: dict[str, int] = field(default_factory=dict)  # highest seen per peer id
 
     # inputs ---------------------------------------------------------------------------------
 
@@ -236,7 +238,8 @@ class Membership:
         hello = self._control(MessageKind.HELLO, {
             "id": self.node_id, "job": self.job_name, "protocol": PROTOCOL_VERSION,
             "endpoint": self.transport.endpoint, "key": public_key,
-            "proof": self._proof(self.node_id, public_key), "schema": self.schema})
+            "proof": self._proof(self.node_id, public_key, self.incarnation),
+            "schema": self.schema, "incarnation": self.incarnation})
         links = self.transport.links()
         for link in list(self._probes) + [p for p, s in self.peers.items() if not s.welcomed]:
             if link in links:
@@ -398,7 +401,8 @@ class Membership:
     def _on_hello(self, message: Message) -> None:
         body = decode_control(message.payload, {"id": str, "job": str, "protocol": int,
                                                 "endpoint": str, "key": str, "proof": str,
-                                                "schema": str}, message.origin, "hello")
+                                                "schema": str, "incarnation": int},
+                              message.origin, "hello")
         peer_id = body["id"]
         if peer_id != message.origin or not 0 < len(peer_id) <= MAX_ID_LENGTH:
             raise ProtocolError("hello.id", f"the sender's routing id {message.origin!r}",
@@ -408,16 +412,24 @@ class Membership:
         if body["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError("hello.protocol", PROTOCOL_VERSION, body["protocol"],
                                 message.origin)
+        incarnation = body["incarnation"]
+        if self.transport.key is not None and (body["key"] != message.user or not
+                                               hmac.compare_digest(body["proof"], self._proof(
+                                                   peer_id, body["key"], incarnation))):
+            raise ProtocolError("hello.proof", "proof of the job key for the connection's "
+                                "CURVE key", "a proof that does not verify", message.origin)
+        known = self._incarnations.get(peer_id, 0)
+        if incarnation < known:
+            # an older process under a live id (say, one that was stopped and woke up)
+            raise ProtocolError("hello.incarnation", f"at least {known}: {peer_id} restarted "
+                                f"and its old incarnation is fenced off", incarnation,
+                                message.origin)
+        previous = self.mailbox.admitted.get(peer_id)
+        if (known and incarnation > known) or previous not in (None, message.user):
+            log.info("%s came back as a new incarnation; the old one is fenced off", peer_id)
+            self._forget_incarnation(peer_id)
+        self._incarnations[peer_id] = incarnation
         if self.transport.key is not None:
-            if body["key"] != message.user or not hmac.compare_digest(
-                    body["proof"], self._proof(peer_id, body["key"])):
-                raise ProtocolError("hello.proof", "proof of the job key for the connection's "
-                                    "CURVE key", "a proof that does not verify", message.origin)
-            previous = self.mailbox.admitted.get(peer_id)
-            if previous not in (None, message.user):
-                log.info("%s came back with a new key: a new incarnation; the old one is "
-                         "fenced off", peer_id)
-                self._forget_incarnation(peer_id)
             self.mailbox.admitted[peer_id] = message.user
         if body["schema"] != self.schema:
             refusal = (f"node {self.node_id} refuses {peer_id}: it trains schema "
@@ -609,10 +621,11 @@ class Membership:
                         sequence=0, nbytes=len(payload))
         return [header.pack(), payload]
 
-    def _proof(self, node_id: str, public_key: str) -> str:
+    def _proof(self, node_id: str, public_key: str, incarnation: int) -> str:
         if self.transport.key is None:
             return ""
-        return self.transport.key.derive(f"hello:{self.job_name}:{node_id}:{public_key}").hex()
+        return self.transport.key.derive(
+            f"hello:{self.job_name}:{node_id}:{public_key}:{incarnation}").hex()
 
     def _send(self, link: str, frames: list[bytes]) -> bool:
         try:

