@@ -175,6 +175,16 @@ class Membership:
             return True
         return bool(self._joiners())
 
+    def pending_members(self) -> tuple[str, ...] | None:
+        """The member set of the view change under way: our proposal, else the newest one
+        proposed to us; None if there is none yet."""
+        if self._proposal is not None:
+            return self._proposal[1]
+        current = self.view.generation if self.view else 0
+        offers = [p.proposal for p in self.peers.values()
+                  if p.proposal is not None and p.proposal[0] > current]
+        return max(offers)[1] if offers else None
+
     def newer_generation_seen(self) -> bool:
         """Whether some peer runs a generation above ours (installed, as its heartbeats say).
         A proposal above ours that includes us starts a reform instead (``_on_propose``); the

@@ -511,8 +511,15 @@ class Node:
         if suspects:
             suspect = sorted(suspects)[0]
             return f"member {suspect} is suspected to have failed", suspect
-        if membership.reforming or membership.newer_generation_seen() or self._view != view:
+        if membership.newer_generation_seen() or self._view != view:
             return "the ring is re-forming", None
+        if membership.reforming:
+            # A change that keeps every member (a join, or a leave not yet said) lets this
+            # collective finish: members that already proposed had finished it, so all their
+            # data is sent. A change that drops a member ends it now.
+            pending = membership.pending_members()
+            if pending is None or not set(view.members) <= set(pending):
+                return "the ring is re-forming", None
         return None
 
     def _reform(self, since: int, deadline: float) -> View:
