@@ -20,25 +20,26 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # subcommand -> (module implementing add_arguments(parser) and run(args) -> int, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "allreduce-demo": ("ringtrain.local_demo",
-                       "start N local nodes and all-reduce arrays among them (a smoke test)"),
+    "demo": ("ringtrain.demo",
+             "start N local nodes that train a digits classifier together, beside one alone"),
+    "node": ("ringtrain.run_node",
+             "run this device's node of a job: the built-in job, or a training script"),
+    "peers": ("ringtrain.peers",
+              "list the ringtrain nodes announcing themselves on the LAN"),
+    "keygen": ("ringtrain.keygen",
+               "write a new job key to a file (mode 0600); print its fingerprint"),
     "bench": ("ringtrain.bench",
-              "all-reduce time and bandwidth per size, beside Gloo, on loopback or an "
-              "emulated LAN"),
-    "bench-recovery": ("ringtrain.recovery_bench",
-                       "time recovery after a SIGKILL (detect, re-form, redo) for N local nodes"),
+              "all-reduce time and bandwidth per size, beside Gloo, on loopback or an emulated "
+              "LAN"),
     "bench-formation": ("ringtrain.formation_bench",
                         "time from the last node's start to a formed ring, 4 and 8 nodes on an "
                         "emulated LAN (root)"),
-    "demo": ("ringtrain.demo",
-             "start N local nodes that train a digits classifier together, beside one alone"),
-    "keygen": ("ringtrain.keygen", "write a new job key to a file (mode 0600); print its "
-               "fingerprint"),
+    "bench-recovery": ("ringtrain.recovery_bench",
+                       "time recovery after a SIGKILL (detect, re-form, redo) for N local nodes"),
     "bench-security": ("ringtrain.security_bench",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
-    "node": ("ringtrain.run_node",
-             "run this device's node of a job: the built-in job, or a training script"),
-    "peers": ("ringtrain.peers", "list the ringtrain nodes announcing themselves on the LAN"),
+    "allreduce-demo": ("ringtrain.local_demo",
+                       "start N local nodes and all-reduce arrays among them (a smoke test)"),
 }
 
 
