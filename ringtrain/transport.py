@@ -50,7 +50,6 @@ import secrets
 import socket
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
 
 import zmq
@@ -465,14 +464,6 @@ class Transport:
         """Connections from ``address`` open on the listening socket now (keyed rings; 0
         otherwise)."""
         return self._zap.open_connections(address) if self._zap is not None else 0
-
-    def send(self, link: str, frames: list, deadline: float) -> None:
-        """Send, blocking until ``deadline`` (a ``time.monotonic()`` value)."""
-        while not self.try_send(link, frames):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TransportError(f"send to {link} did not complete before its deadline")
-            self.wait(min(remaining, 0.05), writable=link)
 
     def wake(self) -> None:
         """Interrupt a :meth:`wait` in progress. Safe from any thread."""

@@ -62,7 +62,6 @@ class MessageKind(enum.IntEnum):
     PROPOSE = 5  # a membership proposal (JSON: generation, members)
     HEARTBEAT = 6  # application liveness and progress (JSON: state)
     LEAVE = 7  # the sender leaves the ring gracefully
-    STATE = 8  # a slice of training state sent to a joining node
 
 
 DTYPE_CODES: dict[int, np.dtype] = {
@@ -155,7 +154,7 @@ def decode_header(frame: bytes | memoryview, *, max_payload: int, peer: str | No
         raise ProtocolError("kind", f"one of {[int(k) for k in MessageKind]}", kind, peer) from None
     if flags & ~KNOWN_FLAGS:
         raise ProtocolError("flags", f"a subset of {KNOWN_FLAGS:#x}", f"{flags:#x}", peer)
-    if message_kind is MessageKind.DATA or message_kind is MessageKind.STATE:
+    if message_kind is MessageKind.DATA:
         if dtype not in DTYPE_CODES:
             raise ProtocolError("dtype", f"one of {sorted(DTYPE_CODES)}", dtype, peer)
         if nbytes > max_payload:

@@ -47,7 +47,7 @@ def _incoming(frames: list[bytes], origin: str = "node-01", user: str = MEMBER_K
 
 
 def _valid(kind: MessageKind, nbytes: int = 16) -> list[bytes]:
-    if kind in (MessageKind.DATA, MessageKind.STATE):
+    if kind is MessageKind.DATA:
         return [Header(kind=kind, job=JOB, generation=1, sequence=2, dtype=2,
                        nbytes=nbytes).pack(), b"\0" * nbytes]
     payload = encode_control({"id": "node-01"})

@@ -57,7 +57,7 @@ def test_header_is_72_bytes():
 
 @pytest.mark.parametrize("kind", list(MessageKind))
 def test_round_trip_every_kind(kind):
-    if kind in (MessageKind.DATA, MessageKind.STATE):
+    if kind is MessageKind.DATA:
         header = data_header(kind=kind)
     else:
         header = Header(kind=kind, job=1, generation=2, sequence=3, nbytes=100)
@@ -65,7 +65,7 @@ def test_round_trip_every_kind(kind):
 
 
 @settings(max_examples=300, deadline=None)
-@given(kind=st.sampled_from([MessageKind.DATA, MessageKind.STATE]),
+@given(kind=st.just(MessageKind.DATA),
        dtype=st.sampled_from(sorted(wire.DTYPE_CODES)),
        elements=st.integers(0, MAX_PAYLOAD // 8),
        u16=st.integers(0, 2**16 - 1), u32=st.tuples(*[st.integers(0, 2**32 - 1)] * 3),
@@ -264,7 +264,7 @@ def decode_everything(frames: list[bytes], max_payload: int = 4096) -> None:
         return
     header = wire.decode_header(frames[0], max_payload=max_payload, peer="fuzz")
     wire.check_frames(header, frames, peer="fuzz")
-    if header.kind is not MessageKind.DATA and header.kind is not MessageKind.STATE:
+    if header.kind is not MessageKind.DATA:
         wire.decode_control(frames[1], {"id": str, "generation": int, "members": list},
                             peer="fuzz")
     else:
@@ -283,7 +283,7 @@ def only_protocol_errors(frames: list[bytes]) -> None:
 
 def valid_frames(kind: MessageKind, payload: bytes, descriptor: bytes | None) -> list[bytes]:
     flags = FLAG_DESCRIPTOR if descriptor is not None else 0
-    if kind in (MessageKind.DATA, MessageKind.STATE):
+    if kind is MessageKind.DATA:
         header = data_header(kind=kind, dtype=8, nbytes=len(payload), flags=flags)
     else:
         header = Header(kind=kind, job=1, generation=1, sequence=0, nbytes=len(payload),
