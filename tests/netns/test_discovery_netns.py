@@ -84,6 +84,13 @@ class Nodes:
                 raise AssertionError(f"node {i}: no {name!r} report within the deadline")
             time.sleep(0.01)
 
+    def send(self, i: int, line: str) -> None:
+        """Writes one line to node ``i``'s stdin."""
+        stdin = self.procs[i].stdin
+        assert stdin is not None
+        stdin.write(line + "\n")
+        stdin.flush()
+
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():
             if proc.stdin and not proc.stdin.closed:
@@ -165,11 +172,15 @@ def test_four_nodes_find_each_other_over_multicast(run_nodes: Any) -> None:
             print(answer.stdout)
             assert f"{job}-node0._ringtrain._tcp.local." in answer.stdout, answer.stdout
 
-        nodes.stop()
+        # Ask for the final views while all five are still announced (a node that
+        # already left would have withdrawn its advert), then stop them all.
         for i in range(4):
-            final = nodes.event(i, "final", time.time() + 5)
+            nodes.send(i, "final 5")
+        finals = {i: nodes.event(i, "final", time.time() + 10) for i in range(4)}
+        nodes.stop()
+        for i, final in finals.items():
             assert "node4" in [a["node_id"] for a in final["everyone"]], \
-                f"node {i} never saw the other job's advert on the wire"
+                f"node {i} never saw the other job's advert on the wire: {final['everyone']}"
             assert "node4" not in [a["node_id"] for a in final["adverts"]]
             nodes.event(i, "closed", time.time() + 5)
 
