@@ -45,6 +45,7 @@ OUTSIDE = {
     "zeroconf": {"discovery"},
     "ifaddr": {"discovery"},  # zeroconf's own dependency, for interface addresses
     "torch": {"integrations"},
+    "mpi4py": {"integrations.mpi_baseline"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
