@@ -12,9 +12,11 @@ Every node namespace has lo up, IPv6 off, no default route, a multicast route
 ``/etc/netns/NAME/{hosts,resolv.conf}`` (resolver 127.0.0.1), so nothing can leak to
 the host's network. Rates are shaped with tbf on both ends of a node's link (this
 kernel has no netem: delay cannot be emulated). Loss and partitions are nftables rules
-inside the node namespaces (table ``inet ringtrain``).
+inside the node namespaces (table ``inet ringtrain``). With ``cpu_cores`` every node is
+also a device with its own CPU budget (:mod:`ringtrain.cpu_budget`, cgroup ``PREFIX-<i>``):
+what runs in it gets that fraction of a core, as a small board would.
 
-    with EmulatedLan(4, rate_mbit=1000) as lan:
+    with EmulatedLan(4, rate_mbit=1000, cpu_cores=0.45) as lan:
         proc = lan.popen(0, ["python", "-m", "ringtrain.demo"])
         lan.partition([[0, 1], [2, 3]])
 
@@ -38,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from ringtrain import cpu_budget
 from ringtrain.errors import ConfigError
 
 _PREFIX_RE = re.compile(r"rt[a-z0-9]{1,10}")
@@ -85,7 +88,8 @@ def _owned_by(prefix: str, name: str) -> bool:
 
 
 def teardown(prefix: str) -> list[str]:
-    """Remove every namespace ``PREFIX-br`` / ``PREFIX-<i>``, its processes and /etc/netns files.
+    """Remove every namespace ``PREFIX-br`` / ``PREFIX-<i>``, its processes, /etc/netns files
+    and CPU budgets (cgroups ``PREFIX-<i>``).
 
     Safe after a partial setup and when nothing is left.
 
@@ -107,6 +111,9 @@ def teardown(prefix: str) -> list[str]:
         for path in _NETNS_ETC.iterdir():
             if _owned_by(prefix, path.name):
                 shutil.rmtree(path, ignore_errors=True)
+    for group in cpu_budget.groups():
+        if _owned_by(prefix, group):
+            cpu_budget.remove(group)
     return names
 
 
@@ -140,15 +147,20 @@ class EmulatedLan:
             leaves them unshaped.
         prefix: namespace name prefix (``rt`` + 1-10 of [a-z0-9]); a random one by default.
         subnet: an IPv4 /24 (or larger) for the nodes; ``10.77.<random>.0/24`` by default.
+        cpu_cores: give every node a CPU budget of this many cores (a cgroup quota; every
+            command run in the node runs inside it); None leaves the CPU unlimited.
 
     Raises:
-        ConfigError: bad arguments, no support (:func:`require_support`), a name in use,
-            or a setup command failed. Everything created so far is removed first.
+        ConfigError: bad arguments, no support (:func:`require_support`, and for
+            ``cpu_cores`` :func:`ringtrain.cpu_budget.hierarchy`), a name in use, or a setup
+            command failed. Everything created so far is removed first.
     """
 
     def __init__(self, n: int, rate_mbit: float | None = None, prefix: str | None = None,
-                 subnet: str | None = None) -> None:
+                 subnet: str | None = None, cpu_cores: float | None = None) -> None:
         require_support()
+        if cpu_cores is not None:
+            cpu_budget.hierarchy()
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 200:
             raise ConfigError(f"n must be an integer in [1, 200], got {n!r}")
         self.prefix = prefix if prefix is not None else "rt" + secrets.token_hex(3)
@@ -170,6 +182,7 @@ class EmulatedLan:
         self._blocked: list[set[int]] = [set() for _ in range(n)]
         self._dummies = [0] * n
         self._processes: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
+        self._budgets: list[cpu_budget.CpuBudget] = []
         self._closed = False
         taken = [name for name in _namespaces() if _owned_by(self.prefix, name)]
         if taken:
@@ -180,6 +193,9 @@ class EmulatedLan:
             if rate_mbit is not None:
                 for i in range(n):
                     self.set_rate(i, rate_mbit)
+            if cpu_cores is not None:
+                for i in range(n):
+                    self._budgets.append(cpu_budget.CpuBudget(self.namespace(i), cpu_cores))
         except BaseException:
             self.close()
             raise
@@ -231,8 +247,11 @@ class EmulatedLan:
         return f"{self.prefix}-{self._node(i)}"
 
     def command(self, i: int, argv: Sequence[str]) -> list[str]:
-        """``argv`` wrapped to run inside node ``i``'s namespace."""
-        return ["ip", "netns", "exec", self.namespace(i), *argv]
+        """``argv`` wrapped to run inside node ``i``'s namespace (and CPU budget, if any)."""
+        # the budget wraps `ip netns exec`: inside the namespace /sys is remounted, without
+        # the cgroup hierarchy
+        command = ["ip", "netns", "exec", self.namespace(i), *argv]
+        return self._budgets[i].command(command) if self._budgets else command
 
     def popen(self, i: int, argv: Sequence[str],
               **kwargs: object) -> subprocess.Popen[bytes] | subprocess.Popen[str]:
@@ -372,7 +391,8 @@ class EmulatedLan:
         return name
 
     def close(self) -> None:
-        """Stop processes started here, then remove namespaces, links and /etc/netns files."""
+        """Stop processes started here, then remove CPU budgets, namespaces, links and
+        /etc/netns files."""
         if self._closed:
             return
         self._closed = True
@@ -386,6 +406,8 @@ class EmulatedLan:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(_TERMINATE_GRACE_S)
+        for budget in self._budgets:
+            budget.close()
         teardown(self.prefix)
 
     def __enter__(self) -> EmulatedLan:
