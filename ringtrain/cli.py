@@ -36,6 +36,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                         "emulated LAN (root)"),
     "bench-recovery": ("ringtrain.recovery_bench",
                        "time recovery after a SIGKILL (detect, re-form, redo) for N local nodes"),
+    "bench-scaling": ("ringtrain.scaling_bench",
+                      "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
+                      "an emulated LAN, each with its own CPU budget (root)"),
     "bench-security": ("ringtrain.security_bench",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "allreduce-demo": ("ringtrain.local_demo",
