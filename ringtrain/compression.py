@@ -14,6 +14,13 @@ other node decodes the very same payload bytes, so every node ends bit-identical
 Error feedback: what a node's quantization left out is kept (:class:`Codec.residuals`, one
 array per tensor key) and added to that node's next contribution, so over many calls nothing
 is lost, only delayed. ``int8`` and ``topk`` use it by default, ``fp16`` does not need it.
+:meth:`Codec.encode_feedback` encodes and records what was left out in one call; ``int8`` fuses
+the two (no second decoding pass). A non-finite segment leaves a zero residual: its NaN or Inf
+reaches every node through the result, and carried over it would poison every later call.
+
+Speed: the codecs run on every segment of every hop, so they avoid temporaries: work arrays
+are per thread and reused (:func:`scratch`), ``int8`` quantizes in float32 with one
+multiplication by the reciprocal of its scale, rounds in place and casts once.
 
 Decoding is exact arithmetic on IEEE numbers (casts and one multiplication per value), so two
 machines decode the same payload to the same bits. A payload is a peer's bytes: its length
@@ -23,6 +30,7 @@ is checked by the runner, and top-k indices are checked here (:class:`ProtocolEr
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -30,9 +38,34 @@ import numpy as np
 from .errors import ConfigError, ProtocolError
 
 FP16_MAX = float(np.finfo(np.float16).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 SCALE_BYTES = 4  # int8: one float32 scale in front of the values
 INDEX_DTYPE = np.dtype("<u4")
 FLOATS = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
+SCRATCH_LIMIT = 1 << 22  # elements: larger work arrays are allocated per call, not kept
+
+
+class _Scratch(threading.local):
+    """One reusable work array per dtype and thread."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[np.dtype, np.ndarray] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(size: int, dtype: np.dtype | type) -> np.ndarray:
+    """A work array of ``size`` elements (contents undefined), reused by later calls from this
+    thread: a codec holds it only until it returns."""
+    dtype = np.dtype(dtype)
+    if size > SCRATCH_LIMIT:
+        return np.empty(size, dtype)
+    current = _SCRATCH.arrays.get(dtype)
+    if current is None or current.size < size:
+        current = _SCRATCH.arrays[dtype] = np.empty(size, dtype)
+    return current[:size]
 
 
 class Codec:
@@ -67,6 +100,21 @@ class Codec:
             ProtocolError: the payload cannot be a valid encoding of ``out.size`` values.
         """
         raise NotImplementedError
+
+    def encode_feedback(self, values: np.ndarray, out: np.ndarray,
+                        residual: np.ndarray | None = None, replace: bool = False) -> None:
+        """:meth:`encode`, then with ``residual`` (shaped like ``values``) write into it what
+        the payload leaves out, ``values - decode(payload)`` (zeros where that is not finite),
+        and with ``replace`` set ``values`` to ``decode(payload)``, bit for bit."""
+        self.encode(values, out)
+        if residual is None and not replace:
+            return
+        decoded = scratch(values.size, values.dtype)
+        self.decode(out, decoded)
+        if residual is not None:
+            _left_out(values, decoded, residual)
+        if replace:
+            values[...] = decoded
 
     def round_trip(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(payload, decode(payload)) of ``values``; for tests and the owner's chunk."""
@@ -124,23 +172,50 @@ class Int8(Codec):
         return SCALE_BYTES + count
 
     def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        self.encode_feedback(values, out)
+
+    def encode_feedback(self, values: np.ndarray, out: np.ndarray,
+                        residual: np.ndarray | None = None, replace: bool = False) -> None:
+        """One pass to quantize, then (if asked) the decoded values from the rounded floats
+        still in hand instead of decoding the payload again: the same float32 products that
+        :meth:`decode` computes, so the result is bit for bit what every other node decodes."""
         scale_bytes, quantized = out[:SCALE_BYTES], out[SCALE_BYTES:].view(np.int8)
         if values.size == 0:
-            scale_bytes.view(np.float32)[0] = 0.0
+            scale_bytes.view("<f4")[0] = 0.0
             return
         # two read-only passes instead of abs(): no temporary of the segment's size
         peak = max(float(values.max()), -float(values.min()))
-        scale = np.float32(peak / 127.0)
+        ratio = peak / 127.0  # a float64 segment's may be beyond float32: then the scale is Inf
+        scale = np.float32(math.inf) if ratio > FLOAT32_MAX else np.float32(ratio)
         scale_bytes.view("<f4")[0] = scale
-        if not (math.isfinite(peak) and scale > 0):
-            # all zeros (scale 0) or a NaN/Inf (scale non-finite): decoding gives zeros or
-            # non-finite values, so a non-finite gradient stays visible on every node
+        if not (math.isfinite(scale) and scale > 0):
+            # all zeros, or too small for a float32 scale (decodes to zeros), or a NaN/Inf
+            # (decodes to the non-finite scale everywhere, so every node sees it)
             quantized[...] = 0
+            if residual is not None:
+                residual[...] = values if scale == 0 else 0
+            if replace:
+                values[...] = scale
             return
-        scaled = np.divide(values, scale, dtype=np.float32)
-        np.rint(scaled, out=scaled)
-        np.clip(scaled, -127, 127, out=scaled)
-        quantized[...] = scaled
+        rounded = scratch(values.size, np.float32)
+        if scale >= FLOAT32_TINY:
+            # |values * (1 / scale)| <= 127 (1 + 3 * 2^-24): rounds to at most 127, no clip
+            np.multiply(values, np.float32(1.0) / scale, out=rounded, casting="same_kind")
+        else:  # a subnormal scale: its reciprocal may overflow, and it is coarse, so clip
+            np.divide(values, scale, out=rounded, casting="same_kind")
+            np.clip(rounded, -127, 127, out=rounded)
+        np.rint(rounded, out=rounded)
+        quantized[...] = rounded  # integers in [-127, 127]: the cast is exact
+        if residual is None and not replace:
+            return
+        decoded = np.multiply(rounded, scale, out=rounded)
+        if values.dtype != decoded.dtype:
+            decoded = decoded.astype(values.dtype)  # as decode() casts its float32 products
+        if residual is not None:
+            np.subtract(values, decoded, out=residual)
+        if replace:
+            # rint leaves -0.0 where decode() has +0.0: adding +0.0 makes the bits the same
+            np.add(decoded, decoded.dtype.type(0), out=values)
 
     def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
         if payload.size != SCALE_BYTES + out.size:
@@ -150,8 +225,11 @@ class Int8(Codec):
         quantized = payload[SCALE_BYTES:].view(np.int8)
         if not math.isfinite(scale):
             out[...] = scale  # NaN or Inf everywhere: the non-finite input stays visible
-            return
-        np.multiply(quantized, scale, out=out, casting="unsafe")
+        elif out.dtype == np.float32:
+            np.copyto(out, quantized)  # two plain passes beat one buffered mixed-type one
+            np.multiply(out, scale, out=out)
+        else:
+            np.multiply(quantized, scale, out=out, casting="unsafe")
 
 
 class TopK(Codec):
@@ -206,6 +284,14 @@ class TopK(Codec):
         if int(indices.max()) >= out.size:
             raise ProtocolError("top-k index", f"below {out.size}", int(indices.max()))
         out[indices] = payload[index_bytes:].view(out.dtype)
+
+
+def _left_out(values: np.ndarray, decoded: np.ndarray, residual: np.ndarray) -> None:
+    """residual = values - decoded, with zeros where that is not finite."""
+    np.subtract(values, decoded, out=residual)
+    finite = np.isfinite(residual)
+    if not finite.all():
+        residual[~finite] = 0
 
 
 def get_codec(spec: str | Codec | None) -> Codec | None:

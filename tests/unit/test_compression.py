@@ -7,7 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ringtrain.compression import Codec, Fp16, Int8, TopK, check_supported, get_codec
+from ringtrain.compression import (
+    SCRATCH_LIMIT,
+    Codec,
+    Fp16,
+    Int8,
+    TopK,
+    check_supported,
+    get_codec,
+    scratch,
+)
 from ringtrain.errors import ConfigError, ProtocolError
 
 RNG = np.random.default_rng(7)
@@ -161,3 +170,82 @@ def test_compression_is_for_float_sums_and_means():
 def test_base_codec_is_abstract():
     with pytest.raises(NotImplementedError):
         Codec().payload_bytes(3, np.dtype("float32"))
+
+
+def _unfused(codec: Codec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(payload, residual, decoded) the long way: encode, decode, subtract."""
+    payload, decoded = codec.round_trip(x)
+    with np.errstate(invalid="ignore"):
+        residual = x - decoded
+    residual[~np.isfinite(residual)] = 0
+    return payload, residual, decoded
+
+
+def _fused(codec: Codec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    payload = np.empty(codec.payload_bytes(x.size, x.dtype), np.uint8)
+    residual = np.full_like(x, 7)  # stale contents must be overwritten
+    replaced = x.copy()
+    codec.encode_feedback(replaced, payload, residual, replace=True)
+    return payload, residual, replaced
+
+
+EDGE_CASES = {
+    "normal": values(3000),
+    "zeros": np.zeros(50, np.float32),
+    "all equal": np.full(50, -2.5, np.float32),
+    "one value": np.array([3.0], np.float32),
+    "float32 extremes": np.array([3.4e38, -3.4e38, 1.0, 0.0], np.float32),
+    "subnormal scale": np.array([1e-39, -3e-40, 5e-41, 0.0], np.float32),
+    "scale underflows": np.array([1e-44, -3e-45, 0.0], np.float32),
+    "float64 beyond float32": np.array([1e300, -1.0, 2.0]),
+    "nan": np.array([1.0, np.nan, -2.0], np.float32),
+    "inf": np.array([1.0, -np.inf, 2.0], np.float32),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+@pytest.mark.parametrize("codec", [Int8(), TopK(0.5), Fp16()], ids=str)
+def test_encode_feedback_is_encode_decode_subtract_bit_for_bit(codec, case, dtype):
+    """The fused int8 path (and the generic one of the others) writes the same payload, the
+    same residual and the same replaced values as encoding, decoding and subtracting: the
+    owner's values must be bit for bit what every other node decodes."""
+    with np.errstate(over="ignore", under="ignore"):
+        x = EDGE_CASES[case].astype(dtype)
+    with np.errstate(invalid="ignore"):
+        expected = _unfused(codec, x)
+        got = _fused(codec, x)
+    assert got[0].tobytes() == expected[0].tobytes(), "payload"
+    np.testing.assert_array_equal(got[1], expected[1], "residual")  # a -0.0 may be +0.0
+    assert got[2].tobytes() == expected[2].tobytes(), "replaced values differ in some bit"
+
+
+def test_int8_edge_cases_decode_as_promised():
+    codec = Int8()
+    for case in ("zeros", "scale underflows"):
+        x = EDGE_CASES[case]
+        _, residual, decoded = _fused(codec, x)
+        assert not decoded.any()
+        np.testing.assert_array_equal(residual, x)  # nothing lost: all of it waits in feedback
+    x = EDGE_CASES["all equal"]
+    payload, _, decoded = _fused(codec, x)
+    assert (payload[4:].view(np.int8) == -127).all()
+    np.testing.assert_allclose(decoded, x, rtol=1e-6)
+    for case in ("float32 extremes", "subnormal scale"):
+        x = EDGE_CASES[case]
+        payload, residual, decoded = _fused(codec, x)
+        assert np.abs(payload[4:].view(np.int8)).max() == 127
+        peak = float(np.abs(x).max())
+        assert np.abs(decoded.astype(np.float64) - x).max() <= peak / 254 * 1.01
+        assert np.isfinite(residual).all()
+    for case in ("nan", "inf", "float64 beyond float32"):
+        _, residual, decoded = _fused(codec, EDGE_CASES[case])
+        assert not np.isfinite(decoded).any()  # visible on every node
+        assert not residual.any()  # and not carried into the next call
+
+
+def test_scratch_is_reused_per_dtype_and_not_kept_when_huge():
+    first = scratch(10, np.float32)
+    assert scratch(5, np.float32).base is first.base
+    assert scratch(5, np.float64).dtype == np.float64
+    assert scratch(SCRATCH_LIMIT + 1, np.uint8).base is None
