@@ -1,5 +1,6 @@
 """``ringtrain bench``: all-reduce time, algbw and busbw per size, in the style of nccl-tests,
-side by side with torch.distributed's Gloo (and MPI when mpi4py is there), in one run.
+side by side with torch.distributed's Gloo and with MPI (when torch and mpi4py are installed),
+in one run.
 
     ringtrain bench                                   # loopback, 4 nodes, keyed (encrypted)
     ringtrain bench --insecure                        # loopback without encryption
@@ -11,9 +12,11 @@ side by side with torch.distributed's Gloo (and MPI when mpi4py is there), in on
 Method (see ../shared/research/perf-baselines.md): every run starts N fresh worker processes
 (in N network namespaces for ``--where lan``), and for each size times ``iterations``
 all-reduces, each after a barrier; an iteration's time is the slowest rank's. A run's time is
-the median of its iterations. ringtrain and Gloo runs alternate (``--repeats`` pairs), and
-the table shows the median and the best of the runs' times. algbw = bytes / time; busbw =
-algbw x 2(N-1)/N. With compression, bytes are the uncompressed bytes (effective busbw).
+the median of its iterations. ringtrain, Gloo and MPI runs alternate (``--repeats`` rounds),
+and the table shows the median and the best of the runs' times. MPI runs through ``mpiexec``:
+over shared memory on loopback, over TCP on eth0 between the namespaces of the LAN.
+algbw = bytes / time; busbw = algbw x 2(N-1)/N. With compression, bytes are the uncompressed
+bytes (effective busbw).
 Memory: each worker's peak RSS growth while running a size, beyond its input buffer, over
 the buffer's bytes (so a node's total is 1 + that, plus fixed buffers).
 """
@@ -23,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ DEFAULT_SIZES = "4K,64K,1M,16M,64M,256M"
 QUICK_SIZES = "4K,1M,16M"
 LOOPBACK_ESTIMATE_BPS = 0.5e9  # bytes/s a loopback ring of 4 moves; only to pick iterations
 RUN_TIMEOUT = 600.0
+STOP_GRACE_S = 5.0  # after a timeout: SIGTERM (mpiexec passes it on to its ranks), then SIGKILL
 RINGTRAIN_PORT, GLOO_PORT = 29600, 29700  # inside namespaces every node has its own ports
 
 
@@ -173,30 +179,43 @@ def _ringtrain_worker(config: dict) -> dict:
         return out
 
 
+def _measure_with_rss(op: Callable, barrier: Callable, warmup: int, iters: int) -> dict:
+    base = _reset_peak_rss()
+    result = measure(op, barrier, warmup, iters)
+    result["peak_rss_growth"] = _rss("VmHWM") - base
+    return result
+
+
 def _gloo_worker(config: dict) -> dict:
     from .integrations.baselines import gloo_worker
-
-    def measure_with_rss(op: Callable, barrier: Callable, warmup: int, iters: int) -> dict:
-        base = _reset_peak_rss()
-        result = measure(op, barrier, warmup, iters)
-        result["peak_rss_growth"] = _rss("VmHWM") - base
-        return result
 
     iterations = config["iterations"]
     return gloo_worker(config["rank"], len(config["addresses"]), config["master"],
                        config["sizes"], lambda size: iterations[str(size)], config["warmup"],
-                       measure_with_rss)
+                       _measure_with_rss)
+
+
+def _mpi_worker(config: dict) -> dict | None:
+    from .integrations.mpi_baseline import mpi_worker
+
+    iterations = config["iterations"]
+    return mpi_worker(config["sizes"], lambda size: iterations[str(size)], config["warmup"],
+                      _measure_with_rss)
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m ringtrain.bench worker CONFIG_JSON``: one rank of one run; prints JSON."""
+    """``python -m ringtrain.bench worker CONFIG_JSON``: one rank of one run; prints JSON
+    (under MPI only rank 0 prints, for every rank)."""
     config = json.loads(argv[0])
     if config["backend"] == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", config["interface"])
         out = _gloo_worker(config)
+    elif config["backend"] == "mpi":
+        out = _mpi_worker(config)
     else:
         out = _ringtrain_worker(config)
-    print("RESULT " + json.dumps({str(k): v for k, v in out.items()}), flush=True)
+    if out is not None:
+        print("RESULT " + json.dumps({str(k): v for k, v in out.items()}), flush=True)
     return 0
 
 
@@ -239,6 +258,7 @@ class Launcher:
                 self.lan.set_rate(args.slow_node, args.slow_rate)
         self.key = JobKey.generate()
         self.round = 0
+        self.mpi_agent: str | None = None  # the script mpiexec starts daemons with on a LAN
 
     def hosts(self) -> list[str]:
         if self.lan is None:
@@ -254,8 +274,29 @@ class Launcher:
         # fresh ports every run: the last run's connections may linger in TIME_WAIT
         return [base + self.round] * self.n
 
+    def _start(self, rank: int, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """Start ``argv`` on node ``rank`` (in its namespace on the LAN)."""
+        if self.lan is None:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+        return self.lan.popen(rank, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+
+    def _mpiexec(self, argv: list[str]) -> list[str]:
+        """``argv`` as N MPI ranks: local, or one per namespace (mpiexec in node 0's)."""
+        from .integrations.mpi_baseline import mpiexec_command, with_host_name, write_agent
+
+        if self.lan is None:
+            return mpiexec_command(argv, self.n)
+        namespaces = [self.lan.namespace(i) for i in range(self.n)]
+        if self.mpi_agent is None:
+            self.mpi_agent = write_agent(tempfile.mkdtemp(prefix="ringtrain-mpi-"), namespaces)
+        return with_host_name(namespaces[0],
+                              mpiexec_command(argv, self.n, namespaces, self.mpi_agent))
+
     def run(self, backend: str, sizes: list[int], iterations: dict[str, int]) -> list[dict]:
-        """One run of ``backend``; each rank's measurements."""
+        """One run of ``backend``; each rank's measurements (under MPI, one entry already
+        reduced over the ranks: slowest time per iteration, largest memory)."""
         hosts = self.hosts()
         ports = self.ports(RINGTRAIN_PORT if backend == "ringtrain" else GLOO_PORT)
         common = {"backend": backend, "sizes": sizes, "iterations": iterations,
@@ -265,26 +306,22 @@ class Launcher:
                   "master": f"{hosts[0]}:{ports[0]}",
                   "interface": "lo" if self.lan is None else "eth0"}
         env = {**os.environ, "RINGTRAIN_BENCH_KEY": self.key.hex(), "OMP_NUM_THREADS": "1"}
-        processes = []
-        for rank in range(self.n):
-            argv = [sys.executable, "-m", "ringtrain.bench", "worker",
-                    json.dumps({**common, "rank": rank})]
-            if self.lan is None:
-                process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True, env=env)
-            else:
-                process = self.lan.popen(rank, argv, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True, env=env)
-            processes.append(process)
+        worker = [sys.executable, "-m", "ringtrain.bench", "worker"]
+        if backend == "mpi":
+            from .integrations.mpi_baseline import run_as_root_env
+
+            argv = self._mpiexec([*worker, json.dumps({**common, "rank": None})])
+            processes = [self._start(0, argv, {**env, **run_as_root_env()})]
+        else:
+            processes = [self._start(rank, [*worker, json.dumps({**common, "rank": rank})], env)
+                         for rank in range(self.n)]
         results, problems = [], []
         deadline = time.monotonic() + RUN_TIMEOUT
         for rank, process in enumerate(processes):
             try:
                 stdout, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                for p in processes:
-                    p.kill()
-                stdout, stderr = process.communicate()
+                _stop(processes)
                 problems.append(f"{backend} rank {rank}: no result in {RUN_TIMEOUT:.0f} s")
                 continue
             lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
@@ -300,17 +337,31 @@ class Launcher:
     def close(self) -> None:
         if self.lan is not None:
             self.lan.close()
+        if self.mpi_agent is not None:
+            shutil.rmtree(os.path.dirname(self.mpi_agent), ignore_errors=True)
 
 
-def _mpi_status() -> str:
-    try:
-        import importlib.util
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every process still running, then SIGKILL those left after a grace period."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
 
-        if importlib.util.find_spec("mpi4py") is None:
-            return "skipped: mpi4py is not installed"
-    except (ImportError, ValueError):
-        return "skipped: mpi4py is not importable"
-    return "skipped: the MPI baseline is not implemented in this benchmark yet"
+
+def _mpi_status(lan: bool) -> str:
+    """The MPI series' ``skipped`` text: "" when the baseline can run."""
+    from .integrations.mpi_baseline import unavailable
+
+    reason = unavailable(lan)
+    if not reason:
+        return ""
+    return f"skipped on --where lan: {reason}" if lan else f"skipped: {reason}"
 
 
 def _record(series: Series, sizes: list[int], per_rank: list[dict]) -> None:
@@ -347,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
 
     ours = Series("ringtrain")
     gloo = Series("gloo")
-    mpi = Series("mpi", skipped=_mpi_status() if "mpi" in baselines else "")
+    mpi = Series("mpi", skipped=_mpi_status(args.where == "lan") if "mpi" in baselines
+                 else "not asked for")
     if "gloo" in baselines:
         from .integrations.baselines import torch_available
 
@@ -362,6 +414,8 @@ def run(args: argparse.Namespace) -> int:
             _record(ours, sizes, launcher.run("ringtrain", sizes, iterations))
             if not gloo.skipped:
                 _record(gloo, sizes, launcher.run("gloo", sizes, iterations))
+            if not mpi.skipped:
+                _record(mpi, sizes, launcher.run("mpi", sizes, iterations))
             print(f"run {repeat + 1}/{repeats} done ({time.monotonic() - started:.0f} s)",
                   file=sys.stderr, flush=True)
     finally:
@@ -370,9 +424,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "sizes": sizes, "iterations": iterations,
-                       "ringtrain": ours.runs, "gloo": gloo.runs, "memory": ours.memory,
-                       "gloo_memory": gloo.memory}, f, indent=1, default=str)
+                       "ringtrain": ours.runs, "gloo": gloo.runs, "mpi": mpi.runs,
+                       "memory": ours.memory, "gloo_memory": gloo.memory,
+                       "mpi_memory": mpi.memory, "gloo_skipped": gloo.skipped,
+                       "mpi_skipped": mpi.skipped}, f, indent=1, default=str)
     return 0
+
+
+def _ratio(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (so it never reads 0.00)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -430,23 +491,29 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
     header = (f"| size | ringtrain median ms | best ms | busbw {unit} median | best | "
               f"peak RSS / bytes |")
     rule = "|---|---|---|---|---|---|"
-    if not gloo.skipped:
-        header += f" gloo median ms | gloo busbw {unit} | ringtrain / gloo (busbw) |"
+    baselines = [(label, series) for label, series in (("gloo", gloo), ("mpi", mpi))
+                 if not series.skipped]
+    for label, _ in baselines:
+        header += f" {label} median ms | {label} busbw {unit} | ringtrain / {label} (busbw) |"
         rule += "---|---|---|"
     lines += [header, rule]
     for size in sizes:
         t, b = ours.median(size), ours.best(size)
         row = (f"| {format_size(size)} | {t * 1e3:.3f} | {b * 1e3:.3f} | {bw(size, t)} | "
                f"{bw(size, b)} | {ours.memory.get(size, 0) / size:.2f} |")
-        if not gloo.skipped:
-            g = gloo.median(size)
-            row += f" {g * 1e3:.3f} | {bw(size, g)} | {g / t:.2f} |"
+        for _, series in baselines:
+            g = series.median(size)
+            row += f" {g * 1e3:.3f} | {bw(size, g)} | {_ratio(g / t)} |"
         lines.append(row)
     lines.append("")
     if gloo.skipped:
         lines.append(f"Gloo: {gloo.skipped}.")
     if mpi.skipped:
         lines.append(f"MPI: {mpi.skipped}.")
+    else:
+        from .integrations.mpi_baseline import describe
+
+        lines.append(f"MPI: {describe(lan)}.")
     lines.append("algbw = size / time; busbw = algbw x 2(N-1)/N. ratio > 1: ringtrain faster. "
                  "peak RSS / bytes: the largest peak RSS growth of a worker while running "
                  "that size, beyond its input buffer, over the buffer's bytes.")
