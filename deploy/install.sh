@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install ringtrain from this checkout.
 #   bash deploy/install.sh          the package (numpy, pyzmq, zeroconf)
-#   bash deploy/install.sh --test   the package with its test tools, and (as root on Debian or
-#                                   Ubuntu) the system tools the network-namespace tests use:
-#                                   iproute2 (ip, tc), nftables (loss, partitions),
-#                                   procps (sysctl), dnsutils (dig)
+#   bash deploy/install.sh --test   the package with its test tools and the MPI baseline of
+#                                   `ringtrain bench` (mpi4py and Open MPI wheels, seconds), and
+#                                   (as root on Debian or Ubuntu) the system tools the
+#                                   network-namespace tests use: iproute2 (ip, tc), nftables
+#                                   (loss, partitions), procps (sysctl), dnsutils (dig)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip --version >/dev/null 2>&1 || { echo "install.sh: python3 with pip is needed" >&2; exit 2; }
@@ -21,7 +22,7 @@ if [ "${1:-}" = "--test" ]; then
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
         fi
     fi
-    python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    python3 -m pip install --quiet --disable-pip-version-check -e '.[test,mpi]'
     # The PyTorch tests (integration, DDP parity) run where a CPU wheel of torch lies in a
     # local wheel directory; we never let pip fetch torch from an index (a multi-GB CUDA build).
     for dir in ${PIP_FIND_LINKS:-}; do
