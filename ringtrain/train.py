@@ -6,11 +6,11 @@ Two pieces:
 * :class:`DistributedOptimizer` wraps an optimizer from :mod:`ringtrain.optim`. Constructing it
   checks that every member trains the same thing and copies rank 0's parameters and optimizer
   state to every member. Each :meth:`~DistributedOptimizer.step` averages the gradient over the
-  members in one fused all-reduce, weighted by each member's sample count, and then steps the
-  optimizer. Losses are means over the local batch, so the weighted mean
-  ``sum(n_i * grad_i) / sum(n_i)`` is the gradient of the union batch: N members with batch b
-  compute what one process with batch N*b would. Every member applies the same reduced bytes
-  with the same deterministic optimizer, so parameters stay bit-identical.
+  members in one fused all-reduce (two with compression, below), weighted by each member's
+  sample count, and then steps the optimizer. Losses are means over the local batch, so the
+  weighted mean ``sum(n_i * grad_i) / sum(n_i)`` is the gradient of the union batch: N members
+  with batch b compute what one process with batch N*b would. Every member applies the same
+  reduced bytes with the same deterministic optimizer, so parameters stay bit-identical.
 * :class:`Trainer` runs the loop: sharding, speed-adaptive batches, local SGD, non-finite
   gradients and checkpoints, as follows.
 
@@ -36,6 +36,21 @@ steps without communicating, then the members average their parameters and optim
 weighted by the samples each consumed since the last average. One all-reduce per k steps
 instead of per step: the mode for slow links. Between averages members differ; after each they
 are identical again (and :meth:`Trainer.fit` ends with an average).
+
+Compression (``compression="int8"``, ``"fp16"``, ``"topk[:ratio]"``; default None). Only the
+gradient travels through a compressed all-reduce (:mod:`ringtrain.compression`). The loss,
+the weights and the flags must stay exact: a rounded weight sum would skew every gradient, a
+rounded flag could vanish. They travel in their own all-reduce of four values just before,
+the cheapest sound way: it adds one round per step (small all-reduces take one round, not
+a ring) and no bandwidth, whereas in the compressed buffer they would share a segment's int8
+scale with the gradient (and the compressed path keeps only one trailing value exact, the
+weight of a weighted mean). When the four say every member skips the step, the gradient does
+not travel at all. Members still end bit-identical: every node decodes the same bytes, and
+the owner of each chunk keeps exactly what the others decode. Error feedback (int8, top-k)
+carries what a member's encodings left out into its next gradient; it is cleared after a
+non-finite result (which it would otherwise carry into every later step) and on a re-form
+(it belongs to an attempt whose contributions never landed). Local SGD averages parameters,
+which must not be quantized: it refuses compression.
 
 Non-finite gradients. A member whose gradient or loss holds NaN or Inf sends zeros and raises a
 flag element fused into the same all-reduce; when the reduced flag is set (or the reduced
@@ -68,6 +83,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint
+from .compression import Codec, check_supported, get_codec
 from .errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
 from .nn import Sequential, softmax_cross_entropy
 from .node import Node
@@ -166,14 +182,19 @@ class DistributedOptimizer:
         timeout: seconds for each collective (default: the node's setting).
         joining: this node joins a ring that is already training: skip the start-up
             agreement (the members are not running it); the caller syncs state instead.
+        compression: None, a codec name (``fp16``, ``int8``, ``topk[:RATIO]``) or a
+            :class:`~ringtrain.compression.Codec` for the gradient all-reduce of
+            :meth:`step` (see the module docstring); every member must use the same.
 
     Raises:
-        ConfigError: members disagree; the message names the fact, both ranks and both values.
+        ConfigError: members disagree; the message names the fact, both ranks and both
+            values. Or an unknown compression, or one the parameters' dtype cannot use.
     """
 
     def __init__(self, node: Node, optimizer: Optimizer, *,
                  agree_on: Mapping[str, object] | None = None, max_nonfinite: int = 10,
-                 timeout: float | None = None, joining: bool = False):
+                 timeout: float | None = None, joining: bool = False,
+                 compression: str | Codec | None = None):
         if isinstance(max_nonfinite, bool) or not isinstance(max_nonfinite, int) \
                 or max_nonfinite < 1:
             raise ConfigError(f"max_nonfinite must be a positive integer, got {max_nonfinite!r}")
@@ -182,6 +203,11 @@ class DistributedOptimizer:
         self.params = optimizer.params
         self.max_nonfinite = max_nonfinite
         self.timeout = timeout
+        self.codec = get_codec(compression)
+        """The gradient's codec (this member's own: it holds the error-feedback state), or
+        None."""
+        if self.codec is not None:
+            check_supported(self.codec, self.params.dtype, "sum")
         self.loss = math.nan
         """The weighted mean loss over every member's batch, from the last :meth:`step`."""
         self.nonfinite_in_a_row = 0
@@ -195,11 +221,14 @@ class DistributedOptimizer:
         self.leave_announced = False
         """Whether a completed step carried :attr:`leaving` to the others: now we may go."""
         # weight x gradient, weight x loss, weight, non-finite flag, re-form flag: one buffer,
-        # one all-reduce (a sum: the flags must count whatever the weights)
+        # one all-reduce (a sum: the flags must count whatever the weights); with compression
+        # the gradient part and the four exact values are two all-reduces (module docstring)
         self._buffer = np.empty(self.params.size + 4, dtype=self.params.dtype)
         if not joining:
             facts = {"optimizer": _optimizer_kind(optimizer),
                      "parameters": f"{self.params.size} {self.params.dtype}"}
+            if self.codec is not None:
+                facts["compression"] = self.codec.spec()
             facts.update({name: str(value) for name, value in (agree_on or {}).items()})
             check_agreement(node, facts, timeout)
             self.broadcast_state(0)
@@ -231,12 +260,13 @@ class DistributedOptimizer:
             self._buffer[n + 2] = 1
         leaving = self.leaving  # read once: a signal may set it while this step runs
         self._buffer[n + 3] = 1 if (leaving or self.node.reform_due) else 0
-        reduced = self.node.all_reduce(self._buffer, op="sum", timeout=self.timeout)
+        gradient, control = self._reduce(n)
         self.leave_announced = leaving
         self.steps += 1
-        self.reform_agreed = bool(reduced[n + 3] != 0)
-        total = reduced[n + 1]
-        if reduced[n + 2] != 0 or not np.isfinite(reduced[:n + 2]).all() or not total > 0:
+        self.reform_agreed = bool(control[3] != 0)
+        total = control[1]
+        if gradient is None or not np.isfinite(gradient).all():
+            self.clear_feedback()
             self.nonfinite_in_a_row += 1
             self.loss = math.nan
             if self.nonfinite_in_a_row >= self.max_nonfinite:
@@ -248,11 +278,33 @@ class DistributedOptimizer:
                     f"check the data.", step=self.steps, generation=self.node.generation)
             return False
         self.nonfinite_in_a_row = 0
-        self.loss = float(reduced[n] / total)
-        gradient = reduced[:n]
+        self.loss = float(control[0] / total)
         np.divide(gradient, total, out=gradient)
         self.optimizer.step(gradient)
         return True
+
+    def _reduce(self, n: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """(summed weighted gradient, or None when every member skips this step; summed
+        [weighted loss, weight, non-finite flag, re-form flag])."""
+        if self.codec is None:
+            reduced = self.node.all_reduce(self._buffer, op="sum", timeout=self.timeout)
+            gradient, control = reduced[:n], reduced[n:]
+        else:
+            control = self.node.all_reduce(self._buffer[n:], op="sum", timeout=self.timeout)
+            gradient = None
+        if control[2] != 0 or not np.isfinite(control[:2]).all() or not control[1] > 0:
+            return None, control
+        if gradient is None:
+            gradient = self.node.all_reduce(self._buffer[:n], op="sum", timeout=self.timeout,
+                                            compression=self.codec)
+        return gradient, control
+
+    def clear_feedback(self) -> None:
+        """Forget the error-feedback residuals: after a non-finite result (they would carry
+        it into every later step) or a re-form (they belong to an attempt whose
+        contributions never landed)."""
+        if self.codec is not None:
+            self.codec.residuals.clear()
 
     def average_state(self, weight: float) -> None:
         """Replace parameters and optimizer arrays by their mean over the members, weighted by
@@ -322,6 +374,8 @@ class Trainer:
             ``batch_size * world_size``.
         rejoin_timeout: how long the trainer waits for a ring to re-form (e.g. below
             ``min_size``, or on the minority side of a partition) before giving up.
+        compression: compress the gradient all-reduce: None (default), ``"fp16"``,
+            ``"int8"``, ``"topk[:RATIO]"`` or a Codec (module docstring); not with local SGD.
 
     Raises:
         ConfigError: a bad argument, or members that disagree on model, data or settings.
@@ -334,7 +388,8 @@ class Trainer:
                  average_every: int = 1, checkpoint_dir: str | os.PathLike[str] | None = None,
                  checkpoint_every: int = 100, max_nonfinite: int = 10,
                  timeout: float | None = None, rejoin_timeout: float = 600.0,
-                 global_batch_size: int | None = None):
+                 global_batch_size: int | None = None,
+                 compression: str | Codec | None = None):
         for name, value in (("batch_size", batch_size), ("share_every", share_every),
                             ("average_every", average_every),
                             ("checkpoint_every", checkpoint_every)):
@@ -343,6 +398,11 @@ class Trainer:
         if checkpoint_dir is not None and checkpoint_every % average_every:
             raise ConfigError(f"checkpoint_every ({checkpoint_every}) must be a multiple of "
                               f"average_every ({average_every}): members differ in between")
+        codec = get_codec(compression)
+        if codec is not None and average_every > 1:
+            raise ConfigError(f"compression {codec.spec()} applies to the gradient all-reduce "
+                              f"of every step; local SGD (average_every={average_every}) "
+                              f"averages parameters, which must not be quantized")
         if optimizer.params is not model.params:
             raise ConfigError("the optimizer must be built on model.params")
         if len(x) != len(y):
@@ -375,6 +435,7 @@ class Trainer:
         joining = node.joined_running_ring
         self.optimizer = DistributedOptimizer(
             node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout, joining=joining,
+            compression=codec,
             agree_on=training_facts(model, x, y, batch_size=batch_size, seed=seed,
                                     adaptive=adaptive, share_every=share_every,
                                     average_every=average_every, loss=loss,
@@ -472,6 +533,7 @@ class Trainer:
                 self.reforms += 1
                 log.info("rank %d: ring re-formed as generation %d with %d members",
                          view.rank, view.generation, view.world_size)
+                self.optimizer.clear_feedback()
                 self._sync_state()
                 return
             except PeerFailedError as exc:

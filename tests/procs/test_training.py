@@ -179,16 +179,18 @@ class _Poisoned(Trainer):
         return loss
 
 
-def _poisoned_run(node: Node, bad_steps: frozenset[int]) -> dict | str:
+def _poisoned_run(node: Node, bad_steps: frozenset[int], compression: str | None = None
+                  ) -> dict | str:
     _Poisoned.bad_steps = bad_steps
     try:
-        return _train(node, 1, trainer_class=_Poisoned, max_nonfinite=3)
+        return _train(node, 1, trainer_class=_Poisoned, max_nonfinite=3, compression=compression)
     except NonFiniteGradientError as exc:
         return f"{type(exc).__name__} at step {exc.step}: {exc}"
 
 
-def test_a_nan_on_one_node_skips_the_step_everywhere():
-    results = run_local(_poisoned_run, 3, args=(frozenset({4, 5}),), timeout=60)
+@pytest.mark.parametrize("compression", [None, "int8"])
+def test_a_nan_on_one_node_skips_the_step_everywhere(compression):
+    results = run_local(_poisoned_run, 3, args=(frozenset({4, 5}), compression), timeout=60)
     _assert_identical_across_nodes(results)
     for result in results:
         assert np.isfinite(result["params"]).all()
@@ -245,3 +247,65 @@ def test_members_training_different_models_are_refused_with_both_named():
     assert messages[0] == messages[1]
     assert "members disagree on model: rank 0 (node-00) has '" in messages[0]
     assert "rank 1 (node-01) has '" in messages[0]
+
+
+def _loss_on_all_data(params: np.ndarray) -> float:
+    x, y = _data()
+    model = _model32()
+    model.load_params(params)
+    return softmax_cross_entropy(model.forward(x), y)[0]
+
+
+def _model32() -> Sequential:
+    return Sequential(Dense(64, 16), Tanh(), Dense(16, 10), seed=1, dtype=np.float32)
+
+
+def _compressed_and_exact(node: Node) -> dict:
+    """Train a float32 model with int8 compression, then again without, on the same node."""
+    x, y = _data()
+    out: dict = {}
+    for name, compression in (("int8", "int8"), ("exact", None)):
+        model = _model32()
+        before = node.bytes_sent
+        trainer = Trainer(node, model, Adam(model.params, lr=0.01), x, y, batch_size=BATCH,
+                          compression=compression)
+        reports: list = []
+        trainer.fit(3, on_step=reports.append)
+        out[name] = {"params": model.params.copy(), "version": trainer.version,
+                     "bytes": node.bytes_sent - before,
+                     "applied": all(r.applied for r in reports)}
+    return out
+
+
+def test_int8_compressed_training_is_bit_identical_on_every_node_and_learns():
+    results = run_local(_compressed_and_exact, 3, timeout=60)
+    _assert_identical_across_nodes([r["int8"] for r in results])
+    int8, exact = results[0]["int8"], results[0]["exact"]
+    assert int8["applied"]
+    initial = _loss_on_all_data(_model32().params)
+    compressed_loss, exact_loss = _loss_on_all_data(int8["params"]), \
+        _loss_on_all_data(exact["params"])
+    print(f"loss on all data: initial {initial:.3f}, exact {exact_loss:.3f}, int8 "
+          f"{compressed_loss:.3f}; bytes sent by rank 0: exact {exact['bytes']}, int8 "
+          f"{int8['bytes']}")
+    assert compressed_loss < 0.5 * initial
+    assert compressed_loss < 1.1 * exact_loss  # error feedback: int8 costs little accuracy
+    assert not np.array_equal(int8["params"], exact["params"])  # the gradient was compressed
+
+
+def _refused(node: Node, **options) -> str:
+    x, y = _data()
+    model = _model()
+    try:
+        Trainer(node, model, SGD(model.params, lr=0.1), x, y, batch_size=BATCH, **options)
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"compression": "int4"}, "unknown compression 'int4'"),
+    ({"compression": "int8", "average_every": 4}, "local SGD"),
+])
+def test_bad_compression_settings_are_refused(options, message):
+    assert message in run_local(_refused, 1, kwargs=options, timeout=60)[0]
