@@ -5,6 +5,8 @@ Each node is its own process on 127.0.0.1 (:func:`ringtrain.testing.run_local`).
 prints one line per epoch; the summary compares test accuracy, time and bytes sent with the
 node alone, which trains with the whole global batch (the same samples per step, the same
 number of steps). The command exits 0 when the nodes reach ``TARGET_ACCURACY`` on the test set.
+With ``--compression`` the nodes' gradient all-reduce is compressed (the node alone never is),
+and the summary shows what that cost in test accuracy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .compression import get_codec
 from .datasets import Dataset, load_digits
 from .errors import ConfigError
 from .nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
@@ -39,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the split, the initial model and the data order")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the run of one node alone")
+    parser.add_argument("--compression", default=None, metavar="CODEC",
+                        help="compress the nodes' gradient all-reduce: fp16, int8, topk or "
+                             "topk:RATIO (default: none)")
 
 
 def demo_model(seed: int) -> tuple[Dataset, Dataset, Sequential, Adam]:
@@ -78,11 +84,12 @@ def epoch_printer(trainer: Trainer, test: Dataset, epochs: int, label: str
     return progress
 
 
-def train_node(node: Node, epochs: int, seed: int, batch_size: int, label: str) -> dict:
+def train_node(node: Node, epochs: int, seed: int, batch_size: int, label: str,
+               compression: str | None = None) -> dict:
     """Train the demo model on this node, printing a line per epoch; returns its summary."""
     train, test, model, optimizer = demo_model(seed)
     trainer = Trainer(node, model, optimizer, train.x, train.y, batch_size=batch_size,
-                      seed=seed)
+                      seed=seed, compression=compression)
     started = time.perf_counter()
     trainer.fit(epochs, on_step=epoch_printer(trainer, test, epochs, label))
     seconds = time.perf_counter() - started
@@ -95,18 +102,22 @@ def run(args: argparse.Namespace) -> int:
     """Train on ``--nodes`` local nodes, then one node alone; print the comparison."""
     if args.nodes < 1 or args.epochs < 1 or args.seed < 0:
         raise ConfigError("--nodes and --epochs must be >= 1 and --seed >= 0")
+    codec = get_codec(args.compression)  # a bad name fails here, before any process starts
+    compression = None if codec is None else codec.spec()
     global_batch = BATCH_PER_NODE * args.nodes
     print(f"{args.nodes} nodes train a {HIDDEN}-unit MLP on the 8x8 digits "
           f"({1 - TEST_FRACTION:.0%} train, {TEST_FRACTION:.0%} test) for {args.epochs} epochs, "
-          f"{BATCH_PER_NODE} samples per node per step", flush=True)
+          f"{BATCH_PER_NODE} samples per node per step"
+          + (f", gradients compressed with {compression}" if compression else ""), flush=True)
     started = time.perf_counter()
     nodes = run_local(train_node, args.nodes, args=(args.epochs, args.seed, BATCH_PER_NODE,
-                                                    "node"), timeout=120, job="demo")
+                                                    "node", compression), timeout=120, job="demo")
     wall = time.perf_counter() - started
     reached = nodes[0]["accuracy"]
     identical = all(np.array_equal(n["params"], nodes[0]["params"]) for n in nodes)
-    lines = [f"{args.nodes} nodes: test accuracy {reached:.3f}, training {nodes[0]['seconds']:.1f}"
-             f" s ({wall:.1f} s with start-up); sent per node "
+    with_codec = f" ({compression})" if compression else ""
+    lines = [f"{args.nodes} nodes{with_codec}: test accuracy {reached:.3f}, training "
+             f"{nodes[0]['seconds']:.1f} s ({wall:.1f} s with start-up); sent per node "
              + ", ".join(f"{n['bytes'] / 1e6:.1f} MB" for n in nodes),
              f"  model {nodes[0]['version']}, identical on every node: "
              f"{'yes' if identical else 'NO'}"]
@@ -118,9 +129,14 @@ def run(args: argparse.Namespace) -> int:
                           timeout=120, job="demo-alone")[0]
         wall = time.perf_counter() - started
         gap = float(np.abs(alone["params"] - nodes[0]["params"]).max())
+        cause = f"{compression} compression" if compression else "float32 rounding"
         lines.append(f"1 node alone: test accuracy {alone['accuracy']:.3f}, training "
                      f"{alone['seconds']:.1f} s ({wall:.1f} s with start-up); largest parameter "
-                     f"difference from the {args.nodes} nodes' model {gap:.1e} (float32 rounding)")
+                     f"difference from the {args.nodes} nodes' model {gap:.1e} ({cause})")
+        if compression:
+            points = 100 * (reached - alone["accuracy"])
+            lines.append(f"accuracy with {compression} {reached:.3f} vs uncompressed "
+                         f"{alone['accuracy']:.3f} (the node alone): {points:+.1f} points")
     met = reached >= TARGET_ACCURACY
     lines.append(f"target test accuracy {TARGET_ACCURACY:.2f}: {'met' if met else 'NOT met'}")
     print("summary:\n  " + "\n  ".join(lines))
