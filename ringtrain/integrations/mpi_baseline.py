@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
+
 INSTALL_HINT = "pip install 'ringtrain[mpi]'"
 _VERSION_RE = re.compile(r"\(Open MPI\) (\d+)\.(\d+)\.(\d+)")
 _VERSION_TIMEOUT_S = 20.0
@@ -118,7 +120,7 @@ def mpiexec_command(argv: list[str], n: int, namespaces: list[str] | None = None
     command must run in ``namespaces[0]``, under :func:`with_host_name`)."""
     mpiexec = find_mpiexec()
     if mpiexec is None:
-        raise FileNotFoundError(f"no mpiexec found ({INSTALL_HINT})")
+        raise ConfigError(f"no mpiexec found ({INSTALL_HINT})")
     # Yield when idle: 4 ranks share 2 cores here, and spinning ranks starve each other.
     command = [mpiexec, "-n", str(n), "--bind-to", "none", "--wdir", os.getcwd(),
                "--mca", "pml", "ob1", "--mca", "mpi_yield_when_idle", "1"]
@@ -127,7 +129,7 @@ def mpiexec_command(argv: list[str], n: int, namespaces: list[str] | None = None
         command += ["--map-by", ":OVERSUBSCRIBE", "--mca", "btl", "self,sm"]
     else:
         if agent is None or len(namespaces) != n:
-            raise ValueError("a LAN launch needs the agent and one namespace per rank")
+            raise ConfigError("a LAN launch needs the agent and one namespace per rank")
         command += ["--host", ",".join(f"{name}:1" for name in namespaces),
                     "--prtemca", "plm_ssh_agent", agent,
                     "--prtemca", "oob_tcp_if_include", "eth0",
