@@ -2,9 +2,11 @@
 
 tc shapes an emulated device's link; this shapes its processor. A CFS bandwidth quota lets the
 processes of one cgroup run ``cores`` x ``PERIOD_US`` of CPU time per period, then holds them
-until the next period, whatever else the machine does. Four devices of 0.45 core thus fit in
-two cores side by side and each computes as fast as it would alone. Everything in the group
-counts: the training thread, BLAS, ZeroMQ's I/O thread and its encryption.
+until the next period. The group also gets ``WEIGHT`` times the default scheduling weight, so
+other work on the machine cannot take the budget away: it is a cap and a guarantee. Four
+devices of 0.45 core thus fit in two cores side by side and each computes as fast as it would
+alone. Everything in the group counts: the training thread, BLAS, ZeroMQ's I/O thread and its
+encryption.
 
     budget = CpuBudget("rtab12cd-0", 0.45)
     subprocess.run(budget.command(["python", "train.py"]))   # runs inside the budget
@@ -28,6 +30,9 @@ PERIOD_US = 10_000
 """The quota period: 10 ms, so a device that used its share waits at most ~6 ms to run again
 (at 0.45 core) instead of ~55 ms with the kernel's default 100 ms; members of a ring then
 finish a computation within a few ms of one another, as unthrottled devices would."""
+WEIGHT = 100
+"""Scheduling weight over the default (v1 ``cpu.shares`` 1024, v2 ``cpu.weight`` 100): a
+budgeted device wins the CPU over unbudgeted processes until its quota runs out."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MOUNTS = Path("/proc/mounts")
 _EMPTY_WAIT_S = 5.0
@@ -149,9 +154,11 @@ class CpuBudget:
         try:
             if version == 2:
                 _write(self.path / "cpu.max", f"{quota} {PERIOD_US}")
+                _write(self.path / "cpu.weight", str(100 * WEIGHT))
             else:
                 _write(self.path / "cpu.cfs_period_us", str(PERIOD_US))
                 _write(self.path / "cpu.cfs_quota_us", str(quota))
+                _write(self.path / "cpu.shares", str(1024 * WEIGHT))
         except BaseException:
             self.close()
             raise
