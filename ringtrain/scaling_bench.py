@@ -18,8 +18,10 @@ Where a step goes, per device and averaged over devices: compute (forward and ba
 the gradient all-reduce as called in the step, and the rest (batch slicing, optimizer). After
 the timed steps the devices time the same all-reduce alone, each after a barrier: the
 all-reduce of the step minus that is time spent waiting for the slowest device to arrive.
-"CPU in all-reduce" is the process's CPU time (every thread: ZeroMQ, encryption, reduction)
-over the all-reduce's wall time; near the budget means the all-reduce is CPU-bound there.
+"CPU cores" is the process's CPU time (every thread: ZeroMQ, encryption, reduction) over the
+wall time, outside and inside the all-reduce; at the budget means CPU-bound there. "eth0 MB"
+is what each device's link really carried per step (its interface counter, TCP/IP and
+encryption included), beside the 2(N-1)/N x gradient a ring all-reduce must send.
 
 Default sizes: a 512-1024-1024-10 MLP has 1.59 M parameters, a 6.3 MB gradient. A ring
 all-reduce sends 2(N-1)/N of it per link: 76 ms for N = 4 at 1 Gbit/s. An MLP does about
@@ -57,7 +59,9 @@ from .train import Trainer
 
 PORT = 7077
 CLASSES = 10
+STARVED = 0.9  # a device computing on less than this fraction of its budget was starved
 REPORT_MARGIN_S = 5.0  # a stuck worker reports this long before the parent's deadline
+WIRE_COUNTER = Path("/sys/class/net/eth0/statistics/tx_bytes")  # in the device's namespace
 _RESULT = "RESULT "
 _THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -129,6 +133,8 @@ class Row:
     reduce_alone: float  # the same all-reduce after a barrier: median of the slowest device
     reduce_cpu: float  # cores used during the all-reduce in the step, mean over devices
     compute_cpu: float  # cores used outside the all-reduce, mean over devices
+    wire: float  # bytes each device's eth0 sent per step, mean over devices
+    gradient: int  # bytes of one gradient all-reduce
 
     @property
     def other(self) -> float:
@@ -150,6 +156,8 @@ def summarize(nodes: int, batch: int, steps: int, results: list[dict[str, Any]])
     alone = [max(times) for times in zip(*(r["reduce_alone"] for r in results), strict=True)]
     mean = statistics.fmean
     return Row(nodes=nodes, step=wall / steps, throughput=nodes * batch * steps / wall,
+               wire=mean(r["wire_bytes"] for r in results) / steps,
+               gradient=results[0]["gradient_bytes"],
                compute=mean(r["compute"] for r in results) / steps,
                reduce=mean(r["reduce_wall"] for r in results) / steps,
                reduce_alone=statistics.median(alone) if alone else 0.0,
@@ -159,19 +167,26 @@ def summarize(nodes: int, batch: int, steps: int, results: list[dict[str, Any]])
                                 for r in results))
 
 
+def ring_bytes(size: int, nodes: int) -> float:
+    """Bytes each member of a ring all-reduce sends: 2(N-1)/N of the array."""
+    return 2 * (nodes - 1) / nodes * size
+
+
 def table(rows: list[Row]) -> str:
     """The result table, Markdown; efficiency relative to the row with one node."""
     single = next(row.throughput for row in rows if row.nodes == 1)
     lines = ["| N | step ms | samples/s | efficiency | compute ms | all-reduce ms (share) | "
-             "all-reduce alone ms | waiting ms | other ms | CPU cores: compute / all-reduce |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "all-reduce alone ms | waiting ms | other ms | CPU cores: compute / all-reduce | "
+             "eth0 MB (ideal) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row.nodes} | {row.step * 1e3:.0f} | {row.throughput:.0f} | "
             f"{efficiency(row.throughput, row.nodes, single):.3f} | {row.compute * 1e3:.0f} | "
             f"{row.reduce * 1e3:.1f} ({row.reduce / row.step:.1%}) | "
             f"{row.reduce_alone * 1e3:.1f} | {row.waiting * 1e3:.1f} | "
-            f"{row.other * 1e3:.1f} | {row.compute_cpu:.2f} / {row.reduce_cpu:.2f} |")
+            f"{row.other * 1e3:.1f} | {row.compute_cpu:.2f} / {row.reduce_cpu:.2f} | "
+            f"{row.wire / 1e6:.2f} ({ring_bytes(row.gradient, row.nodes) / 1e6:.2f}) |")
     return "\n".join(lines)
 
 
@@ -203,6 +218,14 @@ def model_of(config: dict[str, Any]) -> Sequential:
     return Sequential(*layers[:-1], seed=0, dtype=np.float32)
 
 
+def _wire_bytes() -> int:
+    """Bytes this namespace's eth0 has sent (0 outside an emulated LAN node)."""
+    try:
+        return int(WIRE_COUNTER.read_text())
+    except OSError:
+        return 0
+
+
 def _train(config: dict[str, Any], node_ref: list[Node]) -> dict[str, Any]:
     """Train on this device and time it; every member returns the same kind of report."""
     rank, addresses, batch = config["rank"], config["addresses"], config["batch"]
@@ -222,11 +245,12 @@ def _train(config: dict[str, Any], node_ref: list[Node]) -> dict[str, Any]:
         node.barrier()
         node.reduce_wall = node.reduce_cpu = 0.0
         compute = 0.0
-        wall, cpu = time.perf_counter(), time.process_time()
+        wire, wall, cpu = _wire_bytes(), time.perf_counter(), time.process_time()
         for _ in range(config["steps"]):
             compute += trainer.step().compute_seconds
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        report = {"wall": wall, "cpu": cpu, "compute": compute, "reduce_wall": node.reduce_wall,
+        report = {"wall": wall, "cpu": cpu, "compute": compute, "wire_bytes": _wire_bytes() - wire,
+                  "reduce_wall": node.reduce_wall,
                   "reduce_cpu": node.reduce_cpu, "gradient_bytes": (model.num_params + 4) * 4}
         gradient = np.zeros(model.num_params + 4, dtype=np.float32)  # as DistributedOptimizer
         alone = []
@@ -367,6 +391,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"efficiency = samples/s(N) / (N x samples/s(1)); gradient {gradient:,} bytes per "
           f"all-reduce; share = all-reduce / step; waiting = all-reduce in the step - "
           f"all-reduce alone; CPU cores = CPU time / wall time (budget {args.cpu:g}).")
+    starved = [row.nodes for row in rows if row.compute_cpu < STARVED * args.cpu]
+    if starved:
+        print(f"warning: with N = {starved} the devices computed on less CPU than their "
+              f"budget: the machine was busy with other work, so those rows understate "
+              f"throughput. Measure again on an idle machine.")
     return 0
 
 

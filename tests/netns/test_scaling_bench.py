@@ -12,7 +12,8 @@ import sys
 from ringtrain import cpu_budget
 
 ROW = re.compile(r"^\| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \| (\d+) \| ([0-9.]+) \(([0-9.]+)%\) "
-                 r"\| ([0-9.]+) \| ([0-9.]+) \| (-?[0-9.]+) \| ([0-9.]+) / ([0-9.]+) \|$")
+                 r"\| ([0-9.]+) \| ([0-9.]+) \| (-?[0-9.]+) \| ([0-9.]+) / ([0-9.]+) \| "
+                 r"([0-9.]+) \(([0-9.]+)\) \|$")
 
 
 def test_tiny_run_prints_a_complete_sane_table():
@@ -31,6 +32,7 @@ def test_tiny_run_prints_a_complete_sane_table():
         step, samples, eff = int(row[2]), int(row[3]), float(row[4])
         assert samples > 0 and eff > 0 and step >= 0, row[0]
     assert float(rows[0][4]) == 1.0
+    assert float(rows[1][13]) > 0  # the two devices' traffic crossed their emulated links
     assert "gradient 11,064 bytes per all-reduce" in done.stdout
     assert set(cpu_budget.groups()) == before  # no cgroup left behind
 

@@ -11,7 +11,8 @@ from ringtrain.scaling_bench import Row, efficiency, model_of, parse_nodes, summ
 
 
 def report(wall: float, compute: float, reduce_wall: float, alone: list[float]) -> dict:
-    return {"wall": wall, "cpu": wall * 0.4, "compute": compute, "reduce_wall": reduce_wall,
+    return {"wall": wall, "cpu": wall * 0.4, "compute": compute, "wire_bytes": 5000,
+            "reduce_wall": reduce_wall,
             "reduce_cpu": reduce_wall * 0.2, "gradient_bytes": 400, "reduce_alone": alone}
 
 
@@ -37,19 +38,20 @@ def test_summary_takes_the_slowest_device_and_means_of_the_parts():
     assert row.reduce_alone == pytest.approx(0.25)  # median of per-repeat maxima 0.2, 0.3
     assert row.waiting == 0.0  # the step's all-reduce took less than the one alone
     assert row.other == pytest.approx(1.2 - 0.85 - 0.15)
-    assert row.reduce_cpu == pytest.approx(0.2)
+    assert row.reduce_cpu == pytest.approx(0.2) and row.wire == 500
     with pytest.raises(ConfigError):
         summarize(3, batch=100, steps=10, results=results)
 
 
 def test_table_has_a_row_per_size_with_efficiency_against_one_device():
-    rows = [Row(1, 1.0, 100.0, 0.9, 0.01, 0.0, 0.2, 0.45),
-            Row(2, 1.1, 180.0, 0.9, 0.15, 0.1, 0.2, 0.45)]
+    rows = [Row(1, 1.0, 100.0, 0.9, 0.01, 0.0, 0.2, 0.45, 0.0, 4_000_000),
+            Row(2, 1.1, 180.0, 0.9, 0.15, 0.1, 0.2, 0.45, 4_300_000.0, 4_000_000)]
     lines = table(rows).splitlines()
     assert lines[0].startswith("| N | step ms | samples/s | efficiency |")
     assert lines[2].startswith("| 1 | 1000 | 100 | 1.000 |")
     assert lines[3].startswith("| 2 | 1100 | 180 | 0.900 |")
     assert "(13.6%)" in lines[3] and "| 50.0 |" in lines[3]  # share; waiting 150 - 100 ms
+    assert lines[3].endswith("| 4.30 (4.00) |")  # eth0 per step beside 2(N-1)/N x gradient
 
 
 def test_flags_and_the_default_model():
