@@ -3,23 +3,25 @@
 tc shapes an emulated device's link; this shapes its processor. A CFS bandwidth quota lets the
 processes of one cgroup run ``cores`` x ``PERIOD_US`` of CPU time per period, then holds them
 until the next period. The group also gets ``WEIGHT`` times the default scheduling weight, so
-other work on the machine cannot take the budget away: it is a cap and a guarantee. Four
-devices of 0.45 core thus fit in two cores side by side and each computes as fast as it would
-alone. Everything in the group counts: the training thread, BLAS, ZeroMQ's I/O thread and its
-encryption.
+other work on the machine cannot take the budget away: it is a cap and a guarantee. A budget
+may be pinned to one core (``taskset``), so the scheduler never stacks two devices on one core
+while the other idles. Four devices of 0.45 core thus fit in two cores, two per core, and each
+computes as fast as it would alone. Everything in the group counts: the training thread,
+BLAS, ZeroMQ's I/O thread and its encryption.
 
-    budget = CpuBudget("rtab12cd-0", 0.45)
+    budget = CpuBudget("rtab12cd-0", 0.45, core=0)
     subprocess.run(budget.command(["python", "train.py"]))   # runs inside the budget
     budget.close()                                             # kills what is left, removes it
 
 cgroup v2 (``cpu.max``) where the unified hierarchy has the cpu controller, else cgroup v1
-(``cpu.cfs_quota_us``). Linux and root only.
+(``cpu.cfs_quota_us``). Linux and root only; pinning needs ``taskset`` (util-linux).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -124,21 +126,31 @@ class CpuBudget:
     Args:
         name: the group's directory name, new (letters, digits, ``_.-``; up to 64).
         cores: the budget in cores, in (0, os.cpu_count()].
+        core: run the processes on this core only (a budget of at most 1); None lets them
+            run on any.
 
     Raises:
-        ConfigError: bad arguments, no support (:func:`hierarchy`), the group exists, or
-            the kernel refused the quota.
+        ConfigError: bad arguments, no support (:func:`hierarchy`), no ``taskset`` for
+            ``core``, the group exists, or the kernel refused the quota.
     """
 
-    def __init__(self, name: str, cores: float) -> None:
+    def __init__(self, name: str, cores: float, core: int | None = None) -> None:
         if not _NAME_RE.fullmatch(name):
             raise ConfigError(f"cgroup name must match {_NAME_RE.pattern!r}, got {name!r}")
         limit = os.cpu_count() or 1
         if isinstance(cores, bool) or not isinstance(cores, (int, float)) \
                 or not 0 < cores <= limit:
             raise ConfigError(f"a CPU budget must be in (0, {limit}] cores, got {cores!r}")
+        if core is not None:
+            if core not in os.sched_getaffinity(0) or cores > 1:
+                raise ConfigError(f"core must be one of {sorted(os.sched_getaffinity(0))} "
+                                  f"with a budget of at most 1 core, got core {core!r} for "
+                                  f"{cores!r} cores")
+            if shutil.which("taskset") is None:
+                raise ConfigError("'taskset' not found: install the Debian package util-linux")
         self.name = name
         self.cores = float(cores)
+        self.core = core
         version, mount = hierarchy()
         self.path = mount / name
         quota = max(1000, round(self.cores * PERIOD_US))  # the kernel's minimum is 1 ms
@@ -166,6 +178,8 @@ class CpuBudget:
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` wrapped so that it runs inside this budget from its first instruction."""
         procs = str(self.path / "cgroup.procs")
+        if self.core is not None:
+            argv = ["taskset", "-c", str(self.core), *argv]
         return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *argv]
 
     def close(self) -> None:

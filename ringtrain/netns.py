@@ -13,8 +13,9 @@ Every node namespace has lo up, IPv6 off, no default route, a multicast route
 the host's network. Rates are shaped with tbf on both ends of a node's link (this
 kernel has no netem: delay cannot be emulated). Loss and partitions are nftables rules
 inside the node namespaces (table ``inet ringtrain``). With ``cpu_cores`` every node is
-also a device with its own CPU budget (:mod:`ringtrain.cpu_budget`, cgroup ``PREFIX-<i>``):
-what runs in it gets that fraction of a core, as a small board would.
+also a device with its own CPU budget (:mod:`ringtrain.cpu_budget`, cgroup ``PREFIX-<i>``),
+node i pinned to core i mod cores: what runs in it gets that fraction of a core, as a small
+board would.
 
     with EmulatedLan(4, rate_mbit=1000, cpu_cores=0.45) as lan:
         proc = lan.popen(0, ["python", "-m", "ringtrain.demo"])
@@ -147,8 +148,9 @@ class EmulatedLan:
             leaves them unshaped.
         prefix: namespace name prefix (``rt`` + 1-10 of [a-z0-9]); a random one by default.
         subnet: an IPv4 /24 (or larger) for the nodes; ``10.77.<random>.0/24`` by default.
-        cpu_cores: give every node a CPU budget of this many cores (a cgroup quota; every
-            command run in the node runs inside it); None leaves the CPU unlimited.
+        cpu_cores: give every node a CPU budget of this many cores, at most 1 (a cgroup
+            quota; every command run in the node runs inside it, node i on core i mod
+            cores); None leaves the CPU unlimited.
 
     Raises:
         ConfigError: bad arguments, no support (:func:`require_support`, and for
@@ -194,8 +196,10 @@ class EmulatedLan:
                 for i in range(n):
                     self.set_rate(i, rate_mbit)
             if cpu_cores is not None:
+                cores = sorted(os.sched_getaffinity(0))
                 for i in range(n):
-                    self._budgets.append(cpu_budget.CpuBudget(self.namespace(i), cpu_cores))
+                    self._budgets.append(cpu_budget.CpuBudget(self.namespace(i), cpu_cores,
+                                                              core=cores[i % len(cores)]))
         except BaseException:
             self.close()
             raise
