@@ -4,12 +4,15 @@
 
 Linux and root only. For each N, a fresh emulated LAN (:mod:`ringtrain.netns`) of N devices:
 one network namespace per device, its link shaped to ``--rate`` with tbf, and a CPU budget of
-``--cpu`` cores (a cgroup quota, :mod:`ringtrain.cpu_budget`; also for N = 1). Each device runs
+``--cpu`` cores (a cgroup quota, device i pinned to core i mod cores, two devices of 0.45
+on a core at most; :mod:`ringtrain.cpu_budget`; also for N = 1). Each device runs
 one process of real data-parallel training: a :class:`~ringtrain.node.Node` with static peers
 and a job key (encrypted links), a :class:`~ringtrain.train.Trainer` (even batches) on a wide
 numpy MLP and synthetic data, BLAS pinned to one thread. Weak scaling: every device takes
 ``--batch`` samples per step whatever N is. After ``--warmup`` steps and a barrier, each
-device times ``--steps`` steps.
+device times ``--steps`` steps. Every N runs ``--repeats`` times, the sizes interleaved (1, 2,
+4, 1, 2, 4, ...) so that noise on a shared machine hits all alike; each row is the run of
+median throughput.
 
 * throughput(N) = N x batch x steps / the slowest device's time, in samples per second;
 * efficiency(N) = throughput(N) / (N x throughput(1)), 1.0 being perfect scaling.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import math
 import os
 import signal
 import statistics
@@ -63,6 +67,7 @@ STARVED = 0.9  # a device computing on less than this fraction of its budget was
 REPORT_MARGIN_S = 5.0  # a stuck worker reports this long before the parent's deadline
 WIRE_COUNTER = Path("/sys/class/net/eth0/statistics/tx_bytes")  # in the device's namespace
 _RESULT = "RESULT "
+_STUCK = "device did not finish in time"
 _THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 METHOD = __doc__.split("\n\n", 1)[1]
@@ -91,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--reduce-repeats", type=int, default=5,
                         help="all-reduces timed alone after the steps (default 5)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of every N, interleaved; each row is the median run "
+                             "(default 3)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds one ring size may take, start-up included (default 300)")
 
@@ -114,6 +122,13 @@ def parse_nodes(text: str) -> list[int]:
         raise ConfigError(f"--nodes must include 1: efficiency is relative to one device, "
                           f"got {text!r}")
     return sorted(sizes)
+
+
+def median_run(rows: list[Row]) -> Row:
+    """The run of median throughput (the lower middle one of an even count)."""
+    if not rows:
+        raise ConfigError("no runs to take the median of")
+    return sorted(rows, key=lambda row: row.throughput)[(len(rows) - 1) // 2]
 
 
 def efficiency(throughput: float, nodes: int, single: float) -> float:
@@ -267,7 +282,7 @@ def _watchdog(deadline: float, node_ref: list[Node]) -> None:
     """At ``deadline`` (time.time()), print this device's node state and stacks, then exit 3."""
     time.sleep(max(0.0, deadline - time.time()))
     state = node_ref[0].state() if node_ref else "node not constructed"
-    print(f"device did not finish in time; node state: {state}", flush=True)
+    print(f"{_STUCK}; node state: {state}", flush=True)
     faulthandler.dump_traceback(sys.stdout, all_threads=True)
     sys.stdout.flush()
     os._exit(3)
@@ -300,7 +315,10 @@ class _Device:
         return json.loads(found[-1][len(_RESULT):]) if found else None
 
     def tail(self, count: int = 40) -> str:
-        return "\n    ".join(self.lines[-count:]) or "(no output)"
+        """The last ``count`` lines, or all of the watchdog's report (state and stacks)."""
+        starts = [i for i, line in enumerate(self.lines) if line.startswith(_STUCK)]
+        shown = self.lines[starts[-1]:] if starts else self.lines[-count:]
+        return "\n    ".join(shown) or "(no output)"
 
 
 def _pump(device: _Device) -> None:
@@ -361,15 +379,17 @@ def _wait(devices: list[_Device], deadline: float) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure every ring size, print the table; returns the exit code."""
     sizes = parse_nodes(args.nodes)
-    for name in ("inputs", "hidden", "layers", "batch", "steps", "reduce_repeats"):
+    for name in ("inputs", "hidden", "layers", "batch", "steps", "reduce_repeats", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or not args.timeout > 0:
         raise ConfigError("need --warmup >= 0 and --timeout > 0")
-    cores = os.cpu_count() or 1
-    if max(sizes) * args.cpu > cores:
-        raise ConfigError(f"{max(sizes)} devices x --cpu {args.cpu:g} cores exceed this "
-                          f"machine's {cores} cores: the devices would slow each other down")
+    cores = len(os.sched_getaffinity(0))
+    per_core = math.ceil(max(sizes) / cores)
+    if not 0 < args.cpu or per_core * args.cpu > 1:
+        raise ConfigError(f"{max(sizes)} devices of --cpu {args.cpu:g} core on this machine's "
+                          f"{cores} cores put {per_core} x {args.cpu:g} > 1 core on a core: "
+                          f"the devices would slow each other down")
     model = model_of(vars(args))
     gradient = (model.num_params + 4) * 4
     print(f"weak scaling on an emulated LAN: every device {args.cpu:g} core (cgroup CPU quota), "
@@ -377,17 +397,21 @@ def run(args: argparse.Namespace) -> int:
           f"{'-'.join(str(w) for w in [args.inputs, *[args.hidden] * args.layers, CLASSES])} "
           f"MLP, {model.num_params / 1e6:.2f} M parameters, gradient all-reduce "
           f"{gradient / 1e6:.2f} MB; {args.batch} samples per device per step; "
-          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+          f"{args.warmup} warm-up + {args.steps} timed steps; {args.repeats} runs of each N, "
+          f"interleaved", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up the LAN on `kill` too
-    rows = []
+    runs: dict[int, list[Row]] = {nodes: [] for nodes in sizes}
     with tempfile.TemporaryDirectory(prefix="ringtrain-scaling-") as tmp:
         key_file = write_key_file(Path(tmp) / "job.key", JobKey.generate())
-        for nodes in sizes:
-            rows.append(summarize(nodes, args.batch, args.steps,
-                                  measure(nodes, args, key_file)))
-            print(f"  {nodes} device(s): {rows[-1].step * 1e3:.0f} ms per step, "
-                  f"{rows[-1].throughput:.0f} samples/s", flush=True)
+        for repeat in range(args.repeats):
+            for nodes in sizes:
+                row = summarize(nodes, args.batch, args.steps, measure(nodes, args, key_file))
+                runs[nodes].append(row)
+                print(f"  run {repeat + 1}, {nodes} device(s): {row.step * 1e3:.0f} ms per "
+                      f"step, {row.throughput:.0f} samples/s", flush=True)
+    rows = [median_run(runs[nodes]) for nodes in sizes]
     print(table(rows))
+    print(f"each row: the run of median samples/s out of {args.repeats}.")
     print(f"efficiency = samples/s(N) / (N x samples/s(1)); gradient {gradient:,} bytes per "
           f"all-reduce; share = all-reduce / step; waiting = all-reduce in the step - "
           f"all-reduce alone; CPU cores = CPU time / wall time (budget {args.cpu:g}).")

@@ -21,7 +21,7 @@ def test_tiny_run_prints_a_complete_sane_table():
     done = subprocess.run(
         [sys.executable, "-m", "ringtrain", "bench-scaling", "--nodes", "1,2", "--inputs", "32",
          "--hidden", "64", "--layers", "1", "--batch", "64", "--warmup", "1", "--steps", "3",
-         "--reduce-repeats", "2", "--timeout", "15"],
+         "--reduce-repeats", "2", "--repeats", "1", "--timeout", "15"],
         capture_output=True, text=True, timeout=40, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0.45 core (cgroup CPU quota)" in done.stdout and "1000 Mbit/s" in done.stdout
@@ -42,7 +42,7 @@ def test_a_run_that_cannot_finish_prints_each_devices_report_and_cleans_up():
     # --timeout 1 is shorter than the report margin: every device reports at once and exits
     done = subprocess.run(
         [sys.executable, "-m", "ringtrain", "bench-scaling", "--nodes", "1", "--inputs", "8",
-         "--hidden", "8", "--layers", "1", "--batch", "8", "--timeout", "1"],
+         "--hidden", "8", "--layers", "1", "--batch", "8", "--repeats", "1", "--timeout", "1"],
         capture_output=True, text=True, timeout=40)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "scaling run on 1 device(s) failed" in done.stderr

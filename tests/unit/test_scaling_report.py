@@ -7,7 +7,15 @@ import pytest
 
 from ringtrain.cli import build_parser
 from ringtrain.errors import ConfigError
-from ringtrain.scaling_bench import Row, efficiency, model_of, parse_nodes, summarize, table
+from ringtrain.scaling_bench import (
+    Row,
+    efficiency,
+    median_run,
+    model_of,
+    parse_nodes,
+    summarize,
+    table,
+)
 
 
 def report(wall: float, compute: float, reduce_wall: float, alone: list[float]) -> dict:
@@ -61,3 +69,11 @@ def test_flags_and_the_default_model():
     assert model.num_params == 512 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
     args = build_parser().parse_args(["bench-scaling", "--nodes", "1,2", "--cpu", "0.3"])
     assert (parse_nodes(args.nodes), args.cpu) == ([1, 2], 0.3)
+
+
+def test_the_median_run_is_the_middle_throughput():
+    runs = [Row(2, 1.0, t, 0.9, 0.1, 0.1, 0.2, 0.45, 0.0, 8) for t in (300.0, 100.0, 200.0)]
+    assert median_run(runs).throughput == 200.0
+    assert median_run(runs[:2]).throughput == 100.0  # even count: the lower middle
+    with pytest.raises(ConfigError):
+        median_run([])
