@@ -51,11 +51,16 @@ class Settings:
     direct_bytes: int = 16 * 1024
     """All-reduces up to this size take one round (each member sends its buffer to every
     other) instead of 2(N-1) ring hops; 0 always uses the ring. Members must agree."""
+    shm_lane_bytes: int = 8 << 20
+    """Bytes of the shared-memory lane a node writes to a successor on the same host (same
+    user and network namespace, Linux), instead of sending segments over TCP; 0 turns shared
+    memory off (``RINGTRAIN_SHM_LANE_BYTES=0``)."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not (value > 0 or (field.name == "direct_bytes" and value == 0)):
+            if not (value > 0 or (field.name in ("direct_bytes", "shm_lane_bytes")
+                                  and value == 0)):
                 raise ConfigError(f"setting {field.name} must be positive, got {value!r}")
         if self.segment_bytes % 8:
             raise ConfigError(f"setting segment_bytes must be a multiple of 8, "

@@ -8,6 +8,8 @@ public key of that connection and ``proof`` an HMAC of (job, id, key) under the 
 receiver admits the key for that id only if the proof holds and CURVE authenticated that key.
 The receiver answers WELCOME on the same connection and dials back the address the HELLO came
 from (so a multi-homed peer is reached on the interface that works, whatever it advertised).
+HELLO also carries ``schema``, ``incarnation`` and ``host``, the name of the sender's
+shared-memory beacon (``shm.py``): a receiver that can read it shares the host with the sender.
 A peer is *linked* once we have its HELLO (it reaches us) and its WELCOME (we reach it).
 
 Liveness. Linked nodes send each other HEARTBEAT {generation, sequence, members} every
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from . import ring
 from .errors import ProtocolError, TransportError
 from .mailbox import Mailbox, Message
+from .shm import SharedMemoryLanes
 from .transport import Transport, normalize_endpoint
 from .wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
 
@@ -105,6 +108,8 @@ class Membership:
         heartbeat_interval, suspect_timeout: liveness timing.
         schema: what members must share (e.g. a hash of model and data); a node with another
             schema is refused at HELLO, and told why.
+        lanes: this node's shared-memory lanes, or None: HELLO names its beacon, and a peer's
+            beacon is checked to learn whether segments to it can go through shared memory.
     """
 
     node_id: str
@@ -119,6 +124,7 @@ class Membership:
     heartbeat_interval: float
     suspect_timeout: float
     schema: str = ""
+    lanes: SharedMemoryLanes | None = None
     refusal: str = ""  # why a peer refused us (a schema mismatch): joining cannot succeed
     peers: dict[str, PeerState] = field(default_factory=dict)
     view: View | None = None
@@ -249,7 +255,8 @@ class Membership:
             "id": self.node_id, "job": self.job_name, "protocol": PROTOCOL_VERSION,
             "endpoint": self.transport.endpoint, "key": public_key,
             "proof": self._proof(self.node_id, public_key, self.incarnation),
-            "schema": self.schema, "incarnation": self.incarnation})
+            "schema": self.schema, "incarnation": self.incarnation,
+            "host": self.lanes.beacon if self.lanes is not None else ""})
         links = self.transport.links()
         for link in list(self._probes) + [p for p, s in self.peers.items() if not s.welcomed]:
             if link in links:
@@ -411,7 +418,8 @@ class Membership:
     def _on_hello(self, message: Message) -> None:
         body = decode_control(message.payload, {"id": str, "job": str, "protocol": int,
                                                 "endpoint": str, "key": str, "proof": str,
-                                                "schema": str, "incarnation": int},
+                                                "schema": str, "incarnation": int,
+                                                "host": str},
                               message.origin, "hello")
         peer_id = body["id"]
         if peer_id != message.origin or not 0 < len(peer_id) <= MAX_ID_LENGTH:
@@ -439,6 +447,8 @@ class Membership:
             log.info("%s came back as a new incarnation; the old one is fenced off", peer_id)
             self._forget_incarnation(peer_id)
         self._incarnations[peer_id] = incarnation
+        if self.lanes is not None:
+            self.lanes.verify(peer_id, body["host"])
         if self.transport.key is not None:
             self.mailbox.admitted[peer_id] = message.user
         if body["schema"] != self.schema:
@@ -473,6 +483,8 @@ class Membership:
         not its record of failures, so a node that keeps crashing is backed off."""
         old = self.peers.pop(peer_id, None)
         fresh = self.peers[peer_id] = PeerState()
+        if self.lanes is not None:
+            self.lanes.forget(peer_id)
         if old is not None:
             fresh.evictions, fresh.backoff_until = old.evictions, old.backoff_until
         if self.view is not None and peer_id in self.view.members and not self.evicted:

@@ -11,7 +11,9 @@ The header is little-endian, packed, no padding:
     4      2    version     PROTOCOL_VERSION; a peer speaking another version is refused
     6      1    kind        MessageKind
     7      1    dtype       DTYPE_CODES; 0 for control messages (payload is UTF-8 JSON)
-    8      2    flags       FLAG_DESCRIPTOR: a third frame carries the sender's descriptor
+    8      2    flags       FLAG_DESCRIPTOR: a third frame carries the sender's descriptor;
+                            FLAG_SHM: the payload frame is a SHM_REF to the data in a
+                            shared-memory lane (DATA between same-host peers, see shm.py)
     10     2    hop         ring hop index within a collective (see ring.py plans)
     12     4    chunk       chunk index the payload belongs to
     16     4    segment     segment index within the chunk
@@ -23,7 +25,8 @@ The header is little-endian, packed, no padding:
     56     8    sequence    collective sequence number within the generation
     64     8    nbytes      payload length in bytes
 
-Payloads are raw array bytes (DATA) or UTF-8 JSON objects (control kinds). Nothing here ever
+Payloads are raw array bytes (DATA), or for FLAG_SHM a 48-byte reference (lane name as 32
+hex digits, slot u32, reserved u32, ticket u64) to ``nbytes`` bytes in a lane, or UTF-8 JSON objects (control kinds). Nothing here ever
 executes a peer's bytes: no pickle, no eval; JSON is parsed into plain dicts and checked field by
 field by the caller. Decoding validates every field and raises :class:`ProtocolError` naming the
 field, what was expected and what came.
@@ -47,7 +50,10 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sHBBHHIII8sQQQQQ")
 HEADER_SIZE = HEADER.size  # 72
 FLAG_DESCRIPTOR = 0x1
-KNOWN_FLAGS = FLAG_DESCRIPTOR
+FLAG_SHM = 0x2
+KNOWN_FLAGS = FLAG_DESCRIPTOR | FLAG_SHM
+SHM_NAME_BYTES = 32
+SHM_REF = struct.Struct(f"<{SHM_NAME_BYTES}sIIQ")  # lane name (hex), slot, reserved, ticket
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_DESCRIPTOR_BYTES = 16 * 1024
 
@@ -177,7 +183,13 @@ def check_frames(header: Header, frames: list, peer: str | None = None) -> None:
     expected = 3 if header.flags & FLAG_DESCRIPTOR else 2
     if len(frames) != expected:
         raise ProtocolError("frame count", expected, len(frames), peer)
-    if len(frames[1]) != header.nbytes:
+    if header.flags & FLAG_SHM:
+        if header.kind is not MessageKind.DATA:
+            raise ProtocolError("flags", "FLAG_SHM only on DATA", header.kind.name, peer)
+        if len(frames[1]) != SHM_REF.size:
+            raise ProtocolError("payload length", f"{SHM_REF.size} (a shared-memory "
+                                "reference)", len(frames[1]), peer)
+    elif len(frames[1]) != header.nbytes:
         raise ProtocolError("payload length", header.nbytes, len(frames[1]), peer)
     if expected == 3 and len(frames[2]) > MAX_DESCRIPTOR_BYTES:
         raise ProtocolError("descriptor length", f"at most {MAX_DESCRIPTOR_BYTES}",

@@ -218,7 +218,8 @@ def _forged_messages(claimed: str, job: str = "local") -> list[list[bytes]]:
     return [
         control(MessageKind.HELLO, {"id": claimed, "job": job, "protocol": PROTOCOL_VERSION,
                                     "endpoint": "tcp://127.0.0.1:9", "key": "x" * 40,
-                                    "proof": "00" * 32, "schema": "", "incarnation": 1}),
+                                    "proof": "00" * 32, "schema": "", "incarnation": 1,
+                                    "host": ""}),
         control(MessageKind.HEARTBEAT, {"generation": 1, "sequence": 0, "members": [claimed]}),
         control(MessageKind.PROPOSE, {"generation": 99, "members": [[claimed, ""]]}),
         control(MessageKind.ABORT, {"message": "forged", "peer": claimed}),
@@ -383,7 +384,7 @@ def test_a_peer_speaking_another_protocol_is_refused_naming_both_versions(caplog
             proof = key.derive(f"hello:local:node-08:{public.decode()}:1").hex()
             body = encode_control({"id": "node-08", "job": "local", "protocol": 7,
                                    "endpoint": "tcp://127.0.0.1:9", "key": public.decode(),
-                                   "proof": proof, "schema": "", "incarnation": 1})
+                                   "proof": proof, "schema": "", "incarnation": 1, "host": ""})
             honest.send_multipart([Header(kind=MessageKind.HELLO, job=job_id("local"),
                                           generation=0, sequence=0, nbytes=len(body)).pack(),
                                    body])

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "errors": 0, "config": 0, "wire": 0, "ring": 0, "nn": 0, "optim": 0, "sharding": 0,
     "datasets": 0, "compression": 0, "security": 0,
     # 1 one outside world each
-    "transport": 1, "discovery": 1, "checkpoint": 1, "netns": 1, "cpu_budget": 1,
+    "transport": 1, "discovery": 1, "checkpoint": 1, "netns": 1, "shm": 1, "cpu_budget": 1,
     # 2 protocols
     "mailbox": 2, "membership": 2, "collectives": 2,
     # 3 the node, and the package surface that re-exports it

@@ -130,7 +130,7 @@ def test_bad_kind(kind):
     expect_field("kind", repack(data_header(), KIND, kind))
 
 
-@pytest.mark.parametrize("flags", [0x2, 0x8000, 0xFFFF])
+@pytest.mark.parametrize("flags", [0x4, 0x8000, 0xFFFF])
 def test_unknown_flags(flags):
     expect_field("flags", repack(data_header(), FLAGS, flags))
 
@@ -193,6 +193,22 @@ def test_payload_length(length):
         wire.check_frames(header, [header.pack(), b"x" * length])
     assert info.value.field == "payload length"
     assert info.value.expected == 8 and info.value.got == length
+
+
+def test_shared_memory_reference_frames():
+    header = data_header(nbytes=1 << 20, flags=wire.FLAG_SHM)
+    reference = wire.SHM_REF.pack(b"0" * wire.SHM_NAME_BYTES, 0, 0, 1)
+    wire.check_frames(header, [header.pack(), reference])  # nbytes is the data in the lane
+    for payload in (b"", reference[:-1], reference + b"x", b"x" * (1 << 20)):
+        with pytest.raises(ProtocolError) as info:
+            wire.check_frames(header, [header.pack(), payload], peer="p")
+        assert info.value.field == "payload length" and info.value.peer == "p"
+    control = Header(kind=MessageKind.HEARTBEAT, job=1, generation=0, sequence=0,
+                     flags=wire.FLAG_SHM,
+                     nbytes=wire.SHM_REF.size)
+    with pytest.raises(ProtocolError) as info:
+        wire.check_frames(control, [control.pack(), reference])
+    assert info.value.field == "flags"
 
 
 def test_descriptor_too_long():

@@ -1,0 +1,212 @@
+"""Shared-memory lanes (ringtrain.shm): who qualifies, the slot protocol, and every way a
+reference from a peer can be wrong. Real files in /dev/shm; Linux only."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from ringtrain import shm
+from ringtrain.errors import ProtocolError
+from ringtrain.wire import SHM_NAME_BYTES, SHM_REF
+
+pytestmark = pytest.mark.skipif(shm.network_namespace() is None or not os.path.isdir(
+    shm.SHM_DIR), reason="shared-memory lanes need Linux and /dev/shm")
+
+SLOT = 4096
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[shm.SharedMemoryLanes, shm.SharedMemoryLanes]]:
+    """Two nodes' lanes, "a" and "b", that have checked each other's beacons."""
+    a = shm.SharedMemoryLanes("a", 4 * SLOT, SLOT)
+    b = shm.SharedMemoryLanes("b", 4 * SLOT, SLOT)
+    assert a.verify("b", b.beacon) and b.verify("a", a.beacon)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_beacons_prove_the_same_host_and_name_their_node(pair):
+    a, b = pair
+    assert a.reaches("b") and b.reaches("a")
+    # a beacon that names another node, a missing beacon, no beacon: not the same host
+    assert not a.verify("c", b.beacon) and not a.reaches("c")
+    assert not a.verify("c", "0" * SHM_NAME_BYTES)
+    assert not a.verify("b", "") and not a.reaches("b")
+    with pytest.raises(ProtocolError) as info:
+        a.verify("b", "../../etc/passwd")
+    assert info.value.field == "hello.host" and info.value.peer == "b"
+
+
+def test_a_beacon_from_another_network_namespace_does_not_qualify(pair):
+    a, _ = pair
+    other = shm.SharedMemoryLanes("c", 4 * SLOT, SLOT)
+    try:
+        other.namespace = "1:2"  # as if it ran in another network namespace
+        os.unlink(other._beacon_path)
+        with open(other._beacon_path, "wb") as f:
+            f.write(other._beacon_text("c", os.getpid()))
+        assert not a.verify("c", other.beacon)
+    finally:
+        other.close()
+
+
+def test_segments_travel_through_slots_and_wait_for_release(pair):
+    a, b = pair
+    lane = a.outbound("b", generation=1)
+    views, releases = [], []
+    for i in range(4):
+        data = np.full(SLOT // 4, i, np.float32)
+        reference = lane.write(data)
+        assert reference is not None
+        lane.commit()
+        view, release = b.receive("a", memoryview(reference), data.nbytes)
+        assert np.array_equal(np.frombuffer(view, np.float32), data)
+        views.append(view)
+        releases.append(release)
+    assert lane.write(np.zeros(1, np.float32)) is None  # all four slots are b's
+    releases[0]()
+    reference = lane.write(np.full(3, 7, np.float32))
+    assert reference is not None and SHM_REF.unpack(reference)[1] == 0  # slot 0 again
+    lane.commit()
+    view, _ = b.receive("a", memoryview(reference), 12)
+    assert np.array_equal(np.frombuffer(view, np.float32), [7, 7, 7])
+
+
+def test_an_unsent_write_leaves_its_slot_free(pair):
+    a, b = pair
+    lane = a.outbound("b", generation=1)
+    for _ in range(10):  # written but never committed (the send queue was full)
+        assert lane.write(np.ones(4, np.float32)) is not None
+    reference = lane.write(np.ones(4, np.float32))
+    lane.commit()
+    b.receive("a", memoryview(reference), 16)
+
+
+def test_the_lane_file_is_unlinked_once_the_receiver_attached(pair):
+    a, b = pair
+    lane = a.outbound("b", generation=1)
+    reference = lane.write(np.ones(4, np.float32))
+    lane.commit()
+    assert os.path.exists(lane.path)
+    b.receive("a", memoryview(reference), 16)[1]()
+    lane.write(np.ones(4, np.float32))
+    assert not os.path.exists(lane.path)
+
+
+def test_a_new_generation_or_a_reset_gives_a_new_lane(pair):
+    a, _ = pair
+    first = a.outbound("b", generation=1)
+    assert a.outbound("b", generation=1) is first
+    second = a.outbound("b", generation=2)
+    assert second is not first
+    a.reset("b")
+    assert a.outbound("b", generation=2) is not second
+
+
+def test_a_replaced_lane_stays_readable_until_the_receiver_moves_on(pair):
+    a, b = pair
+    old = a.outbound("b", generation=1)
+    sent = old.write(np.full(4, 5, np.float32))
+    old.commit()
+    a.reset("b")  # our collective failed, but b may still complete it
+    new = a.outbound("b", generation=1)
+    view, _ = b.receive("a", memoryview(sent), 16)
+    assert np.array_equal(np.frombuffer(view, np.float32), [5] * 4)
+    reference = new.write(np.ones(4, np.float32))
+    new.commit()
+    b.receive("a", memoryview(reference), 16)  # b attaches the new lane
+    assert os.path.exists(old.path)
+    assert a.outbound("b", generation=1) is new
+    assert not os.path.exists(old.path)  # b has moved past it
+
+
+def bad_reference(pair, **changes) -> ProtocolError:
+    a, b = pair
+    a.reset("b")  # a fresh lane: earlier cases left their slots unreleased
+    lane = a.outbound("b", generation=1)
+    reference = lane.write(np.ones(4, np.float32))
+    lane.commit()
+    name, slot, reserved, ticket = SHM_REF.unpack(reference)
+    fields = dict(name=name, slot=slot, ticket=ticket, nbytes=16, peer="a")
+    fields.update(changes)
+    forged = SHM_REF.pack(fields["name"], fields["slot"], reserved, fields["ticket"])
+    with pytest.raises(ProtocolError) as info:
+        b.receive(fields["peer"], memoryview(forged), fields["nbytes"])
+    return info.value
+
+
+def test_hostile_references_are_refused_naming_field_and_peer(pair):
+    cases = {
+        "shm lane": dict(name=b"../" + b"0" * (SHM_NAME_BYTES - 3)),
+        "shm slot": dict(slot=4),
+        "shm ticket": dict(ticket=99),
+        "nbytes": dict(nbytes=SLOT + 1),
+    }
+    for field, changes in cases.items():
+        error = bad_reference(pair, **changes)
+        assert error.field == field and error.peer == "a", (field, error)
+    missing = bad_reference(pair, name=b"f" * SHM_NAME_BYTES)
+    assert missing.field == "shm lane" and "a" in str(missing)
+
+
+def test_references_from_a_peer_not_on_this_host_are_refused(pair):
+    _, b = pair
+    error = bad_reference(pair, peer="stranger")
+    assert error.field == "flags" and error.peer == "stranger"
+    b.forget("a")
+    assert bad_reference(pair).field == "flags"
+
+
+def test_a_lane_claimed_by_another_node_is_refused(pair):
+    a, b = pair
+    c = shm.SharedMemoryLanes("c", 4 * SLOT, SLOT)
+    try:
+        assert b.verify("c", c.beacon)
+        lane = a.outbound("b", generation=1)  # a's lane, presented by c
+        reference = lane.write(np.ones(4, np.float32))
+        with pytest.raises(ProtocolError) as info:
+            b.receive("c", memoryview(reference), 16)
+        assert info.value.field == "shm lane owner" and info.value.peer == "c"
+    finally:
+        c.close()
+
+
+def test_a_lane_with_a_forged_geometry_is_refused(pair):
+    a, b = pair
+    lane = a.outbound("b", generation=1)
+    reference = lane.write(np.ones(4, np.float32))
+    struct.pack_into("<Q", lane._map, 16, 1 << 40)  # slot_bytes far beyond the segment size
+    with pytest.raises(ProtocolError) as info:
+        b.receive("a", memoryview(reference), 16)
+    assert info.value.field == "shm lane geometry"
+
+
+def test_files_of_killed_processes_are_swept():
+    code = ("import os, sys; from ringtrain import shm\n"
+            "lanes = shm.SharedMemoryLanes('dead', 8192, 4096)\n"
+            "lane = lanes.outbound('x', 1)\n"
+            "print(lanes._beacon_path, lane.path, flush=True)\n"
+            "os._exit(0)  # no cleanup, as after SIGKILL\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    beacon, lane = out.stdout.split()
+    assert os.path.exists(beacon) and os.path.exists(lane)
+    shm.SharedMemoryLanes("sweeper", 8192, 4096).close()
+    assert not os.path.exists(beacon) and not os.path.exists(lane)
+
+
+def test_open_lanes_is_off_with_zero_bytes():
+    assert shm.open_lanes("a", 0, SLOT) is None
+    lanes = shm.open_lanes("a", 4 * SLOT, SLOT)
+    assert lanes is not None
+    lanes.close()
+    assert not os.path.exists(lanes._beacon_path)
