@@ -42,8 +42,10 @@ from .errors import (
 from .mailbox import Mailbox, Message
 from .membership import View
 from .transport import Transport
+from .shm import SharedMemoryLanes
 from .wire import (
     FLAG_DESCRIPTOR,
+    FLAG_SHM,
     Header,
     MessageKind,
     canonical_json,
@@ -59,6 +61,8 @@ PROGRESS_FACTOR = 8.0  # progress deadline = this x the smoothed longest gap bet
 REDUCE_OPS: dict[str, np.ufunc] = {"sum": np.add, "mean": np.add, "max": np.maximum,
                                    "min": np.minimum}
 TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
+LANE_POLL = 0.0005  # seconds between looks at a full shared-memory lane
+SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
 
 
 @dataclass
@@ -316,15 +320,17 @@ class RingRunner:
         node_id: this node's id.
         job: the 64-bit job id stamped on every message.
         progress_floor, progress_cap: bounds of the adaptive progress deadline, seconds.
-        service: called on every turn of the wait loop (the node's membership work); returns
-            None, or (why, suspect) to abort the collective because a member failed.
-        poll_interval: longest single wait, so ``service`` runs at least this often.
+        service: the node's membership work, called from the wait loop at most every
+            ``SERVICE_INTERVAL`` seconds; returns None, or (why, suspect) to abort the
+            collective because a member failed.
+        poll_interval: longest single wait, so ``service`` runs at least about this often.
+        lanes: shared-memory lanes to successors on this host, or None (TCP only).
     """
 
     def __init__(self, transport: Transport, mailbox: Mailbox, node_id: str, job: int,
                  progress_floor: float, progress_cap: float,
                  service: Callable[[View], tuple[str, str | None] | None],
-                 poll_interval: float):
+                 poll_interval: float, lanes: SharedMemoryLanes | None = None):
         self.transport = transport
         self.mailbox = mailbox
         self.node_id = node_id
@@ -333,6 +339,7 @@ class RingRunner:
         self.progress_cap = progress_cap
         self.service = service
         self.poll_interval = poll_interval
+        self.lanes = lanes
         self.progress_timeout = progress_cap
         self._slowest_wait = 0.0  # smoothed longest gap between segments, seconds
         self.bytes_sent = 0
@@ -342,6 +349,7 @@ class RingRunner:
         # peer -> time.monotonic() of its last accepted segment: a sign of life. A busy link's
         # send queue is full of segments, so heartbeats on it are dropped; the data is not.
         self.heard: dict[str, float] = {}
+        self._service_due = 0.0  # time.monotonic() of the next membership turn
 
     def codec(self, compression: str | Codec | None) -> Codec | None:
         """The codec for a ``compression`` argument: a name gives this node's one codec of
@@ -376,19 +384,23 @@ class RingRunner:
                 self._exchange(collective, view, sequence, deadline, step)
             else:
                 self._move(collective, view, sequence, deadline, step)
+        except BaseException:
+            if self.lanes is not None:  # its slots may hold segments nobody will release
+                self.lanes.reset(view.members[ring.successor(view.rank, view.world_size)])
+            raise
         finally:
             self.stage = "idle"
             self.mailbox.retire(view.generation, sequence)
         return collective.finish(collective.buffer)
 
     def _header(self, collective: Collective, view: View, sequence: int, step: int,
-                transfer: ring.Transfer, with_descriptor: bool) -> Header:
+                transfer: ring.Transfer, with_descriptor: bool, shared: bool = False) -> Header:
         dtype, nbytes = _wire_shape(collective, transfer)
+        flags = (FLAG_DESCRIPTOR if with_descriptor else 0) | (FLAG_SHM if shared else 0)
         return Header(kind=MessageKind.DATA, job=self.job, generation=view.generation,
                       sequence=sequence, sender=view.rank, step=step, hop=transfer.hop,
                       chunk=transfer.chunk, segment=transfer.segment, dtype=dtype,
-                      flags=FLAG_DESCRIPTOR if with_descriptor else 0, digest=collective.digest,
-                      nbytes=nbytes)
+                      flags=flags, digest=collective.digest, nbytes=nbytes)
 
     def _move(self, collective: Collective, view: View, sequence: int, deadline: float,
               step: int) -> None:
@@ -406,12 +418,24 @@ class RingRunner:
         longest_gap = 0.0
         progress_deadline = last_progress + self.progress_timeout
         where = f"{collective.name} #{sequence} of generation {view.generation}"
+        # a successor on this host reads our segments from shared memory (see shm.py)
+        lane = self.lanes.outbound(successor, view.generation) if (
+            collective.compressed is None and self.lanes is not None
+            and self.lanes.reaches(successor)) else None
         while received < len(plan.receives) or pending:
-            # 1. send as much as the successor's queue takes
+            # 1. send as much as the successor's queue (or lane) takes
+            lane_full = False
             while pending:
                 transfer, forward = pending[0]
-                header = self._header(collective, view, sequence, step, transfer, not described)
-                if collective.compressed is None:
+                header = self._header(collective, view, sequence, step, transfer, not described,
+                                      shared=lane is not None)
+                if lane is not None:
+                    payload = lane.write(buffer[transfer.start:transfer.stop])
+                    if payload is None:
+                        lane_full = True
+                        break
+                    big = False
+                elif collective.compressed is None:
                     payload = buffer[transfer.start:transfer.stop]
                     big = header.nbytes >= TRACK_BYTES
                 else:
@@ -430,6 +454,8 @@ class RingRunner:
                                           collective=sequence) from exc
                 if sent is False:
                     break
+                if lane is not None:
+                    lane.commit()
                 if big:
                     trackers.append(sent)
                 described = True
@@ -477,8 +503,10 @@ class RingRunner:
                                       collective=sequence)
             self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
                           f"{predecessor}, {len(pending)} waiting for {successor}")
-            self.mailbox.pump(min(deadline, progress_deadline, now + self.poll_interval) - now,
-                              writable=successor if pending else None)
+            # a full lane frees up without a message telling us: look again soon
+            poll = LANE_POLL if lane_full else self.poll_interval
+            self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
+                              writable=successor if pending and not lane_full else None)
         self._learn_gap(longest_gap)
         # the caller may change the buffer once we return: wait until libzmq let go of it
         for tracker in trackers:
@@ -518,20 +546,34 @@ class RingRunner:
             raise PeerFailedError(f"{where}: {predecessor} sent (hop, chunk, segment, nbytes, "
                                   f"dtype) = {got}, expected {want}", peer=predecessor,
                                   generation=view.generation, collective=sequence)
+        release = None
+        payload = message.payload
+        if header.flags & FLAG_SHM:
+            try:
+                if collective.compressed is not None or self.lanes is None:
+                    raise ProtocolError("flags", "no shared-memory reference here",
+                                        "FLAG_SHM", predecessor)
+                payload, release = self.lanes.receive(predecessor, payload, header.nbytes)
+            except ProtocolError as exc:
+                raise PeerFailedError(f"{where}: {predecessor} sent a bad shared-memory "
+                                      f"reference: {exc}", peer=predecessor,
+                                      generation=view.generation, collective=sequence) from exc
         if collective.compressed is not None:
             try:
-                return _decode(collective, expected, message.payload)
+                return _decode(collective, expected, payload)
             except ProtocolError as exc:
                 raise PeerFailedError(f"{where}: {predecessor} sent a bad compressed segment "
                                       f"(hop {transfer.hop}, chunk {transfer.chunk}, segment "
                                       f"{transfer.segment}): {exc}", peer=predecessor,
                                       generation=view.generation, collective=sequence) from exc
         region = collective.buffer[transfer.start:transfer.stop]
-        incoming = np.frombuffer(message.payload, dtype=collective.buffer.dtype)
+        incoming = np.frombuffer(payload, dtype=collective.buffer.dtype)
         if expected.reduce:
             collective.combine(region, incoming, out=region)
         else:
             region[...] = incoming
+        if release is not None:
+            release()
         return None
 
     def _check_abandoned(self, view: View, sequence: int, where: str) -> None:
@@ -539,6 +581,10 @@ class RingRunner:
         abort = self.mailbox.aborts.get((view.generation, sequence))
         if abort is not None:
             raise _error_from_abort(abort, where, view.generation, sequence)
+        now = time.monotonic()
+        if now < self._service_due:
+            return  # membership work between every two segments would cost more than it saves
+        self._service_due = now + SERVICE_INTERVAL
         failure = self.service(view)
         if failure is not None:
             why, suspect = failure
@@ -629,7 +675,7 @@ class RingRunner:
         got = (header.sender, header.hop, header.chunk, header.segment, header.nbytes,
                header.dtype)
         want = (rank, 0, rank, 0, collective.buffer.nbytes, dtype_code(collective.buffer.dtype))
-        if rank < 0 or rank in contributions or got != want:
+        if rank < 0 or rank in contributions or got != want or header.flags & FLAG_SHM:
             raise PeerFailedError(f"{where}: {message.origin} sent (sender, hop, chunk, "
                                   f"segment, nbytes, dtype) = {got}, expected {want}"
                                   + (" (a second time)" if rank in contributions else ""),

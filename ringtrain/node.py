@@ -49,6 +49,7 @@ from .errors import (
 from .mailbox import Mailbox
 from .membership import Membership, View
 from .security import JobKey, key_from_environment
+from .shm import open_lanes
 from .transport import Transport, is_loopback, normalize_endpoint
 from .wire import PROTOCOL_VERSION, job_id
 
@@ -160,14 +161,17 @@ class Node:
             raise ConfigError(f"need 1 <= min_size <= world_size <= max_size, got min_size "
                               f"{min_size}, world_size {world_size}, max_size {max_size}")
         self._mailbox = Mailbox(self._transport, self._job_id, self.settings.max_stash_bytes)
+        self._lanes = open_lanes(self.node_id, self.settings.shm_lane_bytes,
+                                 self.settings.segment_bytes)
         self._membership = Membership(
             self.node_id, job, self._job_id, self._transport, self._mailbox, world_size,
             min_size, max_size, self.settings.settle if elastic_start else 0.0,
-            self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema)
+            self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema,
+            lanes=self._lanes)
         self._membership.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_floor, self.settings.progress_timeout,
-                                  self._service, self.settings.heartbeat_interval)
+                                  self._service, self.settings.heartbeat_interval, self._lanes)
         self._view: View | None = None
         if world_size == 1 and not elastic_start:
             self._view = self._membership.view = View(1, (self.node_id,), 0)
@@ -303,13 +307,14 @@ class Node:
                 "sequence": self._sequence, "stage": self._runner.stage,
                 "membership": self._membership.state(),
                 "dropped": dict(self._mailbox.dropped),
+                "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
 
     # collectives ----------------------------------------------------------------------------
 
     def all_reduce(self, array: Any, op: str = "sum", weight: float | None = None,
-                   timeout: float | None = None, compression: str | Codec | None = None
-                   ) -> np.ndarray:
+                   timeout: float | None = None, compression: str | Codec | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
         """Reduce ``array`` over all members; every member gets the same result.
 
         Args:
@@ -321,19 +326,23 @@ class Node:
             compression: None, or a codec name (``fp16``, ``int8``, ``topk[:RATIO]``, see
                 ``ringtrain.compression``) or a Codec, for float sums and means. Every member
                 must pass the same; error-feedback state is kept per codec name and shapes.
+            out: where to put the result: a writeable, C-contiguous numpy array of the
+                same shape and dtype (``array`` itself reduces in place). Saves allocating
+                (and the kernel zeroing) a new result array on every call.
         """
-        return self.all_reduce_async(array, op, weight, timeout, compression).wait()
+        return self.all_reduce_async(array, op, weight, timeout, compression, out).wait()
 
     def all_reduce_async(self, array: Any, op: str = "sum", weight: float | None = None,
-                         timeout: float | None = None, compression: str | Codec | None = None
-                         ) -> Work:
-        """Start :meth:`all_reduce`; ``wait()`` on the returned handle gives the result."""
-        array = np.array(array, copy=True)
+                         timeout: float | None = None, compression: str | Codec | None = None,
+                         out: np.ndarray | None = None) -> Work:
+        """Start :meth:`all_reduce`; ``wait()`` on the returned handle gives the result.
+        With ``out``, leave that array alone until then."""
+        array = np.array(array, copy=True) if out is None else _into(array, out)
         codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: _single(
             collectives.all_reduce([array], op, weight, rank, size,
                                    self._runner.segment_elements, codec, owned=True,
-                                   direct_bytes=self.settings.direct_bytes)), timeout)
+                                   direct_bytes=self.settings.direct_bytes), out), timeout)
 
     def all_reduce_many(self, arrays: Sequence[Any], op: str = "sum",
                         weight: float | None = None, timeout: float | None = None,
@@ -465,6 +474,8 @@ class Node:
         finally:
             self._fail_queued(RingtrainError(f"node {self.node_id} closed"))
             self._transport.close(linger=0 if self._fatal else self.settings.linger)
+            if self._lanes is not None:
+                self._lanes.close()
 
     def _serve_membership(self) -> None:
         """Membership work on the engine thread: new candidates, control messages, ticks."""
@@ -646,8 +657,33 @@ def _check_insecure_allowed(insecure: bool, addresses: list[str]) -> None:
                 "(allowed because every address is loopback)")
 
 
-def _single(collective: Collective) -> Collective:
-    """Make an all_reduce of one array return that array instead of a one-element list."""
+def _single(collective: Collective, out: np.ndarray | None = None) -> Collective:
+    """Make an all_reduce of one array return that array (in ``out``, when given) instead
+    of a one-element list."""
     finish = collective.finish
-    collective.finish = lambda result: finish(result)[0]
+
+    def single(result: np.ndarray) -> np.ndarray:
+        reduced = finish(result)[0]
+        if out is None or reduced is out:
+            return reduced
+        if not np.may_share_memory(reduced, out):  # a weighted mean works in a bigger buffer
+            np.copyto(out, reduced)
+        return out
+
+    collective.finish = single
     return collective
+
+
+def _into(array: Any, out: np.ndarray) -> np.ndarray:
+    """``array`` copied into ``out`` (unless it is ``out``), to be reduced there in place."""
+    if not isinstance(out, np.ndarray) or not (out.flags.c_contiguous and out.flags.writeable
+                                               and out.dtype.isnative):
+        raise ConfigError("out must be a writeable, C-contiguous numpy array in native byte "
+                          "order")
+    array = np.asarray(array)
+    if array.shape != out.shape or array.dtype != out.dtype:
+        raise ConfigError(f"out has shape {out.shape} and dtype {out.dtype}; the array has "
+                          f"{array.shape} and {array.dtype}")
+    if array is not out:
+        np.copyto(out, array)
+    return out

@@ -435,3 +435,28 @@ def test_all_reduce_many_fuses_thousands_of_arrays(count):
         assert outcome["error"] is None, (rank, outcome)
         assert outcome["count"] == count and outcome["wrong"] == [], (rank, outcome)
     assert len({o["sha256"] for o in results}) == 1
+
+
+def lanes_and_sums(node) -> dict:
+    """Which peers this node reaches through shared memory, and a few ring all-reduces."""
+    rng = np.random.default_rng(SEED + node.rank)
+    sums = []
+    for size in (5_000, BIG, 3 * BIG):
+        data = rng.standard_normal(size)
+        sums.append(hashlib.sha256(node.all_reduce(data, out=data).tobytes()).hexdigest())
+    return {"lanes": node.state()["shared_memory_peers"], "sums": sums}
+
+
+def test_same_host_peers_share_memory_and_tcp_gives_identical_results():
+    """On one host the ring's segments go through shared-memory lanes (shm.py); with
+    ``shm_lane_bytes=0`` they go over TCP. Both give bit-identical sums."""
+    n = 3
+    shared = run_local(lanes_and_sums, n, timeout=60.0, job="lanes-on",
+                       settings=Settings(segment_bytes=1 << 16))
+    tcp = run_local(lanes_and_sums, n, timeout=60.0, job="lanes-off",
+                    settings=Settings(segment_bytes=1 << 16, shm_lane_bytes=0))
+    for rank in range(n):
+        others = sorted(f"node-{r:02d}" for r in range(n) if r != rank)
+        assert shared[rank]["lanes"] == others, shared[rank]
+        assert tcp[rank]["lanes"] == [], tcp[rank]
+        assert shared[rank]["sums"] == tcp[rank]["sums"] == shared[0]["sums"]
