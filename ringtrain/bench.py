@@ -168,7 +168,10 @@ def _ringtrain_worker(config: dict) -> dict:
             compression = None if config["compression"] == "none" else config["compression"]
 
             def op(data: np.ndarray = data, compression: str | None = compression) -> None:
-                node.all_reduce(data, compression=compression)
+                # in place, as Gloo's and MPI's all-reduces are (growing sums overflow to
+                # inf in the end, at the same speed); a codec needs finite values
+                node.all_reduce(data, compression=compression,
+                                out=data if compression is None else None)
 
             result = measure(op, node.barrier, config["warmup"],
                              config["iterations"][str(size)])
