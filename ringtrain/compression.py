@@ -14,9 +14,11 @@ other node decodes the very same payload bytes, so every node ends bit-identical
 Error feedback: what a node's quantization left out is kept (:class:`Codec.residuals`, one
 array per tensor key) and added to that node's next contribution, so over many calls nothing
 is lost, only delayed. ``int8`` and ``topk`` use it by default, ``fp16`` does not need it.
-:meth:`Codec.encode_feedback` encodes and records what was left out in one call; ``int8`` fuses
-the two (no second decoding pass). A non-finite segment leaves a zero residual: its NaN or Inf
-reaches every node through the result, and carried over it would poison every later call.
+:meth:`Codec.encode_feedback` adds what earlier calls left out, encodes and records what this
+call leaves out, all in one call; ``int8`` fuses the steps (no second decoding pass, no pass
+over the whole buffer before the collective starts). A non-finite segment leaves a zero
+residual: its NaN or Inf reaches every node through the result, and carried over it would
+poison every later call.
 
 Speed: the codecs run on every segment of every hop, so they avoid temporaries: work arrays
 are per thread and reused (:func:`scratch`), ``int8`` quantizes in float32 with one
@@ -103,18 +105,24 @@ class Codec:
 
     def encode_feedback(self, values: np.ndarray, out: np.ndarray,
                         residual: np.ndarray | None = None, replace: bool = False) -> None:
-        """:meth:`encode`, then with ``residual`` (shaped like ``values``) write into it what
-        the payload leaves out, ``values - decode(payload)`` (zeros where that is not finite),
-        and with ``replace`` set ``values`` to ``decode(payload)``, bit for bit."""
-        self.encode(values, out)
-        if residual is None and not replace:
+        """Encode with error feedback: ``residual`` (like ``values``, same dtype) holds on entry
+        what earlier calls left out of these elements, and on exit what this call leaves out.
+        The payload encodes ``c = values + residual``; then ``residual = c - decode(payload)``
+        (zeros where that is not finite). With ``replace``, ``values = decode(payload)``, bit
+        for bit. Without ``residual`` this is :meth:`encode` (and the replacement)."""
+        if residual is None:
+            self.encode(values, out)
+            if replace:
+                decoded = scratch(values.size, values.dtype)
+                self.decode(out, decoded)
+                values[...] = decoded
             return
-        decoded = scratch(values.size, values.dtype)
-        self.decode(out, decoded)
-        if residual is not None:
-            _left_out(values, decoded, residual)
+        corrected = np.add(values, residual, out=scratch(values.size, values.dtype))
+        self.encode(corrected, out)
+        self.decode(out, residual)
         if replace:
-            values[...] = decoded
+            values[...] = residual
+        _left_out(corrected, residual, residual)
 
     def round_trip(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(payload, decode(payload)) of ``values``; for tests and the owner's chunk."""
@@ -176,15 +184,17 @@ class Int8(Codec):
 
     def encode_feedback(self, values: np.ndarray, out: np.ndarray,
                         residual: np.ndarray | None = None, replace: bool = False) -> None:
-        """One pass to quantize, then (if asked) the decoded values from the rounded floats
-        still in hand instead of decoding the payload again: the same float32 products that
-        :meth:`decode` computes, so the result is bit for bit what every other node decodes."""
+        """Quantizes in one pass, then takes the decoded values from the rounded floats still
+        in hand instead of decoding the payload again: the same float32 products as
+        :meth:`decode`, so replaced values are bit for bit what every other node decodes."""
         scale_bytes, quantized = out[:SCALE_BYTES], out[SCALE_BYTES:].view(np.int8)
         if values.size == 0:
             scale_bytes.view("<f4")[0] = 0.0
             return
+        corrected = values if residual is None else \
+            np.add(values, residual, out=scratch(values.size, values.dtype))
         # two read-only passes instead of abs(): no temporary of the segment's size
-        peak = max(float(values.max()), -float(values.min()))
+        peak = max(float(corrected.max()), -float(corrected.min()))
         ratio = peak / 127.0  # a float64 segment's may be beyond float32: then the scale is Inf
         scale = np.float32(math.inf) if ratio > FLOAT32_MAX else np.float32(ratio)
         scale_bytes.view("<f4")[0] = scale
@@ -193,16 +203,18 @@ class Int8(Codec):
             # (decodes to the non-finite scale everywhere, so every node sees it)
             quantized[...] = 0
             if residual is not None:
-                residual[...] = values if scale == 0 else 0
+                residual[...] = corrected if scale == 0 else 0
             if replace:
                 values[...] = scale
             return
-        rounded = scratch(values.size, np.float32)
+        # the residual is overwritten last: a float32 one doubles as the rounding work array
+        rounded = residual if residual is not None and residual.dtype == np.float32 else \
+            scratch(values.size, np.float32)
         if scale >= FLOAT32_TINY:
-            # |values * (1 / scale)| <= 127 (1 + 3 * 2^-24): rounds to at most 127, no clip
-            np.multiply(values, np.float32(1.0) / scale, out=rounded, casting="same_kind")
+            # |corrected * (1 / scale)| <= 127 (1 + 3 * 2^-24): rounds to at most 127, no clip
+            np.multiply(corrected, np.float32(1.0) / scale, out=rounded, casting="same_kind")
         else:  # a subnormal scale: its reciprocal may overflow, and it is coarse, so clip
-            np.divide(values, scale, out=rounded, casting="same_kind")
+            np.divide(corrected, scale, out=rounded, casting="same_kind")
             np.clip(rounded, -127, 127, out=rounded)
         np.rint(rounded, out=rounded)
         quantized[...] = rounded  # integers in [-127, 127]: the cast is exact
@@ -211,11 +223,11 @@ class Int8(Codec):
         decoded = np.multiply(rounded, scale, out=rounded)
         if values.dtype != decoded.dtype:
             decoded = decoded.astype(values.dtype)  # as decode() casts its float32 products
-        if residual is not None:
-            np.subtract(values, decoded, out=residual)
         if replace:
             # rint leaves -0.0 where decode() has +0.0: adding +0.0 makes the bits the same
             np.add(decoded, decoded.dtype.type(0), out=values)
+        if residual is not None:
+            np.subtract(corrected, decoded, out=residual)
 
     def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
         if payload.size != SCALE_BYTES + out.size:

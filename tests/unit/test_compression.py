@@ -172,18 +172,22 @@ def test_base_codec_is_abstract():
         Codec().payload_bytes(3, np.dtype("float32"))
 
 
-def _unfused(codec: Codec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(payload, residual, decoded) the long way: encode, decode, subtract."""
-    payload, decoded = codec.round_trip(x)
+def _unfused(codec: Codec, x: np.ndarray, carried: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(payload, residual, decoded) the long way: add the carried residual, encode, decode,
+    subtract."""
+    corrected = x + carried
+    payload, decoded = codec.round_trip(corrected)
     with np.errstate(invalid="ignore"):
-        residual = x - decoded
+        residual = corrected - decoded
     residual[~np.isfinite(residual)] = 0
     return payload, residual, decoded
 
 
-def _fused(codec: Codec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fused(codec: Codec, x: np.ndarray, carried: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     payload = np.empty(codec.payload_bytes(x.size, x.dtype), np.uint8)
-    residual = np.full_like(x, 7)  # stale contents must be overwritten
+    residual = carried.copy()
     replaced = x.copy()
     codec.encode_feedback(replaced, payload, residual, replace=True)
     return payload, residual, replaced
@@ -203,45 +207,78 @@ EDGE_CASES = {
 }
 
 
+@pytest.mark.parametrize("carried", ["zero", "small"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("case", sorted(EDGE_CASES))
 @pytest.mark.parametrize("codec", [Int8(), TopK(0.5), Fp16()], ids=str)
-def test_encode_feedback_is_encode_decode_subtract_bit_for_bit(codec, case, dtype):
+def test_encode_feedback_is_add_encode_decode_subtract_bit_for_bit(codec, case, dtype, carried):
     """The fused int8 path (and the generic one of the others) writes the same payload, the
-    same residual and the same replaced values as encoding, decoding and subtracting: the
-    owner's values must be bit for bit what every other node decodes."""
+    same residual and the same replaced values as adding the carried residual, encoding,
+    decoding and subtracting: the owner's values must be bit for bit what every other node
+    decodes."""
     with np.errstate(over="ignore", under="ignore"):
         x = EDGE_CASES[case].astype(dtype)
-    with np.errstate(invalid="ignore"):
-        expected = _unfused(codec, x)
-        got = _fused(codec, x)
+    residual = np.zeros_like(x) if carried == "zero" else \
+        (RNG.standard_normal(x.size) * 0.01).astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = _unfused(codec, x, residual)
+        got = _fused(codec, x, residual)
     assert got[0].tobytes() == expected[0].tobytes(), "payload"
     np.testing.assert_array_equal(got[1], expected[1], "residual")  # a -0.0 may be +0.0
     assert got[2].tobytes() == expected[2].tobytes(), "replaced values differ in some bit"
 
 
+@pytest.mark.parametrize("codec", [Int8(), TopK(0.5)], ids=str)
+def test_encode_feedback_without_residual_encodes_and_replaces(codec):
+    x = values(300)
+    payload, decoded = codec.round_trip(x)
+    fused = np.empty_like(payload)
+    replaced = x.copy()
+    codec.encode_feedback(replaced, fused, replace=True)
+    assert fused.tobytes() == payload.tobytes() and replaced.tobytes() == decoded.tobytes()
+
+
 def test_int8_edge_cases_decode_as_promised():
     codec = Int8()
+
+    def fused(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _fused(codec, x, np.zeros_like(x))
+
     for case in ("zeros", "scale underflows"):
         x = EDGE_CASES[case]
-        _, residual, decoded = _fused(codec, x)
+        _, residual, decoded = fused(x)
         assert not decoded.any()
         np.testing.assert_array_equal(residual, x)  # nothing lost: all of it waits in feedback
     x = EDGE_CASES["all equal"]
-    payload, _, decoded = _fused(codec, x)
+    payload, _, decoded = fused(x)
     assert (payload[4:].view(np.int8) == -127).all()
     np.testing.assert_allclose(decoded, x, rtol=1e-6)
     for case in ("float32 extremes", "subnormal scale"):
         x = EDGE_CASES[case]
-        payload, residual, decoded = _fused(codec, x)
+        payload, residual, decoded = fused(x)
         assert np.abs(payload[4:].view(np.int8)).max() == 127
         peak = float(np.abs(x).max())
         assert np.abs(decoded.astype(np.float64) - x).max() <= peak / 254 * 1.01
         assert np.isfinite(residual).all()
     for case in ("nan", "inf", "float64 beyond float32"):
-        _, residual, decoded = _fused(codec, EDGE_CASES[case])
+        _, residual, decoded = fused(EDGE_CASES[case])
         assert not np.isfinite(decoded).any()  # visible on every node
         assert not residual.any()  # and not carried into the next call
+
+
+def test_error_feedback_through_encode_feedback_loses_nothing_over_time():
+    """The residual carried from call to call by encode_feedback alone: the decoded sum over
+    many calls tracks the true sum within one call's residual."""
+    codec, x = Int8(), values(2000, scale=1.0)
+    residual = np.zeros_like(x)
+    total = np.zeros(x.size, np.float64)
+    payload = np.empty(codec.payload_bytes(x.size, x.dtype), np.uint8)
+    decoded = np.empty_like(x)
+    for _ in range(50):
+        codec.encode_feedback(x, payload, residual)
+        codec.decode(payload, decoded)
+        total += decoded
+    np.testing.assert_allclose(total + residual, 50 * x.astype(np.float64), atol=1e-3)
 
 
 def test_scratch_is_reused_per_dtype_and_not_kept_when_huge():
