@@ -70,7 +70,7 @@ _RESULT = "RESULT "
 _STUCK = "device did not finish in time"
 _THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-METHOD = __doc__.split("\n\n", 1)[1]
+METHOD = (__doc__ or "").partition("\n\n")[2]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
