@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from ringtrain import cpu_budget
+import ringtrain.cpu_budget as cpu_budget
 from ringtrain.errors import ConfigError
 
 _PREFIX_RE = re.compile(r"rt[a-z0-9]{1,10}")
