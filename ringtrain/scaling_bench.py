@@ -264,9 +264,10 @@ def _train(config: dict[str, Any], node_ref: list[Node]) -> dict[str, Any]:
         for _ in range(config["steps"]):
             compute += trainer.step().compute_seconds
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        report = {"wall": wall, "cpu": cpu, "compute": compute, "wire_bytes": _wire_bytes() - wire,
-                  "reduce_wall": node.reduce_wall,
-                  "reduce_cpu": node.reduce_cpu, "gradient_bytes": (model.num_params + 4) * 4}
+        report = {"wall": wall, "cpu": cpu, "compute": compute,
+                  "reduce_wall": node.reduce_wall, "reduce_cpu": node.reduce_cpu,
+                  "wire_bytes": _wire_bytes() - wire,
+                  "gradient_bytes": (model.num_params + 4) * 4}
         gradient = np.zeros(model.num_params + 4, dtype=np.float32)  # as DistributedOptimizer
         alone = []
         for _ in range(config["reduce_repeats"]):
