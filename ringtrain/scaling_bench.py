@@ -12,7 +12,8 @@ numpy MLP and synthetic data, BLAS pinned to one thread. Weak scaling: every dev
 ``--batch`` samples per step whatever N is. After ``--warmup`` steps and a barrier, each
 device times ``--steps`` steps. Every N runs ``--repeats`` times, the sizes interleaved (1, 2,
 4, 1, 2, 4, ...) so that noise on a shared machine hits all alike; each row is the run of
-median throughput.
+median throughput. ``--compression`` passes the Trainer's ``compression=`` (lossy, with error
+feedback; off by default): fewer bytes on the links for the same step.
 
 * throughput(N) = N x batch x steps / the slowest device's time, in samples per second;
 * efficiency(N) = throughput(N) / (N x throughput(1)), 1.0 being perfect scaling.
@@ -96,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--reduce-repeats", type=int, default=5,
                         help="all-reduces timed alone after the steps (default 5)")
+    parser.add_argument("--compression", default=None,
+                        help="compress the gradient all-reduce (Trainer compression=: int8, "
+                             "fp16, topk[:RATIO]); default none")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every N, interleaved; each row is the median run "
                              "(default 3)")
@@ -254,7 +258,7 @@ def _train(config: dict[str, Any], node_ref: list[Node]) -> dict[str, Any]:
     with node:
         node_ref.append(node)
         trainer = Trainer(node, model, SGD(model.params, lr=0.01), x, y, batch_size=batch,
-                          adaptive=False)
+                          adaptive=False, compression=config["compression"])
         for _ in range(config["warmup"]):
             trainer.step()
         node.barrier()
@@ -267,13 +271,13 @@ def _train(config: dict[str, Any], node_ref: list[Node]) -> dict[str, Any]:
         report = {"wall": wall, "cpu": cpu, "compute": compute,
                   "reduce_wall": node.reduce_wall, "reduce_cpu": node.reduce_cpu,
                   "wire_bytes": _wire_bytes() - wire,
-                  "gradient_bytes": (model.num_params + 4) * 4}
-        gradient = np.zeros(model.num_params + 4, dtype=np.float32)  # as DistributedOptimizer
+                  "gradient_bytes": model.params.nbytes}
+        gradient = rng.standard_normal(model.num_params, dtype=np.float32)
         alone = []
         for _ in range(config["reduce_repeats"]):
             node.barrier()
             started = time.perf_counter()
-            node.all_reduce(gradient)
+            node.all_reduce(gradient, compression=config["compression"])
             alone.append(time.perf_counter() - started)
         node.barrier()
     return {**report, "reduce_alone": alone}
@@ -340,7 +344,7 @@ def measure(nodes: int, args: argparse.Namespace, key_file: Path) -> list[dict[s
                   "key_file": str(key_file), "deadline": deadline - REPORT_MARGIN_S,
                   **{name: getattr(args, name) for name in (
                       "inputs", "hidden", "layers", "batch", "warmup", "steps",
-                      "reduce_repeats")}}
+                      "reduce_repeats", "compression")}}
         env = {**os.environ, **_THREADS, "PYTHONUNBUFFERED": "1"}
         devices = []
         for rank in range(nodes):
@@ -392,12 +396,13 @@ def run(args: argparse.Namespace) -> int:
                           f"{cores} cores put {per_core} x {args.cpu:g} > 1 core on a core: "
                           f"the devices would slow each other down")
     model = model_of(vars(args))
-    gradient = (model.num_params + 4) * 4
+    gradient = model.params.nbytes
     print(f"weak scaling on an emulated LAN: every device {args.cpu:g} core (cgroup CPU quota), "
           f"1 BLAS thread, link {args.rate:g} Mbit/s; model "
           f"{'-'.join(str(w) for w in [args.inputs, *[args.hidden] * args.layers, CLASSES])} "
           f"MLP, {model.num_params / 1e6:.2f} M parameters, gradient all-reduce "
-          f"{gradient / 1e6:.2f} MB; {args.batch} samples per device per step; "
+          f"{gradient / 1e6:.2f} MB{f' ({args.compression})' if args.compression else ''}; "
+          f"{args.batch} samples per device per step; "
           f"{args.warmup} warm-up + {args.steps} timed steps; {args.repeats} runs of each N, "
           f"interleaved", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up the LAN on `kill` too
@@ -414,8 +419,10 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows))
     print(f"each row: the run of median samples/s out of {args.repeats}.")
     print(f"efficiency = samples/s(N) / (N x samples/s(1)); gradient {gradient:,} bytes per "
-          f"all-reduce; share = all-reduce / step; waiting = all-reduce in the step - "
-          f"all-reduce alone; CPU cores = CPU time / wall time (budget {args.cpu:g}).")
+          f"all-reduce{f', compressed {args.compression}' if args.compression else ''}; "
+          f"share = all-reduce / step; waiting = all-reduce in the step - all-reduce alone; "
+          f"CPU cores = CPU time / wall time (budget {args.cpu:g}); eth0 ideal = 2(N-1)/N x "
+          f"the uncompressed gradient.")
     starved = [row.nodes for row in rows if row.compute_cpu < STARVED * args.cpu]
     if starved:
         print(f"warning: with N = {starved} the devices computed on less CPU than their "

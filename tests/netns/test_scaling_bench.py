@@ -33,7 +33,7 @@ def test_tiny_run_prints_a_complete_sane_table():
         assert samples > 0 and eff > 0 and step >= 0, row[0]
     assert float(rows[0][4]) == 1.0
     assert float(rows[1][13]) > 0  # the two devices' traffic crossed their emulated links
-    assert "gradient 11,064 bytes per all-reduce" in done.stdout
+    assert "gradient 11,048 bytes per all-reduce" in done.stdout
     assert set(cpu_budget.groups()) == before  # no cgroup left behind
 
 
