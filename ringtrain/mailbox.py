@@ -30,6 +30,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
 from .errors import ProtocolError
+from .shm import SharedMemoryLanes
 from .transport import Incoming, Transport
 from .wire import FLAG_DESCRIPTOR, Header, MessageKind, check_frames, decode_header
 
@@ -50,6 +51,7 @@ class Message:
     on_link: bool = False
     peer_address: str = ""
     user: str = ""  # the sender's proven CURVE public key on a keyed ring
+    local: bool = False  # it came through a same-host door
 
     @property
     def payload(self) -> memoryview:
@@ -98,6 +100,7 @@ class Mailbox:
         self.offenders: dict[str, str] = {}
         self._logged: set[str] = set()
         self._logged_overflow = False
+        self.doors: SharedMemoryLanes | None = None  # same-host peers' datagrams
 
     def pump(self, timeout: float, writable: str | None = None) -> bool:
         """Wait up to ``timeout`` for traffic, then sort everything that has arrived.
@@ -114,17 +117,21 @@ class Mailbox:
         """Sort every message waiting in the transport, without blocking."""
         while (incoming := self.transport.receive()) is not None:
             self._sort(incoming)
+        if self.doors is not None:
+            while (datagram := self.doors.receive_datagram()) is not None:
+                self._sort(Incoming(datagram[0], datagram[1], local=True))
 
     def _sort(self, incoming: Incoming) -> None:
         offender = self._offender(incoming.origin, incoming.user, incoming.on_link,
-                                  incoming.peer_address)
+                                  incoming.peer_address, incoming.local)
         if offender in self.evicted:
             if time.monotonic() < self.evicted[offender]:
                 self.dropped["evicted"] += 1
                 return
             del self.evicted[offender]
             self.offences.pop(offender, None)
-        keyed = self.transport.key is not None and not incoming.on_link
+        # a door's sender is vouched for by the kernel (see shm.py), a link's by our dialling
+        keyed = self.transport.key is not None and not incoming.on_link and not incoming.local
         if keyed and incoming.tag != incoming.user:
             self._drop(incoming, "routing id", f"message from {incoming.origin!r} at "
                        f"{incoming.peer_address or 'an unknown address'} whose routing id names "
@@ -152,7 +159,7 @@ class Mailbox:
                        f"is {self.job:#x}), dropped")
             return
         message = Message(header, incoming.origin, incoming.frames, incoming.on_link,
-                          incoming.peer_address, incoming.user)
+                          incoming.peer_address, incoming.user, incoming.local)
         if header.kind is MessageKind.DATA:
             key = (header.generation, header.sequence)
             if key < self.floor:
@@ -192,16 +199,20 @@ class Mailbox:
         offenders, self.offenders = self.offenders, {}
         return offenders
 
-    def _offender(self, origin: str, user: str, on_link: bool, peer_address: str) -> str:
+    def _offender(self, origin: str, user: str, on_link: bool, peer_address: str,
+                  local: bool = False) -> str:
         if on_link:
             return f"link {origin}"
+        if local:
+            return f"door {origin}"
         if self.transport.key is not None:
             return f"key {user}"
         return f"{origin} at {peer_address}"
 
     def _drop(self, sender: Incoming | Message, reason: str, text: str) -> None:
         self.dropped[reason] += 1
-        offender = self._offender(sender.origin, sender.user, sender.on_link, sender.peer_address)
+        offender = self._offender(sender.origin, sender.user, sender.on_link, sender.peer_address,
+                                  sender.local)
         self._log_once(offender, f"{text} (further messages from this peer are not logged)")
         if offender not in self.offences and len(self.offences) >= MAX_TRACKED:
             self.offences.pop(next(iter(self.offences)))
@@ -229,6 +240,8 @@ class Mailbox:
         claims to be: the node suspects it only if that is a member)."""
         if sender.on_link:
             return None  # a link's messages come from whoever we dialled: not a member's key
+        if sender.local:
+            return sender.origin  # a door only takes datagrams from verified peers' doors
         if self.transport.key is not None:
             return sender.origin if self.admitted.get(sender.origin) == sender.user else None
         return sender.origin or None
@@ -253,6 +266,10 @@ class Mailbox:
         message = queue.popleft()
         self._stash_bytes -= message.header.nbytes
         return message
+
+    def has_data(self, generation: int, sequence: int) -> bool:
+        """Whether data of this collective waits to be taken."""
+        return bool(self._data.get((generation, sequence)))
 
     def retire(self, generation: int, sequence: int) -> None:
         """Forget data of every collective up to and including this one; later data for them

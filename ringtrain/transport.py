@@ -204,6 +204,7 @@ class Incoming:
     peer_address: str = ""  # the sender's IP address as the connection sees it, if known
     user: str = ""  # the sender's CURVE public key (Z85), proven by the handshake; "" if insecure
     tag: str = ""  # the tag of its routing id: its CURVE public key, as the sender claims it
+    local: bool = False  # came through a same-host door: the kernel vouches for ``origin``
 
 
 def split_route(route: bytes) -> tuple[str, str]:
@@ -315,6 +316,7 @@ class Transport:
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_in, zmq.POLLIN)
+        self._ready: list[zmq.Socket] = []  # sockets the last poll found readable
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.settings
@@ -368,12 +370,19 @@ class Transport:
         sock = self._links.pop(link, None)
         self._link_endpoints.pop(link, None)
         if sock is not None:
+            if sock in self._ready:
+                self._ready.remove(sock)
             self._poller.unregister(sock)
             sock.close(linger=0)
 
     def links(self) -> dict[str, str]:
         """Outgoing links: name → endpoint."""
         return dict(self._link_endpoints)
+
+    def watch(self, fd: int) -> None:
+        """Let :meth:`wait` return when file descriptor ``fd`` (another way messages come
+        in, such as a same-host door) is readable."""
+        self._poller.register(fd, zmq.POLLIN)
 
     # data path -----------------------------------------------------------------------------
 
@@ -402,9 +411,35 @@ class Transport:
         return readable, can_send
 
     def receive(self) -> Incoming | None:
-        """One waiting message, without blocking, or None."""
-        try:
-            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+        """One waiting message, without blocking, or None.
+
+        One zero-timeout poll finds the sockets with messages; only those are read (a
+        failed non-blocking read of every socket cost more than all else in a small
+        collective)."""
+        while True:
+            if not self._ready:
+                try:
+                    events = self._poller.poll(0)
+                except zmq.ZMQError as exc:
+                    raise TransportError(f"poll failed: {exc}") from exc
+                self._ready = [s for s, ev in events if ev & zmq.POLLIN
+                               and isinstance(s, zmq.Socket) and s is not self._wake_in]
+                if not self._ready:
+                    return None
+            sock = self._ready[-1]
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._ready.pop()
+                continue
+            except zmq.ZMQError as exc:
+                raise TransportError(f"receive failed: {exc}") from exc
+            if sock is not self._router:
+                link = next((name for name, s in self._links.items() if s is sock), None)
+                if link is None:
+                    self._ready.pop()  # closed since the poll
+                    continue
+                return Incoming(link, frames, on_link=True)
             route = frames[0].bytes
             origin, tag = split_route(route)
             if self.key is None and tag:
@@ -415,18 +450,6 @@ class Transport:
                             peer_address=_frame_property(frames[-1], "Peer-Address"),
                             user=_frame_property(frames[-1], "User-Id") if self.key else "",
                             tag=tag)
-        except zmq.Again:
-            pass
-        except zmq.ZMQError as exc:
-            raise TransportError(f"receive failed: {exc}") from exc
-        for link, sock in list(self._links.items()):
-            try:
-                return Incoming(link, sock.recv_multipart(zmq.NOBLOCK, copy=False), on_link=True)
-            except zmq.Again:
-                continue
-            except zmq.ZMQError as exc:
-                raise TransportError(f"receive on link {link} failed: {exc}") from exc
-        return None
 
     def try_send(self, link: str, frames: list, track: bool = False):
         """Send without blocking. Returns False if the link's queue is full, else True or a
