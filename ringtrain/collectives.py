@@ -61,7 +61,7 @@ PROGRESS_FACTOR = 8.0  # progress deadline = this x the smoothed longest gap bet
 REDUCE_OPS: dict[str, np.ufunc] = {"sum": np.add, "mean": np.add, "max": np.maximum,
                                    "min": np.minimum}
 TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
-LANE_POLL = 0.0005  # seconds between looks at a full shared-memory lane
+LANE_POLL = 0.0005  # seconds between looks at a full shared-memory lane or door
 SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
 
 
@@ -447,12 +447,13 @@ class RingRunner:
                 if not described:
                     frames.append(descriptor_frame)
                 try:
-                    sent = self.transport.try_send(successor, frames, track=big)
+                    sent = self._send(successor, frames, big)
                 except TransportError as exc:
                     raise PeerFailedError(f"{where}: cannot send to successor {successor}: {exc}",
                                           peer=successor, generation=view.generation,
                                           collective=sequence) from exc
                 if sent is False:
+                    lane_full = self._local(successor)
                     break
                 if lane is not None:
                     lane.commit()
@@ -482,6 +483,9 @@ class RingRunner:
             if received == len(plan.receives) and not pending:
                 break
             self._check_abandoned(view, sequence, where)
+            if received < len(plan.receives) and self.mailbox.has_data(view.generation,
+                                                                        sequence):
+                continue  # membership work took in our data: use it before waiting
             # 3. wait for traffic, bounded by both deadlines
             now = time.monotonic()
             if now >= deadline:
@@ -517,6 +521,19 @@ class RingRunner:
                 raise PeerFailedError(f"{where}: successor {successor} did not take the last "
                                       f"segments", peer=successor, generation=view.generation,
                                       collective=sequence) from exc
+
+    def _local(self, peer: str) -> bool:
+        """Whether ``peer`` is on this host (its door and lanes free up with no message
+        to wake us: a blocked send there is retried every ``LANE_POLL``)."""
+        return self.lanes is not None and self.lanes.reaches(peer)
+
+    def _send(self, peer: str, frames: list, track: bool = False) -> Any:
+        """Send a DATA message: through ``peer``'s door when it is on this host and the
+        message fits a datagram, else over ZeroMQ (see ``Transport.try_send``)."""
+        if self.lanes is not None and self.lanes.door_takes(
+                peer, sum(memoryview(f).nbytes for f in frames)):
+            return self.lanes.send(peer, frames)
+        return self.transport.try_send(peer, frames, track=track)
 
     def _learn_gap(self, gap: float) -> None:
         """Adapt the progress deadline to the gaps this ring really has."""
@@ -630,7 +647,7 @@ class RingRunner:
         while unsent or len(contributions) < view.world_size:
             for member in list(unsent):
                 try:
-                    sent = self.transport.try_send(member, frames)
+                    sent = self._send(member, frames)
                 except TransportError as exc:
                     raise PeerFailedError(f"{where}: cannot send to {member}: {exc}",
                                           peer=member, generation=view.generation,
@@ -647,6 +664,8 @@ class RingRunner:
             if not unsent and len(contributions) == view.world_size:
                 break
             self._check_abandoned(view, sequence, where)
+            if self.mailbox.has_data(view.generation, sequence):
+                continue  # membership work took in our data: use it before waiting
             now = time.monotonic()
             if now >= min(deadline, progress_deadline):
                 missing = unsent or [m for r, m in enumerate(view.members)
@@ -658,8 +677,10 @@ class RingRunner:
                                                     else {"peer": missing[0]}))
             self.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
                           f"contributions, {len(unsent)} still to send")
-            self.mailbox.pump(min(deadline, progress_deadline, now + self.poll_interval) - now,
-                              writable=unsent[0] if unsent else None)
+            local = bool(unsent) and self._local(unsent[0])
+            poll = LANE_POLL if local else self.poll_interval
+            self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
+                              writable=unsent[0] if unsent and not local else None)
         total = contributions[0].copy()
         for rank in range(1, view.world_size):
             collective.combine(total, contributions[rank], out=total)

@@ -163,6 +163,9 @@ class Node:
         self._mailbox = Mailbox(self._transport, self._job_id, self.settings.max_stash_bytes)
         self._lanes = open_lanes(self.node_id, self.settings.shm_lane_bytes,
                                  self.settings.segment_bytes)
+        if self._lanes is not None:
+            self._mailbox.doors = self._lanes
+            self._transport.watch(self._lanes.fileno())
         self._membership = Membership(
             self.node_id, job, self._job_id, self._transport, self._mailbox, world_size,
             min_size, max_size, self.settings.settle if elastic_start else 0.0,

@@ -33,8 +33,19 @@ replaced lane the receiver never attached stays (up to ``KEPT_LANES``) until it 
 newer one: a collective that failed here may still complete, or fail on its own terms, at
 the receiver, which reads what was sent.
 
-Memory order: the sender's data and ticket stores precede a ZeroMQ send (a system call),
-and the receiver reads only after the matching receive. Before releasing, the receiver
+Doors. Every node also binds a Unix datagram socket, ``/dev/shm/ringtrain-door-<hex>``
+(mode 0600, named after its beacon), and DATA messages to a same-host peer (a lane reference,
+or a small collective's whole buffer) go to the peer's door as one datagram: header, payload
+and descriptor back to back, cut apart again by the header's ``nbytes`` and flags. A
+datagram goes straight from the sender's engine thread into the receiver's poll, with none
+of ZeroMQ's I/O-thread hops and no encryption the host does not need, which is what small
+collectives' latency is made of. Only the same uid can write to a door, and the kernel
+stamps every datagram with the sender's bound path, which names the door of a peer whose
+beacon we verified: a datagram from any other path is dropped. Control messages stay on
+ZeroMQ.
+
+Memory order: the sender's data and ticket stores precede the send (a system call) that
+announces them, and the receiver reads only after the matching receive. Before releasing, the receiver
 passes a mutex, which orders its reads of the slot before the release store on weakly
 ordered CPUs too.
 """
@@ -46,6 +57,7 @@ import mmap
 import os
 import re
 import secrets
+import socket
 import stat
 import struct
 import threading
@@ -55,12 +67,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ProtocolError
-from .wire import SHM_REF, SHM_NAME_BYTES
+from .wire import FLAG_DESCRIPTOR, FLAG_SHM, HEADER_SIZE, SHM_NAME_BYTES, SHM_REF
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
-BEACON_PREFIX, LANE_PREFIX = "ringtrain-beacon-", "ringtrain-lane-"
+BEACON_PREFIX, LANE_PREFIX, DOOR_PREFIX = "ringtrain-beacon-", "ringtrain-lane-", "ringtrain-door-"
+DATAGRAM_BYTES = 64 * 1024  # largest message sent to a door; larger ones take ZeroMQ
+DOOR_BUFFER_BYTES = 4 << 20
 BEACON_MAGIC = b"ringtrain-beacon 1\n"
 LANE_MAGIC = b"RTLANE01"
 LANE_HEADER = struct.Struct("<8sIIQII64s")  # magic, slots, attached, slot_bytes, pid, -, owner
@@ -121,10 +135,14 @@ def _sweep_dead(prefix: str) -> None:
             if pid:
                 os.kill(pid, 0)
         except ProcessLookupError:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            stale = [path]
+            if prefix == BEACON_PREFIX:
+                stale.append(os.path.join(SHM_DIR, DOOR_PREFIX + name[len(prefix):]))
+            for stale_path in stale:
+                try:
+                    os.unlink(stale_path)
+                except OSError:
+                    pass
         except (OSError, ValueError, struct.error):
             continue
 
@@ -196,6 +214,32 @@ class OutboundLane:
         self._map.close()
 
 
+@dataclass(frozen=True)
+class DatagramFrame:
+    """One frame cut out of a datagram, shaped like a ``zmq.Frame`` for the mailbox."""
+
+    buffer: memoryview
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+
+def split_datagram(data: bytes) -> list[DatagramFrame]:
+    """A datagram's frames: header, payload (``nbytes``, or a lane reference), and the
+    descriptor when flagged. Whatever does not add up shows as a wrong frame count or
+    length when the mailbox checks the frames."""
+    view = memoryview(data)
+    if len(view) < HEADER_SIZE:
+        return [DatagramFrame(view)]
+    flags, = struct.unpack_from("<H", view, 8)
+    nbytes, = struct.unpack_from("<Q", view, 64)
+    end = HEADER_SIZE + (SHM_REF.size if flags & FLAG_SHM else nbytes)
+    frames = [view[:HEADER_SIZE], view[HEADER_SIZE:end]]
+    if len(view) > end or flags & FLAG_DESCRIPTOR:
+        frames.append(view[end:])
+    return [DatagramFrame(f) for f in frames]
+
+
 @dataclass
 class _InboundLane:
     name: bytes
@@ -228,15 +272,31 @@ class SharedMemoryLanes:
         self._replaced: dict[str, list[OutboundLane]] = {}  # peer -> lanes not yet attached
         self._inbound: dict[str, dict[bytes, _InboundLane]] = {}  # peer -> name -> lane
         self._same_host: dict[str, str] = {}  # peer -> the beacon it proved
+        self._doors: dict[str, str] = {}  # door path -> the peer it belongs to
         self._fence = threading.Lock()
+        self.dropped = 0  # datagrams from paths that are no verified peer's door
         _sweep_dead(BEACON_PREFIX)
         _sweep_dead(LANE_PREFIX)
         self.beacon = secrets.token_hex(SHM_NAME_BYTES // 2)
         self._beacon_path = os.path.join(SHM_DIR, BEACON_PREFIX + self.beacon)
-        fd = os.open(self._beacon_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                     0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._beacon_text(node_id, os.getpid()))
+        self._door_path = os.path.join(SHM_DIR, DOOR_PREFIX + self.beacon)
+        self._door = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._door.setblocking(False)
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                self._door.setsockopt(socket.SOL_SOCKET, option, DOOR_BUFFER_BYTES)
+            mask = os.umask(0o177)  # the socket file is born 0600: only our uid may write
+            try:
+                self._door.bind(self._door_path)
+            finally:
+                os.umask(mask)
+            fd = os.open(self._beacon_path,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._beacon_text(node_id, os.getpid()))
+        except OSError:
+            self._door.close()
+            raise
 
     def _beacon_text(self, node_id: str, pid: int) -> bytes:
         return BEACON_MAGIC + f"{pid}\n{self.namespace}\n{node_id}\n".encode()
@@ -246,7 +306,7 @@ class SharedMemoryLanes:
     def verify(self, peer: str, beacon: str) -> bool:
         """Check the beacon a peer named in its HELLO; remember whether it shares this host."""
         if not beacon:
-            self._same_host.pop(peer, None)
+            self._forget_host(peer)
             return False
         if self._same_host.get(peer) == beacon:
             return True
@@ -257,7 +317,7 @@ class SharedMemoryLanes:
             fd = _open_own_file(os.path.join(SHM_DIR, BEACON_PREFIX + beacon), peer,
                                 "hello.host")
         except ProtocolError:
-            self._same_host.pop(peer, None)
+            self._forget_host(peer)
             return False  # another host (or another /dev/shm): the link uses TCP
         with os.fdopen(fd, "rb") as f:
             text = f.read(512)
@@ -265,11 +325,16 @@ class SharedMemoryLanes:
         same = (text.startswith(BEACON_MAGIC) and len(lines) >= 3
                 and lines[1].decode(errors="replace") == self.namespace
                 and lines[2].decode(errors="replace") == peer)
+        self._forget_host(peer)
         if same:
             self._same_host[peer] = beacon
-        else:
-            self._same_host.pop(peer, None)
+            self._doors[os.path.join(SHM_DIR, DOOR_PREFIX + beacon)] = peer
         return same
+
+    def _forget_host(self, peer: str) -> None:
+        beacon = self._same_host.pop(peer, None)
+        if beacon is not None:
+            self._doors.pop(os.path.join(SHM_DIR, DOOR_PREFIX + beacon), None)
 
     def reaches(self, peer: str) -> bool:
         """Whether segments to ``peer`` can go through a lane."""
@@ -281,7 +346,7 @@ class SharedMemoryLanes:
 
     def forget(self, peer: str) -> None:
         """``peer`` restarted or left: drop what we know of it and our lanes with it."""
-        self._same_host.pop(peer, None)
+        self._forget_host(peer)
         self.reset(peer)
         for lane in self._replaced.pop(peer, []):
             lane.close()
@@ -304,7 +369,7 @@ class SharedMemoryLanes:
         except OSError as exc:
             log.warning("node %s: no shared-memory lane to %s, using TCP: %s", self.node_id,
                         peer, exc)
-            self._same_host.pop(peer, None)
+            self._forget_host(peer)
             return None
         self._outbound[peer] = (generation, lane)
         return lane
@@ -323,6 +388,42 @@ class SharedMemoryLanes:
         replaced.append(lane)  # the receiver may still read what was sent in it
         while len(replaced) > KEPT_LANES:
             replaced.pop(0).close()
+
+    # doors ---------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The door's file descriptor, readable when a datagram waits."""
+        return self._door.fileno()
+
+    def door_takes(self, peer: str, nbytes: int) -> bool:
+        """Whether a message of ``nbytes`` to ``peer`` goes through its door."""
+        return nbytes <= DATAGRAM_BYTES and peer in self._same_host
+
+    def send(self, peer: str, frames: list) -> bool:
+        """Send a message (its frames back to back) to ``peer``'s door. False when the door's
+        queue is full (try again soon). A door that is gone (the peer died) swallows it:
+        the peer's failure is noticed by its silence, as on TCP."""
+        try:
+            self._door.sendmsg(frames, [], 0, os.path.join(
+                SHM_DIR, DOOR_PREFIX + self._same_host[peer]))
+        except BlockingIOError:
+            return False
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        return True
+
+    def receive_datagram(self) -> tuple[str, list[DatagramFrame]] | None:
+        """The next datagram from a verified peer's door: (peer, frames); None when none
+        waits. Datagrams from any other path are dropped and counted."""
+        while True:
+            try:
+                data, sender = self._door.recvfrom(DATAGRAM_BYTES + HEADER_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return None
+            peer = self._doors.get(sender) if isinstance(sender, str) else None
+            if peer is not None:
+                return peer, split_datagram(data)
+            self.dropped += 1
 
     # receiving -----------------------------------------------------------------------------
 
@@ -389,7 +490,7 @@ class SharedMemoryLanes:
         return lane
 
     def close(self) -> None:
-        """Remove the beacon and every lane this node created."""
+        """Remove the beacon, the door and every lane this node created."""
         for peer in list(self._outbound):
             self.reset(peer)
         for lanes in self._replaced.values():
@@ -397,10 +498,12 @@ class SharedMemoryLanes:
                 lane.close()
         self._replaced.clear()
         self._inbound.clear()
-        try:
-            os.unlink(self._beacon_path)
-        except OSError:
-            pass
+        self._door.close()
+        for path in (self._beacon_path, self._door_path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def open_lanes(node_id: str, lane_bytes: int, slot_bytes: int) -> SharedMemoryLanes | None:

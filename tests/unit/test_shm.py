@@ -4,6 +4,8 @@ reference from a peer can be wrong. Real files in /dev/shm; Linux only."""
 from __future__ import annotations
 
 import os
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -14,7 +16,15 @@ import pytest
 
 from ringtrain import shm
 from ringtrain.errors import ProtocolError
-from ringtrain.wire import SHM_NAME_BYTES, SHM_REF
+from ringtrain.wire import (
+    FLAG_DESCRIPTOR,
+    FLAG_SHM,
+    SHM_NAME_BYTES,
+    SHM_REF,
+    Header,
+    MessageKind,
+    dtype_code,
+)
 
 pytestmark = pytest.mark.skipif(shm.network_namespace() is None or not os.path.isdir(
     shm.SHM_DIR), reason="shared-memory lanes need Linux and /dev/shm")
@@ -193,15 +203,15 @@ def test_files_of_killed_processes_are_swept():
     code = ("import os, sys; from ringtrain import shm\n"
             "lanes = shm.SharedMemoryLanes('dead', 8192, 4096)\n"
             "lane = lanes.outbound('x', 1)\n"
-            "print(lanes._beacon_path, lane.path, flush=True)\n"
+            "print(lanes._beacon_path, lane.path, lanes._door_path, flush=True)\n"
             "os._exit(0)  # no cleanup, as after SIGKILL\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, check=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
-    beacon, lane = out.stdout.split()
-    assert os.path.exists(beacon) and os.path.exists(lane)
+    paths = out.stdout.split()
+    assert all(os.path.exists(p) for p in paths)
     shm.SharedMemoryLanes("sweeper", 8192, 4096).close()
-    assert not os.path.exists(beacon) and not os.path.exists(lane)
+    assert not any(os.path.exists(p) for p in paths)
 
 
 def test_open_lanes_is_off_with_zero_bytes():
@@ -210,3 +220,63 @@ def test_open_lanes_is_off_with_zero_bytes():
     assert lanes is not None
     lanes.close()
     assert not os.path.exists(lanes._beacon_path)
+
+
+def data_message(nbytes: int, flags: int = 0, descriptor: bytes = b"") -> list[bytes]:
+    header = Header(kind=MessageKind.DATA, job=1, generation=2, sequence=3, dtype=dtype_code(
+        np.dtype("u1")), flags=flags, nbytes=nbytes)
+    return [header.pack(), bytes(range(256)) * (nbytes // 256) + b"x" * (nbytes % 256),
+            descriptor]
+
+
+def test_doors_carry_whole_messages_between_verified_peers(pair):
+    a, b = pair
+    assert stat.S_IMODE(os.stat(a._door_path).st_mode) == 0o600
+    frames = data_message(1000, FLAG_DESCRIPTOR, b'{"collective": "all_reduce"}')
+    assert a.send("b", frames)
+    peer, got = b.receive_datagram()
+    assert peer == "a" and [bytes(f.buffer) for f in got] == frames
+    assert b.receive_datagram() is None
+    header, payload, _ = data_message(0, FLAG_SHM)
+    reference = SHM_REF.pack(b"0" * SHM_NAME_BYTES, 1, 0, 2)
+    assert b.send("a", [header, reference])
+    peer, got = a.receive_datagram()
+    assert peer == "b" and [bytes(f.buffer) for f in got] == [header, reference]
+
+
+def test_datagrams_from_anyone_but_a_verified_peer_are_dropped(pair, tmp_path):
+    _, b = pair
+    stranger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stranger.bind(str(tmp_path / "stranger"))
+    unbound = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        for sock in (stranger, unbound):
+            sock.sendto(b"".join(data_message(8)), b._door_path)
+        assert b.receive_datagram() is None
+        assert b.dropped == 2
+    finally:
+        stranger.close()
+        unbound.close()
+
+
+def test_malformed_datagrams_split_into_frames_the_mailbox_rejects():
+    header, payload, _ = data_message(16)
+    assert len(shm.split_datagram(header[:10])) == 1  # too short for a header
+    assert [len(f) for f in shm.split_datagram(header + payload)] == [72, 16]
+    assert [len(f) for f in shm.split_datagram(header + payload + b"zz")] == [72, 16, 2]
+    assert [len(f) for f in shm.split_datagram(header + payload[:5])] == [72, 5]
+
+
+def test_a_full_door_says_so_and_a_gone_one_swallows(pair):
+    a, b = pair
+    frames = data_message(shm.DATAGRAM_BYTES)
+    sent = 0
+    while a.send("b", frames):
+        sent += 1
+        assert sent < 10_000, "a door never filled up"
+    assert sent >= 1
+    b._door.close()
+    os.unlink(b._door_path)
+    assert a.send("b", frames)  # the peer is gone: noticed by its silence, not here
+    assert a.door_takes("b", shm.DATAGRAM_BYTES) and not a.door_takes("b", shm.DATAGRAM_BYTES + 1)
+    assert not a.door_takes("stranger", 10)
