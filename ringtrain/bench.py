@@ -16,7 +16,8 @@ the median of its iterations. ringtrain, Gloo and MPI runs alternate (``--repeat
 and the table shows the median and the best of the runs' times. MPI runs through ``mpiexec``:
 over shared memory on loopback, over TCP on eth0 between the namespaces of the LAN.
 algbw = bytes / time; busbw = algbw x 2(N-1)/N. With compression, bytes are the uncompressed
-bytes (effective busbw).
+bytes (effective busbw), and the op is a mean, so values reduced in place again and again
+stay finite.
 Memory: each worker's peak RSS growth while running a size, beyond its input buffer, over
 the buffer's bytes (so a node's total is 1 + that, plus fixed buffers).
 """
@@ -169,9 +170,10 @@ def _ringtrain_worker(config: dict) -> dict:
 
             def op(data: np.ndarray = data, compression: str | None = compression) -> None:
                 # in place, as Gloo's and MPI's all-reduces are (growing sums overflow to
-                # inf in the end, at the same speed); a codec needs finite values
-                node.all_reduce(data, compression=compression,
-                                out=data if compression is None else None)
+                # inf in the end, at the same speed); a codec needs finite values, which a
+                # mean keeps
+                node.all_reduce(data, op="sum" if compression is None else "mean",
+                                compression=compression, out=data)
 
             result = measure(op, node.barrier, config["warmup"],
                              config["iterations"][str(size)])
