@@ -285,18 +285,17 @@ class DistributedOptimizer:
 
     def _reduce(self, n: int) -> tuple[np.ndarray | None, np.ndarray]:
         """(summed weighted gradient, or None when every member skips this step; summed
-        [weighted loss, weight, non-finite flag, re-form flag])."""
-        if self.codec is None:
-            reduced = self.node.all_reduce(self._buffer, op="sum", timeout=self.timeout)
-            gradient, control = reduced[:n], reduced[n:]
-        else:
-            control = self.node.all_reduce(self._buffer[n:], op="sum", timeout=self.timeout)
-            gradient = None
+        [weighted loss, weight, non-finite flag, re-form flag]). Both are views of the
+        buffer, reduced in place (``out=`` the array itself): it is refilled every step, so
+        no copy and no fresh result array per step."""
+        gradient, control = self._buffer[:n], self._buffer[n:]
+        exact = self._buffer if self.codec is None else control
+        self.node.all_reduce(exact, op="sum", timeout=self.timeout, out=exact)
         if control[2] != 0 or not np.isfinite(control[:2]).all() or not control[1] > 0:
             return None, control
-        if gradient is None:
-            gradient = self.node.all_reduce(self._buffer[:n], op="sum", timeout=self.timeout,
-                                            compression=self.codec)
+        if self.codec is not None:
+            self.node.all_reduce(gradient, op="sum", timeout=self.timeout,
+                                 compression=self.codec, out=gradient)
         return gradient, control
 
     def clear_feedback(self) -> None:
