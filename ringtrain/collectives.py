@@ -225,9 +225,10 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
                           f"{dtype} values larger ({largest} bytes), not smaller")
     residual = codec.residual(digest_of(descriptor) if feedback_key is None else feedback_key,
                               exact_from, dtype)
-    if residual is not None:
-        # error feedback: what earlier calls left out joins this call's contribution; the
-        # same array then records what this call leaves out
+    if residual is not None and world_size == 1:
+        # nothing is encoded on a ring of one: what earlier calls left out joins the result.
+        # Otherwise each element's residual joins it when this node encodes that element
+        # (exactly once: Codec.encode_feedback), which saves two passes over the buffer here.
         np.add(buffer[:exact_from], residual, out=buffer[:exact_from])
         residual[...] = 0
     compressed = Compressed(codec, exact_from, world_size - 1, residual,
@@ -740,8 +741,9 @@ def _wire_shape(collective: Collective, transfer: ring.Transfer) -> tuple[int, i
 def _encode(collective: Collective, transfer: ring.Transfer) -> np.ndarray:
     """The payload of one compressed segment we send: encoded values, then the exact ones.
 
-    Records what the encoding left out in the residual. In the owner's first all-gather hop
-    the owner's own values become exactly what every other node will decode.
+    Adds what earlier calls left out of these values and records what this encoding leaves
+    out, in the residual. In the owner's first all-gather hop the owner's own values become
+    exactly what every other node will decode.
     """
     compressed, buffer = collective.compressed, collective.buffer
     assert compressed is not None
@@ -750,17 +752,10 @@ def _encode(collective: Collective, transfer: ring.Transfer) -> np.ndarray:
     size = codec.payload_bytes(values.size, buffer.dtype)
     exact = buffer[cut:transfer.stop]
     payload = np.empty(size + exact.nbytes, dtype=np.uint8)
-    codec.encode(values, payload[:size])
+    residual = None if compressed.residual is None else compressed.residual[transfer.start:cut]
+    codec.encode_feedback(values, payload[:size], residual,
+                          replace=transfer.hop == compressed.gather_hop)
     payload[size:] = exact.view(np.uint8)
-    owner = transfer.hop == compressed.gather_hop
-    if compressed.residual is None and not owner:
-        return payload
-    decoded = compressed.scratch[:values.size]
-    codec.decode(payload[:size], decoded)
-    if compressed.residual is not None:
-        np.subtract(values, decoded, out=compressed.residual[transfer.start:cut])
-    if owner:
-        values[...] = decoded
     return payload
 
 
