@@ -61,6 +61,7 @@ PROGRESS_FACTOR = 8.0  # progress deadline = this x the smoothed longest gap bet
 REDUCE_OPS: dict[str, np.ufunc] = {"sum": np.add, "mean": np.add, "max": np.maximum,
                                    "min": np.minimum}
 TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
+NO_PLAN = ring.Plan((), ())  # a one-round all-reduce follows no ring plan
 LANE_POLL = 0.0005  # seconds between looks at a full shared-memory lane or door
 SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
 
@@ -78,9 +79,13 @@ class Collective:
     compressed: Compressed | None = None  # how segments are encoded, if they are
     direct: bool = False  # small: one round of all-to-all instead of the ring plan
     digest: bytes = field(init=False)
+    descriptor_frame: bytes = field(init=False)  # what the first message carries
 
     def __post_init__(self) -> None:
-        self.digest = digest_of(self.descriptor)
+        shown = summary(self.descriptor)
+        self.descriptor_frame = canonical_json(shown)
+        self.digest = digest_of(self.descriptor,
+                                self.descriptor_frame if shown is self.descriptor else None)
 
 
 @dataclass
@@ -210,7 +215,7 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
     direct = codec is None and buffer.nbytes <= min(direct_bytes, elements * dtype.itemsize)
     if direct:
         descriptor["one_round"] = True  # members must agree on the algorithm, too
-    plan = ring.all_reduce_plan(rank, world_size, buffer.size, elements)
+    plan = NO_PLAN if direct else ring.all_reduce_plan(rank, world_size, buffer.size, elements)
     if codec is None:
         return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish,
                           direct=direct)
@@ -409,7 +414,7 @@ class RingRunner:
         successor = view.members[ring.successor(view.rank, view.world_size)]
         predecessor = view.members[ring.predecessor(view.rank, view.world_size)]
         predecessor_rank = ring.predecessor(view.rank, view.world_size)
-        descriptor_frame = canonical_json(summary(collective.descriptor))
+        descriptor_frame = collective.descriptor_frame
         # what to send next, with the payload to forward unchanged (compressed all-gather)
         pending: deque[tuple[ring.Transfer, Any]] = deque((t, None) for t in plan.first_sends)
         trackers = []
@@ -640,8 +645,7 @@ class RingRunner:
         where = f"{collective.name} #{sequence} of generation {view.generation}"
         whole = ring.Transfer(0, view.rank, 0, 0, buffer.size)
         header = self._header(collective, view, sequence, step, whole, True)
-        frames = [header.pack(), buffer.tobytes(), canonical_json(
-            summary(collective.descriptor))]
+        frames = [header.pack(), buffer.tobytes(), collective.descriptor_frame]
         unsent = [m for m in view.members if m != self.node_id]
         contributions: dict[int, np.ndarray] = {view.rank: buffer.copy()}
         progress_deadline = time.monotonic() + self.progress_timeout

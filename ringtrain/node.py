@@ -65,13 +65,17 @@ class Work:
         self.build = build
         self.timeout = timeout
         self.step = step
-        self._done = threading.Event()
+        # a latch: held until the engine finishes the work (cheaper to wake than an Event,
+        # which a small collective felt); every waiter passes it back on
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._finished = False
         self._result: Any = None
         self._error: BaseException | None = None
 
     def done(self) -> bool:
         """Whether the collective has finished (successfully or not)."""
-        return self._done.is_set()
+        return self._finished
 
     def wait(self, timeout: float | None = None) -> Any:
         """The collective's result, waiting at most ``timeout`` seconds (default: the
@@ -82,15 +86,19 @@ class Work:
             CollectiveError: the collective failed on this node.
         """
         limit = self.timeout + 1.0 if timeout is None else timeout
-        if not self._done.wait(limit):
+        if not self._latch.acquire(timeout=max(0.0, limit)):
             raise CollectiveTimeout(f"collective still running after {limit:.1f} s")
+        self._latch.release()
         if self._error is not None:
             raise self._error
         return self._result
 
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self._finished:
+            return  # the first outcome stands
         self._result, self._error = result, error
-        self._done.set()
+        self._finished = True
+        self._latch.release()
 
 
 class Node:

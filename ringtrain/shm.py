@@ -273,6 +273,7 @@ class SharedMemoryLanes:
         self._inbound: dict[str, dict[bytes, _InboundLane]] = {}  # peer -> name -> lane
         self._same_host: dict[str, str] = {}  # peer -> the beacon it proved
         self._doors: dict[str, str] = {}  # door path -> the peer it belongs to
+        self._door_of: dict[str, str] = {}  # peer -> its door path
         self._fence = threading.Lock()
         self.dropped = 0  # datagrams from paths that are no verified peer's door
         _sweep_dead(BEACON_PREFIX)
@@ -327,14 +328,16 @@ class SharedMemoryLanes:
                 and lines[2].decode(errors="replace") == peer)
         self._forget_host(peer)
         if same:
+            door = os.path.join(SHM_DIR, DOOR_PREFIX + beacon)
             self._same_host[peer] = beacon
-            self._doors[os.path.join(SHM_DIR, DOOR_PREFIX + beacon)] = peer
+            self._doors[door], self._door_of[peer] = peer, door
         return same
 
     def _forget_host(self, peer: str) -> None:
-        beacon = self._same_host.pop(peer, None)
-        if beacon is not None:
-            self._doors.pop(os.path.join(SHM_DIR, DOOR_PREFIX + beacon), None)
+        self._same_host.pop(peer, None)
+        door = self._door_of.pop(peer, None)
+        if door is not None:
+            self._doors.pop(door, None)
 
     def reaches(self, peer: str) -> bool:
         """Whether segments to ``peer`` can go through a lane."""
@@ -404,8 +407,7 @@ class SharedMemoryLanes:
         queue is full (try again soon). A door that is gone (the peer died) swallows it:
         the peer's failure is noticed by its silence, as on TCP."""
         try:
-            self._door.sendmsg(frames, [], 0, os.path.join(
-                SHM_DIR, DOOR_PREFIX + self._same_host[peer]))
+            self._door.sendmsg(frames, [], 0, self._door_of[peer])
         except BlockingIOError:
             return False
         except (FileNotFoundError, ConnectionRefusedError):

@@ -99,9 +99,11 @@ def job_id(job: str) -> int:
     return int.from_bytes(hashlib.blake2b(job.encode(), digest_size=8).digest(), "little")
 
 
-def digest_of(descriptor: dict[str, Any]) -> bytes:
-    """An 8-byte digest of a collective descriptor (canonical JSON)."""
-    return hashlib.blake2b(canonical_json(descriptor), digest_size=8).digest()
+def digest_of(descriptor: dict[str, Any], encoded: bytes | None = None) -> bytes:
+    """An 8-byte digest of a collective descriptor (canonical JSON; ``encoded`` is that
+    JSON when the caller has it already)."""
+    data = canonical_json(descriptor) if encoded is None else encoded
+    return hashlib.blake2b(data, digest_size=8).digest()
 
 
 def canonical_json(obj: dict[str, Any]) -> bytes:
