@@ -536,9 +536,10 @@ class RingRunner:
     def _send(self, peer: str, frames: list, track: bool = False) -> Any:
         """Send a DATA message: through ``peer``'s door when it is on this host and the
         message fits a datagram, else over ZeroMQ (see ``Transport.try_send``)."""
-        if self.lanes is not None and self.lanes.door_takes(
+        lanes = self.lanes
+        if lanes is not None and lanes.reaches(peer) and lanes.door_takes(
                 peer, sum(memoryview(f).nbytes for f in frames)):
-            return self.lanes.send(peer, frames)
+            return lanes.send(peer, frames)
         return self.transport.try_send(peer, frames, track=track)
 
     def _learn_gap(self, gap: float) -> None:
