@@ -157,7 +157,9 @@ class OutboundLane:
         size = data_offset(slots) + slots * slot_bytes
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # reserve the pages now: a full /dev/shm (Docker gives 64 MiB) is an OSError
+            # here, where TCP can take over, not a SIGBUS at the first write into the map
+            os.posix_fallocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
         except OSError:
             os.unlink(self.path)

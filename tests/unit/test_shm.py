@@ -9,6 +9,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -280,3 +281,35 @@ def test_a_full_door_says_so_and_a_gone_one_swallows(pair):
     assert a.send("b", frames)  # the peer is gone: noticed by its silence, not here
     assert a.door_takes("b", shm.DATAGRAM_BYTES) and not a.door_takes("b", shm.DATAGRAM_BYTES + 1)
     assert not a.door_takes("stranger", 10)
+
+
+@pytest.fixture
+def tiny_shm(monkeypatch) -> Iterator[str]:
+    """A real 1 MiB tmpfs standing in for /dev/shm (needs root; skips otherwise). A short
+    path: a door is a Unix socket, whose path may not exceed 107 bytes."""
+    where = tempfile.mkdtemp(prefix="rtshm", dir="/tmp")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", where],
+                           capture_output=True, text=True, timeout=10)
+    if mount.returncode != 0:
+        os.rmdir(where)
+        pytest.skip(f"cannot mount a tmpfs: {mount.stderr.strip()}")
+    monkeypatch.setattr(shm, "SHM_DIR", where)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", where], timeout=10)
+        os.rmdir(where)
+
+
+def test_a_full_dev_shm_falls_back_to_tcp_instead_of_crashing(tiny_shm):
+    a = shm.SharedMemoryLanes("a", 8 << 20, 1 << 20)  # lanes of 8 MiB in 1 MiB of tmpfs
+    b = shm.SharedMemoryLanes("b", 8 << 20, 1 << 20)
+    try:
+        assert a.verify("b", b.beacon)
+        assert a.outbound("b", generation=1) is None  # no room: logged, no SIGBUS later
+        assert not a.reaches("b")
+        assert os.listdir(tiny_shm) and not any(
+            name.startswith(shm.LANE_PREFIX) for name in os.listdir(tiny_shm))
+    finally:
+        a.close()
+        b.close()
