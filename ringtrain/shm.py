@@ -17,7 +17,7 @@ measuring their links.
 A lane, ``/dev/shm/ringtrain-lane-<hex>`` (mode 0600), has ``slots`` slots of ``slot_bytes``::
 
     0   magic "RTLANE01"      8   slots (u32), attached (u32, set by the receiver)
-    16  slot_bytes (u64)      24  creator pid (u32), reserved (u32)
+    16  slot_bytes (u64)      24  creator pid (u32), its pid namespace (u32)
     32  owner node id (64 bytes, UTF-8, NUL padded)
     96  written[slots] (u64)  ticket of each slot's content, set by the sender
     ..  released[slots] (u64) ticket of each slot the receiver is done with
@@ -77,7 +77,8 @@ DATAGRAM_BYTES = 64 * 1024  # largest message sent to a door; larger ones take Z
 DOOR_BUFFER_BYTES = 4 << 20
 BEACON_MAGIC = b"ringtrain-beacon 1\n"
 LANE_MAGIC = b"RTLANE01"
-LANE_HEADER = struct.Struct("<8sIIQII64s")  # magic, slots, attached, slot_bytes, pid, -, owner
+LANE_HEADER = struct.Struct("<8sIIQII64s")  # magic, slots, attached, slot_bytes, pid, pid ns,
+#                                             owner
 MAX_SLOTS = 1024
 KEPT_LANES = 4  # per peer: lanes of abandoned collectives a receiver may still have to read
 _NAME_RE = re.compile(rb"[0-9a-f]{%d}" % SHM_NAME_BYTES)
@@ -100,6 +101,15 @@ def network_namespace() -> str | None:
     return f"{info.st_dev}:{info.st_ino}"
 
 
+def pid_namespace() -> int:
+    """This process's pid namespace (its inode, 0 if unknown): a pid means a process only
+    within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino & 0xFFFFFFFF
+    except OSError:
+        return 0
+
+
 def _open_own_file(path: str, peer: str, what: str) -> int:
     """Open ``path`` read-write if it is a regular file of ours; ProtocolError otherwise."""
     try:
@@ -115,7 +125,10 @@ def _open_own_file(path: str, peer: str, what: str) -> int:
 
 
 def _sweep_dead(prefix: str) -> None:
-    """Remove our files of ``prefix`` whose creator process is gone (killed before cleanup)."""
+    """Remove our files of ``prefix`` whose creator process is gone (killed before cleanup).
+    Only files made in our pid namespace: elsewhere (another container sharing /dev/shm)
+    the creator's pid means nothing here."""
+    here = pid_namespace()
     try:
         names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
     except OSError:
@@ -128,11 +141,13 @@ def _sweep_dead(prefix: str) -> None:
                     continue
                 head = f.read(LANE_HEADER.size if prefix == LANE_PREFIX else 256)
             if prefix == LANE_PREFIX:
-                pid = LANE_HEADER.unpack_from(head)[4] if len(head) == LANE_HEADER.size else 0
+                pid, namespace = LANE_HEADER.unpack_from(head)[4:6] \
+                    if len(head) == LANE_HEADER.size else (0, 0)
             else:
                 lines = head.split(b"\n")
-                pid = int(lines[1]) if len(lines) > 2 and lines[1].isdigit() else 0
-            if pid:
+                pid = int(lines[1]) if len(lines) > 4 and lines[1].isdigit() else 0
+                namespace = int(lines[4]) if pid and lines[4].isdigit() else 0
+            if pid and namespace == here:
                 os.kill(pid, 0)
         except ProcessLookupError:
             stale = [path]
@@ -166,8 +181,8 @@ class OutboundLane:
             raise
         finally:
             os.close(fd)
-        LANE_HEADER.pack_into(self._map, 0, LANE_MAGIC, slots, 0, slot_bytes, os.getpid(), 0,
-                              owner.encode()[:64])
+        LANE_HEADER.pack_into(self._map, 0, LANE_MAGIC, slots, 0, slot_bytes, os.getpid(),
+                              pid_namespace(), owner.encode()[:64])
         self._written = np.frombuffer(self._map, np.uint64, slots, LANE_HEADER.size)
         self._released = np.frombuffer(self._map, np.uint64, slots, LANE_HEADER.size + 8 * slots)
         self._data = np.frombuffer(self._map, np.uint8, slots * slot_bytes, data_offset(slots))
@@ -302,7 +317,7 @@ class SharedMemoryLanes:
             raise
 
     def _beacon_text(self, node_id: str, pid: int) -> bytes:
-        return BEACON_MAGIC + f"{pid}\n{self.namespace}\n{node_id}\n".encode()
+        return BEACON_MAGIC + f"{pid}\n{self.namespace}\n{node_id}\n{pid_namespace()}\n".encode()
 
     # who shares this host ------------------------------------------------------------------
 
@@ -405,15 +420,19 @@ class SharedMemoryLanes:
         return nbytes <= DATAGRAM_BYTES and peer in self._same_host
 
     def send(self, peer: str, frames: list) -> bool:
-        """Send a message (its frames back to back) to ``peer``'s door. False when the door's
-        queue is full (try again soon). A door that is gone (the peer died) swallows it:
-        the peer's failure is noticed by its silence, as on TCP."""
+        """Send a message (its frames back to back) to ``peer``'s door. False when it was
+        not sent: the door's queue is full (try again soon), or the door is gone (the peer
+        died, or its file was removed): then ``peer`` is no longer reached through shared
+        memory and the retry takes TCP, where a dead peer is noticed by its silence."""
         try:
             self._door.sendmsg(frames, [], 0, self._door_of[peer])
         except BlockingIOError:
             return False
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            log.warning("node %s: the door of %s is gone (%s); using TCP", self.node_id, peer,
+                        exc)
+            self._forget_host(peer)  # its lane stays valid for the collective under way
+            return False
         return True
 
     def receive_datagram(self) -> tuple[str, list[DatagramFrame]] | None:

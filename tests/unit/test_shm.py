@@ -268,7 +268,7 @@ def test_malformed_datagrams_split_into_frames_the_mailbox_rejects():
     assert [len(f) for f in shm.split_datagram(header + payload[:5])] == [72, 5]
 
 
-def test_a_full_door_says_so_and_a_gone_one_swallows(pair):
+def test_a_full_door_says_so_and_a_gone_one_hands_over_to_tcp(pair):
     a, b = pair
     frames = data_message(shm.DATAGRAM_BYTES)
     sent = 0
@@ -276,11 +276,12 @@ def test_a_full_door_says_so_and_a_gone_one_swallows(pair):
         sent += 1
         assert sent < 10_000, "a door never filled up"
     assert sent >= 1
-    b._door.close()
-    os.unlink(b._door_path)
-    assert a.send("b", frames)  # the peer is gone: noticed by its silence, not here
     assert a.door_takes("b", shm.DATAGRAM_BYTES) and not a.door_takes("b", shm.DATAGRAM_BYTES + 1)
     assert not a.door_takes("stranger", 10)
+    b._door.close()
+    os.unlink(b._door_path)
+    assert not a.send("b", frames)  # the door is gone: not sent, and b now takes TCP
+    assert not a.reaches("b")
 
 
 @pytest.fixture
@@ -313,3 +314,18 @@ def test_a_full_dev_shm_falls_back_to_tcp_instead_of_crashing(tiny_shm):
     finally:
         a.close()
         b.close()
+
+
+def test_the_sweep_spares_files_made_in_another_pid_namespace():
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    lane = shm.OutboundLane("x", 2, 4096)
+    try:
+        struct.pack_into("<II", lane._map, 24, int(dead.stdout), shm.pid_namespace() ^ 1)
+        shm._sweep_dead(shm.LANE_PREFIX)
+        assert os.path.exists(lane.path)  # that pid may be alive in its own namespace
+        struct.pack_into("<I", lane._map, 28, shm.pid_namespace())
+        shm._sweep_dead(shm.LANE_PREFIX)
+        assert not os.path.exists(lane.path)  # ours, and its creator is gone
+    finally:
+        lane.close()
