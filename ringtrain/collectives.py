@@ -41,8 +41,8 @@ from .errors import (
 )
 from .mailbox import Mailbox, Message
 from .membership import View
-from .transport import Transport
 from .shm import SharedMemoryLanes
+from .transport import Transport
 from .wire import (
     FLAG_DESCRIPTOR,
     FLAG_SHM,

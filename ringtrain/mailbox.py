@@ -200,7 +200,7 @@ class Mailbox:
         return offenders
 
     def _offender(self, origin: str, user: str, on_link: bool, peer_address: str,
-                  local: bool = False) -> str:
+                  local: bool) -> str:
         if on_link:
             return f"link {origin}"
         if local:

@@ -317,7 +317,8 @@ class Node:
                  "rank": self._view.rank},
                 "sequence": self._sequence, "stage": self._runner.stage,
                 "membership": self._membership.state(),
-                "dropped": dict(self._mailbox.dropped),
+                "dropped": {**self._mailbox.dropped, **(
+                    {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
                 "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
 

@@ -45,9 +45,9 @@ beacon we verified: a datagram from any other path is dropped. Control messages 
 ZeroMQ.
 
 Memory order: the sender's data and ticket stores precede the send (a system call) that
-announces them, and the receiver reads only after the matching receive. Before releasing, the receiver
-passes a mutex, which orders its reads of the slot before the release store on weakly
-ordered CPUs too.
+announces them, and the receiver reads only after the matching receive. Before releasing,
+the receiver passes a mutex, which orders its reads of the slot before the release store on
+weakly ordered CPUs too.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ DATAGRAM_BYTES = 64 * 1024  # largest message sent to a door; larger ones take Z
 DOOR_BUFFER_BYTES = 4 << 20
 BEACON_MAGIC = b"ringtrain-beacon 1\n"
 LANE_MAGIC = b"RTLANE01"
-LANE_HEADER = struct.Struct("<8sIIQII64s")  # magic, slots, attached, slot_bytes, pid, pid ns,
-#                                             owner
+# magic, slots, attached, slot_bytes, creator pid, its pid namespace, owner node id
+LANE_HEADER = struct.Struct("<8sIIQII64s")
 MAX_SLOTS = 1024
 KEPT_LANES = 4  # per peer: lanes of abandoned collectives a receiver may still have to read
 _NAME_RE = re.compile(rb"[0-9a-f]{%d}" % SHM_NAME_BYTES)

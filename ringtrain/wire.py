@@ -26,10 +26,11 @@ The header is little-endian, packed, no padding:
     64     8    nbytes      payload length in bytes
 
 Payloads are raw array bytes (DATA), or for FLAG_SHM a 48-byte reference (lane name as 32
-hex digits, slot u32, reserved u32, ticket u64) to ``nbytes`` bytes in a lane, or UTF-8 JSON objects (control kinds). Nothing here ever
-executes a peer's bytes: no pickle, no eval; JSON is parsed into plain dicts and checked field by
-field by the caller. Decoding validates every field and raises :class:`ProtocolError` naming the
-field, what was expected and what came.
+hex digits, slot u32, reserved u32, ticket u64) to ``nbytes`` bytes in a lane, or UTF-8
+JSON objects (control kinds). Nothing here ever executes a peer's bytes: no pickle, no eval;
+JSON is parsed into plain dicts and checked field by field by the caller. Decoding validates
+every field and raises :class:`ProtocolError` naming the field, what was expected and what
+came.
 """
 
 from __future__ import annotations
