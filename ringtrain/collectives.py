@@ -64,6 +64,7 @@ TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger o
 NO_PLAN = ring.Plan((), ())  # a one-round all-reduce follows no ring plan
 LANE_POLL = 0.0005  # seconds between looks at a full shared-memory lane or door
 SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
+PROBE_SEGMENT_BYTES = 256 * 1024  # a link probe's stream travels in segments of this size
 
 
 @dataclass
@@ -709,6 +710,106 @@ class RingRunner:
                                   peer=message.origin, generation=view.generation,
                                   collective=sequence)
         return rank
+
+    def measure_link(self, view: View, sequence: int, deadline: float, nbytes: int,
+                     shift: int) -> float:
+        """Measure the link from this node to the member ``shift`` ranks on.
+
+        Every member streams ``nbytes`` to rank + ``shift`` and answers the stream of rank -
+        ``shift`` with an empty acknowledgement once all of it is in: so every member sends
+        one stream and receives one, the load a ring puts on its links. The rate is
+        ``nbytes`` over the time from the first segment sent to the acknowledgement (one
+        round trip more than the transfer, which on a LAN is noise).
+
+        Returns:
+            bytes per second.
+        """
+        n, rank = view.world_size, view.rank
+        target, source = view.members[(rank + shift) % n], view.members[(rank - shift) % n]
+        collective = Collective("link_probe", {"collective": "link_probe", "bytes": nbytes,
+                                               "shift": shift},
+                                np.zeros(min(nbytes, PROBE_SEGMENT_BYTES), dtype=np.uint8),
+                                NO_PLAN, None, lambda result: None)
+        segments = ring.segment_bounds(0, nbytes, PROBE_SEGMENT_BYTES)
+        where = f"link probe #{sequence} of generation {view.generation}"
+        sent = received = 0
+        answered, rate = False, 0.0
+        started = time.monotonic()
+        progress_deadline = started + self.progress_timeout
+        while not (answered and rate):
+            while sent < len(segments):
+                lo, hi = segments[sent]
+                header = self._header(collective, view, sequence, 0,
+                                      ring.Transfer(shift, 0, sent, lo, hi), sent == 0)
+                frames = [header.pack(), collective.buffer[:hi - lo]]
+                if sent == 0:
+                    frames.append(collective.descriptor_frame)
+                if self._probe_send(target, frames, where, view, sequence) is False:
+                    break
+                sent += 1
+            if received == len(segments) and not answered:
+                ack = self._header(collective, view, sequence, 0, ring.Transfer(shift, 1, 0, 0, 0),
+                                   False)
+                answered = self._probe_send(source, [ack.pack(), b""], where, view,
+                                            sequence) is not False
+            while (message := self.mailbox.next_data(view.generation, sequence)) is not None:
+                progress_deadline = time.monotonic() + self.progress_timeout
+                if self._accept_probe(collective, view, sequence, message, segments, received,
+                                      sent == len(segments) and not rate, target, source):
+                    rate = nbytes / max(time.monotonic() - started, 1e-9)
+                else:
+                    received += 1
+            if answered and rate:
+                break
+            self._check_abandoned(view, sequence, where)
+            if self.mailbox.has_data(view.generation, sequence):
+                continue
+            now = time.monotonic()
+            if now >= min(deadline, progress_deadline):
+                error = CollectiveTimeout if now >= deadline else PeerFailedError
+                culprit = source if received < len(segments) else target
+                raise error(f"{where}: {received}/{len(segments)} segments in from {source}, "
+                            f"{sent}/{len(segments)} out to {target}"
+                            + ("" if rate else ", not acknowledged"), generation=view.generation,
+                            collective=sequence, **({} if error is CollectiveTimeout
+                                                    else {"peer": culprit}))
+            self.stage = (f"{where}: {sent}/{len(segments)} segments to {target}, "
+                          f"{received}/{len(segments)} from {source}")
+            self.mailbox.pump(min(deadline, progress_deadline, now + LANE_POLL) - now)
+        return rate
+
+    def _probe_send(self, peer: str, frames: list, where: str, view: View, sequence: int
+                    ) -> Any:
+        try:
+            return self._send(peer, frames)
+        except TransportError as exc:
+            raise PeerFailedError(f"{where}: cannot send to {peer}: {exc}", peer=peer,
+                                  generation=view.generation, collective=sequence) from exc
+
+    def _accept_probe(self, collective: Collective, view: View, sequence: int, message: Message,
+                      segments: list[tuple[int, int]], received: int, acknowledgeable: bool,
+                      target: str, source: str) -> bool:
+        """Check one message of a link probe: the next segment of ``source``'s stream, or
+        (when ``acknowledgeable``) ``target``'s acknowledgement of ours (returns True)."""
+        header, origin = message.header, message.origin
+        self._check_digest(collective, view, sequence, message)
+        n = view.world_size
+        shift = (view.members.index(target) - view.rank) % n
+        acknowledgement = header.chunk == 1
+        got = (origin, header.sender, header.hop, header.chunk, header.segment, header.nbytes)
+        if acknowledgement:
+            want = (target, view.members.index(target), shift, 1, 0, 0)
+            ok = acknowledgeable
+        else:
+            lo, hi = segments[min(received, len(segments) - 1)]
+            want = (source, view.members.index(source), shift, 0, received, hi - lo)
+            ok = received < len(segments)
+        if not ok or got != want or header.flags & FLAG_SHM:
+            raise PeerFailedError(f"{collective.name} #{sequence} of generation "
+                                  f"{view.generation}: {origin} sent (origin, sender, hop, chunk, "
+                                  f"segment, nbytes) = {got}, expected {want}", peer=origin,
+                                  generation=view.generation, collective=sequence)
+        return acknowledgement
 
     def abort_everyone(self, view: View, sequence: int, exc: CollectiveError,
                        suspect: str | None) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 ENV_PREFIX = "RINGTRAIN_"
+OFF_AT_ZERO = ("direct_bytes", "shm_lane_bytes", "link_probe_bytes")  # settings 0 turns off
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,16 @@ class Settings:
     """Bytes of the shared-memory lane a node writes to a successor on the same host (same
     user and network namespace, Linux), instead of sending segments over TCP; 0 turns shared
     memory off (``RINGTRAIN_SHM_LANE_BYTES=0``)."""
+    link_probe_bytes: int = 0
+    """Bytes each member streams to every other member when a view of three or more is
+    installed, to measure link rates and order the ring so that its slowest link is as fast
+    as the links allow (``RINGTRAIN_LINK_PROBE_BYTES=2097152``); 0 keeps the ring in sorted
+    id order. Members must agree."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not (value > 0 or (field.name in ("direct_bytes", "shm_lane_bytes")
-                                  and value == 0)):
+            if not (value > 0 or (field.name in OFF_AT_ZERO and value == 0)):
                 raise ConfigError(f"setting {field.name} must be positive, got {value!r}")
         if self.segment_bytes % 8:
             raise ConfigError(f"setting segment_bytes must be a multiple of 8, "

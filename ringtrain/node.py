@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import collectives
+from . import collectives, ring
 from .collectives import Collective, RingRunner
 from .compression import Codec
 from .config import Settings
@@ -42,6 +42,7 @@ from .errors import (
     CollectiveTimeout,
     ConfigError,
     MembershipError,
+    MismatchError,
     PeerFailedError,
     ProtocolError,
     RingtrainError,
@@ -183,9 +184,13 @@ class Node:
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_floor, self.settings.progress_timeout,
                                   self._service, self.settings.heartbeat_interval, self._lanes)
-        self._view: View | None = None
+        self._view: View | None = None  # the view collectives run in: members in ring order
+        self._installed: View | None = None  # the view membership agreed (sorted members)
+        self._order_due = False  # the links of the installed view are still to be measured
+        self._links: np.ndarray | None = None  # rates measured for the current view, bytes/s
+        self._order_error: CollectiveError | None = None  # why this generation has no ring
         if world_size == 1 and not elastic_start:
-            self._view = self._membership.view = View(1, (self.node_id,), 0)
+            self._view = self._installed = self._membership.view = View(1, (self.node_id,), 0)
         self._sequence = 0
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
         self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
@@ -315,12 +320,23 @@ class Node:
                 "view": None if self._view is None else
                 {"generation": self._view.generation, "members": list(self._view.members),
                  "rank": self._view.rank},
+                "link_rates_mbit": self._link_rates_mbit(),
                 "sequence": self._sequence, "stage": self._runner.stage,
                 "membership": self._membership.state(),
                 "dropped": {**self._mailbox.dropped, **(
                     {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
                 "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
+
+    def _link_rates_mbit(self) -> dict[str, dict[str, float]] | None:
+        """The measured rates of this view's links, {from: {to: Mbit/s}}, if measured."""
+        links, installed = self._links, self._installed
+        if links is None or installed is None:
+            return None
+        members = installed.members
+        return {source: {target: round(float(rate) * 8e-6, 1)
+                         for target, rate in zip(members, row, strict=True) if target != source}
+                for source, row in zip(members, links, strict=True)}
 
     # collectives ----------------------------------------------------------------------------
 
@@ -462,6 +478,9 @@ class Node:
     def _engine(self) -> None:
         try:
             while not self._closing:
+                if self._order_due:
+                    self._order_ring()
+                    continue
                 if self._view is None:
                     self._serve_membership()
                     self._mailbox.pump(self.settings.heartbeat_interval / 2)
@@ -507,13 +526,86 @@ class Node:
             self._membership.suspect(peer, reason)  # a member that keeps sending garbage
         self._membership.tick()
         installed = self._membership.view
-        if installed is not None and installed != self._view:
+        if installed is not None and installed != self._installed:
             self._install(installed)
 
     def _install(self, view: View) -> None:
-        self._view = view
+        self._installed = view
         self._sequence = 0
         self._mailbox.retire(view.generation, -1)
+        self._links, self._order_error = None, None
+        if self.settings.link_probe_bytes and view.world_size >= 3:
+            self._order_due = True  # before any collective of this view: see _order_ring
+            return
+        self._announce(view)
+
+    def _order_ring(self) -> None:
+        """Measure the links of the installed view and order its ring (engine thread, as the
+        first collectives of the view, so every member does the same).
+
+        Every member streams to every other (``RingRunner.measure_link``), the rates are
+        all-gathered, and each member computes the order from the very same matrix
+        (``ring.measured_ring_order``). If either collective fails, this node keeps no ring
+        for the generation: its collectives fail at once until the ring re-forms, so no two
+        members ever run one generation in different orders.
+        """
+        self._order_due = False
+        view = self._installed
+        assert view is not None
+        timeout = self.settings.collective_timeout
+        rates = np.zeros(view.world_size)
+        try:
+            for shift in range(1, view.world_size):
+                # a barrier first, so that every member streams in the same round (two
+                # streams into one node would halve both rates); it checks that all members
+                # probe alike, too
+                self._agree_on_probe(view, timeout, shift)
+                rates[(view.rank + shift) % view.world_size] = self._collect(
+                    view, timeout, lambda sequence, deadline, shift=shift:
+                    self._runner.measure_link(view, sequence, deadline,
+                                              self.settings.link_probe_bytes, shift))
+            gather = collectives.all_gather(rates, view.rank, view.world_size,
+                                            self._runner.segment_elements)
+            matrix = self._collect(view, timeout, lambda sequence, deadline:
+                                   self._runner.run(gather, view, sequence, deadline))
+        except CollectiveError as exc:
+            log.warning("node %s: measuring the links of generation %d failed (%s); "
+                        "its collectives fail until the ring re-forms", self.node_id,
+                        view.generation, exc)
+            self._order_error = exc
+            self._announce(view)
+            return
+        try:
+            order = ring.measured_ring_order(view.members, matrix)
+        except ValueError as exc:  # a member measured nonsense: every member sees the same
+            log.warning("node %s: link rates of generation %d unusable (%s); sorted ring "
+                        "order", self.node_id, view.generation, exc)
+            order = list(view.members)
+        self._links = matrix
+        log.info("node %s: generation %d ring %s from link rates (Mbit/s) %s", self.node_id,
+                 view.generation, " -> ".join(order), self._link_rates_mbit())
+        self._announce(View(view.generation, tuple(order), order.index(self.node_id)))
+
+    def _agree_on_probe(self, view: View, timeout: float, shift: int) -> None:
+        """A barrier before probing the links ``shift`` ranks on, which also checks that every
+        member probes with the same number of bytes (all members see a disagreement)."""
+        probe = self.settings.link_probe_bytes
+        mine = np.array([shift, probe, -probe], dtype=np.int64)
+        barrier = collectives.all_reduce([mine], "max", None, view.rank, view.world_size,
+                                         self._runner.segment_elements,
+                                         direct_bytes=self.settings.direct_bytes)
+        _, most, least = self._collect(view, timeout, lambda sequence, deadline:
+                                       self._runner.run(barrier, view, sequence, deadline))[0]
+        if most != -least:
+            raise MismatchError(f"members probe their links with different byte counts "
+                                f"({-least} to {most}; this node {probe}): set "
+                                f"RINGTRAIN_LINK_PROBE_BYTES alike on every node",
+                                generation=view.generation, collective=self._sequence - 1)
+
+    def _announce(self, view: View) -> None:
+        """``view`` is the one collectives run in from now on: release waiters, tell the
+        listeners."""
+        self._view = view
         self._formed.set()
         for listener in self._view_listeners:
             try:
@@ -534,7 +626,8 @@ class Node:
         if suspects:
             suspect = sorted(suspects)[0]
             return f"member {suspect} is suspected to have failed", suspect
-        if membership.newer_generation_seen() or self._view != view:
+        if membership.newer_generation_seen() or self._installed is None \
+                or self._installed.generation != view.generation:
             return "the ring is re-forming", None
         if membership.reforming:
             # A change that keeps every member (a join, or a leave not yet said) lets this
@@ -547,28 +640,45 @@ class Node:
 
     def _reform(self, since: int, deadline: float) -> View:
         membership = self._membership
-        if self._view is not None and self._view.generation > since and not membership.reforming:
-            return self._view
-        if not membership.reforming:
+
+        def formed() -> bool:
+            view = self._installed
+            return view is not None and view.generation > since and not membership.reforming
+
+        if not formed() and not membership.reforming:
             membership.start_reform()
-        while time.monotonic() < deadline and not self._closing:
+        while not formed():
+            if time.monotonic() >= deadline or self._closing:
+                raise MembershipError(f"node {self.node_id} could not re-form the ring since "
+                                      f"generation {since}; membership: {membership.state()}")
             self._serve_membership()
-            view = self._view
-            if view is not None and view.generation > since and not membership.reforming:
-                return view
-            self._mailbox.pump(self.settings.heartbeat_interval / 2)
-        raise MembershipError(f"node {self.node_id} could not re-form the ring since generation "
-                              f"{since}; membership: {membership.state()}")
+            if not formed():
+                self._mailbox.pump(self.settings.heartbeat_interval / 2)
+        if self._order_due:
+            self._order_ring()
+        return self.view
 
     def _execute(self, work: Work) -> None:
         view = self.view
+        try:
+            result = self._collect(view, work.timeout, lambda sequence, deadline:
+                                   self._runner.run(work.build(view.rank, view.world_size),
+                                                    view, sequence, deadline, work.step))
+        except RingtrainError as exc:
+            work._finish(error=exc)
+        else:
+            work._finish(result)
+
+    def _collect(self, view: View, timeout: float, run: Callable[[int, float], Any]) -> Any:
+        """``run(sequence, deadline)`` as the next collective of ``view``; when it fails,
+        suspect whom it blames and abort it on every member."""
         sequence = self._sequence
         self._sequence += 1
         self._membership.sequence = sequence
         try:
-            collective = work.build(view.rank, view.world_size)
-            deadline = time.monotonic() + work.timeout
-            result = self._runner.run(collective, view, sequence, deadline, work.step)
+            if self._order_error is not None:
+                raise self._no_ring(view, sequence)
+            return run(sequence, time.monotonic() + timeout)
         except CollectiveError as exc:
             suspect = exc.peer if isinstance(exc, PeerFailedError) else None
             # Look for a laggard only when this node itself blamed a peer nobody suspected
@@ -585,11 +695,19 @@ class Node:
             if suspect is not None:
                 self._membership.suspect(suspect, str(exc))
             self._runner.abort_everyone(view, sequence, exc, suspect)
-            work._finish(error=exc)
-        except RingtrainError as exc:
-            work._finish(error=exc)
-        else:
-            work._finish(result)
+            raise
+
+    def _no_ring(self, view: View, sequence: int) -> CollectiveError:
+        """Why a collective of ``view`` cannot run: measuring its links failed. Members that
+        probe differently is a setting to fix (MismatchError); anything else is a failed
+        peer, and re-forming the ring measures again."""
+        error = self._order_error
+        where = {"generation": view.generation, "collective": sequence}
+        text = f"generation {view.generation} has no agreed ring order: {error}"
+        if isinstance(error, MismatchError):
+            return MismatchError(text, **where)
+        peer = error.peer if isinstance(error, PeerFailedError) else None
+        return PeerFailedError(f"{text}; re-form the ring", peer=peer, **where)
 
     def _laggard(self, view: View) -> str | None:
         """The member furthest behind in collectives, if one is behind us: a live process

@@ -38,21 +38,24 @@ def ring_order(member_ids: Sequence[str]) -> list[str]:
 BRUTE_FORCE_MAX = 8  # up to this many members every ring is tried (7! = 5040 orders)
 
 
-def fastest_ring_order(member_ids: Sequence[str], bandwidth: Sequence[Sequence[float]]
-                       ) -> list[str]:
+def fastest_ring_order(member_ids: Sequence[str], bandwidth: Sequence[Sequence[float]],
+                       margin: float = 0.0) -> list[str]:
     """The ring order whose slowest link is fastest, from measured pairwise bandwidth.
 
     A ring all-reduce sends the same bytes over every link in lockstep, so it runs at the
     pace of its slowest link: what matters is the bottleneck, then the next slowest link,
     and so on. Up to ``BRUTE_FORCE_MAX`` members every ring is compared on its link
-    bandwidths sorted ascending (lexicographically largest wins; ties go to the order that
-    sorts first, so every member that has the same matrix computes the same ring). Beyond
-    that a greedy walk: from the lowest id, always to the fastest unvisited peer.
+    bandwidths sorted ascending (lexicographically largest wins, rates within ``margin`` of
+    each other counting as equal; ties go to the order that sorts first, so every member
+    that has the same matrix computes the same ring). Beyond that a greedy walk: from the
+    lowest id, always to the fastest unvisited peer.
 
     Args:
         member_ids: the members, in any order.
         bandwidth: ``bandwidth[i][j]`` is the measured rate from ``sorted(member_ids)[i]`` to
             ``sorted(member_ids)[j]`` (any unit; the diagonal is ignored).
+        margin: relative difference below which two rates count as equal (measurements are
+            noisy: a ring must not win by the noise on its slowest link).
 
     Returns:
         the members in ring order, starting with the lowest id.
@@ -74,8 +77,8 @@ def fastest_ring_order(member_ids: Sequence[str], bandwidth: Sequence[Sequence[f
         best_key, best_order = None, None
         for rest in permutations(range(1, n)):
             order = (0, *rest)
-            key = sorted(bandwidth[order[k]][order[(k + 1) % n]] for k in range(n))
-            if best_key is None or key > best_key:
+            key = _link_rates(order, bandwidth)
+            if best_key is None or _beats(key, best_key, margin):
                 best_key, best_order = key, order
         assert best_order is not None
         return [ids[k] for k in best_order]
@@ -86,6 +89,43 @@ def fastest_ring_order(member_ids: Sequence[str], bandwidth: Sequence[Sequence[f
         order.append(step)
         left.remove(step)
     return [ids[k] for k in order]
+
+
+ORDER_MARGIN = 0.1  # link rates within 10% of each other count as equal
+
+
+def measured_ring_order(member_ids: Sequence[str], bandwidth: Sequence[Sequence[float]],
+                        margin: float = ORDER_MARGIN) -> list[str]:
+    """The ring to run on measured links: :func:`fastest_ring_order`, if it beats sorted order
+    by more than ``margin``, else sorted order (rates measured on equal links differ by
+    noise; reordering for that gains nothing). Rings compare as in
+    :func:`fastest_ring_order`, on their link rates sorted ascending: the first pair that
+    differs by more than ``margin`` decides. ``bandwidth`` is indexed as there.
+    """
+    ids = sorted(member_ids)
+    fastest = fastest_ring_order(ids, bandwidth, margin)
+    rank = {member: index for index, member in enumerate(ids)}
+    if _beats(_link_rates([rank[m] for m in fastest], bandwidth),
+              _link_rates(range(len(ids)), bandwidth), margin):
+        return fastest
+    return ids
+
+
+def _link_rates(order: Sequence[int], bandwidth: Sequence[Sequence[float]]) -> list[float]:
+    """The rates of a ring's links, slowest first."""
+    n = len(order)
+    return sorted(bandwidth[order[k]][order[(k + 1) % n]] for k in range(n))
+
+
+def _beats(new: list[float], old: list[float], margin: float) -> bool:
+    """Whether link rates ``new`` (slowest first) beat ``old``: the first pair that differs
+    by more than ``margin`` decides."""
+    for a, b in zip(new, old, strict=True):
+        if a > (1 + margin) * b:
+            return True
+        if b > (1 + margin) * a:
+            return False
+    return False
 
 
 def bottleneck(order: Sequence[int], bandwidth: Sequence[Sequence[float]]) -> float:

@@ -107,7 +107,8 @@ def _child_main(fn: Callable, index: int, endpoints: list[str], listen: str, arg
 class LocalCluster:
     """N node processes on 127.0.0.1 running one function. See :func:`run_local`.
 
-    ``node_options`` are passed to every :class:`Node` (e.g. ``min_size``). After
+    ``node_options`` are passed to every :class:`Node` (e.g. ``min_size``);
+    ``settings_of`` gives some nodes (by index) settings of their own. After
     :meth:`start`, ``endpoints`` lists the nodes' addresses and ``key`` is the job key.
     """
 
@@ -119,6 +120,7 @@ class LocalCluster:
     job: str = "local"
     settings: Settings | None = None
     node_options: dict = field(default_factory=dict)
+    settings_of: dict[int, Settings] = field(default_factory=dict)
     endpoints: list[str] = field(default_factory=list)
     key: JobKey | None = None
     _children: list[_Child] = field(default_factory=list)
@@ -165,7 +167,8 @@ class LocalCluster:
         report.close()
         process = context.Process(
             target=_child_main, name=node_id(index), daemon=True,
-            args=(fn, index, endpoints, listen, args, kwargs, self.job, self.settings,
+            args=(fn, index, endpoints, listen, args, kwargs, self.job,
+                  self.settings_of.get(index, self.settings),
                   node_options, self.key.hex(), self._deadline - WATCHDOG_MARGIN, report.name,
                   child))
         process.start()

@@ -460,3 +460,35 @@ def test_same_host_peers_share_memory_and_tcp_gives_identical_results():
         assert shared[rank]["lanes"] == others, shared[rank]
         assert tcp[rank]["lanes"] == [], tcp[rank]
         assert shared[rank]["sums"] == tcp[rank]["sums"] == shared[0]["sums"]
+
+
+def ranked_cases(node, cases: list[Case]) -> dict:
+    """``run_cases``, with the ring this node ran them in and what it measured."""
+    return {"rank": node.rank, "members": node.members, "node": node.node_id,
+            "links": node.state()["link_rates_mbit"], "outcomes": run_cases(node, cases)}
+
+
+def test_a_ring_ordered_by_measured_links_agrees_and_computes_the_same():
+    """With ``link_probe_bytes`` the members measure every link and may reorder the ring;
+    ranks then follow the measured order. Every member must hold the same order and every
+    collective must still match numpy, rank by rank in that order."""
+    n = 4
+    cases = cases_for(n)
+    results = run_local(ranked_cases, n, args=(cases,), timeout=CLUSTER_TIMEOUT,
+                        settings=Settings(link_probe_bytes=256 * 1024), job="ordered")
+    members = results[0]["members"]
+    assert sorted(members) == [f"node-{i:02d}" for i in range(n)]
+    for result in results:
+        assert result["members"] == members, "members disagree on the ring order"
+        assert members[result["rank"]] == result["node"]
+        links = result["links"]
+        assert links is not None and sorted(links) == sorted(members)
+        assert all(len(row) == n - 1 and min(row.values()) > 0 for row in links.values()), links
+        assert links == results[0]["links"], "members hold different measurements"
+    by_rank = sorted(results, key=lambda result: result["rank"])
+    failures = []
+    for index, case in enumerate(cases):
+        problems = check(case, n, [by_rank[rank]["outcomes"][index] for rank in range(n)])
+        if problems:
+            failures.append(f"{case}: {problems[:3]}")
+    assert not failures, f"ring {members}:\n" + "\n".join(failures[:20])

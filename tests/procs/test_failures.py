@@ -15,6 +15,7 @@ import pytest
 
 from ringtrain import MembershipError, Node
 from ringtrain.config import Settings
+from ringtrain.errors import MismatchError, PeerFailedError
 from ringtrain.testing import LocalCluster, free_ports, node_id
 
 PROGRESS_TIMEOUT = 2.0
@@ -116,3 +117,54 @@ def test_every_survivor_names_the_dead_peer(n, victim, tmp_path):
     wrong = [f"blames {o.get('peer')}: {o.get('message')}" for o in survivors
              if o.get("peer") != dead]
     assert not wrong, "\n".join(wrong)
+
+
+# a ring ordered by measured links (Settings.link_probe_bytes) ---------------------------------
+
+def first_collective_then_reform(node) -> dict:
+    """The first collective after forming: its error, if any; then, if a peer failed, re-form
+    and all-reduce again."""
+    try:
+        total = node.all_reduce(np.ones(3), timeout=30)
+        return {"error": None, "sum": total.tolist(), "size": node.world_size}
+    except MismatchError as exc:
+        return {"error": f"MismatchError: {exc}"}
+    except PeerFailedError as exc:
+        error = f"PeerFailedError: {exc}"
+    node.reform(timeout=30)
+    total = node.all_reduce(np.ones(3), timeout=30)
+    return {"error": error, "sum": total.tolist(), "size": node.world_size}
+
+
+def test_members_that_probe_links_differently_all_raise_a_mismatch_naming_the_setting():
+    n = 3
+    probing = Settings(link_probe_bytes=256 * 1024, collective_timeout=30.0)
+    cluster = LocalCluster(first_collective_then_reform, n, timeout=60.0, job="probe-mismatch",
+                           settings=probing,
+                           settings_of={2: Settings(link_probe_bytes=128 * 1024,
+                                                    collective_timeout=30.0)})
+    results = cluster.start().results()
+    for result in results:
+        assert result["error"] is not None and result["error"].startswith("MismatchError"), \
+            result
+        assert "RINGTRAIN_LINK_PROBE_BYTES" in result["error"], result
+
+
+def test_a_member_that_dies_while_links_are_measured_never_hangs_the_others():
+    """Node 2 is killed while the members stream their link probes (1 GiB per link on
+    loopback takes seconds): the others finish forming, their first collective names the
+    failure, and after re-forming (two members: nothing to measure) they go on."""
+    n = 3
+    settings = Settings(link_probe_bytes=1 << 30, progress_timeout=PROGRESS_TIMEOUT,
+                        heartbeat_timeout=2.0, heartbeat_interval=0.5, collective_timeout=60.0)
+    cluster = LocalCluster(first_collective_then_reform, n, timeout=90.0, job="probe-death",
+                           settings=settings)
+    cluster.start()
+    time.sleep(4.0)  # formed (about 1 s) and deep into the first 1 GiB stream
+    cluster.process(2).kill()
+    started = time.monotonic()
+    results = cluster.results(allow_failed=[2])
+    assert time.monotonic() - started < 30, "survivors took too long"
+    for result in results[:2]:
+        assert result["error"] is not None and "ring order" in result["error"], result
+        assert result["size"] == 2 and result["sum"] == [2.0, 2.0, 2.0], result

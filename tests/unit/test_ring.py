@@ -393,3 +393,54 @@ def test_fastest_ring_order_greedy_for_many_members():
     bw[0][5] = 900.0
     order = ring.fastest_ring_order([f"m{i:02d}" for i in range(n)], bw)
     assert order[:2] == ["m00", "m05"] and sorted(order) == [f"m{i:02d}" for i in range(n)]
+
+
+def _two_sites(sites, inside=950.0, across=480.0):
+    n = len(sites)
+    return [[0.0 if i == j else (inside if sites[i] == sites[j] else across) for j in range(n)]
+            for i in range(n)]
+
+
+def test_measured_ring_order_crosses_between_sites_twice():
+    # sites alternate in id order, so the sorted ring crosses on every link
+    ids = ["n0", "n1", "n2", "n3"]
+    sites = [0, 1, 0, 1]
+    order = ring.measured_ring_order(ids, _two_sites(sites))
+    idx = [ids.index(m) for m in order]
+    assert order[0] == "n0"
+    assert sum(sites[idx[k]] != sites[idx[(k + 1) % 4]] for k in range(4)) == 2
+
+
+def test_measured_ring_order_keeps_sorted_order_on_equal_links():
+    rng = random.Random(7)
+    for _ in range(50):  # rates within +-4% of each other: noise, not topology
+        bw = [[0.0 if i == j else 1000.0 * rng.uniform(0.96, 1.04) for j in range(5)]
+              for i in range(5)]
+        assert ring.measured_ring_order(list("edcba"), bw) == list("abcde")
+
+
+def test_measured_ring_order_keeps_sorted_order_when_it_is_as_good():
+    # sites already contiguous in id order: sorted order crosses twice, nothing beats it
+    assert ring.measured_ring_order(["a", "b", "c", "d"], _two_sites([0, 0, 1, 1])) == \
+        ["a", "b", "c", "d"]
+
+
+def test_measured_ring_order_checks_its_input():
+    bw = _two_sites([0, 1, 0])
+    bw[1][2] = float("nan")
+    with pytest.raises(ValueError, match="from b to c"):
+        ring.measured_ring_order(["a", "b", "c"], bw)
+
+
+def test_measured_ring_order_is_not_fooled_by_noise_on_the_slowest_links():
+    # as measured through a shared 200 Mbit/s uplink: every crossing is slow and noisy, so a
+    # ring that crosses on all four links can have the highest slowest link by noise alone
+    ids = ["n0", "n1", "n2", "n3"]
+    sites = [0, 1, 0, 1]
+    rng = random.Random(3)
+    for _ in range(200):
+        bw = [[0.0 if i == j else rng.uniform(480, 560) if sites[i] == sites[j]
+               else rng.uniform(50, 56) for j in range(4)] for i in range(4)]
+        order = ring.measured_ring_order(ids, bw)
+        idx = [ids.index(m) for m in order]
+        assert sum(sites[idx[k]] != sites[idx[(k + 1) % 4]] for k in range(4)) == 2, bw
