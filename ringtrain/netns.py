@@ -7,6 +7,10 @@ Linux and root only. Layout for ``EmulatedLan(3)`` with prefix ``rtab12cd``::
     rtab12cd-1    eth0 10.77.X.3/24  <-veth->  p1
     rtab12cd-2    eth0 10.77.X.4/24  <-veth->  p2
 
+With ``sites`` (say ``[0, 1, 0, 1]``) every site is a bridge of its own (``br0``, ``br1``
+...) with one uplink to a core bridge ``brc``, shaped to ``uplink_mbit``: traffic between
+sites shares that uplink, as between two rooms or two switches of one building.
+
 Every node namespace has lo up, IPv6 off, no default route, a multicast route
 224.0.0.0/4 via eth0 (mDNS crosses the bridge; snooping is off) and its own
 ``/etc/netns/NAME/{hosts,resolv.conf}`` (resolver 127.0.0.1), so nothing can leak to
@@ -139,6 +143,20 @@ def _kill_namespace_processes(name: str) -> None:
             time.sleep(0.05)
 
 
+def _check_rate(mbit: float | None) -> None:
+    if mbit is not None and (isinstance(mbit, bool) or not 0 < mbit <= 100_000):
+        raise ConfigError(f"rate must be in (0, 100000] Mbit/s or None, got {mbit!r}")
+
+
+def _shape(namespace: str, device: str, mbit: float) -> None:
+    """Shape what ``device`` sends to ``mbit`` Mbit/s (tbf)."""
+    # Burst of 1 ms at line rate (125 KB at 1 Gbit/s), at least 32 KB so slow links still
+    # pass a full GSO segment; 20 ms of queue.
+    burst = max(int(mbit * 1e6 / 8 / 1000), 32 * 1024)
+    _sh(["ip", "netns", "exec", namespace, "tc", "qdisc", "replace", "dev", device, "root",
+         "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "20ms"])
+
+
 class EmulatedLan:
     """``n`` node namespaces on one bridge; see the module docstring for the layout.
 
@@ -151,6 +169,10 @@ class EmulatedLan:
         cpu_cores: give every node a CPU budget of this many cores, at most 1 (a cgroup
             quota; every command run in the node runs inside it, node i on core i mod
             cores); None leaves the CPU unlimited.
+        sites: the site (0, 1, ...) of every node: one bridge per site, joined by uplinks
+            to a core bridge; None puts every node on one bridge.
+        uplink_mbit: with ``sites``, the rate of every site's uplink, both ways (None:
+            unshaped).
 
     Raises:
         ConfigError: bad arguments, no support (:func:`require_support`, and for
@@ -159,7 +181,9 @@ class EmulatedLan:
     """
 
     def __init__(self, n: int, rate_mbit: float | None = None, prefix: str | None = None,
-                 subnet: str | None = None, cpu_cores: float | None = None) -> None:
+                 subnet: str | None = None, cpu_cores: float | None = None,
+                 sites: Sequence[int] | None = None, uplink_mbit: float | None = None
+                 ) -> None:
         require_support()
         if cpu_cores is not None:
             cpu_budget.hierarchy()
@@ -177,6 +201,14 @@ class EmulatedLan:
         if self.network.num_addresses < n + 3:
             raise ConfigError(f"subnet {subnet} is too small for {n} nodes")
         self.n = n
+        if sites is None:
+            sites = [0] * n
+        if len(sites) != n or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
+                                  for x in sites):
+            raise ConfigError(f"sites must be {n} site numbers >= 0, got {sites!r}")
+        self.sites = list(sites)
+        _check_rate(uplink_mbit)
+        self.uplink_mbit = uplink_mbit
         self.bridge_namespace = f"{self.prefix}-br"
         self._hosts = [self.network.network_address + i + 2 for i in range(n)]
         self._rates: list[float | None] = [None] * n
@@ -207,8 +239,19 @@ class EmulatedLan:
     def _build(self) -> None:
         bridge = self.bridge_namespace
         self._add_namespace(bridge)
-        _sh(["ip", "-n", bridge, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
-        _sh(["ip", "-n", bridge, "link", "set", "br0", "up"])
+        sites = sorted(set(self.sites))
+        for site in sites:
+            self._add_bridge(f"br{site}")
+        if len(sites) > 1:
+            self._add_bridge("brc")
+            for site in sites:  # uplink u<site> in the site's bridge, c<site> in the core
+                _sh(["ip", "-n", bridge, "link", "add", f"u{site}", "type", "veth",
+                     "peer", "name", f"c{site}"])
+                _sh(["ip", "-n", bridge, "link", "set", f"u{site}", "master", f"br{site}", "up"])
+                _sh(["ip", "-n", bridge, "link", "set", f"c{site}", "master", "brc", "up"])
+                if self.uplink_mbit is not None:
+                    for device in (f"u{site}", f"c{site}"):
+                        _shape(bridge, device, self.uplink_mbit)
         lines = ["127.0.0.1 localhost"] + [
             f"{self.address(i)} {self.namespace(i)}" for i in range(self.n)
         ]
@@ -221,12 +264,19 @@ class EmulatedLan:
             (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
             _sh(["ip", "-n", bridge, "link", "add", f"p{i}", "type", "veth",
                  "peer", "name", "eth0", "netns", node])
-            _sh(["ip", "-n", bridge, "link", "set", f"p{i}", "master", "br0", "up"])
+            _sh(["ip", "-n", bridge, "link", "set", f"p{i}", "master", f"br{self.sites[i]}",
+                 "up"])
             _sh(["ip", "-n", node, "addr", "add", f"{self.address(i)}/{self.network.prefixlen}",
                  "dev", "eth0"])
             _sh(["ip", "-n", node, "link", "set", "eth0", "up"])
             # No default route: only the LAN is reachable. mDNS needs a multicast route.
             _sh(["ip", "-n", node, "route", "add", "224.0.0.0/4", "dev", "eth0"])
+
+    def _add_bridge(self, name: str) -> None:
+        # snooping off: mDNS must reach every port
+        _sh(["ip", "-n", self.bridge_namespace, "link", "add", name, "type", "bridge",
+             "mcast_snooping", "0"])
+        _sh(["ip", "-n", self.bridge_namespace, "link", "set", name, "up"])
 
     def _add_namespace(self, name: str) -> None:
         _sh(["ip", "netns", "add", name])
@@ -278,20 +328,14 @@ class EmulatedLan:
     def set_rate(self, i: int, mbit: float | None) -> None:
         """Shape node ``i``'s link to ``mbit`` Mbit/s both ways; None removes the shaping."""
         self._node(i)
-        if mbit is not None and (isinstance(mbit, bool) or not 0 < mbit <= 100_000):
-            raise ConfigError(f"rate must be in (0, 100000] Mbit/s or None, got {mbit!r}")
+        _check_rate(mbit)
         ends = [(self.namespace(i), "eth0"), (self.bridge_namespace, f"p{i}")]
         for namespace, device in ends:
-            if mbit is None:
-                if self._rates[i] is not None:
-                    _sh(["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", device,
-                         "root"])
-                continue
-            # Burst of 1 ms at line rate (125 KB at 1 Gbit/s), at least 32 KB so slow links
-            # still pass a full GSO segment; 20 ms of queue.
-            burst = max(int(mbit * 1e6 / 8 / 1000), 32 * 1024)
-            _sh(["ip", "netns", "exec", namespace, "tc", "qdisc", "replace", "dev", device,
-                 "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "20ms"])
+            if mbit is not None:
+                _shape(namespace, device, mbit)
+            elif self._rates[i] is not None:
+                _sh(["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", device,
+                     "root"])
         self._rates[i] = mbit
 
     def drop(self, i: int, probability: float, peer: int | None = None) -> None:
@@ -432,17 +476,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--rate", type=float, default=None, help="link rate in Mbit/s")
     up.add_argument("--prefix", default=None, help="namespace prefix (default: random rt...)")
     up.add_argument("--subnet", default=None, help="IPv4 subnet (default 10.77.<random>.0/24)")
+    up.add_argument("--sites", default=None,
+                    help="site of each node, e.g. 0,1,0,1: a bridge per site, with uplinks")
+    up.add_argument("--uplink", type=float, default=None, help="--sites: uplink Mbit/s")
     down = commands.add_parser("down", help="remove the namespaces of a prefix")
     down.add_argument("prefix")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
+            sites = None if args.sites is None else [int(x) for x in args.sites.split(",")]
             lan = EmulatedLan(args.n, rate_mbit=args.rate, prefix=args.prefix,
-                              subnet=args.subnet)
+                              subnet=args.subnet, sites=sites, uplink_mbit=args.uplink)
             rate = f"{args.rate:g} Mbit/s" if args.rate else "unshaped"
             print(f"prefix {lan.prefix}  subnet {lan.network}  links {rate}")
             for i in range(lan.n):
-                print(f"  {lan.namespace(i)}  {lan.address(i)}")
+                print(f"  {lan.namespace(i)}  {lan.address(i)}  site {lan.sites[i]}")
             print(f"run:    ip netns exec {lan.namespace(0)} COMMAND")
             print(f"remove: python -m ringtrain.netns down {lan.prefix}")
         else:

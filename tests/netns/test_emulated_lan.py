@@ -165,6 +165,8 @@ def test_name_in_use_is_refused_and_bad_arguments() -> None:
     bad_arguments: list[dict[str, Any]] = [
         {"n": 0}, {"n": 1, "prefix": "../x"}, {"n": 2, "subnet": "10.0.0.0/30"},
         {"n": 1, "subnet": "nonsense"}, {"n": 1, "rate_mbit": -1},
+        {"n": 2, "sites": [0]}, {"n": 2, "sites": [0, -1]},
+        {"n": 2, "sites": [0, 1], "uplink_mbit": 0},
     ]
     for bad in bad_arguments:
         with pytest.raises(ConfigError):
