@@ -7,6 +7,7 @@ in one run.
     ringtrain bench --where lan --rate 1000 --sizes 64M --repeats 5
     ringtrain bench --where lan --rate 1000 --compression int8 --sizes 64M
     ringtrain bench --where lan --rate 1000 --slow-node 3 --slow-rate 100
+    ringtrain bench --where lan --rate 1000 --sites 0,1,0,1 --uplink 1000 --probe-links 2M
     ringtrain bench --quick                           # a check that takes under a minute
 
 Method (see ../shared/research/perf-baselines.md): every run starts N fresh worker processes
@@ -18,6 +19,9 @@ over shared memory on loopback, over TCP on eth0 between the namespaces of the L
 algbw = bytes / time; busbw = algbw x 2(N-1)/N. With compression, bytes are the uncompressed
 bytes (effective busbw), and the op is a mean, so values reduced in place again and again
 stay finite.
+Ring order: with ``--probe-links`` the nodes measure their links and order the ring by them
+(``Settings.link_probe_bytes``); ringtrain in sorted order then runs as one more baseline.
+With ``--sites`` the LAN has a bridge per site, joined by shaped uplinks.
 Memory: each worker's peak RSS growth while running a size, beyond its input buffer, over
 the buffer's bytes (so a node's total is 1 + that, plus fixed buffers).
 """
@@ -88,6 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--where lan: shape this node's link to --slow-rate")
     parser.add_argument("--slow-rate", type=float, default=100.0,
                         help="Mbit/s of the slow node's link (default 100)")
+    parser.add_argument("--sites", default=None,
+                        help="--where lan: site of each node, e.g. 0,1,0,1: a bridge per "
+                             "site, joined by uplinks of --uplink Mbit/s")
+    parser.add_argument("--uplink", type=float, default=None,
+                        help="--sites: Mbit/s of each site's uplink (default: --rate)")
+    parser.add_argument("--probe-links", default=None,
+                        help="bytes each node streams to each other to order the ring by "
+                             "measured rates (e.g. 8M; default: sorted order); ringtrain "
+                             "in sorted order then runs as a baseline too")
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs of each backend, interleaved (default 5 on lan, 3 on "
                              "loopback, 1 with --quick)")
@@ -161,7 +174,8 @@ def _ringtrain_worker(config: dict) -> dict:
     rank = config["rank"]
     with Node(addresses, listen=addresses[rank], job="bench", node_id=f"bench-{rank:02d}",
               key=key, insecure=config["insecure"],
-              settings=Settings.from_env(collective_timeout=300.0)) as node:
+              settings=Settings.from_env(collective_timeout=300.0,
+                                         link_probe_bytes=config["probe_bytes"])) as node:
         out = {}
         for size in config["sizes"]:
             data = np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32)
@@ -181,6 +195,7 @@ def _ringtrain_worker(config: dict) -> dict:
             out[size] = result
             del data
         node.barrier()
+        out["ring"] = " -> ".join(node.members)
         return out
 
 
@@ -258,11 +273,13 @@ class Launcher:
         if args.where == "lan":
             from .netns import EmulatedLan
 
-            self.lan = EmulatedLan(self.n, rate_mbit=args.rate)
+            self.lan = EmulatedLan(self.n, rate_mbit=args.rate, sites=args.site_list,
+                                   uplink_mbit=args.uplink or args.rate)
             if args.slow_node is not None:
                 self.lan.set_rate(args.slow_node, args.slow_rate)
         self.key = JobKey.generate()
         self.round = 0
+        self.rings: set[str] = set()  # the ring orders ringtrain ran in
         self.mpi_agent: str | None = None  # the script mpiexec starts daemons with on a LAN
 
     def hosts(self) -> list[str]:
@@ -303,8 +320,9 @@ class Launcher:
         """One run of ``backend``; each rank's measurements (under MPI, one entry already
         reduced over the ranks: slowest time per iteration, largest memory)."""
         hosts = self.hosts()
-        ports = self.ports(RINGTRAIN_PORT if backend == "ringtrain" else GLOO_PORT)
+        ports = self.ports(GLOO_PORT if backend == "gloo" else RINGTRAIN_PORT)
         common = {"backend": backend, "sizes": sizes, "iterations": iterations,
+                  "probe_bytes": self.args.probe_bytes if backend == "ringtrain" else 0,
                   "warmup": 2, "insecure": self.args.insecure,
                   "compression": self.args.compression,
                   "addresses": [f"{h}:{p}" for h, p in zip(hosts, ports, strict=False)],
@@ -334,7 +352,11 @@ class Launcher:
                 problems.append(f"{backend} rank {rank} failed ({process.returncode}): "
                                 f"{stderr.strip()[-2000:]}")
                 continue
-            results.append({int(k): v for k, v in json.loads(lines[-1][7:]).items()})
+            result = json.loads(lines[-1][7:])
+            ring = result.pop("ring", "")
+            if backend == "ringtrain":
+                self.rings.add(ring)
+            results.append({int(k): v for k, v in result.items()})
         if problems:
             raise RingtrainError("benchmark run failed:\n" + "\n".join(problems))
         return results
@@ -385,6 +407,16 @@ def run(args: argparse.Namespace) -> int:
     if args.slow_node is not None and not (args.where == "lan"
                                            and 0 <= args.slow_node < args.nodes):
         raise ConfigError("--slow-node needs --where lan and a node index below --nodes")
+    args.site_list = None
+    if args.sites is not None:
+        try:
+            args.site_list = [int(site) for site in args.sites.split(",")]
+        except ValueError:
+            raise ConfigError(f"--sites must be comma-separated site numbers, got "
+                              f"{args.sites!r}") from None
+        if args.where != "lan" or len(args.site_list) != args.nodes:
+            raise ConfigError("--sites needs --where lan and one site per node")
+    args.probe_bytes = parse_size(args.probe_links) if args.probe_links else 0
     from .compression import get_codec
 
     get_codec(None if args.compression == "none" else args.compression)  # fail early
@@ -402,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
     iterations = {str(s): iterations_for(s, args.nodes, rate_bps, target_s) for s in sizes}
 
     ours = Series("ringtrain")
+    ordered = Series("sorted ring", skipped="" if args.probe_bytes else "not asked for")
     gloo = Series("gloo")
     mpi = Series("mpi", skipped=_mpi_status(args.where == "lan") if "mpi" in baselines
                  else "not asked for")
@@ -417,6 +450,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for repeat in range(repeats):
             _record(ours, sizes, launcher.run("ringtrain", sizes, iterations))
+            if not ordered.skipped:
+                _record(ordered, sizes, launcher.run("ringtrain-sorted", sizes, iterations))
             if not gloo.skipped:
                 _record(gloo, sizes, launcher.run("gloo", sizes, iterations))
             if not mpi.skipped:
@@ -425,13 +460,16 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
     finally:
         launcher.close()
-    print(report(args, sizes, repeats, ours, gloo, mpi))
+    print(report(args, sizes, repeats, ours, gloo, mpi, ordered))
+    if args.probe_bytes:
+        print(f"ringtrain ran in ring order(s): {'; '.join(sorted(launcher.rings - {''}))}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "sizes": sizes, "iterations": iterations,
                        "ringtrain": ours.runs, "gloo": gloo.runs, "mpi": mpi.runs,
                        "memory": ours.memory, "gloo_memory": gloo.memory,
-                       "mpi_memory": mpi.memory, "gloo_skipped": gloo.skipped,
+                       "mpi_memory": mpi.memory, "sorted_ring": ordered.runs,
+                       "gloo_skipped": gloo.skipped,
                        "mpi_skipped": mpi.skipped}, f, indent=1, default=str)
     return 0
 
@@ -447,6 +485,11 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--rate {args.rate:g}")
         if args.slow_node is not None:
             parts.append(f"--slow-node {args.slow_node} --slow-rate {args.slow_rate:g}")
+        if args.sites is not None:
+            parts.append(f"--sites {args.sites}"
+                         + (f" --uplink {args.uplink:g}" if args.uplink else ""))
+    if args.probe_bytes:
+        parts.append(f"--probe-links {args.probe_links}")
     if args.sizes:
         parts.append(f"--sizes {args.sizes}")
     if args.repeats:
@@ -465,7 +508,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Series,
-           gloo: Series, mpi: Series) -> str:
+           gloo: Series, mpi: Series, ordered: Series) -> str:
     """The results as a markdown table, with the command that reproduces it."""
     n = args.nodes
     factor = 2 * (n - 1) / n
@@ -476,7 +519,11 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
     security = "no encryption (--insecure)" if args.insecure else "CURVE-encrypted (keyed)"
     where = (f"emulated LAN, {n} namespaces, links {args.rate:g} Mbit/s"
              + (f", node {args.slow_node} at {args.slow_rate:g} Mbit/s"
-                if args.slow_node is not None else "") if lan else f"loopback, {n} processes")
+                if args.slow_node is not None else "")
+             + (f", sites {args.sites} with {args.uplink or args.rate:g} Mbit/s uplinks"
+                if args.sites is not None else "") if lan else f"loopback, {n} processes")
+    if args.probe_bytes:
+        where += f"; ring ordered by measured links ({args.probe_links} probes)"
     effective = " (effective: uncompressed bytes / time)" if args.compression != "none" else ""
     lines = [f"`{command_line(args)}`", "",
              f"{where}; ringtrain {security}, compression {args.compression}; float32 sum; "
@@ -496,8 +543,8 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
     header = (f"| size | ringtrain median ms | best ms | busbw {unit} median | best | "
               f"peak RSS / bytes |")
     rule = "|---|---|---|---|---|---|"
-    baselines = [(label, series) for label, series in (("gloo", gloo), ("mpi", mpi))
-                 if not series.skipped]
+    baselines = [(label, series) for label, series in (("sorted ring", ordered), ("gloo", gloo),
+                                                       ("mpi", mpi)) if not series.skipped]
     for label, _ in baselines:
         header += f" {label} median ms | {label} busbw {unit} | ringtrain / {label} (busbw) |"
         rule += "---|---|---|"

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .bench import parse_size
 from .config import LaunchOptions
 from .demo import demo_model, epoch_printer
 from .errors import ConfigError
@@ -64,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "every device of the job needs the same key")
     parser.add_argument("--insecure", action="store_true", default=env.insecure,
                         help="no key, no encryption: refused unless every address is loopback")
+    parser.add_argument("--probe-links", default=None, metavar="BYTES",
+                        help="measure every link with this many bytes (e.g. 8M) when a ring "
+                             "of three or more forms, and order the ring by the rates (links "
+                             "that differ: two rooms, Wi-Fi and wired); every node must say "
+                             "the same (RINGTRAIN_LINK_PROBE_BYTES)")
     parser.add_argument("--epochs", type=int, default=30,
                         help="built-in job: epochs to train (default 30)")
     parser.add_argument("--checkpoint-dir", default=None,
@@ -88,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     options = options_from(args)
     if args.key_file:
         os.environ["RINGTRAIN_KEY_FILE"] = args.key_file
+    if args.probe_links:  # read by Settings.from_env, here and in a script we start
+        os.environ["RINGTRAIN_LINK_PROBE_BYTES"] = str(parse_size(args.probe_links))
     if args.script:
         return _run_script(args.script, args.script_args, options)
     return _run_builtin_job(options, args.epochs, Path(args.checkpoint_dir or
