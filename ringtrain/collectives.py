@@ -46,6 +46,7 @@ from .transport import Transport
 from .wire import (
     FLAG_DESCRIPTOR,
     FLAG_SHM,
+    HEADER_SIZE,
     Header,
     MessageKind,
     canonical_json,
@@ -64,7 +65,7 @@ TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger o
 NO_PLAN = ring.Plan((), ())  # a one-round all-reduce follows no ring plan
 LANE_POLL = 0.0005  # seconds between looks at a full shared-memory lane or door
 SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
-PROBE_SEGMENT_BYTES = 256 * 1024  # a link probe's stream travels in segments of this size
+PROBE_SEGMENT_BYTES = 256 * 1024  # a link probe's segments: this size, or segment_bytes if less
 
 
 @dataclass
@@ -88,6 +89,26 @@ class Collective:
         self.digest = digest_of(self.descriptor,
                                 self.descriptor_frame if shown is self.descriptor else None)
 
+    def compress_slow_links(self, slow: Sequence[bool], rank: int) -> None:
+        """Compress only where the ring's links are slow: ``slow[r]`` tells whether rank r's
+        link to its successor is. Reduce-scatter then encodes only over slow links (the
+        partial sums on fast links stay exact); all-gather still travels encoded on every
+        link, so that every member decodes the same bytes and ends bit-identical. With no
+        slow link the collective runs uncompressed, and what earlier calls left out (the
+        error-feedback residual) joins this result. Every member must pass the same."""
+        compressed = self.compressed
+        if compressed is None:
+            return
+        if not any(slow):
+            if compressed.residual is not None:
+                exact = self.buffer[:compressed.exact_from]
+                np.add(exact, compressed.residual, out=exact)
+                compressed.residual[...] = 0
+            self.compressed = None
+            return
+        compressed.send_encoded = slow[rank]
+        compressed.receive_encoded = slow[rank - 1]
+
 
 @dataclass
 class Compressed:
@@ -106,10 +127,19 @@ class Compressed:
     gather_hop: int  # the owner's first all-gather send: it quantizes its own final chunk
     residual: np.ndarray | None  # None: no error feedback
     scratch: np.ndarray  # one segment of decoded values
+    send_encoded: bool = True  # reduce-scatter encodes what we send (a slow outgoing link)
+    receive_encoded: bool = True  # ... and what we receive (a slow incoming link)
 
     def cut(self, transfer: ring.Transfer) -> int:
         """Where a segment's encoded part ends and its exact part begins."""
         return min(max(transfer.start, self.exact_from), transfer.stop)
+
+    def encodes(self, transfer: ring.Transfer, sending: bool) -> bool:
+        """Whether a segment we send (or receive) travels encoded: always in all-gather,
+        in reduce-scatter only over a compressed link."""
+        if transfer.hop >= self.gather_hop:
+            return True
+        return self.send_encoded if sending else self.receive_encoded
 
 
 def _flat_copy(arrays: Sequence[np.ndarray], extra: int = 0) -> tuple[np.ndarray, np.dtype]:
@@ -402,7 +432,7 @@ class RingRunner:
 
     def _header(self, collective: Collective, view: View, sequence: int, step: int,
                 transfer: ring.Transfer, with_descriptor: bool, shared: bool = False) -> Header:
-        dtype, nbytes = _wire_shape(collective, transfer)
+        dtype, nbytes = _wire_shape(collective, transfer, sending=True)
         flags = (FLAG_DESCRIPTOR if with_descriptor else 0) | (FLAG_SHM if shared else 0)
         return Header(kind=MessageKind.DATA, job=self.job, generation=view.generation,
                       sequence=sequence, sender=view.rank, step=step, hop=transfer.hop,
@@ -429,6 +459,11 @@ class RingRunner:
         lane = self.lanes.outbound(successor, view.generation) if (
             collective.compressed is None and self.lanes is not None
             and self.lanes.reaches(successor)) else None
+        # segments arrive in plan order only if all take one path: the door (lane references,
+        # or every message fits a datagram) or all ZeroMQ
+        largest = max((r.transfer.stop - r.transfer.start for r in plan.receives), default=0)
+        door = lane is not None or (self.lanes is not None and self.lanes.door_takes(
+            successor, HEADER_SIZE + largest * buffer.itemsize + len(descriptor_frame)))
         while received < len(plan.receives) or pending:
             # 1. send as much as the successor's queue (or lane) takes
             lane_full = False
@@ -454,13 +489,13 @@ class RingRunner:
                 if not described:
                     frames.append(descriptor_frame)
                 try:
-                    sent = self._send(successor, frames, big)
+                    sent = self._send(successor, frames, big, door)
                 except TransportError as exc:
                     raise PeerFailedError(f"{where}: cannot send to successor {successor}: {exc}",
                                           peer=successor, generation=view.generation,
                                           collective=sequence) from exc
                 if sent is False:
-                    lane_full = self._local(successor)
+                    lane_full = door and self._local(successor)
                     break
                 if lane is not None:
                     lane.commit()
@@ -534,11 +569,14 @@ class RingRunner:
         to wake us: a blocked send there is retried every ``LANE_POLL``)."""
         return self.lanes is not None and self.lanes.reaches(peer)
 
-    def _send(self, peer: str, frames: list, track: bool = False) -> Any:
-        """Send a DATA message: through ``peer``'s door when it is on this host and the
-        message fits a datagram, else over ZeroMQ (see ``Transport.try_send``)."""
+    def _send(self, peer: str, frames: list, track: bool = False, door: bool = True) -> Any:
+        """Send a DATA message: through ``peer``'s door when ``door`` allows it, the peer is
+        on this host and the message fits a datagram, else over ZeroMQ (see
+        ``Transport.try_send``). A door and a ZeroMQ link do not keep order between them:
+        messages that must arrive in order go all through one (``door=False`` for a
+        stream whose larger messages take ZeroMQ)."""
         lanes = self.lanes
-        if lanes is not None and lanes.reaches(peer) and lanes.door_takes(
+        if door and lanes is not None and lanes.reaches(peer) and lanes.door_takes(
                 peer, sum(memoryview(f).nbytes for f in frames)):
             return lanes.send(peer, frames)
         return self.transport.try_send(peer, frames, track=track)
@@ -566,7 +604,7 @@ class RingRunner:
         got = (header.hop, header.chunk, header.segment, header.nbytes,
                header.dtype)
         want = (transfer.hop, transfer.chunk, transfer.segment,
-                *reversed(_wire_shape(collective, transfer)))
+                *reversed(_wire_shape(collective, transfer, sending=False)))
         if got != want:
             raise PeerFailedError(f"{where}: {predecessor} sent (hop, chunk, segment, nbytes, "
                                   f"dtype) = {got}, expected {want}", peer=predecessor,
@@ -726,11 +764,12 @@ class RingRunner:
         """
         n, rank = view.world_size, view.rank
         target, source = view.members[(rank + shift) % n], view.members[(rank - shift) % n]
+        segment = min(PROBE_SEGMENT_BYTES, self.transport.settings.segment_bytes)
         collective = Collective("link_probe", {"collective": "link_probe", "bytes": nbytes,
                                                "shift": shift},
-                                np.zeros(min(nbytes, PROBE_SEGMENT_BYTES), dtype=np.uint8),
+                                np.zeros(min(nbytes, segment), dtype=np.uint8),
                                 NO_PLAN, None, lambda result: None)
-        segments = ring.segment_bounds(0, nbytes, PROBE_SEGMENT_BYTES)
+        segments = ring.segment_bounds(0, nbytes, segment)
         where = f"link probe #{sequence} of generation {view.generation}"
         sent = received = 0
         answered, rate = False, 0.0
@@ -744,7 +783,7 @@ class RingRunner:
                 frames = [header.pack(), collective.buffer[:hi - lo]]
                 if sent == 0:
                     frames.append(collective.descriptor_frame)
-                if self._probe_send(target, frames, where, view, sequence) is False:
+                if self._probe_send(target, frames, where, view, sequence, door=False) is False:
                     break
                 sent += 1
             if received == len(segments) and not answered:
@@ -778,10 +817,10 @@ class RingRunner:
             self.mailbox.pump(min(deadline, progress_deadline, now + LANE_POLL) - now)
         return rate
 
-    def _probe_send(self, peer: str, frames: list, where: str, view: View, sequence: int
-                    ) -> Any:
+    def _probe_send(self, peer: str, frames: list, where: str, view: View, sequence: int,
+                    door: bool = True) -> Any:
         try:
-            return self._send(peer, frames)
+            return self._send(peer, frames, door=door)
         except TransportError as exc:
             raise PeerFailedError(f"{where}: cannot send to {peer}: {exc}", peer=peer,
                                   generation=view.generation, collective=sequence) from exc
@@ -834,10 +873,12 @@ class RingRunner:
 U1 = dtype_code(np.dtype("u1"))  # compressed payloads travel as bytes
 
 
-def _wire_shape(collective: Collective, transfer: ring.Transfer) -> tuple[int, int]:
-    """(wire dtype code, payload bytes) of one segment of ``collective``."""
+def _wire_shape(collective: Collective, transfer: ring.Transfer, sending: bool
+                ) -> tuple[int, int]:
+    """(wire dtype code, payload bytes) of one segment of ``collective`` that we send (or
+    receive)."""
     buffer, compressed = collective.buffer, collective.compressed
-    if compressed is None:
+    if compressed is None or not compressed.encodes(transfer, sending):
         return dtype_code(buffer.dtype), (transfer.stop - transfer.start) * buffer.itemsize
     cut = compressed.cut(transfer)
     return U1, (compressed.codec.payload_bytes(cut - transfer.start, buffer.dtype)
@@ -853,6 +894,8 @@ def _encode(collective: Collective, transfer: ring.Transfer) -> np.ndarray:
     """
     compressed, buffer = collective.compressed, collective.buffer
     assert compressed is not None
+    if not compressed.encodes(transfer, sending=True):  # partial sums over a fast link
+        return buffer[transfer.start:transfer.stop].copy()
     codec, cut = compressed.codec, compressed.cut(transfer)
     values = buffer[transfer.start:cut]
     size = codec.payload_bytes(values.size, buffer.dtype)
@@ -870,6 +913,10 @@ def _decode(collective: Collective, expected: ring.Receive, payload: memoryview)
     to be forwarded unchanged (all-gather)."""
     compressed, buffer, transfer = collective.compressed, collective.buffer, expected.transfer
     assert compressed is not None
+    if not compressed.encodes(transfer, sending=False):  # partial sums over a fast link
+        region = buffer[transfer.start:transfer.stop]
+        collective.combine(region, np.frombuffer(payload, dtype=buffer.dtype), out=region)
+        return None
     codec, cut = compressed.codec, compressed.cut(transfer)
     values = buffer[transfer.start:cut]
     data = np.frombuffer(payload, dtype=np.uint8)

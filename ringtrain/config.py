@@ -61,6 +61,11 @@ class Settings:
     installed, to measure link rates and order the ring so that its slowest link is as fast
     as the links allow (``RINGTRAIN_LINK_PROBE_BYTES=2097152``); 0 keeps the ring in sorted
     id order. Members must agree."""
+    slow_link_fraction: float = 0.5
+    """With links measured (``link_probe_bytes``), a ring link slower than this fraction of
+    the ring's fastest link is slow, and a compressed all-reduce encodes only over slow
+    links (none slow: it runs exact). Above 1 every link counts as slow. Members must
+    agree."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

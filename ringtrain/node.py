@@ -188,6 +188,7 @@ class Node:
         self._installed: View | None = None  # the view membership agreed (sorted members)
         self._order_due = False  # the links of the installed view are still to be measured
         self._links: np.ndarray | None = None  # rates measured for the current view, bytes/s
+        self._slow_links: tuple[bool, ...] | None = None  # by ring rank; None: not measured
         self._order_error: CollectiveError | None = None  # why this generation has no ring
         if world_size == 1 and not elastic_start:
             self._view = self._installed = self._membership.view = View(1, (self.node_id,), 0)
@@ -321,12 +322,22 @@ class Node:
                 {"generation": self._view.generation, "members": list(self._view.members),
                  "rank": self._view.rank},
                 "link_rates_mbit": self._link_rates_mbit(),
+                "slow_links": self._slow_link_names(),
                 "sequence": self._sequence, "stage": self._runner.stage,
                 "membership": self._membership.state(),
                 "dropped": {**self._mailbox.dropped, **(
                     {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
                 "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
+
+    def _slow_link_names(self) -> list[str] | None:
+        """The ring's slow links ("a -> b"), which compressed all-reduces encode, if the
+        links were measured."""
+        slow, view = self._slow_links, self._view
+        if slow is None or view is None:
+            return None
+        return [f"{m} -> {view.members[(k + 1) % view.world_size]}"
+                for k, m in enumerate(view.members) if slow[k]]
 
     def _link_rates_mbit(self) -> dict[str, dict[str, float]] | None:
         """The measured rates of this view's links, {from: {to: Mbit/s}}, if measured."""
@@ -533,7 +544,7 @@ class Node:
         self._installed = view
         self._sequence = 0
         self._mailbox.retire(view.generation, -1)
-        self._links, self._order_error = None, None
+        self._links, self._slow_links, self._order_error = None, None, None
         if self.settings.link_probe_bytes and view.world_size >= 3:
             self._order_due = True  # before any collective of this view: see _order_ring
             return
@@ -577,6 +588,7 @@ class Node:
             return
         try:
             order = ring.measured_ring_order(view.members, matrix)
+            self._slow_links = ring.slow_links(order, matrix, self.settings.slow_link_fraction)
         except ValueError as exc:  # a member measured nonsense: every member sees the same
             log.warning("node %s: link rates of generation %d unusable (%s); sorted ring "
                         "order", self.node_id, view.generation, exc)
@@ -588,19 +600,25 @@ class Node:
 
     def _agree_on_probe(self, view: View, timeout: float, shift: int) -> None:
         """A barrier before probing the links ``shift`` ranks on, which also checks that every
-        member probes with the same number of bytes (all members see a disagreement)."""
+        member probes with the same number of bytes and the same ``slow_link_fraction``
+        (all members see a disagreement)."""
         probe = self.settings.link_probe_bytes
-        mine = np.array([shift, probe, -probe], dtype=np.int64)
+        fraction = round(self.settings.slow_link_fraction * 1e6)
+        mine = np.array([shift, probe, -probe, fraction, -fraction], dtype=np.int64)
         barrier = collectives.all_reduce([mine], "max", None, view.rank, view.world_size,
                                          self._runner.segment_elements,
                                          direct_bytes=self.settings.direct_bytes)
-        _, most, least = self._collect(view, timeout, lambda sequence, deadline:
-                                       self._runner.run(barrier, view, sequence, deadline))[0]
-        if most != -least:
-            raise MismatchError(f"members probe their links with different byte counts "
-                                f"({-least} to {most}; this node {probe}): set "
-                                f"RINGTRAIN_LINK_PROBE_BYTES alike on every node",
-                                generation=view.generation, collective=self._sequence - 1)
+        _, most, least, most_fraction, least_fraction = self._collect(
+            view, timeout, lambda sequence, deadline:
+            self._runner.run(barrier, view, sequence, deadline))[0]
+        if most != -least or most_fraction != -least_fraction:
+            raise MismatchError(f"members measure links with different settings "
+                                f"(link_probe_bytes {-least} to {most}, slow_link_fraction "
+                                f"{-least_fraction / 1e6:g} to {most_fraction / 1e6:g}; this "
+                                f"node {probe} and {fraction / 1e6:g}): set "
+                                f"RINGTRAIN_LINK_PROBE_BYTES and RINGTRAIN_SLOW_LINK_FRACTION "
+                                f"alike on every node", generation=view.generation,
+                                collective=self._sequence - 1)
 
     def _announce(self, view: View) -> None:
         """``view`` is the one collectives run in from now on: release waiters, tell the
@@ -660,10 +678,15 @@ class Node:
 
     def _execute(self, work: Work) -> None:
         view = self.view
+
+        def run(sequence: int, deadline: float) -> Any:
+            collective = work.build(view.rank, view.world_size)
+            if self._slow_links is not None:
+                collective.compress_slow_links(self._slow_links, view.rank)
+            return self._runner.run(collective, view, sequence, deadline, work.step)
+
         try:
-            result = self._collect(view, work.timeout, lambda sequence, deadline:
-                                   self._runner.run(work.build(view.rank, view.world_size),
-                                                    view, sequence, deadline, work.step))
+            result = self._collect(view, work.timeout, run)
         except RingtrainError as exc:
             work._finish(error=exc)
         else:

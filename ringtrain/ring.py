@@ -111,6 +111,17 @@ def measured_ring_order(member_ids: Sequence[str], bandwidth: Sequence[Sequence[
     return ids
 
 
+def slow_links(order: Sequence[str], bandwidth: Sequence[Sequence[float]], fraction: float
+               ) -> tuple[bool, ...]:
+    """Which links of a ring are slow: entry k for the link from ``order[k]`` to its
+    successor, slow when its rate is below ``fraction`` of the ring's fastest link.
+    ``bandwidth`` is indexed as in :func:`fastest_ring_order`."""
+    rank = {member: index for index, member in enumerate(sorted(order))}
+    n = len(order)
+    rates = [bandwidth[rank[order[k]]][rank[order[(k + 1) % n]]] for k in range(n)]
+    return tuple(rate < fraction * max(rates) for rate in rates)
+
+
 def _link_rates(order: Sequence[int], bandwidth: Sequence[Sequence[float]]) -> list[float]:
     """The rates of a ring's links, slowest first."""
     n = len(order)

@@ -114,3 +114,70 @@ def test_members_with_other_compression_raise_mismatch_and_go_on(results):
         assert kind == "MismatchError", message
         assert "fp16" in message and "int8" in message, message
         assert r["after"] == [N] * 3
+
+
+# compression only on slow links (measured links, Settings.slow_link_fraction) -------------------
+
+LINK_MIXES = ((False, False, False), (True, False, False), (False, True, True),
+              (True, True, True))
+
+
+def slow_link_cases(node) -> dict:
+    """For each mix of slow links, a compressed sum and weighted mean, and ten calls with error
+    feedback; plus, as measured, with no link slow: the compressed sum next to the exact one.
+    Which links count as slow depends on measured rates, which loopback does not control:
+    the mixes are pinned on the node (the same on every member) to take every path."""
+    out: dict = {"measured": node.state()["link_rates_mbit"]}
+    x = make_input(70_001, node.rank)
+    out["none slow"] = [node.all_reduce(x, compression="int8", timeout=CALL_TIMEOUT),
+                        node.all_reduce(x, timeout=CALL_TIMEOUT)]
+    for mix in LINK_MIXES:
+        node._slow_links = mix
+        total = node.all_reduce(x, compression="int8", timeout=CALL_TIMEOUT)
+        mean = node.all_reduce(x, op="mean", weight=float(node.rank + 1), compression="int8",
+                               timeout=CALL_TIMEOUT)
+        feedback = make_input(50_000, node.rank, call=1)
+        running = np.zeros(feedback.size, np.float64)
+        for _ in range(10):
+            running += node.all_reduce(feedback, compression="int8", timeout=CALL_TIMEOUT)
+        out[mix] = {"sum": total, "mean": mean, "feedback": running, "rank": node.rank}
+    return out
+
+
+def test_compression_only_on_slow_links_is_exact_on_fast_ones_and_identical_everywhere():
+    settings = Settings(segment_bytes=64 * 1024, progress_timeout=20.0, collective_timeout=40.0,
+                        link_probe_bytes=128 * 1024, slow_link_fraction=1e-9)
+    results = run_local(slow_link_cases, N, timeout=100.0, settings=settings, job="slow-links")
+    assert results[0]["measured"] is not None
+    for r in results:  # no link slower than a billionth of the fastest: no compression at all
+        assert np.array_equal(r["none slow"][0], r["none slow"][1])
+    inputs = np.stack([make_input(70_001, r) for r in range(N)])
+    exact = inputs.astype(np.float64).sum(axis=0)
+    limit = bound("int8", inputs)
+    repeated = np.stack([make_input(50_000, r, call=1) for r in range(N)]).astype(np.float64)
+    for mix in LINK_MIXES:
+        got = [r[mix] for r in results]
+        for name in ("sum", "mean", "feedback"):
+            assert all(np.array_equal(g[name], got[0][name]) for g in got), (mix, name)
+        error = np.abs(got[0]["sum"] - exact).max()
+        if any(mix):
+            assert error <= limit, mix
+        else:
+            assert error <= 1e-4, mix  # float32 rounding only
+        # error feedback loses nothing over calls, whichever links encode
+        assert np.abs(got[0]["feedback"] - 10 * repeated.sum(axis=0)).max() <= \
+            1.5 * bound("int8", repeated), mix
+
+
+def ragged_compressed(node) -> list:
+    """int8 over the default 1 MiB segments, chunks of one full segment (its encoding takes
+    ZeroMQ) and a short one (small enough for a same-host door)."""
+    x = make_input(N * (262_144 + 1000), node.rank)
+    return [digest(node.all_reduce(x, compression=codec, timeout=CALL_TIMEOUT))
+            for codec in ("int8", "fp16")]
+
+
+def test_segments_of_one_chunk_keep_their_order_across_door_and_zeromq_sizes():
+    results = run_local(ragged_compressed, N, timeout=60.0, job="ragged-compressed",
+                        settings=Settings(progress_timeout=20.0, collective_timeout=40.0))
+    assert all(r == results[0] for r in results)
