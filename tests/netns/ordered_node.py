@@ -25,8 +25,11 @@ def contribution(index: int, size: int) -> np.ndarray:
 def phase(node: Node, index: int) -> dict:
     size = 3 * 1024 * 1024 + 5  # a few segments per chunk
     total = node.all_reduce(contribution(index, size))
+    state = node.state()
     return {"members": list(node.members), "rank": node.rank,
-            "links": node.state()["link_rates_mbit"],
+            "links": state["link_rates_mbit"], "slow": state["slow_links"],
+            "compressed": node.all_reduce(contribution(index, size),
+                                          compression="int8")[:: 4099].tolist(),
             "sum": total[:: 4099].tolist(),
             "gathered": node.all_gather(np.array([index])).ravel().tolist(),
             "broadcast": int(node.broadcast(np.array([index]), root=0)[0]),

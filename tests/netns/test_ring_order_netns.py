@@ -48,6 +48,11 @@ def check_phase(reports: list[dict], indexes: list[int]) -> None:
         assert report["gathered"] == order  # stacked in ring order
         assert report["broadcast"] == order[0]
         assert report["scattered"] == scattered[rank].tolist()
+        # int8 only over the slow links: the same everywhere, within the codec's error
+        assert report["compressed"] == reports[0]["compressed"]
+        assert report["slow"] == reports[0]["slow"]
+        error = np.abs(np.array(report["compressed"]) - total[:: 4099]).max()
+        assert error <= 2 * len(indexes) * 8 * len(indexes) / 254 + 1e-6
 
 
 def test_the_ring_orders_itself_around_a_slow_uplink(tmp_path: Path) -> None:
@@ -80,6 +85,9 @@ def test_the_ring_orders_itself_around_a_slow_uplink(tmp_path: Path) -> None:
     across = [rate for a, row in links.items() for b, rate in row.items()
               if SITES[int(a[-2:])] != SITES[int(b[-2:])]]
     assert min(inside) > max(across), links  # the probe saw the uplink
+    # the two crossings are the slow links, the ones compressed
+    assert len(first[0]["slow"]) == 2, first[0]["slow"]
+    assert all(SITES[int(link[5:7])] != SITES[int(link[-2:])] for link in first[0]["slow"])
     second = [lines[1] for i, lines in enumerate(outputs) if i != LEAVER]
     check_phase(second, [0, 1, 2])
     assert len(second[0]["links"]) == 3  # measured again for the new view
