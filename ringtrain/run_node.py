@@ -127,6 +127,10 @@ def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) 
         print(f"ringtrain node {node.node_id}: in a ring of {node.world_size} (generation "
               f"{node.generation}) after {time.perf_counter() - started:.1f} s; members: "
               f"{', '.join(node.members)}", flush=True)
+        links = node.state()["link_rates_mbit"]
+        if links:
+            print(f"ringtrain node {node.node_id}: ring ordered by measured links "
+                  f"(Mbit/s, from -> to): {links}", flush=True)
         trainer = Trainer(node, model, optimizer, train.x, train.y, batch_size=GLOBAL_BATCH,
                           global_batch_size=GLOBAL_BATCH, checkpoint_dir=checkpoint_dir,
                           checkpoint_every=50)
