@@ -117,7 +117,8 @@ class Node:
             Below ``min_size`` the job waits for nodes to come back; nodes beyond
             ``max_size`` are not admitted. Defaults 1 and 64.
         node_id: this node's unique id (default: derived from the host name plus random
-            digits). Ring order sorts by id.
+            digits). Ring order sorts by id, unless links are measured
+            (``Settings.link_probe_bytes``): then ranks follow the measured order.
         settings: timeouts and limits (default: :meth:`Settings.from_env`).
         key: the job key (default: from ``RINGTRAIN_KEY_FILE`` or ``RINGTRAIN_KEY``). Every
             link is then authenticated and encrypted with CURVE.
