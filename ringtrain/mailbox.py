@@ -110,26 +110,32 @@ class Mailbox:
         """
         readable, can_send = self.transport.wait(timeout, writable)
         if readable:
-            self.drain()
+            self._take()
         return can_send
 
     def drain(self) -> None:
         """Sort every message waiting in the transport, without blocking."""
+        if self.transport.look():
+            self._take()
+
+    def _take(self) -> None:
+        """Sort what the transport's last look found: its sockets' messages, and the
+        datagrams at our door."""
         while (incoming := self.transport.receive()) is not None:
             self._sort(incoming)
-        if self.doors is not None:
+        if self.doors is not None and self.doors.fileno() in self.transport.ready_fds:
             while (datagram := self.doors.receive_datagram()) is not None:
                 self._sort(Incoming(datagram[0], datagram[1], local=True))
 
     def _sort(self, incoming: Incoming) -> None:
-        offender = self._offender(incoming.origin, incoming.user, incoming.on_link,
-                                  incoming.peer_address, incoming.local)
-        if offender in self.evicted:
-            if time.monotonic() < self.evicted[offender]:
-                self.dropped["evicted"] += 1
-                return
-            del self.evicted[offender]
-            self.offences.pop(offender, None)
+        if self.evicted:
+            offender = self._offender(incoming)
+            if offender in self.evicted:
+                if time.monotonic() < self.evicted[offender]:
+                    self.dropped["evicted"] += 1
+                    return
+                del self.evicted[offender]
+                self.offences.pop(offender, None)
         # a door's sender is vouched for by the kernel (see shm.py), a link's by our dialling
         keyed = self.transport.key is not None and not incoming.on_link and not incoming.local
         if keyed and incoming.tag != incoming.user:
@@ -167,8 +173,8 @@ class Mailbox:
                 return
             if self._stash_bytes + header.nbytes > self.max_stash_bytes:
                 self.dropped["stash"] += 1
-                self._log_once(offender, f"data from {incoming.origin} for collective {key} "
-                                         f"exceeds the stash budget, dropped")
+                self._log_once(self._offender(incoming), f"data from {incoming.origin} for "
+                               f"collective {key} exceeds the stash budget, dropped")
                 return
             self._stash_bytes += header.nbytes
             self._data[key].append(message)
@@ -199,20 +205,19 @@ class Mailbox:
         offenders, self.offenders = self.offenders, {}
         return offenders
 
-    def _offender(self, origin: str, user: str, on_link: bool, peer_address: str,
-                  local: bool) -> str:
-        if on_link:
-            return f"link {origin}"
-        if local:
-            return f"door {origin}"
+    def _offender(self, sender: Incoming | Message) -> str:
+        """Who is to blame for what ``sender`` sent (see *Repeat offenders*)."""
+        if sender.on_link:
+            return f"link {sender.origin}"
+        if sender.local:
+            return f"door {sender.origin}"
         if self.transport.key is not None:
-            return f"key {user}"
-        return f"{origin} at {peer_address}"
+            return f"key {sender.user}"
+        return f"{sender.origin} at {sender.peer_address}"
 
     def _drop(self, sender: Incoming | Message, reason: str, text: str) -> None:
         self.dropped[reason] += 1
-        offender = self._offender(sender.origin, sender.user, sender.on_link, sender.peer_address,
-                                  sender.local)
+        offender = self._offender(sender)
         self._log_once(offender, f"{text} (further messages from this peer are not logged)")
         if offender not in self.offences and len(self.offences) >= MAX_TRACKED:
             self.offences.pop(next(iter(self.offences)))

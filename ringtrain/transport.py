@@ -303,20 +303,21 @@ class Transport:
             self.endpoint = endpoint
             if self._zap is not None:
                 self._zap.start(self._router)
-            wake_address = f"inproc://wake-{id(self)}"
-            self._wake_in = self._context.socket(zmq.PAIR)
-            self._wake_in.bind(wake_address)
-            self._wake_out = self._context.socket(zmq.PAIR)
-            self._wake_out.connect(wake_address)
-        except zmq.ZMQError as exc:
+            # a plain socket pair: one write wakes the poll, cheaper than a zmq send
+            self._wake_in, self._wake_out = socket.socketpair()
+            self._wake_in.setblocking(False)
+            self._wake_out.setblocking(False)
+        except (zmq.ZMQError, OSError) as exc:
             if self._zap is not None:
                 self._zap.close()
             self._context.destroy(linger=0)
             raise TransportError(f"cannot listen on {listen}: {exc}") from exc
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
-        self._poller.register(self._wake_in, zmq.POLLIN)
-        self._ready: list[zmq.Socket] = []  # sockets the last poll found readable
+        self._wake_fd = self._wake_in.fileno()
+        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._ready: list[zmq.Socket] = []  # sockets the last look found readable, unread
+        self.ready_fds: set[int] = set()  # watched descriptors the last look found readable
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.settings
@@ -387,45 +388,62 @@ class Transport:
     # data path -----------------------------------------------------------------------------
 
     def wait(self, timeout: float, writable: str | None = None) -> tuple[bool, bool]:
-        """Block until something arrives, ``writable`` can take a message, a wake, or timeout.
+        """Block until something arrives, ``writable`` can take a message, a wake, or
+        timeout. A wake is used up here. :meth:`receive` then reads the sockets this wait
+        found readable, and :attr:`ready_fds` names the watched descriptors it found
+        readable.
 
         Returns:
-            (readable, can_send): whether :meth:`receive` has something, and whether a send on
-            link ``writable`` would not block.
+            (readable, can_send): whether any socket or watched descriptor has something,
+            and whether a send on link ``writable`` would not block.
         """
         sock = self._links.get(writable) if writable is not None else None
         if sock is not None:
             self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
         try:
-            events = dict(self._poller.poll(max(0, int(timeout * 1000))))
-        except zmq.ZMQError as exc:
-            raise TransportError(f"poll failed: {exc}") from exc
+            return self._poll(timeout, sock)
         finally:
             if sock is not None:
                 self._poller.modify(sock, zmq.POLLIN)
-        if self._wake_in in events:
-            while self._wake_in.poll(0):
-                self._wake_in.recv()
-        readable = any(s is not self._wake_in and ev & zmq.POLLIN for s, ev in events.items())
-        can_send = sock is not None and bool(events.get(sock, 0) & zmq.POLLOUT)
-        return readable, can_send
+
+    def look(self) -> bool:
+        """Like :meth:`wait`, without blocking, and leaving a wake for the next wait (the
+        waker's work must not be missed). Returns whether anything is readable."""
+        return self._poll(0.0, None)[0]
+
+    def _poll(self, timeout: float, writable: zmq.Socket | None) -> tuple[bool, bool]:
+        try:
+            events = self._poller.poll(max(0, int(timeout * 1000)))
+        except zmq.ZMQError as exc:
+            raise TransportError(f"poll failed: {exc}") from exc
+        ready, fds, can_send = [], set(), False
+        for source, flags in events:
+            if source is writable and flags & zmq.POLLOUT:
+                can_send = True
+            if not flags & zmq.POLLIN:
+                continue
+            if source == self._wake_fd:
+                if timeout > 0:
+                    self._clear_wakes()
+            elif isinstance(source, zmq.Socket):
+                ready.append(source)
+            else:
+                fds.add(source)
+        self._ready, self.ready_fds = ready, fds
+        return bool(ready or fds), can_send
+
+    def _clear_wakes(self) -> None:
+        try:
+            self._wake_in.recv(4096)  # any more (a wake since) just ends the next wait early
+        except (BlockingIOError, InterruptedError):
+            pass
 
     def receive(self) -> Incoming | None:
-        """One waiting message, without blocking, or None.
-
-        One zero-timeout poll finds the sockets with messages; only those are read (a
-        failed non-blocking read of every socket cost more than all else in a small
-        collective)."""
-        while True:
-            if not self._ready:
-                try:
-                    events = self._poller.poll(0)
-                except zmq.ZMQError as exc:
-                    raise TransportError(f"poll failed: {exc}") from exc
-                self._ready = [s for s, ev in events if ev & zmq.POLLIN
-                               and isinstance(s, zmq.Socket) and s is not self._wake_in]
-                if not self._ready:
-                    return None
+        """One message from the sockets the last :meth:`wait` found readable, without
+        blocking; None once they are empty. (Only those are read: a failed non-blocking
+        read of every socket cost more than all else in a small collective. Whatever
+        arrives later shows in the next look.)"""
+        while self._ready:
             sock = self._ready[-1]
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -450,6 +468,7 @@ class Transport:
                             peer_address=_frame_property(frames[-1], "Peer-Address"),
                             user=_frame_property(frames[-1], "User-Id") if self.key else "",
                             tag=tag)
+        return None
 
     def try_send(self, link: str, frames: list, track: bool = False):
         """Send without blocking. Returns False if the link's queue is full, else True or a
@@ -492,9 +511,9 @@ class Transport:
         """Interrupt a :meth:`wait` in progress. Safe from any thread."""
         with self._wake_lock:
             try:
-                self._wake_out.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the wake queue is full: a wake is already pending
+                self._wake_out.send(b"\0")
+            except OSError:
+                pass  # full: a wake is already pending; closed: nobody waits any more
 
     def close(self, linger: float | None = None) -> None:
         """Close every socket, letting queued messages drain for at most ``linger`` seconds."""
@@ -505,8 +524,8 @@ class Transport:
         self._link_endpoints.clear()
         self._router.close(linger=linger_ms)
         with self._wake_lock:
-            self._wake_out.close(linger=0)
-        self._wake_in.close(linger=0)
+            self._wake_out.close()
+        self._wake_in.close()
         if self._zap is not None:
             self._zap.close()
         self._context.term()
