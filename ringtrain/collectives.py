@@ -84,10 +84,28 @@ class Collective:
     descriptor_frame: bytes = field(init=False)  # what the first message carries
 
     def __post_init__(self) -> None:
-        shown = summary(self.descriptor)
-        self.descriptor_frame = canonical_json(shown)
-        self.digest = digest_of(self.descriptor,
-                                self.descriptor_frame if shown is self.descriptor else None)
+        self.descriptor_frame, self.digest = wire_form(self.descriptor)
+
+
+WIRE_FORMS_KEPT = 256  # descriptors whose wire form is remembered (a training loop has few)
+_wire_forms: dict[str, tuple[bytes, bytes]] = {}
+
+
+def wire_form(descriptor: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(descriptor frame, digest) of a descriptor. A training loop calls the same few
+    collectives again and again: their JSON and digest are computed once, by their
+    ``repr`` (cheaper than both, and equal for equal descriptors built the same way)."""
+    key = repr(descriptor)
+    known = _wire_forms.get(key)
+    if known is not None:
+        return known
+    shown = summary(descriptor)
+    frame = canonical_json(shown)
+    known = frame, digest_of(descriptor, frame if shown is descriptor else None)
+    if len(_wire_forms) >= WIRE_FORMS_KEPT:
+        _wire_forms.pop(next(iter(_wire_forms)))
+    _wire_forms[key] = known
+    return known
 
     def compress_slow_links(self, slow: Sequence[bool], rank: int) -> None:
         """Compress only where the ring's links are slow: ``slow[r]`` tells whether rank r's
@@ -142,18 +160,33 @@ class Compressed:
         return self.send_encoded if sending else self.receive_encoded
 
 
+_native_dtypes: dict[np.dtype, np.dtype] = {}  # dtype -> its native-order twin, if reducible
+_dtype_names: dict[np.dtype, str] = {}  # of native reducible dtypes (numpy computes a name)
+
+
+def _native(dtype: np.dtype) -> np.dtype:
+    """``dtype`` in native byte order; ConfigError if the wire cannot carry it."""
+    native = _native_dtypes.get(dtype)
+    if native is not None:
+        return native
+    native = dtype.newbyteorder("=")
+    try:
+        dtype_code(native)
+    except ProtocolError:
+        # the caller's argument, not a peer's bytes: a ConfigError like every other bad argument
+        raise ConfigError(f"dtype {native} cannot be reduced; use float16/32/64 or an "
+                          f"(unsigned) integer of 8 to 64 bits") from None
+    _native_dtypes[dtype] = native  # at most two per wire dtype: a small table
+    _dtype_names[native] = native.name
+    return native
+
+
 def _flat_copy(arrays: Sequence[np.ndarray], extra: int = 0) -> tuple[np.ndarray, np.dtype]:
     dtypes = {np.dtype(a.dtype) for a in arrays}
     if len(dtypes) != 1:
         raise ConfigError(f"arrays of one collective must share a dtype, got "
                           f"{sorted(map(str, dtypes))}")
-    dtype = dtypes.pop().newbyteorder("=")
-    try:
-        dtype_code(dtype)
-    except ProtocolError:
-        # the caller's argument, not a peer's bytes: a ConfigError like every other bad argument
-        raise ConfigError(f"dtype {dtype} cannot be reduced; use float16/32/64 or an "
-                          f"(unsigned) integer of 8 to 64 bits") from None
+    dtype = _native(dtypes.pop())
     total = sum(a.size for a in arrays)
     buffer = np.empty(total + extra, dtype=dtype)
     offset = 0
@@ -218,8 +251,7 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
     first = arrays[0]
     if (owned and len(arrays) == 1 and not weighted and first.flags.c_contiguous
             and first.flags.writeable and first.dtype.isnative and first.size > 0):
-        buffer, dtype = first.reshape(-1), first.dtype
-        _flat_copy([buffer[:0]])  # the same dtype checks, on no data
+        buffer, dtype = first.reshape(-1), _native(first.dtype)
     else:
         buffer, dtype = _flat_copy(arrays, extra=1 if weighted else 0)
     _check_op(op, dtype, weight)
@@ -240,7 +272,7 @@ def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, 
                 np.divide(result, dtype.type(world_size), out=result)
         return _unflatten(result, shapes)
 
-    descriptor = {"collective": "all_reduce", "op": op, "dtype": dtype.name,
+    descriptor = {"collective": "all_reduce", "op": op, "dtype": _dtype_names[dtype],
                   "shapes": [list(s) for s in shapes], "weighted": weighted}
     elements = segment_elements(dtype)
     direct = codec is None and buffer.nbytes <= min(direct_bytes, elements * dtype.itemsize)
@@ -286,7 +318,7 @@ def reduce_scatter(array: Any, op: str, rank: int, world_size: int,
             np.divide(mine, dtype.type(world_size), out=mine)
         return mine
 
-    descriptor = {"collective": "reduce_scatter", "op": op, "dtype": dtype.name,
+    descriptor = {"collective": "reduce_scatter", "op": op, "dtype": _dtype_names[dtype],
                   "shapes": [list(array.shape)]}
     plan = ring.reduce_scatter_plan(rank, world_size, buffer.size, segment_elements(dtype))
     return Collective("reduce_scatter", descriptor, buffer, plan, REDUCE_OPS[op], finish)
@@ -299,7 +331,8 @@ def all_gather(array: Any, rank: int, world_size: int,
     own, dtype = _flat_copy([array])
     buffer = np.empty(own.size * world_size, dtype=dtype)
     buffer[rank * own.size:(rank + 1) * own.size] = own
-    descriptor = {"collective": "all_gather", "dtype": dtype.name, "shapes": [list(array.shape)]}
+    descriptor = {"collective": "all_gather", "dtype": _dtype_names[dtype],
+                  "shapes": [list(array.shape)]}
     plan = ring.all_gather_plan(rank, world_size, own.size, segment_elements(dtype))
     return Collective("all_gather", descriptor, buffer, plan, None,
                       lambda result: result.reshape((world_size, *array.shape)))
@@ -313,7 +346,7 @@ def broadcast(array: Any, root: int, rank: int, world_size: int,
     if not 0 <= root < world_size:
         raise ConfigError(f"root must be a rank in [0, {world_size}), got {root}")
     buffer, dtype = _flat_copy([array])
-    descriptor = {"collective": "broadcast", "root": root, "dtype": dtype.name,
+    descriptor = {"collective": "broadcast", "root": root, "dtype": _dtype_names[dtype],
                   "shapes": [list(array.shape)]}
     plan = ring.broadcast_plan(rank, world_size, root, buffer.size, segment_elements(dtype))
     return Collective("broadcast", descriptor, buffer, plan, None,
@@ -687,7 +720,7 @@ class RingRunner:
         header = self._header(collective, view, sequence, step, whole, True)
         frames = [header.pack(), buffer.tobytes(), collective.descriptor_frame]
         unsent = [m for m in view.members if m != self.node_id]
-        contributions: dict[int, np.ndarray] = {view.rank: buffer.copy()}
+        contributions: dict[int, np.ndarray] = {view.rank: buffer}  # unchanged until the end
         progress_deadline = time.monotonic() + self.progress_timeout
         while unsent or len(contributions) < view.world_size:
             for member in list(unsent):
@@ -726,8 +759,8 @@ class RingRunner:
             poll = LANE_POLL if local else self.poll_interval
             self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
                               writable=unsent[0] if unsent and not local else None)
-        total = contributions[0].copy()
-        for rank in range(1, view.world_size):
+        total = collective.combine(contributions[0], contributions[1])
+        for rank in range(2, view.world_size):
             collective.combine(total, contributions[rank], out=total)
         buffer[...] = total
 

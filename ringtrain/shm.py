@@ -231,14 +231,19 @@ class OutboundLane:
         self._map.close()
 
 
-@dataclass(frozen=True)
 class DatagramFrame:
     """One frame cut out of a datagram, shaped like a ``zmq.Frame`` for the mailbox."""
 
-    buffer: memoryview
+    __slots__ = ("buffer",)  # a plain class: made three times per datagram, cheaply
+
+    def __init__(self, buffer: memoryview):
+        self.buffer = buffer
 
     def __len__(self) -> int:
         return len(self.buffer)
+
+
+_FLAGS, _NBYTES = struct.Struct("<H"), struct.Struct("<Q")  # header fields at 8 and 64
 
 
 def split_datagram(data: bytes) -> list[DatagramFrame]:
@@ -248,8 +253,8 @@ def split_datagram(data: bytes) -> list[DatagramFrame]:
     view = memoryview(data)
     if len(view) < HEADER_SIZE:
         return [DatagramFrame(view)]
-    flags, = struct.unpack_from("<H", view, 8)
-    nbytes, = struct.unpack_from("<Q", view, 64)
+    flags, = _FLAGS.unpack_from(view, 8)
+    nbytes, = _NBYTES.unpack_from(view, 64)
     end = HEADER_SIZE + (SHM_REF.size if flags & FLAG_SHM else nbytes)
     frames = [view[:HEADER_SIZE], view[HEADER_SIZE:end]]
     if len(view) > end or flags & FLAG_DESCRIPTOR:

@@ -89,7 +89,9 @@ CODE_OF_DTYPE: dict[np.dtype, int] = {dt: code for code, dt in DTYPE_CODES.items
 
 def dtype_code(dtype: np.dtype) -> int:
     """The wire code of a numpy dtype; raises ProtocolError for dtypes the wire cannot carry."""
-    code = CODE_OF_DTYPE.get(np.dtype(dtype).newbyteorder("<"))
+    code = CODE_OF_DTYPE.get(dtype)  # the common case: a little-endian numpy dtype
+    if code is None:
+        code = CODE_OF_DTYPE.get(np.dtype(dtype).newbyteorder("<"))
     if code is None:
         raise ProtocolError("dtype", f"one of {sorted(str(d) for d in CODE_OF_DTYPE)}", dtype)
     return code
