@@ -585,7 +585,8 @@ class RingRunner:
             # a full lane frees up without a message telling us: look again soon
             poll = LANE_POLL if lane_full else self.poll_interval
             self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
-                              writable=successor if pending and not lane_full else None)
+                              writable=successor if pending and not lane_full else None,
+                              links=self._links_due(now))
         self._learn_gap(longest_gap)
         # the caller may change the buffer once we return: wait until libzmq let go of it
         for tracker in trackers:
@@ -596,6 +597,12 @@ class RingRunner:
                 raise PeerFailedError(f"{where}: successor {successor} did not take the last "
                                       f"segments", peer=successor, generation=view.generation,
                                       collective=sequence) from exc
+
+    def _links_due(self, now: float) -> bool:
+        """Whether a wait should also watch the outgoing links: their traffic (replies to
+        membership) is only handled at a membership turn, so until one is due a wait
+        watches only where data comes in, which costs fewer system calls."""
+        return now >= self._service_due
 
     def _local(self, peer: str) -> bool:
         """Whether ``peer`` is on this host (its door and lanes free up with no message
@@ -758,7 +765,8 @@ class RingRunner:
             local = bool(unsent) and self._local(unsent[0])
             poll = LANE_POLL if local else self.poll_interval
             self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
-                              writable=unsent[0] if unsent and not local else None)
+                              writable=unsent[0] if unsent and not local else None,
+                              links=self._links_due(now))
         total = collective.combine(contributions[0], contributions[1])
         for rank in range(2, view.world_size):
             collective.combine(total, contributions[rank], out=total)

@@ -102,13 +102,14 @@ class Mailbox:
         self._logged_overflow = False
         self.doors: SharedMemoryLanes | None = None  # same-host peers' datagrams
 
-    def pump(self, timeout: float, writable: str | None = None) -> bool:
+    def pump(self, timeout: float, writable: str | None = None, links: bool = True) -> bool:
         """Wait up to ``timeout`` for traffic, then sort everything that has arrived.
+        ``links=False``: only for data (see ``Transport.wait``).
 
         Returns:
             whether a send on link ``writable`` would not block now.
         """
-        readable, can_send = self.transport.wait(timeout, writable)
+        readable, can_send = self.transport.wait(timeout, writable, links)
         if readable:
             self._take()
         return can_send

@@ -68,6 +68,7 @@ ZAP_DOMAIN = b"ringtrain"
 MAX_CONNECTIONS_PER_ADDRESS = 64  # a ring has at most 64 members by default, one link each
 MAX_TRACKED_CONNECTIONS = 4096  # bound on the connection table (and on logged refusals)
 ROUTE_SEPARATOR = b"\0"
+POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: enum flags' & is slow
 
 
 def curve_keypair(key: JobKey, purpose: str) -> tuple[bytes, bytes]:
@@ -312,10 +313,15 @@ class Transport:
                 self._zap.close()
             self._context.destroy(linger=0)
             raise TransportError(f"cannot listen on {listen}: {exc}") from exc
-        self._poller = zmq.Poller()
-        self._poller.register(self._router, zmq.POLLIN)
         self._wake_fd = self._wake_in.fileno()
-        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._poller = zmq.Poller()  # everything: the listening socket, links, doors, wakes
+        # what a collective waits for: data comes to the listening socket or a door, never on
+        # a link (links bring replies to membership, read at its next turn). Each zmq socket
+        # polled costs system calls, and a ring of N has N-1 links.
+        self._data_poller = zmq.Poller()
+        for poller in (self._poller, self._data_poller):
+            poller.register(self._router, zmq.POLLIN)
+            poller.register(self._wake_fd, zmq.POLLIN)
         self._ready: list[zmq.Socket] = []  # sockets the last look found readable, unread
         self.ready_fds: set[int] = set()  # watched descriptors the last look found readable
 
@@ -384,43 +390,54 @@ class Transport:
         """Let :meth:`wait` return when file descriptor ``fd`` (another way messages come
         in, such as a same-host door) is readable."""
         self._poller.register(fd, zmq.POLLIN)
+        self._data_poller.register(fd, zmq.POLLIN)
 
     # data path -----------------------------------------------------------------------------
 
-    def wait(self, timeout: float, writable: str | None = None) -> tuple[bool, bool]:
+    def wait(self, timeout: float, writable: str | None = None, links: bool = True
+             ) -> tuple[bool, bool]:
         """Block until something arrives, ``writable`` can take a message, a wake, or
         timeout. A wake is used up here. :meth:`receive` then reads the sockets this wait
         found readable, and :attr:`ready_fds` names the watched descriptors it found
-        readable.
+        readable. ``links=False`` waits for data only: the outgoing links (but
+        ``writable``) are neither watched nor read.
 
         Returns:
             (readable, can_send): whether any socket or watched descriptor has something,
             and whether a send on link ``writable`` would not block.
         """
+        poller = self._poller if links else self._data_poller
         sock = self._links.get(writable) if writable is not None else None
         if sock is not None:
-            self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+            if links:
+                poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+            else:
+                poller.register(sock, zmq.POLLOUT)
         try:
-            return self._poll(timeout, sock)
+            return self._poll(poller, timeout, sock)
         finally:
             if sock is not None:
-                self._poller.modify(sock, zmq.POLLIN)
+                if links:
+                    poller.modify(sock, zmq.POLLIN)
+                else:
+                    poller.unregister(sock)
 
     def look(self) -> bool:
         """Like :meth:`wait`, without blocking, and leaving a wake for the next wait (the
         waker's work must not be missed). Returns whether anything is readable."""
-        return self._poll(0.0, None)[0]
+        return self._poll(self._poller, 0.0, None)[0]
 
-    def _poll(self, timeout: float, writable: zmq.Socket | None) -> tuple[bool, bool]:
+    def _poll(self, poller: zmq.Poller, timeout: float, writable: zmq.Socket | None
+              ) -> tuple[bool, bool]:
         try:
-            events = self._poller.poll(max(0, int(timeout * 1000)))
+            events = poller.poll(max(0, int(timeout * 1000)))
         except zmq.ZMQError as exc:
             raise TransportError(f"poll failed: {exc}") from exc
         ready, fds, can_send = [], set(), False
         for source, flags in events:
-            if source is writable and flags & zmq.POLLOUT:
+            if source is writable and flags & POLLOUT:
                 can_send = True
-            if not flags & zmq.POLLIN:
+            if not flags & POLLIN:
                 continue
             if source == self._wake_fd:
                 if timeout > 0:
