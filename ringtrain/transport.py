@@ -414,7 +414,7 @@ class Transport:
             else:
                 poller.register(sock, zmq.POLLOUT)
         try:
-            return self._poll(poller, timeout, sock)
+            return self._poll(poller, timeout, sock, wakes=True)
         finally:
             if sock is not None:
                 if links:
@@ -425,10 +425,11 @@ class Transport:
     def look(self) -> bool:
         """Like :meth:`wait`, without blocking, and leaving a wake for the next wait (the
         waker's work must not be missed). Returns whether anything is readable."""
-        return self._poll(self._poller, 0.0, None)[0]
+        return self._poll(self._poller, 0.0, None, wakes=False)[0]
 
-    def _poll(self, poller: zmq.Poller, timeout: float, writable: zmq.Socket | None
-              ) -> tuple[bool, bool]:
+    def _poll(self, poller: zmq.Poller, timeout: float, writable: zmq.Socket | None,
+              wakes: bool) -> tuple[bool, bool]:
+        """One poll; remembers what is readable. ``wakes``: use up a pending wake."""
         try:
             events = poller.poll(max(0, int(timeout * 1000)))
         except zmq.ZMQError as exc:
@@ -440,7 +441,7 @@ class Transport:
             if not flags & POLLIN:
                 continue
             if source == self._wake_fd:
-                if timeout > 0:
+                if wakes:
                     self._clear_wakes()
             elif isinstance(source, zmq.Socket):
                 ready.append(source)
@@ -450,14 +451,15 @@ class Transport:
         return bool(ready or fds), can_send
 
     def _clear_wakes(self) -> None:
+        """Take the pending wakes off the wake socket."""
         try:
             self._wake_in.recv(4096)  # any more (a wake since) just ends the next wait early
         except (BlockingIOError, InterruptedError):
             pass
 
     def receive(self) -> Incoming | None:
-        """One message from the sockets the last :meth:`wait` found readable, without
-        blocking; None once they are empty. (Only those are read: a failed non-blocking
+        """One message from the sockets the last :meth:`wait` or :meth:`look` found readable,
+        without blocking; None once they are empty. (Only those are read: a failed non-blocking
         read of every socket cost more than all else in a small collective. Whatever
         arrives later shows in the next look.)"""
         while self._ready:
