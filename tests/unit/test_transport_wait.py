@@ -48,7 +48,10 @@ def test_a_wake_survives_a_look_and_ends_the_next_wait(pair):
 def test_data_only_waits_leave_link_traffic_to_the_next_look(pair):
     a, b = pair
     a.connect("node-b", b.endpoint)
-    assert a.try_send("node-b", [b"hello"])
+    deadline = time.monotonic() + DEADLINE_S
+    while not a.try_send("node-b", [b"hello"]):  # nothing queues before the link connects
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     incoming = _receive_within(b)
     assert (incoming.origin, [bytes(f.buffer) for f in incoming.frames][0]) == ("node-a",
                                                                                 b"hello")
