@@ -598,6 +598,16 @@ class RingRunner:
                                       f"segments", peer=successor, generation=view.generation,
                                       collective=sequence) from exc
 
+    def take_turn(self) -> bool:
+        """Whether a membership turn is due (they come at most every ``SERVICE_INTERVAL``
+        while collectives flow, in the runner's waits and between collectives alike); if
+        so, the next one is due that much later."""
+        now = time.monotonic()
+        if now < self._service_due:
+            return False
+        self._service_due = now + SERVICE_INTERVAL
+        return True
+
     def _links_due(self, now: float) -> bool:
         """Whether a wait should also watch the outgoing links: their traffic (replies to
         membership) is only handled at a membership turn, so until one is due a wait
@@ -684,10 +694,8 @@ class RingRunner:
         abort = self.mailbox.aborts.get((view.generation, sequence))
         if abort is not None:
             raise _error_from_abort(abort, where, view.generation, sequence)
-        now = time.monotonic()
-        if now < self._service_due:
+        if not self.take_turn():
             return  # membership work between every two segments would cost more than it saves
-        self._service_due = now + SERVICE_INTERVAL
         failure = self.service(view)
         if failure is not None:
             why, suspect = failure
