@@ -501,7 +501,11 @@ class Node:
                 try:
                     work = self._queue.get_nowait()
                 except queue.Empty:
-                    self._serve_membership()
+                    # between collectives too, a membership turn at most every
+                    # SERVICE_INTERVAL, unless control traffic or candidates wait
+                    if (self._runner.take_turn() or self._mailbox.control
+                            or not self._new_candidates.empty()):
+                        self._serve_membership()
                     self._mailbox.pump(self.settings.heartbeat_interval / 2)
                     continue
                 if work is None:
