@@ -86,6 +86,26 @@ class Collective:
     def __post_init__(self) -> None:
         self.descriptor_frame, self.digest = wire_form(self.descriptor)
 
+    def compress_slow_links(self, slow: Sequence[bool], rank: int) -> None:
+        """Compress only where the ring's links are slow: ``slow[r]`` tells whether rank r's
+        link to its successor is. Reduce-scatter then encodes only over slow links (the
+        partial sums on fast links stay exact); all-gather still travels encoded on every
+        link, so that every member decodes the same bytes and ends bit-identical. With no
+        slow link the collective runs uncompressed, and what earlier calls left out (the
+        error-feedback residual) joins this result. Every member must pass the same."""
+        compressed = self.compressed
+        if compressed is None:
+            return
+        if not any(slow):
+            if compressed.residual is not None:
+                exact = self.buffer[:compressed.exact_from]
+                np.add(exact, compressed.residual, out=exact)
+                compressed.residual[...] = 0
+            self.compressed = None
+            return
+        compressed.send_encoded = slow[rank]
+        compressed.receive_encoded = slow[rank - 1]
+
 
 WIRE_FORMS_KEPT = 256  # descriptors whose wire form is remembered (a training loop has few)
 _wire_forms: dict[str, tuple[bytes, bytes]] = {}
@@ -106,26 +126,6 @@ def wire_form(descriptor: dict[str, Any]) -> tuple[bytes, bytes]:
         _wire_forms.pop(next(iter(_wire_forms)))
     _wire_forms[key] = known
     return known
-
-    def compress_slow_links(self, slow: Sequence[bool], rank: int) -> None:
-        """Compress only where the ring's links are slow: ``slow[r]`` tells whether rank r's
-        link to its successor is. Reduce-scatter then encodes only over slow links (the
-        partial sums on fast links stay exact); all-gather still travels encoded on every
-        link, so that every member decodes the same bytes and ends bit-identical. With no
-        slow link the collective runs uncompressed, and what earlier calls left out (the
-        error-feedback residual) joins this result. Every member must pass the same."""
-        compressed = self.compressed
-        if compressed is None:
-            return
-        if not any(slow):
-            if compressed.residual is not None:
-                exact = self.buffer[:compressed.exact_from]
-                np.add(exact, compressed.residual, out=exact)
-                compressed.residual[...] = 0
-            self.compressed = None
-            return
-        compressed.send_encoded = slow[rank]
-        compressed.receive_encoded = slow[rank - 1]
 
 
 @dataclass
