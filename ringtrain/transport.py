@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import secrets
 import socket
@@ -431,7 +432,7 @@ class Transport:
               wakes: bool) -> tuple[bool, bool]:
         """One poll; remembers what is readable. ``wakes``: use up a pending wake."""
         try:
-            events = poller.poll(max(0, int(timeout * 1000)))
+            events = poller.poll(max(0, math.ceil(timeout * 1000)))
         except zmq.ZMQError as exc:
             raise TransportError(f"poll failed: {exc}") from exc
         ready, fds, can_send = [], set(), False
