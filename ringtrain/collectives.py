@@ -824,7 +824,7 @@ class RingRunner:
         answered, rate = False, 0.0
         started = time.monotonic()
         progress_deadline = started + self.progress_timeout
-        while not (answered and rate):
+        while True:
             while sent < len(segments):
                 lo, hi = segments[sent]
                 header = self._header(collective, view, sequence, 0,
