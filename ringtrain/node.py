@@ -198,7 +198,9 @@ class Node:
         self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
         self._view_listeners: list[Callable[[View], None]] = []
         self._closing = False
-        self._formed = threading.Event()
+        self._formed = threading.Event()  # set once a view is announced
+        if self._view is not None:
+            self._formed.set()  # a ring of one, formed at once
         self._fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._engine, name=f"ringtrain-{self.node_id}",
                                         daemon=True)
@@ -497,7 +499,6 @@ class Node:
                     self._serve_membership()
                     self._mailbox.pump(self.settings.heartbeat_interval / 2)
                     continue
-                self._formed.set()
                 try:
                     work = self._queue.get_nowait()
                 except queue.Empty:
