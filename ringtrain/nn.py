@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -210,7 +211,9 @@ class Sequential:
         self.params = np.zeros(total, dtype=self.dtype)
         self.grads = np.zeros(total, dtype=self.dtype)
         offset = 0
+        self._starts: list[int] = []  # where each layer's parameters begin in the buffers
         for layer in self.layers:
+            self._starts.append(offset)
             param_views, grad_views = [], []
             for _, shape in layer.parameter_shapes():
                 size = math.prod(shape)
@@ -248,18 +251,35 @@ class Sequential:
             out = layer.forward(out)
         return out
 
-    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+    def backward(self, grad_out: np.ndarray,
+                 on_ready: Callable[[int], None] | None = None) -> np.ndarray:
         """Back-propagate ``grad_out`` (d loss / d output of the last forward).
 
         Overwrites ``grads`` with d loss / d params; nothing accumulates across calls.
+
+        Args:
+            grad_out: d loss / d output.
+            on_ready: called as ``on_ready(start)`` after each layer with parameters, once
+                ``grads[start:]`` holds final values (the layers' gradients are laid out in
+                order, so backward finishes the buffer from its end): a caller can send them
+                while the earlier layers still compute.
 
         Returns:
             d loss / d input.
         """
         grad = np.asarray(grad_out, dtype=self.dtype)
-        for layer in reversed(self.layers):
+        for layer, start in zip(reversed(self.layers), reversed(self._starts), strict=True):
             grad = layer.backward(grad)
+            if on_ready is not None and layer.parameter_shapes():
+                on_ready(start)
         return grad
+
+    @property
+    def layer_starts(self) -> list[int]:
+        """Where each layer with parameters begins in ``params`` and ``grads``, ascending:
+        the boundaries at which :meth:`backward` reports gradients ready."""
+        return sorted({start for layer, start in zip(self.layers, self._starts, strict=True)
+                       if layer.parameter_shapes()})
 
     def load_params(self, values: np.ndarray) -> None:
         """Copy ``values`` into ``params`` in place (the layers' views stay valid).

@@ -52,10 +52,24 @@ non-finite result (which it would otherwise carry into every later step) and on 
 (it belongs to an attempt whose contributions never landed). Local SGD averages parameters,
 which must not be quantized: it refuses compression.
 
+Gradient during backward (``bucket_bytes``, default 1 MiB). Backward finishes the flat
+gradient from its end (the last layer first), so the trainer cuts it at layer boundaries into
+buckets of at least ``bucket_bytes`` (:func:`gradient_buckets`) and starts each bucket's
+all-reduce (asynchronous, weighted, in place) as soon as backward has finished its layers,
+while the earlier layers still compute; what remains (at least the first layer) travels with
+the four exact values below once backward is done, and the step waits for every bucket. Every
+member cuts the same buckets from the same model and sends them in the same order (a member
+with no samples sends them after its empty compute), so the collectives match. A failed
+bucket fails the step like a failed all-reduce: all of them are finished before the step is
+redone. It applies to uncompressed averaging with the built-in ``compute_gradients`` (an
+override may change the gradient after backward has reported it); ``bucket_bytes=0`` turns
+it off. A small model (under ``bucket_bytes`` past its first layer) has no early bucket.
+
 Non-finite gradients. A member whose gradient or loss holds NaN or Inf sends zeros and raises a
-flag element fused into the same all-reduce; when the reduced flag is set (or the reduced
-gradient overflowed) every member skips the step: the optimizer does not move, the samples
-count as consumed. After ``max_nonfinite`` skips in a row, :class:`NonFiniteGradientError`.
+flag element fused into the same all-reduce (a bucket sent during backward is checked as it
+leaves: zeros if not finite, and the flag goes with the rest); when the reduced flag is set
+(or the reduced gradient overflowed) every member skips the step: the optimizer does not
+move, the samples count as consumed. After ``max_nonfinite`` skips in a row, :class:`NonFiniteGradientError`.
 In local SGD mode the check is local: a member skips its own local step.
 
 Checkpoints (``checkpoint_dir``). Rank 0 saves an atomic checkpoint (parameters, optimizer
@@ -76,8 +90,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +100,7 @@ from . import checkpoint
 from .compression import Codec, check_supported, get_codec
 from .errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
 from .nn import Sequential, softmax_cross_entropy
-from .node import Node
+from .node import Node, Work
 from .optim import Optimizer
 from .sharding import DataPosition, Sampler, split_proportional
 
@@ -102,6 +116,8 @@ SPEED_SMOOTHING = 0.3  # weight of the newest step in the throughput average: ad
 FACT_BYTES = 64  # each agreement fact travels as this many UTF-8 bytes (a hex SHA-256 fits)
 PROGRESS_FILE = "progress.json"
 REFORM_ROUND = 2.0  # seconds per attempt to re-form; attempts repeat until rejoin_timeout
+CONTROL = 4  # exact values before the gradient: weight x loss, weight, non-finite, re-form
+BUCKET_BYTES = 1 << 20  # an early bucket of gradient holds at least this much
 
 
 class NonFiniteGradientError(RingtrainError):
@@ -166,6 +182,41 @@ class StepReport:
     throughput: float
 
 
+def gradient_buckets(starts: Sequence[int], size: int, bucket_elements: int
+                     ) -> list[tuple[int, int]]:
+    """The gradient's early buckets: element ranges [start, stop) cut at layer boundaries
+    ``starts`` (ascending, 0 first), from the end of a ``size``-element gradient backwards,
+    each the fewest layers that hold at least ``bucket_elements``. What stays before the last
+    bucket (at least the first layer, whose gradient backward finishes last) travels with
+    the step's control values. Pure: every member with the same model cuts the same."""
+    buckets, stop = [], size
+    for start in reversed(starts[1:]):
+        if stop - start >= bucket_elements:
+            buckets.append((start, stop))
+            stop = start
+    return buckets
+
+
+@dataclass
+class _EarlyBuckets:
+    """One step's gradient buckets sent while backward runs (see ``begin_step``)."""
+
+    weight: float
+    pending: list[tuple[int, int]]  # not sent yet, next first
+    sent_from: int  # the gradient from here on is sent
+    finite: bool = True  # every bucket sent so far was finite
+    works: list[Work] = field(default_factory=list)
+
+
+def _outcome(work: Work) -> BaseException | None:
+    """Wait for ``work``; the error it failed with, or None."""
+    try:
+        work.wait()
+    except RingtrainError as exc:
+        return exc
+    return None
+
+
 class DistributedOptimizer:
     """An optimizer whose steps use the gradient averaged over every member.
 
@@ -220,10 +271,12 @@ class DistributedOptimizer:
         """Set to ask the others, through the next step, to re-form without this node."""
         self.leave_announced = False
         """Whether a completed step carried :attr:`leaving` to the others: now we may go."""
-        # weight x gradient, weight x loss, weight, non-finite flag, re-form flag: one buffer,
-        # one all-reduce (a sum: the flags must count whatever the weights); with compression
-        # the gradient part and the four exact values are two all-reduces (module docstring)
-        self._buffer = np.empty(self.params.size + 4, dtype=self.params.dtype)
+        # weight x loss, weight, non-finite flag, re-form flag, then weight x gradient: one
+        # buffer, one all-reduce (a sum: the flags must count whatever the weights); with
+        # compression the four exact values and the gradient are two all-reduces, and with
+        # early buckets (begin_step) the gradient's tail goes out first (module docstring)
+        self._buffer = np.empty(CONTROL + self.params.size, dtype=self.params.dtype)
+        self._early: _EarlyBuckets | None = None
         if not joining:
             facts = {"optimizer": _optimizer_kind(optimizer),
                      "parameters": f"{self.params.size} {self.params.dtype}"}
@@ -232,6 +285,42 @@ class DistributedOptimizer:
             facts.update({name: str(value) for name, value in (agree_on or {}).items()})
             check_agreement(node, facts, timeout)
             self.broadcast_state(0)
+
+    def begin_step(self, weight: float, buckets: Sequence[tuple[int, int]]
+                   ) -> Callable[[np.ndarray, int], None]:
+        """Start a step whose gradient travels while backward still runs (uncompressed
+        only). ``buckets`` are element ranges [start, stop) of the gradient, from its end
+        backwards (see :func:`gradient_buckets`); every member must pass the same. Returns
+        ``ready(grads, start)``: call it whenever ``grads[start:]`` holds final values (e.g.
+        as ``Sequential.backward``'s ``on_ready``), and each bucket that is then complete
+        starts its all-reduce at once. The next :meth:`step`, with the same ``grads`` and
+        ``weight``, sends the rest and waits for everything. The gradient must not change
+        after ``ready`` reported it."""
+        if self.codec is not None:
+            raise ConfigError("early buckets carry an uncompressed gradient; this optimizer "
+                              f"compresses with {self.codec.spec()}")
+        self._early = _EarlyBuckets(weight, list(buckets), self.params.size)
+
+        def ready(grads: np.ndarray, start: int) -> None:
+            early = self._early
+            while early is not None and early.pending and early.pending[0][0] >= start:
+                self._send_early(early, grads)
+
+        return ready
+
+    def _send_early(self, early: _EarlyBuckets, grads: np.ndarray) -> None:
+        """Start the all-reduce of the next early bucket: weight x its gradient, or zeros
+        when it is not finite (the flag then goes with the last all-reduce)."""
+        lo, hi = early.pending.pop(0)
+        region = self._buffer[CONTROL + lo:CONTROL + hi]
+        if np.isfinite(grads[lo:hi]).all():
+            np.multiply(grads[lo:hi], early.weight, out=region)
+        else:
+            region[...] = 0
+            early.finite = False
+        early.sent_from = lo
+        early.works.append(self.node.all_reduce_async(region, op="sum", timeout=self.timeout,
+                                                      out=region))
 
     def step(self, grads: np.ndarray, weight: float, loss: float = 0.0) -> bool:
         """Average ``grads`` over the members weighted by ``weight``, then step the optimizer.
@@ -248,19 +337,26 @@ class DistributedOptimizer:
         Raises:
             NonFiniteGradientError: the ``max_nonfinite``-th skipped step in a row.
         """
-        n = self.params.size
-        finite = bool(np.isfinite(grads).all()) and math.isfinite(loss)
+        early, self._early = self._early, None
+        head = self.params.size  # the gradient [0, head) not sent early
+        finite = math.isfinite(loss)
+        if early is not None:
+            while early.pending:
+                self._send_early(early, grads)
+            head, finite = early.sent_from, finite and early.finite
+        finite = finite and bool(np.isfinite(grads[:head]).all())
+        control = self._buffer[:CONTROL]
         if finite:
-            np.multiply(grads, weight, out=self._buffer[:n])
-            self._buffer[n:n + 3] = (loss * weight, weight, 0)
+            np.multiply(grads[:head], weight, out=self._buffer[CONTROL:CONTROL + head])
+            control[:3] = (loss * weight, weight, 0)
         else:
             log.warning("rank %d: non-finite gradient or loss at step %d (generation %d)",
                         self.node.rank, self.steps + 1, self.node.generation)
-            self._buffer[:n + 2] = 0
-            self._buffer[n + 2] = 1
+            self._buffer[CONTROL:CONTROL + head] = 0
+            control[:3] = (0, 0, 1)
         leaving = self.leaving  # read once: a signal may set it while this step runs
-        self._buffer[n + 3] = 1 if (leaving or self.node.reform_due) else 0
-        gradient, control = self._reduce(n)
+        control[3] = 1 if (leaving or self.node.reform_due) else 0
+        gradient = self._reduce(head, [] if early is None else early.works)
         self.leave_announced = leaving
         self.steps += 1
         self.reform_agreed = bool(control[3] != 0)
@@ -283,20 +379,30 @@ class DistributedOptimizer:
         self.optimizer.step(gradient)
         return True
 
-    def _reduce(self, n: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """(summed weighted gradient, or None when every member skips this step; summed
-        [weighted loss, weight, non-finite flag, re-form flag]). Both are views of the
-        buffer, reduced in place (``out=`` the array itself): it is refilled every step, so
-        no copy and no fresh result array per step."""
-        gradient, control = self._buffer[:n], self._buffer[n:]
-        exact = self._buffer if self.codec is None else control
-        self.node.all_reduce(exact, op="sum", timeout=self.timeout, out=exact)
+    def _reduce(self, head: int, early: list[Work]) -> np.ndarray | None:
+        """The summed weighted gradient, or None when every member skips this step; the
+        control values [weighted loss, weight, non-finite flag, re-form flag] are summed in
+        place. ``early``: the all-reduces of the gradient past ``head``, already started;
+        they are all finished when this returns or raises. The buffer is reduced in place
+        (``out=`` the array itself): it is refilled every step, so no copy and no fresh
+        result array per step."""
+        control, gradient = self._buffer[:CONTROL], self._buffer[CONTROL:]
+        exact = self._buffer[:CONTROL + head] if self.codec is None else control
+        try:
+            self.node.all_reduce(exact, op="sum", timeout=self.timeout, out=exact)
+        finally:
+            # an early all-reduce that failed fails the step, even when the last one passed
+            # (the engine runs them in order: they are done once the last one is)
+            errors = [_outcome(work) for work in early]
+        failed = next((error for error in errors if error is not None), None)
+        if failed is not None:
+            raise failed
         if control[2] != 0 or not np.isfinite(control[:2]).all() or not control[1] > 0:
-            return None, control
+            return None
         if self.codec is not None:
             self.node.all_reduce(gradient, op="sum", timeout=self.timeout,
                                  compression=self.codec, out=gradient)
-        return gradient, control
+        return gradient
 
     def clear_feedback(self) -> None:
         """Forget the error-feedback residuals: after a non-finite result (they would carry
@@ -375,6 +481,11 @@ class Trainer:
             ``min_size``, or on the minority side of a partition) before giving up.
         compression: compress the gradient all-reduce: None (default), ``"fp16"``,
             ``"int8"``, ``"topk[:RATIO]"`` or a Codec (module docstring); not with local SGD.
+        bucket_bytes: send the gradient of the last layers while backward still computes
+            the first ones, in buckets of whole layers of at least this many bytes (module
+            docstring); 0: all of it after backward. Applies to uncompressed gradient
+            averaging (``average_every=1``) with the built-in :meth:`compute_gradients` (an
+            override may change the gradient after backward). Members must agree.
 
     Raises:
         ConfigError: a bad argument, or members that disagree on model, data or settings.
@@ -388,12 +499,17 @@ class Trainer:
                  checkpoint_every: int = 100, max_nonfinite: int = 10,
                  timeout: float | None = None, rejoin_timeout: float = 600.0,
                  global_batch_size: int | None = None,
-                 compression: str | Codec | None = None):
+                 compression: str | Codec | None = None,
+                 bucket_bytes: int = BUCKET_BYTES):
         for name, value in (("batch_size", batch_size), ("share_every", share_every),
                             ("average_every", average_every),
                             ("checkpoint_every", checkpoint_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) \
+                or bucket_bytes < 0:
+            raise ConfigError(f"bucket_bytes must be a non-negative integer, got "
+                              f"{bucket_bytes!r}")
         if checkpoint_dir is not None and checkpoint_every % average_every:
             raise ConfigError(f"checkpoint_every ({checkpoint_every}) must be a multiple of "
                               f"average_every ({average_every}): members differ in between")
@@ -431,6 +547,14 @@ class Trainer:
         self.global_batch_size = global_batch_size
         self.reforms = 0
         """How many times the ring re-formed under this trainer (failures, joins, leaves)."""
+        overlap = (bucket_bytes > 0 and codec is None and average_every == 1
+                   and type(self).compute_gradients is Trainer.compute_gradients)
+        self.early_buckets = gradient_buckets(
+            model.layer_starts, model.num_params,
+            max(1, bucket_bytes // model.dtype.itemsize)) if overlap else []
+        """The gradient's ranges [start, stop) sent while backward runs, in that order (empty:
+        all of it travels after backward)."""
+        self._on_ready: Callable[[int], None] | None = None  # backward's hook, during a step
         joining = node.joined_running_ring
         self.optimizer = DistributedOptimizer(
             node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout, joining=joining,
@@ -438,7 +562,8 @@ class Trainer:
             agree_on=training_facts(model, x, y, batch_size=batch_size, seed=seed,
                                     adaptive=adaptive, share_every=share_every,
                                     average_every=average_every, loss=loss,
-                                    global_batch_size=global_batch_size))
+                                    global_batch_size=global_batch_size,
+                                    bucket_bytes=bucket_bytes if self.early_buckets else 0))
         if joining:
             try:
                 self._sync_state()
@@ -456,7 +581,7 @@ class Trainer:
         Override to change how gradients are computed (the tests slow a node down here).
         """
         loss, grad_out = self.loss_fn(self.model.forward(x), y)
-        self.model.backward(grad_out)
+        self.model.backward(grad_out, on_ready=self._on_ready)
         return loss
 
     def step(self) -> StepReport:
@@ -488,12 +613,18 @@ class Trainer:
         epoch = self.position.epoch
         batches, after = self.sampler.next_batches(self.position, sizes)
         indices = batches[node.rank]
+        if self.average_every == 1 and self.early_buckets:
+            ready = self.optimizer.begin_step(len(indices), self.early_buckets)
+            self._on_ready = lambda start: ready(self.model.grads, start)
         compute_started = time.perf_counter()
-        if len(indices):
-            loss = self.compute_gradients(self.x[indices], self.y[indices])
-        else:
-            loss = 0.0
-            self.model.grads[...] = 0
+        try:
+            if len(indices):
+                loss = self.compute_gradients(self.x[indices], self.y[indices])
+            else:
+                loss = 0.0
+                self.model.grads[...] = 0
+        finally:
+            self._on_ready = None
         compute_seconds = time.perf_counter() - compute_started
         if len(indices) and compute_seconds > 0:
             rate = len(indices) / compute_seconds

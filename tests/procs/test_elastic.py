@@ -36,7 +36,7 @@ from ringtrain.node import Node
 from ringtrain.optim import SGD
 from ringtrain.sharding import DataPosition, Sampler
 from ringtrain.testing import LocalCluster, free_ports, node_id
-from ringtrain.train import Trainer
+from ringtrain.train import BUCKET_BYTES, Trainer
 
 # Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
 # a failure is retried twice before it counts (each attempt is fully bounded).
@@ -112,7 +112,8 @@ def _arm_suicide(fraction: float, stamp: Path) -> dict:
             if armed["count"] >= max(1, int(fraction * total)):
                 phase = "reduce-scatter" if expected.reduce else "all-gather"
                 stamp.write_text(json.dumps({"time": time.time(), "phase": phase,
-                                             "received": armed["count"], "of": total}))
+                                             "received": armed["count"], "of": total,
+                                             "elements": collective.buffer.size}))
                 os.kill(os.getpid(), signal.SIGKILL)
 
     collectives.RingRunner._accept = accept
@@ -146,7 +147,8 @@ def train(node: Node, plan: dict) -> dict:
                       batch_size=BATCH, global_batch_size=GLOBAL_BATCH, adaptive=False,
                       timeout=SETTINGS.collective_timeout, rejoin_timeout=40.0,
                       checkpoint_dir=plan.get("checkpoints", {}).get(me),
-                      checkpoint_every=plan.get("checkpoint_every", 100))
+                      checkpoint_every=plan.get("checkpoint_every", 100),
+                      bucket_bytes=plan.get("bucket_bytes", BUCKET_BYTES))
     start = {"step": trainer.step_count, "hash": trainer.version.content_hash,
              "generation": node.generation, "joined": node.joined_running_ring,
              "time": time.time()}
@@ -299,6 +301,21 @@ def test_sigkill_mid_all_reduce_survivors_redo_the_step(victim, fraction, phase,
     for result in survivors:
         assert result["members"] == tuple(node_id(i) for i in range(N) if i != victim)
         assert result["generation"] > reference["generation"]
+
+
+def test_sigkill_in_a_bucket_sent_during_backward_survivors_redo_the_step(reference,
+                                                                         tmp_path):
+    victim = 1
+    cluster = _cluster(tmp_path, job="kill-bucket", bucket_bytes=64,
+                       kill={"node": node_id(victim), "step": KILL_STEP, "fraction": 0.5})
+    results = cluster.start().results(allow_failed=[victim])
+    assert results[victim] is None, "the victim was not killed"
+    stamp = json.loads((tmp_path / "killed").read_text())
+    assert stamp["elements"] == 16 * 10 + 10, stamp  # the last layer's bucket, not the rest
+    survivors = [r for i, r in enumerate(results) if i != victim]
+    _assert_equals_reference(survivors, reference)
+    for result in survivors:
+        assert result["members"] == tuple(node_id(i) for i in range(N) if i != victim)
 
 
 def test_sigstop_past_the_deadline_then_sigcont_drops_the_node_then_it_rejoins(tmp_path):

@@ -61,7 +61,7 @@ def _summary(trainer: Trainer, reports: list) -> dict:
             "compute": [r.compute_seconds for r in reports],
             "sizes": [r.batch_sizes for r in reports],
             "applied": [r.applied for r in reports], "lost": trainer.lost_steps,
-            "bytes": trainer.node.bytes_sent}
+            "bytes": trainer.node.bytes_sent, "early_buckets": trainer.early_buckets}
 
 
 def _train(node: Node, epochs: int, optimizer: str = "sgd", max_steps: int | None = None,
@@ -98,6 +98,17 @@ def test_n_nodes_with_batch_b_equal_one_process_with_batch_n_b(size):
     difference = np.abs(results[0]["params"] - expected).max()
     print(f"N={size}: {len(global_batches)} steps, max |param - oracle| = {difference:.2e}")
     assert difference < TOLERANCE
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_gradient_sent_during_backward_still_equals_one_process(size):
+    # 64-byte buckets: the last layer's gradient leaves while the first one's is computed
+    results = run_local(_train, size, args=(2,), kwargs={"bucket_bytes": 64}, timeout=60)
+    _assert_identical_across_nodes(results)
+    assert results[0]["early_buckets"] == [(64 * 16 + 16, 64 * 16 + 16 + 16 * 10 + 10)]
+    global_batches = results[0]["global"]
+    expected = _oracle(global_batches, "sgd", len(global_batches))
+    assert np.abs(results[0]["params"] - expected).max() < TOLERANCE
 
 
 class _Slowed(Trainer):
@@ -193,6 +204,48 @@ def test_a_nan_on_one_node_skips_the_step_everywhere(compression):
     results = run_local(_poisoned_run, 3, args=(frozenset({4, 5}), compression), timeout=60)
     _assert_identical_across_nodes(results)
     for result in results:
+        assert np.isfinite(result["params"]).all()
+        assert [i for i, ok in enumerate(result["applied"], 1) if not ok] == [4, 5]
+
+
+class _PoisonableDense(Dense):
+    """A Dense layer whose weight gradient is NaN while ``poisoned``; the gradient it passes
+    back stays finite, so only its own part of the model's gradient is NaN."""
+
+    poisoned = False
+
+    def bind(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
+        super().bind(params, grads)
+        self.grad_views = grads
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        grad_in = super().backward(grad_out)
+        if self.poisoned:
+            self.grad_views[0][...] = math.nan
+        return grad_in
+
+
+def _nan_bucket_run(node: Node, bad_steps: frozenset[int]) -> dict:
+    """Rank 1's last layer (the bucket sent during backward) has a NaN gradient at
+    ``bad_steps``; the rest of its gradient stays finite."""
+    x, y = _data()
+    last = _PoisonableDense(16, 10)
+    model = Sequential(Dense(64, 16), Tanh(), last, seed=1, dtype=np.float64)
+    trainer = Trainer(node, model, _optimizer(model, "sgd"), x, y, batch_size=BATCH,
+                      bucket_bytes=64, max_nonfinite=3)
+    applied = []
+    for step in range(1, 8):
+        last.poisoned = node.rank == 1 and step in bad_steps
+        applied.append(trainer.step().applied)
+    return {"params": model.params.copy(), "version": trainer.version, "applied": applied,
+            "early_buckets": trainer.early_buckets}
+
+
+def test_a_nan_in_a_bucket_sent_during_backward_skips_the_step_everywhere():
+    results = run_local(_nan_bucket_run, 3, args=(frozenset({4, 5}),), timeout=60)
+    _assert_identical_across_nodes(results)
+    for result in results:
+        assert result["early_buckets"] == [(64 * 16 + 16, 64 * 16 + 16 + 16 * 10 + 10)]
         assert np.isfinite(result["params"]).all()
         assert [i for i, ok in enumerate(result["applied"], 1) if not ok] == [4, 5]
 

@@ -254,3 +254,21 @@ def test_one_big_batch_equals_the_weighted_mean_of_sub_batches(dtype, rtol):
     # And an unweighted mean is not the same thing when sizes differ: the test can fail.
     unweighted = np.mean([m.grads.astype(np.float64) for m in members], axis=0)
     assert not np.allclose(unweighted, whole.grads, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_backward_reports_each_layers_gradient_final_from_the_end():
+    rng = np.random.default_rng(2)
+    model = _mlp(dtype=np.float64)
+    x, y = rng.normal(size=(5, 6)), rng.integers(0, 3, size=5)
+    _, dlogits = softmax_cross_entropy(model.forward(x), y)
+    model.backward(dlogits)
+    final = model.grads.copy()
+    model.grads[...] = np.nan  # whatever backward has not written yet
+    seen: list[tuple[int, np.ndarray]] = []
+    model.backward(dlogits, on_ready=lambda start: seen.append((start, model.grads.copy())))
+    starts = [start for start, _ in seen]
+    assert starts == sorted(model.layer_starts, reverse=True) == [5 * 6 + 5 + 5 * 4 + 4,
+                                                                   6 * 5 + 5, 0]
+    for start, grads in seen:  # when reported, everything from start on is final
+        np.testing.assert_array_equal(grads[start:], final[start:])
+        assert np.isnan(grads[:start]).all()
