@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -67,9 +68,24 @@ class Layer:
         """Write parameter gradients (overwriting) and return the gradient w.r.t. the input."""
         raise NotImplementedError
 
+    def param_backward(self, grad_out: np.ndarray,
+                       on_ready: Callable[[int], None] | None = None) -> None:
+        """Write parameter gradients only (the model's first layer: nobody needs the
+        gradient w.r.t. the input). Override to skip computing that gradient; an override
+        may call ``on_ready(offset)`` at each of :meth:`ready_offsets`, once this layer's
+        gradients from ``offset`` (counted from its first parameter) on are final."""
+        self.backward(grad_out)
+
+    def ready_offsets(self) -> list[int]:
+        """Where :meth:`param_backward` reports part of the gradients final early (none)."""
+        return []
+
     def describe(self) -> str:
         """Return a short text naming the layer and its hyperparameters (part of the schema)."""
         return f"{type(self).__name__}()"
+
+
+WEIGHT_BLOCKS = 4  # Dense.param_backward reports its weight gradient done in this many parts
 
 
 class Dense(Layer):
@@ -120,12 +136,34 @@ class Dense(Layer):
         return out
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        weight, _, grad_weight, grad_bias = self._bound()
+        self.param_backward(grad_out)
+        return grad_out @ self._bound()[0].T
+
+    def param_backward(self, grad_out: np.ndarray,
+                       on_ready: Callable[[int], None] | None = None) -> None:
+        """With ``on_ready``: the bias first, then the weight in row blocks from the last
+        (the end of this layer's gradients) to the first, each reported as it is done."""
+        _, _, grad_weight, grad_bias = self._bound()
         if self._input is None:
             raise ConfigError("Dense.backward called before forward")
-        np.matmul(self._input.T, grad_out, out=grad_weight)
         np.sum(grad_out, axis=0, out=grad_bias)
-        return grad_out @ weight.T
+        if on_ready is None:
+            np.matmul(self._input.T, grad_out, out=grad_weight)
+            return
+        rows = [0, *self._block_rows(), self.in_features]
+        for lo, hi in reversed(list(zip(rows[:-1], rows[1:], strict=True))):
+            np.matmul(self._input[:, lo:hi].T, grad_out, out=grad_weight[lo:hi])
+            if lo > 0:
+                on_ready(lo * self.out_features)
+
+    def ready_offsets(self) -> list[int]:
+        return [row * self.out_features for row in self._block_rows()]
+
+    def _block_rows(self) -> list[int]:
+        """First rows of the weight's row blocks after the first (``WEIGHT_BLOCKS`` blocks,
+        fewer for a narrow input)."""
+        blocks = min(WEIGHT_BLOCKS, self.in_features)
+        return sorted({self.in_features * k // blocks for k in range(1, blocks)})
 
     def describe(self) -> str:
         return f"Dense({self.in_features}, {self.out_features})"
@@ -212,6 +250,8 @@ class Sequential:
         self.grads = np.zeros(total, dtype=self.dtype)
         offset = 0
         self._starts: list[int] = []  # where each layer's parameters begin in the buffers
+        self._param_layers = {index for index, layer in enumerate(self.layers)
+                              if layer.parameter_shapes()}
         for layer in self.layers:
             self._starts.append(offset)
             param_views, grad_views = [], []
@@ -252,7 +292,8 @@ class Sequential:
         return out
 
     def backward(self, grad_out: np.ndarray,
-                 on_ready: Callable[[int], None] | None = None) -> np.ndarray:
+                 on_ready: Callable[[int], None] | None = None,
+                 input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate ``grad_out`` (d loss / d output of the last forward).
 
         Overwrites ``grads`` with d loss / d params; nothing accumulates across calls.
@@ -263,23 +304,41 @@ class Sequential:
                 ``grads[start:]`` holds final values (the layers' gradients are laid out in
                 order, so backward finishes the buffer from its end): a caller can send them
                 while the earlier layers still compute.
+            input_grad: False: stop at the first layer with parameters, computing only its
+                parameter gradients (``Layer.param_backward``): training needs no d loss /
+                d input, which for a first Dense layer costs as much as its weights'.
 
         Returns:
-            d loss / d input.
+            d loss / d input, or None when ``input_grad`` is False.
         """
         grad = np.asarray(grad_out, dtype=self.dtype)
-        for layer, start in zip(reversed(self.layers), reversed(self._starts), strict=True):
-            grad = layer.backward(grad)
-            if on_ready is not None and layer.parameter_shapes():
-                on_ready(start)
-        return grad
+        # without input_grad, backward ends at the first layer with parameters
+        last = 0 if input_grad else min(self._param_layers, default=len(self.layers))
+        for index in range(len(self.layers) - 1, last - 1, -1):
+            layer = self.layers[index]
+            if index == last and not input_grad:
+                if on_ready is None:
+                    layer.param_backward(grad)
+                else:
+                    layer.param_backward(grad, functools.partial(
+                        _report_from, on_ready, self._starts[index]))
+            else:
+                grad = layer.backward(grad)
+            if on_ready is not None and index in self._param_layers:
+                on_ready(self._starts[index])
+        return grad if input_grad else None
 
     @property
-    def layer_starts(self) -> list[int]:
-        """Where each layer with parameters begins in ``params`` and ``grads``, ascending:
-        the boundaries at which :meth:`backward` reports gradients ready."""
-        return sorted({start for layer, start in zip(self.layers, self._starts, strict=True)
-                       if layer.parameter_shapes()})
+    def ready_points(self) -> list[int]:
+        """Where :meth:`backward` with ``input_grad=False`` reports ``grads`` final from on,
+        ascending: where each layer with parameters begins, and the points inside the first
+        of them that its ``param_backward`` reports."""
+        if not self._param_layers:
+            return []
+        first = min(self._param_layers)
+        inside = [self._starts[first] + offset
+                  for offset in self.layers[first].ready_offsets()]
+        return sorted({*(self._starts[index] for index in self._param_layers), *inside})
 
     def load_params(self, values: np.ndarray) -> None:
         """Copy ``values`` into ``params`` in place (the layers' views stay valid).
@@ -316,6 +375,11 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(layer.describe() for layer in self.layers)
         return f"Sequential({inner}; {self.num_params} params, {self.dtype})"
+
+
+def _report_from(on_ready: Callable[[int], None], start: int, offset: int) -> None:
+    """A layer's ``on_ready(offset)`` as the model's: offsets count from its ``start``."""
+    on_ready(start + offset)
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:

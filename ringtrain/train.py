@@ -53,11 +53,13 @@ non-finite result (which it would otherwise carry into every later step) and on 
 which must not be quantized: it refuses compression.
 
 Gradient during backward (``bucket_bytes``, default 1 MiB). Backward finishes the flat
-gradient from its end (the last layer first), so the trainer cuts it at layer boundaries into
-buckets of at least ``bucket_bytes`` (:func:`gradient_buckets`) and starts each bucket's
-all-reduce (asynchronous, weighted, in place) as soon as backward has finished its layers,
-while the earlier layers still compute; what remains (at least the first layer) travels with
-the four exact values below once backward is done, and the step waits for every bucket. Every
+gradient from its end (the last layer first; the first layer's weight in row blocks, last
+rows first, and without the gradient w.r.t. the input, which training never uses), so the
+trainer cuts it at the points backward reports (``Sequential.ready_points``) into buckets of
+at least ``bucket_bytes`` (:func:`gradient_buckets`) and starts each bucket's all-reduce
+(asynchronous, weighted, in place) as soon as backward has finished it, while the rest still
+computes; what remains (the first block of the first layer) travels with the four exact
+values below once backward is done, and the step waits for every bucket. Every
 member cuts the same buckets from the same model and sends them in the same order (a member
 with no samples sends them after its empty compute), so the collectives match. A failed
 bucket fails the step like a failed all-reduce: all of them are finished before the step is
@@ -69,8 +71,9 @@ Non-finite gradients. A member whose gradient or loss holds NaN or Inf sends zer
 flag element fused into the same all-reduce (a bucket sent during backward is checked as it
 leaves: zeros if not finite, and the flag goes with the rest); when the reduced flag is set
 (or the reduced gradient overflowed) every member skips the step: the optimizer does not
-move, the samples count as consumed. After ``max_nonfinite`` skips in a row, :class:`NonFiniteGradientError`.
-In local SGD mode the check is local: a member skips its own local step.
+move, the samples count as consumed. After ``max_nonfinite`` skips in a row,
+:class:`NonFiniteGradientError`. In local SGD mode the check is local: a member skips its own
+local step.
 
 Checkpoints (``checkpoint_dir``). Rank 0 saves an atomic checkpoint (parameters, optimizer
 state, step, epoch, data position, generation) every ``checkpoint_every`` steps; members are
@@ -184,11 +187,12 @@ class StepReport:
 
 def gradient_buckets(starts: Sequence[int], size: int, bucket_elements: int
                      ) -> list[tuple[int, int]]:
-    """The gradient's early buckets: element ranges [start, stop) cut at layer boundaries
-    ``starts`` (ascending, 0 first), from the end of a ``size``-element gradient backwards,
-    each the fewest layers that hold at least ``bucket_elements``. What stays before the last
-    bucket (at least the first layer, whose gradient backward finishes last) travels with
-    the step's control values. Pure: every member with the same model cuts the same."""
+    """The gradient's early buckets: element ranges [start, stop) cut at the points
+    ``starts`` where backward reports the gradient final from on (ascending, 0 first), from
+    the end of a ``size``-element gradient backwards, each the fewest pieces that hold at
+    least ``bucket_elements``. What stays before the last bucket (what backward finishes
+    last) travels with the step's control values. Pure: every member with the same model
+    cuts the same."""
     buckets, stop = [], size
     for start in reversed(starts[1:]):
         if stop - start >= bucket_elements:
@@ -550,7 +554,7 @@ class Trainer:
         overlap = (bucket_bytes > 0 and codec is None and average_every == 1
                    and type(self).compute_gradients is Trainer.compute_gradients)
         self.early_buckets = gradient_buckets(
-            model.layer_starts, model.num_params,
+            model.ready_points, model.num_params,
             max(1, bucket_bytes // model.dtype.itemsize)) if overlap else []
         """The gradient's ranges [start, stop) sent while backward runs, in that order (empty:
         all of it travels after backward)."""
@@ -581,7 +585,7 @@ class Trainer:
         Override to change how gradients are computed (the tests slow a node down here).
         """
         loss, grad_out = self.loss_fn(self.model.forward(x), y)
-        self.model.backward(grad_out, on_ready=self._on_ready)
+        self.model.backward(grad_out, on_ready=self._on_ready, input_grad=False)
         return loss
 
     def step(self) -> StepReport:

@@ -10,6 +10,7 @@ import pytest
 from ringtrain.errors import ConfigError
 from ringtrain.nn import (
     Dense,
+    Layer,
     ReLU,
     Sequential,
     Tanh,
@@ -256,7 +257,8 @@ def test_one_big_batch_equals_the_weighted_mean_of_sub_batches(dtype, rtol):
     assert not np.allclose(unweighted, whole.grads, rtol=rtol, atol=rtol * 1e-2)
 
 
-def test_backward_reports_each_layers_gradient_final_from_the_end():
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_backward_reports_gradients_final_from_the_end(input_grad):
     rng = np.random.default_rng(2)
     model = _mlp(dtype=np.float64)
     x, y = rng.normal(size=(5, 6)), rng.integers(0, 3, size=5)
@@ -265,10 +267,39 @@ def test_backward_reports_each_layers_gradient_final_from_the_end():
     final = model.grads.copy()
     model.grads[...] = np.nan  # whatever backward has not written yet
     seen: list[tuple[int, np.ndarray]] = []
-    model.backward(dlogits, on_ready=lambda start: seen.append((start, model.grads.copy())))
-    starts = [start for start, _ in seen]
-    assert starts == sorted(model.layer_starts, reverse=True) == [5 * 6 + 5 + 5 * 4 + 4,
-                                                                   6 * 5 + 5, 0]
+    model.backward(dlogits, on_ready=lambda start: seen.append((start, model.grads.copy())),
+                   input_grad=input_grad)
+    layers = [5 * 6 + 5 + 5 * 4 + 4, 6 * 5 + 5, 0]  # where the three Dense layers begin
+    # without the input gradient, the first layer's weight comes in row blocks (rows 1, 3, 4
+    # of 6 begin the blocks after the first), the last rows first
+    inside = [] if input_grad else [4 * 5, 3 * 5, 1 * 5]
+    assert [start for start, _ in seen] == layers[:2] + inside + [0]
+    assert model.ready_points == sorted(layers + [4 * 5, 3 * 5, 1 * 5])
     for start, grads in seen:  # when reported, everything from start on is final
-        np.testing.assert_array_equal(grads[start:], final[start:])
+        # (a weight computed in row blocks may differ from one whole product in the last bit)
+        np.testing.assert_allclose(grads[start:], final[start:], rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(grads[start:], model.grads[start:])
         assert np.isnan(grads[:start]).all()
+
+
+class _Doubling(Layer):
+    """A custom layer with no parameters and no param_backward of its own."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return 2 * x
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        return 2 * grad_out
+
+
+def test_backward_without_input_gradient_stops_at_the_first_layer_with_parameters():
+    rng = np.random.default_rng(3)
+    model = Sequential(_Doubling(), Dense(6, 5), Tanh(), Dense(5, 3), seed=1, dtype=np.float64)
+    x, y = rng.normal(size=(4, 6)), rng.integers(0, 3, size=4)
+    _, dlogits = softmax_cross_entropy(model.forward(x), y)
+    assert model.backward(dlogits) is not None
+    full = model.grads.copy()
+    first = model.layers[1]
+    first.backward = lambda grad_out: pytest.fail("the first Dense computed d loss / d input")
+    assert model.backward(dlogits, input_grad=False) is None
+    np.testing.assert_array_equal(model.grads, full)
