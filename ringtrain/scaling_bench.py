@@ -21,10 +21,11 @@ feedback; off by default): fewer bytes on the links for the same step.
 Where a step goes, per device and averaged over devices: compute (forward and backward,
 during which the Trainer already sends the gradient of the last layers: see ``bucket_bytes``
 in :mod:`ringtrain.train`), the gradient all-reduce the step still waits for after backward
-(the first layer's gradient, and any bucket not done yet), and the rest (batch slicing,
-optimizer). After the timed steps the devices time the whole gradient's all-reduce alone,
-each after a barrier: the all-reduce of the step beyond that is time spent waiting for the
-slowest device to arrive (0 when buckets sent during backward leave less than that).
+(the first rows of the first layer's weight, and any bucket not done yet), and the rest
+(batch slicing, optimizer). After the timed steps the devices time the whole gradient's
+all-reduce alone, each after a barrier: the all-reduce of the step beyond that is time spent
+waiting for the slowest device to arrive (0 when buckets sent during backward leave less
+than that).
 "CPU cores" is the process's CPU time (every thread: ZeroMQ, encryption, reduction) over the
 wall time, outside and inside the all-reduce; at the budget means CPU-bound there. "eth0 MB"
 is what each device's link really carried per step (its interface counter, TCP/IP and
