@@ -371,15 +371,17 @@ def _wait(devices: list[_Device], deadline: float) -> None:
         if failed or time.time() > deadline:
             break
         time.sleep(0.05)
+    stuck = False
     for device in devices:  # collect the last lines (a stuck device has reported by now)
         if device.popen.poll() is None:
+            stuck = True
             device.popen.kill()
         device.popen.wait(5)
         assert device.pump is not None
         device.pump.join(5)
     bad = [d for d in devices if d.popen.returncode != 0 or d.result() is None]
     if bad:
-        why = "timed out" if time.time() > deadline else "failed"
+        why = "timed out" if stuck else "failed"
         raise RingtrainError(
             f"scaling run on {len(devices)} device(s) {why}:\n" + "\n".join(
                 f"  device {d.rank} (exit {d.popen.returncode}):\n    {d.tail()}" for d in bad))
