@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -737,6 +738,9 @@ class RingRunner:
         unsent = [m for m in view.members if m != self.node_id]
         contributions: dict[int, np.ndarray] = {view.rank: buffer}  # unchanged until the end
         progress_deadline = time.monotonic() + self.progress_timeout
+        same_host = all(self._local(m) for m in unsent)
+        spin_until = time.monotonic() + self.transport.settings.spin_seconds \
+            if same_host else 0.0
         while unsent or len(contributions) < view.world_size:
             for member in list(unsent):
                 try:
@@ -770,6 +774,12 @@ class RingRunner:
                                                     else {"peer": missing[0]}))
             self.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
                           f"contributions, {len(unsent)} still to send")
+            if not unsent and spin_until > now:
+                # every peer is on this host and sends within microseconds: give the core to
+                # them and look again, rather than sleep in poll (Settings.spin_seconds)
+                os.sched_yield()
+                self.mailbox.pump(0.0, links=False)
+                continue
             local = bool(unsent) and self._local(unsent[0])
             poll = LANE_POLL if local else self.poll_interval
             self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,

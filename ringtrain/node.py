@@ -21,6 +21,7 @@ gradient all-reduce, so every member sees it after the same step).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import secrets
@@ -62,10 +63,11 @@ Builder = Callable[[int, int], Collective]  # (rank, world_size) -> collective
 class Work:
     """A collective started with an ``*_async`` method. :meth:`wait` returns its result."""
 
-    def __init__(self, build: Builder, timeout: float, step: int):
+    def __init__(self, build: Builder, timeout: float, step: int, spin: float = 0.0):
         self.build = build
         self.timeout = timeout
         self.step = step
+        self._spin = spin  # seconds wait() yields before it sleeps (Settings.spin_seconds)
         # a latch: held until the engine finishes the work (cheaper to wake than an Event,
         # which a small collective felt); every waiter passes it back on
         self._latch = threading.Lock()
@@ -87,6 +89,9 @@ class Work:
             CollectiveError: the collective failed on this node.
         """
         limit = self.timeout + 1.0 if timeout is None else timeout
+        spin_until = time.monotonic() + min(self._spin, limit)
+        while not self._finished and time.monotonic() < spin_until:
+            os.sched_yield()
         if not self._latch.acquire(timeout=max(0.0, limit)):
             raise CollectiveTimeout(f"collective still running after {limit:.1f} s")
         self._latch.release()
@@ -482,7 +487,8 @@ class Node:
 
     def _submit(self, build: Builder, timeout: float | None, step: int = 0) -> Work:
         self._check_open()
-        work = Work(build, self.settings.collective_timeout if timeout is None else timeout, step)
+        work = Work(build, self.settings.collective_timeout if timeout is None else timeout, step,
+                    self.settings.spin_seconds)
         self._queue.put(work)
         self._transport.wake()
         return work
@@ -490,6 +496,7 @@ class Node:
     # engine thread --------------------------------------------------------------------------
 
     def _engine(self) -> None:
+        spin_until = 0.0  # the next collective often follows at once: until then, yield
         try:
             while not self._closing:
                 if self._order_due:
@@ -507,12 +514,16 @@ class Node:
                     if (self._runner.take_turn() or self._mailbox.control
                             or not self._new_candidates.empty()):
                         self._serve_membership()
+                    if time.monotonic() < spin_until:
+                        os.sched_yield()  # rather than sleep in poll (Settings.spin_seconds)
+                        continue
                     self._mailbox.pump(self.settings.heartbeat_interval / 2)
                     continue
                 if work is None:
                     break
                 if isinstance(work, Work):
                     self._execute(work)
+                    spin_until = time.monotonic() + self.settings.spin_seconds
                 else:
                     work()
         except BaseException as exc:  # noqa: BLE001 - reported to every waiter, then re-raised

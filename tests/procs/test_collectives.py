@@ -492,3 +492,28 @@ def test_a_ring_ordered_by_measured_links_agrees_and_computes_the_same():
         if problems:
             failures.append(f"{case}: {problems[:3]}")
     assert not failures, f"ring {members}:\n" + "\n".join(failures[:20])
+
+
+def small_sums(node, iterations: int) -> list[list[int]]:
+    """Many one-round all-reduces of 1024 integers; rank 0 comes late to every tenth, later
+    than any spin (Settings.spin_seconds), so the others then sleep in poll."""
+    rng = np.random.default_rng(SEED + node.rank)
+    results = []
+    for index in range(iterations):
+        if node.rank == 0 and index % 10 == 0:
+            time.sleep(0.005)
+        data = rng.integers(-1000, 1000, 1024)
+        results.append(node.all_reduce(data, out=data).tolist())
+    return results
+
+
+@pytest.mark.parametrize("spin", [0.0, 300e-6], ids=["sleep", "spin"])
+def test_small_all_reduces_are_exact_whether_waits_spin_or_sleep(spin):
+    n, iterations = 4, 40
+    results = run_local(small_sums, n, args=(iterations,), timeout=60.0, job=f"spin-{int(spin * 1e6)}",
+                        settings=Settings(spin_seconds=spin))
+    rngs = [np.random.default_rng(SEED + rank) for rank in range(n)]
+    for index in range(iterations):
+        expected = sum(rng.integers(-1000, 1000, 1024) for rng in rngs).tolist()
+        for rank in range(n):
+            assert results[rank][index] == expected, f"rank {rank}, call {index}"
