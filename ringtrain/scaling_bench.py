@@ -33,9 +33,10 @@ encryption included), beside the 2(N-1)/N x gradient a ring all-reduce must send
 
 Default sizes: a 512-1024-1024-10 MLP has 1.59 M parameters, a 6.3 MB gradient. A ring
 all-reduce sends 2(N-1)/N of it per link: 76 ms for N = 4 at 1 Gbit/s. An MLP does about
-6 x parameters flops per sample, so the compute-to-communication ratio is set by the batch: one
-core of the project machine does ~85 GFLOP/s in float32 matmuls, 0.45 core ~38, and a batch
-of 3072 samples then takes ~0.76 s, 10x that all-reduce, as a compute-heavy job would.
+6 x parameters flops per sample (here a little less: backward skips the first layer's input
+gradient), so the compute-to-communication ratio is set by the batch: one core of the
+project machine does ~85 GFLOP/s in float32 matmuls, 0.45 core ~38, and a batch of 3072
+samples then takes ~0.7 s, 9-10x that all-reduce, as a compute-heavy job would.
 """
 
 from __future__ import annotations
