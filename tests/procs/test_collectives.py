@@ -510,8 +510,8 @@ def small_sums(node, iterations: int) -> list[list[int]]:
 @pytest.mark.parametrize("spin", [0.0, 300e-6], ids=["sleep", "spin"])
 def test_small_all_reduces_are_exact_whether_waits_spin_or_sleep(spin):
     n, iterations = 4, 40
-    results = run_local(small_sums, n, args=(iterations,), timeout=60.0, job=f"spin-{int(spin * 1e6)}",
-                        settings=Settings(spin_seconds=spin))
+    results = run_local(small_sums, n, args=(iterations,), timeout=60.0,
+                        job=f"spin-{int(spin * 1e6)}", settings=Settings(spin_seconds=spin))
     rngs = [np.random.default_rng(SEED + rank) for rank in range(n)]
     for index in range(iterations):
         expected = sum(rng.integers(-1000, 1000, 1024) for rng in rngs).tolist()
