@@ -495,6 +495,7 @@ class RingRunner:
             and self.lanes.reaches(successor)) else None
         # segments arrive in plan order only if all take one path: the door (lane references,
         # or every message fits a datagram) or all ZeroMQ
+        spin = self.transport.settings.spin_seconds if self._local(predecessor) else 0.0
         largest = max((r.transfer.stop - r.transfer.start for r in plan.receives), default=0)
         door = lane is not None or (self.lanes is not None and self.lanes.door_takes(
             successor, HEADER_SIZE + largest * buffer.itemsize + len(descriptor_frame)))
@@ -581,6 +582,10 @@ class RingRunner:
                                       f"({received}/{len(plan.receives)} segments received)",
                                       peer=culprit, generation=view.generation,
                                       collective=sequence)
+            if spin and not pending and now < last_progress + spin:
+                os.sched_yield()  # the predecessor is on this host: see Settings.spin_seconds
+                self.mailbox.pump(0.0, links=False)
+                continue
             self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
                           f"{predecessor}, {len(pending)} waiting for {successor}")
             # a full lane frees up without a message telling us: look again soon
@@ -772,14 +777,14 @@ class RingRunner:
                             f"{self.progress_timeout:.1f} s", generation=view.generation,
                             collective=sequence, **({} if error is CollectiveTimeout
                                                     else {"peer": missing[0]}))
-            self.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
-                          f"contributions, {len(unsent)} still to send")
             if not unsent and spin_until > now:
                 # every peer is on this host and sends within microseconds: give the core to
                 # them and look again, rather than sleep in poll (Settings.spin_seconds)
                 os.sched_yield()
                 self.mailbox.pump(0.0, links=False)
                 continue
+            self.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
+                          f"contributions, {len(unsent)} still to send")
             local = bool(unsent) and self._local(unsent[0])
             poll = LANE_POLL if local else self.poll_interval
             self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,

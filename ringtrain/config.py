@@ -65,7 +65,7 @@ class Settings:
     spin_seconds: float = 300e-6
     """How long a thread that expects its turn within microseconds yields the core and looks
     again before it sleeps: the engine waiting for the next collective, the caller for its
-    result, a small all-reduce for the data of peers on this host. A sleep and its wake-up
+    result, a collective for data from peers on this host. A sleep and its wake-up
     (two context switches; on a VM, an interrupt between cores) cost more than that: with
     it, a 4 KiB all-reduce of 4 local nodes on 2 cores took about half the time. Costs at
     most this much CPU per wait; 0 always sleeps."""
