@@ -583,8 +583,7 @@ class RingRunner:
                                       peer=culprit, generation=view.generation,
                                       collective=sequence)
             if spin and not pending and now < last_progress + spin:
-                os.sched_yield()  # the predecessor is on this host: see Settings.spin_seconds
-                self.mailbox.pump(0.0, links=False)
+                self._yield_and_look()  # the predecessor is on this host: its data is due now
                 continue
             self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
                           f"{predecessor}, {len(pending)} waiting for {successor}")
@@ -613,6 +612,13 @@ class RingRunner:
             return False
         self._service_due = now + SERVICE_INTERVAL
         return True
+
+    def _yield_and_look(self) -> None:
+        """Wait for data due within microseconds without sleeping: give the core to whoever
+        is runnable (the sender, typically), then take in what arrived
+        (``Settings.spin_seconds``: a sleep and its wake-up cost more)."""
+        os.sched_yield()
+        self.mailbox.pump(0.0, links=False)
 
     def _links_due(self, now: float) -> bool:
         """Whether a wait should also watch the outgoing links: their traffic (replies to
@@ -778,10 +784,7 @@ class RingRunner:
                             collective=sequence, **({} if error is CollectiveTimeout
                                                     else {"peer": missing[0]}))
             if not unsent and spin_until > now:
-                # every peer is on this host and sends within microseconds: give the core to
-                # them and look again, rather than sleep in poll (Settings.spin_seconds)
-                os.sched_yield()
-                self.mailbox.pump(0.0, links=False)
+                self._yield_and_look()  # every peer is on this host: their data is due now
                 continue
             self.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
                           f"contributions, {len(unsent)} still to send")

@@ -141,19 +141,17 @@ class Dense(Layer):
 
     def param_backward(self, grad_out: np.ndarray,
                        on_ready: Callable[[int], None] | None = None) -> None:
-        """With ``on_ready``: the bias first, then the weight in row blocks from the last
-        (the end of this layer's gradients) to the first, each reported as it is done."""
+        """The bias first, then the weight in row blocks from the last (the end of this
+        layer's gradients) to the first, each reported to ``on_ready`` as it is done. Always
+        in blocks, so the bits do not depend on whether anyone listens."""
         _, _, grad_weight, grad_bias = self._bound()
         if self._input is None:
             raise ConfigError("Dense.backward called before forward")
         np.sum(grad_out, axis=0, out=grad_bias)
-        if on_ready is None:
-            np.matmul(self._input.T, grad_out, out=grad_weight)
-            return
         rows = [0, *self._block_rows(), self.in_features]
         for lo, hi in reversed(list(zip(rows[:-1], rows[1:], strict=True))):
             np.matmul(self._input[:, lo:hi].T, grad_out, out=grad_weight[lo:hi])
-            if lo > 0:
+            if lo > 0 and on_ready is not None:
                 on_ready(lo * self.out_features)
 
     def ready_offsets(self) -> list[int]:

@@ -164,7 +164,8 @@ def test_a_member_that_dies_while_links_are_measured_never_hangs_the_others():
     cluster.process(2).kill()
     started = time.monotonic()
     results = cluster.results(allow_failed=[2])
-    assert time.monotonic() - started < 30, "survivors took too long"
+    # a hang bound, not a speed claim: the cluster itself allows 90 s
+    assert time.monotonic() - started < 30, "survivors hung on the dead member's probe"
     for result in results[:2]:
         assert result["error"] is not None and "ring order" in result["error"], result
         assert result["size"] == 2 and result["sum"] == [2.0, 2.0, 2.0], result
