@@ -672,31 +672,36 @@ class RingRunner:
                                   f"dtype) = {got}, expected {want}", peer=predecessor,
                                   generation=view.generation, collective=sequence)
         release = None
-        payload = message.payload
         if header.flags & FLAG_SHM:
             try:
                 if collective.compressed is not None or self.lanes is None:
                     raise ProtocolError("flags", "no shared-memory reference here",
                                         "FLAG_SHM", predecessor)
-                payload, release = self.lanes.receive(predecessor, payload, header.nbytes)
+                shared, release = self.lanes.receive(predecessor, message.payload,
+                                                     header.nbytes)
+                parts = [shared]
             except ProtocolError as exc:
                 raise PeerFailedError(f"{where}: {predecessor} sent a bad shared-memory "
                                       f"reference: {exc}", peer=predecessor,
                                       generation=view.generation, collective=sequence) from exc
-        if collective.compressed is not None:
+        elif collective.compressed is not None:
             try:
-                return _decode(collective, expected, payload)
+                return _decode(collective, expected, message.payload)
             except ProtocolError as exc:
                 raise PeerFailedError(f"{where}: {predecessor} sent a bad compressed segment "
                                       f"(hop {transfer.hop}, chunk {transfer.chunk}, segment "
                                       f"{transfer.segment}): {exc}", peer=predecessor,
                                       generation=view.generation, collective=sequence) from exc
-        region = collective.buffer[transfer.start:transfer.stop]
-        incoming = np.frombuffer(payload, dtype=collective.buffer.dtype)
-        if expected.reduce:
-            collective.combine(region, incoming, out=region)
         else:
-            region[...] = incoming
+            parts = message.payload_parts  # pieces of whole elements: no need to join them
+        region = collective.buffer[transfer.start:transfer.stop]
+        for part in parts:
+            incoming = np.frombuffer(part, dtype=collective.buffer.dtype)
+            target, region = region[:incoming.size], region[incoming.size:]
+            if expected.reduce:
+                collective.combine(target, incoming, out=target)
+            else:
+                target[...] = incoming
         if release is not None:
             release()
         return None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from .errors import ProtocolError
 from .shm import SharedMemoryLanes
 from .transport import Incoming, Transport
-from .wire import FLAG_DESCRIPTOR, Header, MessageKind, check_frames, decode_header
+from .wire import FLAG_DESCRIPTOR, Header, MessageKind, check_frames, decode_header, payload_frames
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ MAX_TRACKED = 4096  # bound on each table keyed by offenders
 
 @dataclass
 class Message:
-    """A validated message: its header, its sender and its frames (payload at ``frames[1]``)."""
+    """A validated message: its header, its sender and its frames (header, payload in one
+    or more frames, descriptor when flagged)."""
 
     header: Header
     origin: str
@@ -55,13 +56,22 @@ class Message:
 
     @property
     def payload(self) -> memoryview:
-        """The payload frame's bytes, without a copy."""
-        return self.frames[1].buffer
+        """The payload's bytes: without a copy when it came in one frame (a DATA payload
+        may come in pieces, see ``wire``: they are joined)."""
+        if len(self.frames) == (3 if self.header.flags & FLAG_DESCRIPTOR else 2):
+            return self.frames[1].buffer
+        return memoryview(b"".join(self.payload_parts))
+
+    @property
+    def payload_parts(self) -> list[memoryview]:
+        """The payload as it came: one buffer, or its pieces in order (each holding whole
+        elements), without a copy."""
+        return [frame.buffer for frame in payload_frames(self.header, self.frames)]
 
     @property
     def descriptor(self) -> bytes | None:
         """The sender's collective descriptor, when it sent one."""
-        return bytes(self.frames[2].buffer) if self.header.flags & FLAG_DESCRIPTOR else None
+        return bytes(self.frames[-1].buffer) if self.header.flags & FLAG_DESCRIPTOR else None
 
 
 class Mailbox:

@@ -59,7 +59,7 @@ import zmq.utils.z85
 from .config import Settings
 from .errors import ConfigError, SecurityError, TransportError
 from .security import JobKey
-from .wire import HEADER_SIZE, MAX_CONTROL_BYTES
+from .wire import HEADER_SIZE, MAX_CONTROL_BYTES, split_payload
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ MAX_CONNECTIONS_PER_ADDRESS = 64  # a ring has at most 64 members by default, on
 MAX_TRACKED_CONNECTIONS = 4096  # bound on the connection table (and on logged refusals)
 ROUTE_SEPARATOR = b"\0"
 POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: enum flags' & is slow
+# CURVE payloads go in frames of this size: 1 MiB segments in 4 pieces took a 64 MiB
+# all-reduce on the 1 Gbit LAN from 857-863 to 849-855 ms; 16 pieces gained less
+CURVE_PIECE_BYTES = 256 * 1024
 
 
 def curve_keypair(key: JobKey, purpose: str) -> tuple[bytes, bytes]:
@@ -493,17 +496,34 @@ class Transport:
     def try_send(self, link: str, frames: list, track: bool = False):
         """Send without blocking. Returns False if the link's queue is full, else True or a
         ``MessageTracker`` when ``track`` (buffers sent zero-copy must not change until it
-        is done)."""
+        is done).
+
+        On a keyed ring a payload larger than ``CURVE_PIECE_BYTES`` goes in pieces (see
+        ``wire.split_payload``), so encryption and the wire overlap. The tracker then
+        watches every piece (pyzmq's ``send_multipart`` returns the last frame's only, and
+        copies a small last piece, whose tracker is done at once)."""
         sock = self._links.get(link)
         if sock is None:
             raise TransportError(f"no link to {link}")
+        if self.key is not None:
+            frames = split_payload(frames, CURVE_PIECE_BYTES)
         try:
-            tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=track)
+            if not track:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return True
+            # the first frame may find the queue full; once it is in, libzmq takes the rest
+            # of the message (its high-water mark counts whole messages)
+            trackers = [sock.send(frames[0], zmq.NOBLOCK | zmq.SNDMORE * (len(frames) > 1),
+                                  copy=False, track=True)]
+            for index in range(1, len(frames)):
+                more = zmq.SNDMORE if index < len(frames) - 1 else 0
+                trackers.append(sock.send(frames[index], zmq.NOBLOCK | more, copy=False,
+                                          track=True))
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
             raise TransportError(f"send to {link} failed: {exc}") from exc
-        return tracker if track else True
+        return zmq.MessageTracker(*trackers)
 
     def reply(self, origin: str, frames: list) -> bool:
         """Answer node ``origin`` over the connection it dialled us on. On a keyed ring only a

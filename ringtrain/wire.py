@@ -1,8 +1,16 @@
-"""The wire format: a fixed 72-byte header frame, then the payload as its own frame.
+"""The wire format: a fixed 72-byte header frame, then the payload in its own frame(s).
 
 Every message between nodes is a ZeroMQ multipart message::
 
     [header (72 bytes)] [payload (header.nbytes bytes)] [descriptor (optional)]
+
+A DATA payload may come cut into 2 to ``MAX_PAYLOAD_FRAMES`` non-empty frames whose lengths
+add up to ``nbytes`` (:func:`split_payload`): libzmq encrypts and decrypts each frame as one
+CURVE message, so a segment sent in pieces is encrypted piece by piece while the first
+pieces are already on the wire, and decrypted piece by piece as they arrive, instead of
+waiting for a whole segment at each end. Every piece holds whole elements, so the receiver
+reduces them where they are (:func:`payload_frames`), without joining them first. Control
+payloads and shared-memory references are one frame.
 
 The header is little-endian, packed, no padding:
 
@@ -57,6 +65,7 @@ SHM_NAME_BYTES = 32
 SHM_REF = struct.Struct(f"<{SHM_NAME_BYTES}sIIQ")  # lane name (hex), slot, reserved, ticket
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_DESCRIPTOR_BYTES = 16 * 1024
+MAX_PAYLOAD_FRAMES = 16
 
 
 class MessageKind(enum.IntEnum):
@@ -185,20 +194,51 @@ def decode_header(frame: bytes | memoryview, *, max_payload: int, peer: str | No
 
 def check_frames(header: Header, frames: list, peer: str | None = None) -> None:
     """Check that a message's frame count and payload length agree with its header."""
-    expected = 3 if header.flags & FLAG_DESCRIPTOR else 2
-    if len(frames) != expected:
-        raise ProtocolError("frame count", expected, len(frames), peer)
+    described = 1 if header.flags & FLAG_DESCRIPTOR else 0
+    parts = len(frames) - 1 - described
+    if parts != 1:
+        splittable = header.kind is MessageKind.DATA and not header.flags & FLAG_SHM
+        if not (splittable and 1 < parts <= MAX_PAYLOAD_FRAMES) or not all(
+                len(f) for f in frames[1:1 + parts]):
+            expected = (f"{2 + described} (or a DATA payload in 2-{MAX_PAYLOAD_FRAMES} "
+                        f"non-empty frames)" if splittable else 2 + described)
+            raise ProtocolError("frame count", expected, len(frames), peer)
     if header.flags & FLAG_SHM:
         if header.kind is not MessageKind.DATA:
             raise ProtocolError("flags", "FLAG_SHM only on DATA", header.kind.name, peer)
         if len(frames[1]) != SHM_REF.size:
             raise ProtocolError("payload length", f"{SHM_REF.size} (a shared-memory "
                                 "reference)", len(frames[1]), peer)
-    elif len(frames[1]) != header.nbytes:
-        raise ProtocolError("payload length", header.nbytes, len(frames[1]), peer)
-    if expected == 3 and len(frames[2]) > MAX_DESCRIPTOR_BYTES:
+    else:
+        length = sum(len(f) for f in frames[1:1 + parts])
+        if length != header.nbytes:
+            raise ProtocolError("payload length", header.nbytes, length, peer)
+        itemsize = DTYPE_CODES[header.dtype].itemsize if parts > 1 else 1
+        if any(len(f) % itemsize for f in frames[1:1 + parts]):
+            raise ProtocolError("payload length", f"pieces of whole {itemsize}-byte "
+                                f"elements", [len(f) for f in frames[1:1 + parts]], peer)
+    if described and len(frames[-1]) > MAX_DESCRIPTOR_BYTES:
         raise ProtocolError("descriptor length", f"at most {MAX_DESCRIPTOR_BYTES}",
-                            len(frames[2]), peer)
+                            len(frames[-1]), peer)
+
+
+def split_payload(frames: list, piece_bytes: int) -> list:
+    """``frames`` (header, payload, maybe a descriptor) with a payload larger than
+    ``piece_bytes`` (a multiple of 8) cut into pieces of about that size, at most
+    ``MAX_PAYLOAD_FRAMES``. The pieces are views: nothing is copied."""
+    payload = memoryview(frames[1]).cast("B")
+    if len(payload) <= piece_bytes:
+        return frames
+    size = max(piece_bytes, -(-len(payload) // MAX_PAYLOAD_FRAMES))
+    size += -size % 8  # whole elements of any dtype in every piece
+    pieces = [payload[start:start + size] for start in range(0, len(payload), size)]
+    return [frames[0], *pieces, *frames[2:]]
+
+
+def payload_frames(header: Header, frames: list) -> list:
+    """The frames of checked ``frames`` (see :func:`check_frames`) that hold the payload:
+    one, or its pieces in order."""
+    return frames[1:len(frames) - 1] if header.flags & FLAG_DESCRIPTOR else frames[1:]
 
 
 def encode_control(body: dict[str, Any]) -> bytes:

@@ -447,14 +447,16 @@ def lanes_and_sums(node) -> dict:
     return {"lanes": node.state()["shared_memory_peers"], "sums": sums}
 
 
-def test_same_host_peers_share_memory_and_tcp_gives_identical_results():
+@pytest.mark.parametrize("segment_bytes", [1 << 16, 1 << 20])
+def test_same_host_peers_share_memory_and_tcp_gives_identical_results(segment_bytes):
     """On one host the ring's segments go through shared-memory lanes (shm.py); with
-    ``shm_lane_bytes=0`` they go over TCP. Both give bit-identical sums."""
+    ``shm_lane_bytes=0`` they go over TCP, 1 MiB segments in CURVE pieces
+    (``transport.CURVE_PIECE_BYTES``). Both give bit-identical sums."""
     n = 3
     shared = run_local(lanes_and_sums, n, timeout=60.0, job="lanes-on",
-                       settings=Settings(segment_bytes=1 << 16))
+                       settings=Settings(segment_bytes=segment_bytes))
     tcp = run_local(lanes_and_sums, n, timeout=60.0, job="lanes-off",
-                    settings=Settings(segment_bytes=1 << 16, shm_lane_bytes=0))
+                    settings=Settings(segment_bytes=segment_bytes, shm_lane_bytes=0))
     for rank in range(n):
         others = sorted(f"node-{r:02d}" for r in range(n) if r != rank)
         assert shared[rank]["lanes"] == others, shared[rank]

@@ -19,7 +19,15 @@ from ringtrain.errors import ProtocolError
 from ringtrain.mailbox import MAX_OFFENCES, MAX_TRACKED, Mailbox
 from ringtrain.security import JobKey
 from ringtrain.transport import Incoming, Transport
-from ringtrain.wire import HEADER_SIZE, Header, MessageKind, check_frames, encode_control, job_id
+from ringtrain.wire import (
+    HEADER_SIZE,
+    MAX_PAYLOAD_FRAMES,
+    Header,
+    MessageKind,
+    check_frames,
+    encode_control,
+    job_id,
+)
 
 JOB = job_id("job")
 MEMBER_KEY = "m" * 40
@@ -158,3 +166,14 @@ def test_forged_routing_ids_are_dropped_on_keyed_rings(transport):
         assert len(mailbox.control) == 2
     else:
         assert mailbox.dropped["routing id"] == 2 and not mailbox.control
+
+
+def test_a_payload_in_too_many_pieces_is_dropped_as_malformed(transport):
+    mailbox = _mailbox(transport)
+    header = Header(kind=MessageKind.DATA, job=JOB, generation=1, sequence=2, dtype=2,
+                    nbytes=4 * (MAX_PAYLOAD_FRAMES + 1))
+    mailbox._sort(_incoming([header.pack(), *[b"\0" * 4] * (MAX_PAYLOAD_FRAMES + 1)]))
+    assert mailbox.dropped == {"frame count": 1} and not mailbox._data
+    two = Header(kind=MessageKind.DATA, job=JOB, generation=1, sequence=2, dtype=2, nbytes=8)
+    mailbox._sort(_incoming([two.pack(), b"\1" * 4, b"\2" * 4]))
+    assert bytes(mailbox.next_data(1, 2).payload) == b"\1" * 4 + b"\2" * 4

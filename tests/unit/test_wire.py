@@ -173,8 +173,7 @@ def test_wrong_header_length(length):
 
 def test_frame_count():
     header = data_header(nbytes=8)
-    for frames in ([header.pack()], [header.pack(), b"x" * 8, b"{}"],
-                   [header.pack(), b"x" * 8, b"", b""]):
+    for frames in ([header.pack()], [header.pack(), b"x" * 8, b"", b""]):
         with pytest.raises(ProtocolError) as info:
             wire.check_frames(header, frames, peer="p")
         assert info.value.field == "frame count"
@@ -184,6 +183,60 @@ def test_frame_count():
     assert info.value.field == "frame count"
     wire.check_frames(header, [header.pack(), b"x" * 8])
     wire.check_frames(described, [described.pack(), b"x" * 8, b"{}"])
+    # a stray frame without the descriptor flag reads as a second piece of the payload
+    with pytest.raises(ProtocolError) as info:
+        wire.check_frames(header, [header.pack(), b"x" * 8, b"{}"], peer="p")
+    assert info.value.field == "payload length" and info.value.got == 10
+
+
+def test_payload_in_pieces_is_split_and_checked_without_loss():
+    payload = np.arange(1000, dtype=np.float32)
+    header = data_header(nbytes=payload.nbytes, flags=FLAG_DESCRIPTOR)
+    frames = [header.pack(), payload, b"{}"]
+    pieces = wire.split_payload(frames, 1024)
+    assert [len(p) for p in pieces[1:-1]] == [1024, 1024, 1024, 928]
+    assert pieces[0] is frames[0] and pieces[-1] is frames[-1]
+    wire.check_frames(header, pieces)
+    parts = wire.payload_frames(header, pieces)
+    assert np.array_equal(np.frombuffer(b"".join(parts), dtype=np.float32), payload)
+    assert wire.split_payload(frames, payload.nbytes) is frames  # small enough: untouched
+    assert wire.payload_frames(header, frames) == [payload]
+
+
+def test_payload_pieces_hold_whole_elements():
+    header = data_header(nbytes=16, dtype=3)  # float64
+    wire.check_frames(header, [header.pack(), b"x" * 8, b"x" * 8])
+    with pytest.raises(ProtocolError) as info:
+        wire.check_frames(header, [header.pack(), b"x" * 4, b"x" * 12], peer="p")
+    assert info.value.field == "payload length" and info.value.got == [4, 12]
+    odd = wire.split_payload([b"h", bytes(8 * 1001)], 8 * 1000 // wire.MAX_PAYLOAD_FRAMES + 3)
+    assert all(len(piece) % 8 == 0 for piece in odd[1:])
+
+
+def test_split_payload_never_makes_more_pieces_than_a_receiver_takes():
+    payload = bytes(100_000)
+    pieces = wire.split_payload([b"h", payload], 1000)[1:]
+    assert len(pieces) == wire.MAX_PAYLOAD_FRAMES
+    assert b"".join(pieces) == payload
+
+
+@pytest.mark.parametrize("parts", [wire.MAX_PAYLOAD_FRAMES + 1, 100])
+def test_too_many_payload_pieces(parts):
+    header = data_header(nbytes=parts)
+    with pytest.raises(ProtocolError) as info:
+        wire.check_frames(header, [header.pack(), *[b"x"] * parts], peer="p")
+    assert info.value.field == "frame count" and info.value.peer == "p"
+
+
+def test_only_raw_data_comes_in_pieces():
+    control = Header(kind=MessageKind.HEARTBEAT, job=1, generation=0, sequence=0, nbytes=4)
+    shared = data_header(nbytes=1 << 20, flags=wire.FLAG_SHM)
+    reference = wire.SHM_REF.pack(b"0" * wire.SHM_NAME_BYTES, 0, 0, 1)
+    for header, frames in ((control, [control.pack(), b"{}", b"{}"]),
+                           (shared, [shared.pack(), reference[:20], reference[20:]])):
+        with pytest.raises(ProtocolError) as info:
+            wire.check_frames(header, frames)
+        assert info.value.field == "frame count"
 
 
 @pytest.mark.parametrize("length", [0, 7, 9, 4096])
@@ -280,13 +333,14 @@ def decode_everything(frames: list[bytes], max_payload: int = 4096) -> None:
         return
     header = wire.decode_header(frames[0], max_payload=max_payload, peer="fuzz")
     wire.check_frames(header, frames, peer="fuzz")
+    payload = b"".join(wire.payload_frames(header, frames))
     if header.kind is not MessageKind.DATA:
-        wire.decode_control(frames[1], {"id": str, "generation": int, "members": list},
+        wire.decode_control(payload, {"id": str, "generation": int, "members": list},
                             peer="fuzz")
     else:
-        np.frombuffer(frames[1], dtype=wire.DTYPE_CODES[header.dtype])
+        np.frombuffer(payload, dtype=wire.DTYPE_CODES[header.dtype])
     if header.flags & FLAG_DESCRIPTOR:
-        wire.decode_control(frames[2], {}, peer="fuzz", what="descriptor")
+        wire.decode_control(frames[-1], {}, peer="fuzz", what="descriptor")
 
 
 def only_protocol_errors(frames: list[bytes]) -> None:
