@@ -500,9 +500,10 @@ class Transport:
         is done).
 
         On a keyed ring a payload larger than ``CURVE_PIECE_BYTES`` goes in pieces (see
-        ``wire.split_payload``), so encryption and the wire overlap. The tracker then
-        watches every piece (pyzmq's ``send_multipart`` returns the last frame's only, and
-        copies a small last piece, whose tracker is done at once)."""
+        ``wire.split_payload``), so encryption and the wire overlap. The tracker watches
+        every frame: pyzmq's ``send_multipart`` returns the last frame's only, and copies a
+        small last frame (a descriptor), whose tracker is done at once while the payload
+        may still wait in the queue."""
         sock = self._links.get(link)
         if sock is None:
             raise TransportError(f"no link to {link}")

@@ -224,12 +224,14 @@ def check_frames(header: Header, frames: list, peer: str | None = None) -> None:
 
 def split_payload(frames: list, piece_bytes: int) -> list:
     """``frames`` (header, payload, maybe a descriptor) with a payload larger than
-    ``piece_bytes`` (a multiple of 8) cut into pieces of about that size, at most
-    ``MAX_PAYLOAD_FRAMES``. The pieces are views: nothing is copied."""
+    ``piece_bytes`` cut into as many pieces of equal size as that takes (at most
+    ``MAX_PAYLOAD_FRAMES``; equal, so no piece is a sliver). The pieces are views: nothing
+    is copied."""
     payload = memoryview(frames[1]).cast("B")
     if len(payload) <= piece_bytes:
         return frames
-    size = max(piece_bytes, -(-len(payload) // MAX_PAYLOAD_FRAMES))
+    count = min(MAX_PAYLOAD_FRAMES, -(-len(payload) // piece_bytes))
+    size = -(-len(payload) // count)
     size += -size % 8  # whole elements of any dtype in every piece
     pieces = [payload[start:start + size] for start in range(0, len(payload), size)]
     return [frames[0], *pieces, *frames[2:]]

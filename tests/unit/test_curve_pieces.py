@@ -12,7 +12,7 @@ from ringtrain.config import Settings
 from ringtrain.mailbox import Mailbox
 from ringtrain.security import JobKey
 from ringtrain.transport import CURVE_PIECE_BYTES, Transport
-from ringtrain.wire import Header, MessageKind, job_id
+from ringtrain.wire import FLAG_DESCRIPTOR, Header, MessageKind, job_id
 
 JOB = job_id("job")
 
@@ -52,34 +52,34 @@ def test_a_keyed_link_sends_large_payloads_in_pieces_that_arrive_whole():
         receiver.close(linger=0)
 
 
-def test_a_tracked_send_in_pieces_is_done_only_once_every_piece_was_taken():
-    """The caller may change a buffer once its tracker is done, so the tracker of a payload
-    sent in pieces must cover every piece, including a first one still queued behind a small
-    last piece (which pyzmq copies, and whose own tracker is done at once)."""
+def test_a_tracked_send_is_done_only_once_every_frame_was_taken():
+    """The caller may change a buffer once its tracker is done, so the tracker of a message
+    must cover every frame: here the payload's pieces, still queued, and a small descriptor
+    after them (which pyzmq copies, and whose own tracker is done at once)."""
     key = JobKey.generate()
     settings_ = Settings(segment_bytes=1 << 20)
     sender = Transport("node-a", "127.0.0.1:0", settings_, key)
     receiver = Transport("node-b", "127.0.0.1:0", settings_, key)
     try:
         sender.connect("node-b", receiver.endpoint)
-        payload = np.zeros((CURVE_PIECE_BYTES + 8) // 4, dtype=np.float32)  # pieces: 256K, 8
+        payload = np.zeros(CURVE_PIECE_BYTES // 2, dtype=np.float32)  # 2 pieces
         header = Header(kind=MessageKind.DATA, job=JOB, generation=1, sequence=2, dtype=2,
-                        nbytes=payload.nbytes).pack()
+                        flags=FLAG_DESCRIPTOR, nbytes=payload.nbytes).pack()
         deadline = time.monotonic() + 30.0  # a hang bound, not a speed claim
         last, refused_since = None, None
         # the receiver reads nothing: fill its buffers, the kernel's and our queue until
         # every send has been refused for a while (the queue is then full and stays so)
         while refused_since is None or time.monotonic() - refused_since < 0.5:
             assert time.monotonic() < deadline, "the queue never filled"
-            tracker = sender.try_send("node-b", [header, payload], track=True)
+            tracker = sender.try_send("node-b", [header, payload, b"{}"], track=True)
             if tracker is False:
                 refused_since = refused_since or (time.monotonic() if last else None)
                 time.sleep(0.01)
             else:
                 last, refused_since = tracker, None
-        assert not last.done  # its first piece still waits in the full queue
-        while not last.done:  # reading at the receiver lets every piece go
-            assert time.monotonic() < deadline, "the queued pieces were never taken"
+        assert not last.done  # its pieces still wait in the full queue
+        while not last.done:  # reading at the receiver lets every frame go
+            assert time.monotonic() < deadline, "the queued frames were never taken"
             if receiver.wait(0.05)[0]:
                 while receiver.receive() is not None:
                     pass
