@@ -513,14 +513,11 @@ class Transport:
             if not track:
                 sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 return True
-            # the first frame may find the queue full; once it is in, libzmq takes the rest
-            # of the message (its high-water mark counts whole messages)
-            trackers = [sock.send(frames[0], zmq.NOBLOCK | zmq.SNDMORE * (len(frames) > 1),
-                                  copy=False, track=True)]
-            for index in range(1, len(frames)):
-                more = zmq.SNDMORE if index < len(frames) - 1 else 0
-                trackers.append(sock.send(frames[index], zmq.NOBLOCK | more, copy=False,
-                                          track=True))
+            # only the first frame may find the queue full: once it is in, libzmq takes the
+            # rest of the message (its high-water mark counts whole messages)
+            last = len(frames) - 1
+            trackers = [sock.send(frame, zmq.NOBLOCK | (zmq.SNDMORE if index < last else 0),
+                                  copy=False, track=True) for index, frame in enumerate(frames)]
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:

@@ -227,6 +227,8 @@ def split_payload(frames: list, piece_bytes: int) -> list:
     ``piece_bytes`` cut into as many pieces of equal size as that takes (at most
     ``MAX_PAYLOAD_FRAMES``; equal, so no piece is a sliver). The pieces are views: nothing
     is copied."""
+    if len(frames) < 2:
+        return frames
     payload = memoryview(frames[1]).cast("B")
     if len(payload) <= piece_bytes:
         return frames
