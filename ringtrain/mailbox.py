@@ -58,9 +58,8 @@ class Message:
     def payload(self) -> memoryview:
         """The payload's bytes: without a copy when it came in one frame (a DATA payload
         may come in pieces, see ``wire``: they are joined)."""
-        if len(self.frames) == (3 if self.header.flags & FLAG_DESCRIPTOR else 2):
-            return self.frames[1].buffer
-        return memoryview(b"".join(self.payload_parts))
+        parts = self.payload_parts
+        return parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
 
     @property
     def payload_parts(self) -> list[memoryview]:

@@ -195,11 +195,10 @@ def decode_header(frame: bytes | memoryview, *, max_payload: int, peer: str | No
 def check_frames(header: Header, frames: list, peer: str | None = None) -> None:
     """Check that a message's frame count and payload length agree with its header."""
     described = 1 if header.flags & FLAG_DESCRIPTOR else 0
-    parts = len(frames) - 1 - described
-    if parts != 1:
+    parts = payload_frames(header, frames)
+    if len(parts) != 1:
         splittable = header.kind is MessageKind.DATA and not header.flags & FLAG_SHM
-        if not (splittable and 1 < parts <= MAX_PAYLOAD_FRAMES) or not all(
-                len(f) for f in frames[1:1 + parts]):
+        if not (splittable and 1 < len(parts) <= MAX_PAYLOAD_FRAMES and all(map(len, parts))):
             expected = (f"{2 + described} (or a DATA payload in 2-{MAX_PAYLOAD_FRAMES} "
                         f"non-empty frames)" if splittable else 2 + described)
             raise ProtocolError("frame count", expected, len(frames), peer)
@@ -210,13 +209,13 @@ def check_frames(header: Header, frames: list, peer: str | None = None) -> None:
             raise ProtocolError("payload length", f"{SHM_REF.size} (a shared-memory "
                                 "reference)", len(frames[1]), peer)
     else:
-        length = sum(len(f) for f in frames[1:1 + parts])
+        length = sum(map(len, parts))
         if length != header.nbytes:
             raise ProtocolError("payload length", header.nbytes, length, peer)
-        itemsize = DTYPE_CODES[header.dtype].itemsize if parts > 1 else 1
-        if any(len(f) % itemsize for f in frames[1:1 + parts]):
+        itemsize = DTYPE_CODES[header.dtype].itemsize if len(parts) > 1 else 1
+        if any(len(part) % itemsize for part in parts):
             raise ProtocolError("payload length", f"pieces of whole {itemsize}-byte "
-                                f"elements", [len(f) for f in frames[1:1 + parts]], peer)
+                                f"elements", [len(part) for part in parts], peer)
     if described and len(frames[-1]) > MAX_DESCRIPTOR_BYTES:
         raise ProtocolError("descriptor length", f"at most {MAX_DESCRIPTOR_BYTES}",
                             len(frames[-1]), peer)
@@ -240,7 +239,7 @@ def split_payload(frames: list, piece_bytes: int) -> list:
 
 
 def payload_frames(header: Header, frames: list) -> list:
-    """The frames of checked ``frames`` (see :func:`check_frames`) that hold the payload:
+    """The frames that hold the payload (between the header and a flagged descriptor):
     one, or its pieces in order."""
     return frames[1:len(frames) - 1] if header.flags & FLAG_DESCRIPTOR else frames[1:]
 

