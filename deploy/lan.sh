@@ -7,4 +7,4 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${PYTHON:-python3}" -m ringtrain.netns "$@"
+exec "${PYTHON:-python3}" -m ringtrain.lab.netns "$@"

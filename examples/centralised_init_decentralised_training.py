@@ -14,7 +14,7 @@ same pattern, with a different partition every epoch):
 
 1. initialise on rank 0 only (here: a short warm-up on a small labelled set only rank 0 has),
    then ``node.broadcast`` the parameters, so every node starts from rank 0's model;
-2. partition the training set with :func:`ringtrain.sharding.epoch_shards`: disjoint shards,
+2. partition the training set with :func:`ringtrain.train.sharding.epoch_shards`: disjoint shards,
    every sample in exactly one;
 3. each round, every node trains ``--local-steps`` steps on its shard, alone;
 4. then ``node.all_reduce(op="mean", weight=shard size)`` averages the parameters;
@@ -27,12 +27,12 @@ import argparse
 
 import numpy as np
 
-from ringtrain.datasets import load_digits
-from ringtrain.nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
-from ringtrain.node import Node
-from ringtrain.optim import SGD
-from ringtrain.sharding import epoch_shards
+from ringtrain.node.node import Node
 from ringtrain.testing import run_local
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
+from ringtrain.train.optim import SGD
+from ringtrain.train.sharding import epoch_shards
 
 BATCH = 32
 

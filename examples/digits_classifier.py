@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ringtrain.datasets import load_digits
-from ringtrain.nn import Dense, ReLU, Sequential, accuracy
-from ringtrain.node import Node
-from ringtrain.optim import Adam
+from ringtrain.node.node import Node
 from ringtrain.testing import run_local
-from ringtrain.train import StepReport, Trainer
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.nn import Dense, ReLU, Sequential, accuracy
+from ringtrain.train.optim import Adam
+from ringtrain.train.trainer import StepReport, Trainer
 
 
 def train(node: Node, epochs: int, checkpoint_dir: str | None, compression: str | None = None

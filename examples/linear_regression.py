@@ -28,12 +28,12 @@ import argparse
 
 import numpy as np
 
-from ringtrain.nn import Dense, Sequential, mse_loss
-from ringtrain.node import Node
-from ringtrain.optim import SGD
-from ringtrain.sharding import epoch_shards
+from ringtrain.node.node import Node
 from ringtrain.testing import run_local
-from ringtrain.train import DistributedOptimizer, Trainer
+from ringtrain.train.nn import Dense, Sequential, mse_loss
+from ringtrain.train.optim import SGD
+from ringtrain.train.sharding import epoch_shards
+from ringtrain.train.trainer import DistributedOptimizer, Trainer
 
 FEATURES, SAMPLES = 20, 4000
 

@@ -20,10 +20,10 @@ import argparse
 
 import numpy as np
 
-from ringtrain.datasets import load_digits
-from ringtrain.node import Node
-from ringtrain.sharding import DataPosition, Sampler
+from ringtrain.node.node import Node
 from ringtrain.testing import run_local
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.sharding import DataPosition, Sampler
 
 BATCH = 32
 

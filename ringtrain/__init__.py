@@ -4,6 +4,7 @@ Nodes on one LAN find each other, agree on a ring with no leader, and average gr
 ring-allreduce over ZeroMQ. Start here: :class:`Node`.
 """
 
+from .comm.security import JobKey, read_key_file, write_key_file
 from .config import Settings
 from .errors import (
                      CollectiveError,
@@ -17,9 +18,8 @@ from .errors import (
                      SecurityError,
                      TransportError,
 )
-from .launch import join
-from .node import Node, Work
-from .security import JobKey, read_key_file, write_key_file
+from .node.launch import join
+from .node.node import Node, Work
 
 __version__ = "0.1.0"
 

@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .comm.security import JobKey
 from .config import Settings
 from .errors import RingtrainError
-from .node import Node
-from .security import JobKey
+from .node.node import Node
 
 WATCHDOG_MARGIN = 3.0  # seconds before the parent's deadline at which a child reports itself
 

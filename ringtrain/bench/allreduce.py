@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, RingtrainError
-from .security import JobKey
+from ..comm.security import JobKey
+from ..errors import ConfigError, RingtrainError
 
 DEFAULT_SIZES = "4K,64K,1M,16M,64M,256M"
 QUICK_SIZES = "4K,1M,16M"
@@ -166,8 +166,8 @@ def iterations_for(size: int, world_size: int, bytes_per_s: float, target_s: flo
 # workers ---------------------------------------------------------------------------------------
 
 def _ringtrain_worker(config: dict) -> dict:
-    from .config import Settings
-    from .node import Node
+    from ..config import Settings
+    from ..node.node import Node
 
     key = None if config["insecure"] else JobKey.from_hex(os.environ["RINGTRAIN_BENCH_KEY"])
     addresses = config["addresses"]
@@ -207,7 +207,7 @@ def _measure_with_rss(op: Callable, barrier: Callable, warmup: int, iters: int) 
 
 
 def _gloo_worker(config: dict) -> dict:
-    from .integrations.baselines import gloo_worker
+    from .baselines import gloo_worker
 
     iterations = config["iterations"]
     return gloo_worker(config["rank"], len(config["addresses"]), config["master"],
@@ -216,7 +216,7 @@ def _gloo_worker(config: dict) -> dict:
 
 
 def _mpi_worker(config: dict) -> dict | None:
-    from .integrations.mpi_baseline import mpi_worker
+    from .mpi_baseline import mpi_worker
 
     iterations = config["iterations"]
     return mpi_worker(config["sizes"], lambda size: iterations[str(size)], config["warmup"],
@@ -224,7 +224,7 @@ def _mpi_worker(config: dict) -> dict | None:
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m ringtrain.bench worker CONFIG_JSON``: one rank of one run; prints JSON
+    """``python -m ringtrain.bench.allreduce worker CONFIG_JSON``: one rank of one run; prints JSON
     (under MPI only rank 0 prints, for every rank)."""
     config = json.loads(argv[0])
     if config["backend"] == "gloo":
@@ -271,7 +271,7 @@ class Launcher:
         self.n = args.nodes
         self.lan = None
         if args.where == "lan":
-            from .netns import EmulatedLan
+            from ..lab.netns import EmulatedLan
 
             self.lan = EmulatedLan(self.n, rate_mbit=args.rate, sites=args.site_list,
                                    uplink_mbit=args.uplink or args.rate)
@@ -290,7 +290,7 @@ class Launcher:
     def ports(self, base: int) -> list[int]:
         self.round += 1
         if self.lan is None:
-            from .testing import free_ports
+            from ..testing import free_ports
 
             return free_ports(self.n)
         # fresh ports every run: the last run's connections may linger in TIME_WAIT
@@ -306,7 +306,7 @@ class Launcher:
 
     def _mpiexec(self, argv: list[str]) -> list[str]:
         """``argv`` as N MPI ranks: local, or one per namespace (mpiexec in node 0's)."""
-        from .integrations.mpi_baseline import mpiexec_command, with_host_name, write_agent
+        from .mpi_baseline import mpiexec_command, with_host_name, write_agent
 
         if self.lan is None:
             return mpiexec_command(argv, self.n)
@@ -329,9 +329,9 @@ class Launcher:
                   "master": f"{hosts[0]}:{ports[0]}",
                   "interface": "lo" if self.lan is None else "eth0"}
         env = {**os.environ, "RINGTRAIN_BENCH_KEY": self.key.hex(), "OMP_NUM_THREADS": "1"}
-        worker = [sys.executable, "-m", "ringtrain.bench", "worker"]
+        worker = [sys.executable, "-m", "ringtrain.bench.allreduce", "worker"]
         if backend == "mpi":
-            from .integrations.mpi_baseline import run_as_root_env
+            from .mpi_baseline import run_as_root_env
 
             argv = self._mpiexec([*worker, json.dumps({**common, "rank": None})])
             processes = [self._start(0, argv, {**env, **run_as_root_env()})]
@@ -383,7 +383,7 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 
 def _mpi_status(lan: bool) -> str:
     """The MPI series' ``skipped`` text: "" when the baseline can run."""
-    from .integrations.mpi_baseline import unavailable
+    from .mpi_baseline import unavailable
 
     reason = unavailable(lan)
     if not reason:
@@ -417,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
         if args.where != "lan" or len(args.site_list) != args.nodes:
             raise ConfigError("--sites needs --where lan and one site per node")
     args.probe_bytes = parse_size(args.probe_links) if args.probe_links else 0
-    from .compression import get_codec
+    from ..ring.compression import get_codec
 
     get_codec(None if args.compression == "none" else args.compression)  # fail early
     sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else
@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
     mpi = Series("mpi", skipped=_mpi_status(args.where == "lan") if "mpi" in baselines
                  else "not asked for")
     if "gloo" in baselines:
-        from .integrations.baselines import torch_available
+        from .baselines import torch_available
 
         if not torch_available():
             gloo.skipped = "skipped: torch with Gloo is not importable"
@@ -563,7 +563,7 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
     if mpi.skipped:
         lines.append(f"MPI: {mpi.skipped}.")
     else:
-        from .integrations.mpi_baseline import describe
+        from .mpi_baseline import describe
 
         lines.append(f"MPI: {describe(lan)}.")
     lines.append("algbw = size / time; busbw = algbw x 2(N-1)/N. ratio > 1: ringtrain faster. "
@@ -575,6 +575,6 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "worker":
         sys.exit(worker_main(sys.argv[2:]))
-    from .cli import main
+    from ..cli.main import main
 
     sys.exit(main(["bench", *sys.argv[1:]]))

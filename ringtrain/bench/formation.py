@@ -2,7 +2,7 @@
 
     sudo ringtrain bench-formation --nodes 4 8 --repeats 5
 
-Linux and root only (network namespaces, see ``ringtrain.netns``). For each ring size N and
+Linux and root only (network namespaces, see ``ringtrain.lab.netns``). For each ring size N and
 each repetition, on a fresh job name: N-1 real ``ringtrain node`` processes (the built-in
 job, no addresses, a job key, mDNS only) start in their own namespaces and wait, then the
 last one starts. Measured from the moment the last process is launched to the moment the
@@ -29,10 +29,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Settings
-from .errors import ConfigError
-from .netns import EmulatedLan
-from .security import JobKey, write_key_file
+from ..comm.security import JobKey, write_key_file
+from ..config import Settings
+from ..errors import ConfigError
+from ..lab.netns import EmulatedLan
 
 GOAL_S = 2.0
 _RING_RE = re.compile(r"ringtrain node (\S+): in a ring of (\d+) \(generation (\d+)\)")

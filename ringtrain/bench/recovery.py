@@ -34,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import collectives
-from .config import Settings
-from .datasets import load_digits
-from .nn import Dense, ReLU, Sequential
-from .node import Node
-from .optim import SGD
-from .testing import LocalCluster, node_id
-from .train import Trainer
+from ..config import Settings
+from ..node.node import Node
+from ..ring import collectives
+from ..testing import LocalCluster, node_id
+from ..train.datasets import load_digits
+from ..train.nn import Dense, ReLU, Sequential
+from ..train.optim import SGD
+from ..train.trainer import Trainer
 
 BATCH = 16  # samples per member per step; the global batch is fixed at BATCH * nodes
 
@@ -85,7 +85,7 @@ def _work(node: Node, victim: str, kill_step: int, steps: int, fraction: float,
           stamp: str) -> dict:
     times = _Times()
     logging.getLogger("ringtrain").addHandler(logging.NullHandler())  # the table is the output
-    logger = logging.getLogger("ringtrain.train")
+    logger = logging.getLogger("ringtrain.train.trainer")
     logger.addHandler(times)
     logger.setLevel(logging.INFO)
     armed = _arm_suicide(fraction, Path(stamp)) if node.node_id == victim else None
@@ -184,6 +184,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ringtrain.recovery_bench")
+    parser = argparse.ArgumentParser(prog="python -m ringtrain.bench.recovery")
     add_arguments(parser)
     raise SystemExit(run(parser.parse_args()))

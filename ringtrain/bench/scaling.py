@@ -2,11 +2,11 @@
 
     sudo ringtrain bench-scaling                      # N = 1, 2, 4; 1 Gbit/s; 0.45 core each
 
-Linux and root only. For each N, a fresh emulated LAN (:mod:`ringtrain.netns`) of N devices:
+Linux and root only. For each N, a fresh emulated LAN (:mod:`ringtrain.lab.netns`) of N devices:
 one network namespace per device, its link shaped to ``--rate`` with tbf, and a CPU budget of
 ``--cpu`` cores (a cgroup quota, device i pinned to core i mod cores, two devices of 0.45
-on a core at most; :mod:`ringtrain.cpu_budget`; also for N = 1). Each device runs
-one process of real data-parallel training: a :class:`~ringtrain.node.Node` with static peers
+on a core at most; :mod:`ringtrain.lab.cpu_budget`; also for N = 1). Each device runs
+one process of real data-parallel training: a :class:`~ringtrain.Node` with static peers
 and a job key (encrypted links), a :class:`~ringtrain.train.Trainer` (even batches) on a wide
 numpy MLP and synthetic data, BLAS pinned to one thread. Weak scaling: every device takes
 ``--batch`` samples per step whatever N is. After ``--warmup`` steps and a barrier, each
@@ -20,7 +20,7 @@ feedback; off by default): fewer bytes on the links for the same step.
 
 Where a step goes, per device and averaged over devices: compute (forward and backward,
 during which the Trainer already sends the gradient of the last layers: see ``bucket_bytes``
-in :mod:`ringtrain.train`), the gradient all-reduce the step still waits for after backward
+in :mod:`ringtrain.train.trainer`), the gradient all-reduce the step still waits for after backward
 (the first rows of the first layer's weight, and any bucket not done yet), and the rest
 (batch slicing, optimizer). After the timed steps the devices time the whole gradient's
 all-reduce alone, each after a barrier: the all-reduce of the step beyond that is time spent
@@ -59,13 +59,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, RingtrainError
-from .netns import EmulatedLan
-from .nn import Dense, ReLU, Sequential
-from .node import Node
-from .optim import SGD
-from .security import JobKey, read_key_file, write_key_file
-from .train import Trainer
+from ..comm.security import JobKey, read_key_file, write_key_file
+from ..errors import ConfigError, RingtrainError
+from ..lab.netns import EmulatedLan
+from ..node.node import Node
+from ..train.nn import Dense, ReLU, Sequential
+from ..train.optim import SGD
+from ..train.trainer import Trainer
 
 PORT = 7077
 CLASSES = 10
@@ -299,7 +299,7 @@ def _watchdog(deadline: float, node_ref: list[Node]) -> None:
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m ringtrain.scaling_bench worker CONFIG_JSON``: one device; prints its report
+    """``python -m ringtrain.bench.scaling worker CONFIG_JSON``: one device; prints its report
     as a ``RESULT`` JSON line."""
     config = json.loads(argv[0])
     node_ref: list[Node] = []
@@ -353,7 +353,7 @@ def measure(nodes: int, args: argparse.Namespace, key_file: Path) -> list[dict[s
         env = {**os.environ, **_THREADS, "PYTHONUNBUFFERED": "1"}
         devices = []
         for rank in range(nodes):
-            argv = [sys.executable, "-m", "ringtrain.scaling_bench", "worker",
+            argv = [sys.executable, "-m", "ringtrain.bench.scaling", "worker",
                     json.dumps({**config, "rank": rank})]
             popen = lan.popen(rank, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
@@ -445,6 +445,6 @@ def _interrupt(signum: int, frame: object) -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "worker":
         sys.exit(worker_main(sys.argv[2:]))
-    from .cli import main
+    from ..cli.main import main
 
     sys.exit(main(["bench-scaling", *sys.argv[1:]]))

@@ -9,7 +9,7 @@ authenticated and encrypted, the default) and over a second node of the same pro
 with ``insecure=True`` (clear text, allowed because everything is on loopback). The table shows
 the median time of each and their ratio, CURVE over clear text.
 
-``--emulated-rate`` reruns the benchmark inside a fresh network namespace (``ringtrain.netns``)
+``--emulated-rate`` reruns the benchmark inside a fresh network namespace (``ringtrain.lab.netns``)
 whose loopback is shaped to that many Mbit/s with tbf: the nodes then share one shaped link,
 so the rate per ring link is about rate / N, as on a hub. Needs Linux and root.
 """
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import ENV_PREFIX, Settings
-from .node import Node
-from .testing import free_ports, run_local
+from ..config import ENV_PREFIX, Settings
+from ..node.node import Node
+from ..testing import free_ports, run_local
 
 DEFAULT_SIZES = (4 << 10, 1 << 20, 16 << 20)
 DEFAULT_NODES = (2, 4)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_emulated(args: argparse.Namespace) -> int:
     """Rerun this command, without ``--emulated-rate``, in a namespace with shaped loopback."""
-    from .netns import EmulatedLan  # only here: it needs root and iproute2
+    from ..lab.netns import EmulatedLan  # only here: it needs root and iproute2
 
     with EmulatedLan(1) as lan:
         shaped = lan.run(0, ["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate",

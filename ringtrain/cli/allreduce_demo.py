@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from .node import Node
-from .testing import run_local
+from ..node.node import Node
+from ..testing import run_local
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,14 +18,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .compression import get_codec
-from .datasets import Dataset, load_digits
-from .errors import ConfigError
-from .nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
-from .node import Node
-from .optim import Adam
-from .testing import run_local
-from .train import StepReport, Trainer
+from ..errors import ConfigError
+from ..node.node import Node
+from ..ring.compression import get_codec
+from ..testing import run_local
+from ..train.datasets import Dataset, load_digits
+from ..train.nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
+from ..train.optim import Adam
+from ..train.trainer import StepReport, Trainer
 
 TARGET_ACCURACY = 0.95
 TEST_FRACTION = 0.2

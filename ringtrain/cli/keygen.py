@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .security import JobKey, write_key_file
+from ..comm.security import JobKey, write_key_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

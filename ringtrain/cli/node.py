@@ -21,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import parse_size
-from .config import LaunchOptions
+from ..bench.allreduce import parse_size
+from ..config import LaunchOptions
+from ..errors import ConfigError
+from ..node.launch import join
+from ..train.nn import accuracy
+from ..train.trainer import Trainer, schema_of, training_facts
 from .demo import demo_model, epoch_printer
-from .errors import ConfigError
-from .launch import join
-from .nn import accuracy
-from .train import Trainer, schema_of, training_facts
 
 EXIT_LEFT = 130  # the node left the ring on Ctrl-C / SIGTERM
 GLOBAL_BATCH = 64  # fixed whatever the ring size: a node joining or leaving changes no step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .discovery import Browser, Discovery, usable_ipv4_addresses
+from ..discovery.mdns import Browser, Discovery, usable_ipv4_addresses
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

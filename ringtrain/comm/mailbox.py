@@ -29,7 +29,7 @@ import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 from .shm import SharedMemoryLanes
 from .transport import Incoming, Transport
 from .wire import FLAG_DESCRIPTOR, Header, MessageKind, check_frames, decode_header, payload_frames

@@ -26,8 +26,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import env
-from .errors import ConfigError, SecurityError
+from ..config import env
+from ..errors import ConfigError, SecurityError
 
 KEY_BYTES = 32
 KEY_FILE_HEADER = "# ringtrain job key: anyone holding this file can join the job's ring\n"

@@ -11,7 +11,7 @@ node id and its network namespace, and names it in its HELLO. A peer that can op
 (a regular file, not a link, owned by its own uid) and finds in it the HELLO's sender and
 its own network namespace shares ``/dev/shm``, the namespace and the uid with that node; the
 relation is symmetric, so both ends of a link decide the same way. Nodes in different
-network namespaces (the emulated LAN of ``ringtrain.netns``) never qualify, so they keep
+network namespaces (the emulated LAN of ``ringtrain.lab.netns``) never qualify, so they keep
 measuring their links.
 
 A lane, ``/dev/shm/ringtrain-lane-<hex>`` (mode 0600), has ``slots`` slots of ``slot_bytes``::
@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 from .wire import FLAG_DESCRIPTOR, FLAG_SHM, HEADER_SIZE, SHM_NAME_BYTES, SHM_REF
 
 log = logging.getLogger(__name__)

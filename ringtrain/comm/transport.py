@@ -56,8 +56,8 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.utils.z85
 
-from .config import Settings
-from .errors import ConfigError, SecurityError, TransportError
+from ..config import Settings
+from ..errors import ConfigError, SecurityError, TransportError
 from .security import JobKey
 from .wire import HEADER_SIZE, MAX_CONTROL_BYTES, split_payload
 

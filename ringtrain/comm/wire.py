@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 MAGIC = b"RTRN"
 PROTOCOL_VERSION = 1

@@ -12,7 +12,7 @@
 How: every parameter has a post-accumulate-grad hook. Parameters are grouped, in reverse order
 of registration (the order backward usually produces their gradients), into buckets of about
 ``bucket_bytes``; when every gradient of a bucket is ready the bucket starts an asynchronous
-fused all-reduce (:meth:`ringtrain.node.Node.all_reduce_many_async`), so communication
+fused all-reduce (:meth:`ringtrain.node.node.Node.all_reduce_many_async`), so communication
 overlaps the rest of backward. Buckets start strictly in bucket order on every member (the
 order of collectives must match), and :meth:`DataParallel.backward` waits for all of them
 before writing the averaged gradients back into ``param.grad``.
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..node import Node, Work
-from ..train import NonFiniteGradientError, check_agreement
+from ..node.node import Node, Work
+from ..train.trainer import NonFiniteGradientError, check_agreement
 
 if TYPE_CHECKING:
     import torch

@@ -26,7 +26,7 @@ import signal
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PERIOD_US = 10_000
 """The quota period: 10 ms, so a device that used its share waits at most ~6 ms to run again

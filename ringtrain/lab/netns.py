@@ -17,15 +17,15 @@ Every node namespace has lo up, IPv6 off, no default route, a multicast route
 the host's network. Rates are shaped with tbf on both ends of a node's link (this
 kernel has no netem: delay cannot be emulated). Loss and partitions are nftables rules
 inside the node namespaces (table ``inet ringtrain``). With ``cpu_cores`` every node is
-also a device with its own CPU budget (:mod:`ringtrain.cpu_budget`, cgroup ``PREFIX-<i>``),
+also a device with its own CPU budget (:mod:`ringtrain.lab.cpu_budget`, cgroup ``PREFIX-<i>``),
 node i pinned to core i mod cores: what runs in it gets that fraction of a core, as a small
 board would.
 
     with EmulatedLan(4, rate_mbit=1000, cpu_cores=0.45) as lan:
-        proc = lan.popen(0, ["python", "-m", "ringtrain.demo"])
+        proc = lan.popen(0, ["python", "-m", "ringtrain.cli.demo"])
         lan.partition([[0, 1], [2, 3]])
 
-CLI for humans: ``python -m ringtrain.netns up 4 --rate 1000`` / ``down PREFIX``.
+CLI for humans: ``python -m ringtrain.lab.netns up 4 --rate 1000`` / ``down PREFIX``.
 Needs iproute2, nftables (only for drop/partition) and procps.
 """
 
@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-import ringtrain.cpu_budget as cpu_budget
+import ringtrain.lab.cpu_budget as cpu_budget
 from ringtrain.errors import ConfigError
 
 _PREFIX_RE = re.compile(r"rt[a-z0-9]{1,10}")
@@ -176,7 +176,7 @@ class EmulatedLan:
 
     Raises:
         ConfigError: bad arguments, no support (:func:`require_support`, and for
-            ``cpu_cores`` :func:`ringtrain.cpu_budget.hierarchy`), a name in use, or a setup
+            ``cpu_cores`` :func:`ringtrain.lab.cpu_budget.hierarchy`), a name in use, or a setup
             command failed. Everything created so far is removed first.
     """
 
@@ -221,7 +221,7 @@ class EmulatedLan:
         taken = [name for name in _namespaces() if _owned_by(self.prefix, name)]
         if taken:
             raise ConfigError(f"namespaces {taken} already exist; pick another prefix or run "
-                              f"`python -m ringtrain.netns down {self.prefix}`")
+                              f"`python -m ringtrain.lab.netns down {self.prefix}`")
         try:
             self._build()
             if rate_mbit is not None:
@@ -467,8 +467,8 @@ class EmulatedLan:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ringtrain.netns up N [--rate MBIT] [--prefix P]`` or ``down PREFIX``."""
-    parser = argparse.ArgumentParser(prog="python -m ringtrain.netns",
+    """``python -m ringtrain.lab.netns up N [--rate MBIT] [--prefix P]`` or ``down PREFIX``."""
+    parser = argparse.ArgumentParser(prog="python -m ringtrain.lab.netns",
                                      description="Build or remove an emulated LAN.")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="create N node namespaces on a bridge and leave them")
@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i in range(lan.n):
                 print(f"  {lan.namespace(i)}  {lan.address(i)}  site {lan.sites[i]}")
             print(f"run:    ip netns exec {lan.namespace(0)} COMMAND")
-            print(f"remove: python -m ringtrain.netns down {lan.prefix}")
+            print(f"remove: python -m ringtrain.lab.netns down {lan.prefix}")
         else:
             removed = teardown(args.prefix)
             print(f"removed {len(removed)} namespaces: {' '.join(removed) or '-'}")

@@ -47,12 +47,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import ring
-from .errors import ProtocolError, TransportError
-from .mailbox import Mailbox, Message
-from .shm import SharedMemoryLanes
-from .transport import Transport, normalize_endpoint
-from .wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
+from ..comm.mailbox import Mailbox, Message
+from ..comm.shm import SharedMemoryLanes
+from ..comm.transport import Transport, normalize_endpoint
+from ..comm.wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
+from ..errors import ProtocolError, TransportError
+from ..ring import plan as ring
 
 log = logging.getLogger(__name__)
 

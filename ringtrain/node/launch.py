@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import LaunchOptions, Settings
+from ..config import LaunchOptions, Settings
 from .node import Node
 
 

@@ -33,12 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from . import collectives, ring
-from .collectives import Collective, RingRunner
-from .compression import Codec
-from .config import Settings
-from .discovery import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
-from .errors import (
+from ..comm.mailbox import Mailbox
+from ..comm.security import JobKey, key_from_environment
+from ..comm.shm import open_lanes
+from ..comm.transport import Transport, is_loopback, normalize_endpoint
+from ..comm.wire import PROTOCOL_VERSION, job_id
+from ..config import Settings
+from ..discovery.mdns import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
+from ..errors import (
     CollectiveError,
     CollectiveTimeout,
     ConfigError,
@@ -48,12 +50,11 @@ from .errors import (
     ProtocolError,
     RingtrainError,
 )
-from .mailbox import Mailbox
-from .membership import Membership, View
-from .security import JobKey, key_from_environment
-from .shm import open_lanes
-from .transport import Transport, is_loopback, normalize_endpoint
-from .wire import PROTOCOL_VERSION, job_id
+from ..membership.protocol import Membership, View
+from ..ring import collectives
+from ..ring import plan as ring
+from ..ring.collectives import Collective, RingRunner
+from ..ring.compression import Codec
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ class Node:
                 is sum(w_i * x_i) / sum(w_i).
             timeout: seconds (default ``settings.collective_timeout``).
             compression: None, or a codec name (``fp16``, ``int8``, ``topk[:RATIO]``, see
-                ``ringtrain.compression``) or a Codec, for float sums and means. Every member
+                ``ringtrain.ring.compression``) or a Codec, for float sums and means. Every member
                 must pass the same; error-feedback state is kept per codec name and shapes.
             out: where to put the result: a writeable, C-contiguous numpy array of the
                 same shape and dtype (``array`` itself reduces in place). Saves allocating

@@ -29,22 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from . import ring
-from .compression import Codec, check_supported, get_codec
-from .errors import (
-    CollectiveError,
-    CollectiveTimeout,
-    ConfigError,
-    MismatchError,
-    PeerFailedError,
-    ProtocolError,
-    TransportError,
-)
-from .mailbox import Mailbox, Message
-from .membership import View
-from .shm import SharedMemoryLanes
-from .transport import Transport
-from .wire import (
+from ..comm.mailbox import Mailbox, Message
+from ..comm.shm import SharedMemoryLanes
+from ..comm.transport import Transport
+from ..comm.wire import (
     FLAG_DESCRIPTOR,
     FLAG_SHM,
     HEADER_SIZE,
@@ -56,6 +44,18 @@ from .wire import (
     dtype_code,
     encode_control,
 )
+from ..errors import (
+    CollectiveError,
+    CollectiveTimeout,
+    ConfigError,
+    MismatchError,
+    PeerFailedError,
+    ProtocolError,
+    TransportError,
+)
+from ..membership.protocol import View
+from . import plan as ring
+from .compression import Codec, check_supported, get_codec
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, ProtocolError
+from ..errors import ConfigError, ProtocolError
 
 FP16_MAX = float(np.finfo(np.float16).max)
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -2,7 +2,7 @@
 
 :func:`load_digits` reads the UCI "Optical Recognition of Handwritten Digits" 8x8 set
 (1797 images, 64 features, 10 classes; Alpaydin & Kaynak, CC BY 4.0, see
-``ringtrain/data/DIGITS-LICENSE.txt``) from ``ringtrain/data/digits.npz``.
+``ringtrain/train/data/DIGITS-LICENSE.txt``) from ``ringtrain/train/data/digits.npz``.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def load_digits() -> Dataset:
 
     Pixels (0..16 in the file) are divided by 16.
     """
-    source = resources.files("ringtrain") / "data" / _DIGITS_FILE
+    source = resources.files("ringtrain.train") / "data" / _DIGITS_FILE
     with source.open("rb") as handle, np.load(handle, allow_pickle=False) as archive:
         pixels = archive["pixels"]
         labels = archive["labels"]

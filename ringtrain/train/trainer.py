@@ -1,9 +1,9 @@
-"""Data-parallel training on a :class:`~ringtrain.node.Node`: every member trains the same model
+"""Data-parallel training on a :class:`~ringtrain.Node`: every member trains the same model
 on its own shard of each step's global batch, and every member ends with the same parameters.
 
 Two pieces:
 
-* :class:`DistributedOptimizer` wraps an optimizer from :mod:`ringtrain.optim`. Constructing it
+* :class:`DistributedOptimizer` wraps an optimizer from :mod:`.optim`. Constructing it
   checks that every member trains the same thing and copies rank 0's parameters and optimizer
   state to every member. Each :meth:`~DistributedOptimizer.step` averages the gradient over the
   members in one fused all-reduce (two with compression, below), weighted by each member's
@@ -14,7 +14,7 @@ Two pieces:
 * :class:`Trainer` runs the loop: sharding, speed-adaptive batches, local SGD, non-finite
   gradients and checkpoints, as follows.
 
-Sharding. Every epoch has one permutation of the data set (:mod:`ringtrain.sharding`), read
+Sharding. Every epoch has one permutation of the data set (:mod:`ringtrain.train.sharding`), read
 front to back as one stream; each step takes the next ``batch_size * world_size`` samples and
 cuts them into one contiguous piece per member, in rank order. The position in the stream is
 global, so no sample of an epoch is dropped or repeated, and a run resumed with another world
@@ -24,7 +24,7 @@ Speed-adaptive batches (``adaptive=True``, the default). Each member times its o
 backward pass and keeps a smoothed throughput (samples per second, an exponentially weighted
 moving average with weight ``SPEED_SMOOTHING`` on the newest step). Every ``share_every`` steps
 the members all-gather their throughputs (8 bytes each) and from then on cut the global batch
-in proportion to them (:func:`~ringtrain.sharding.split_proportional`), every member getting at
+in proportion to them (:func:`.sharding.split_proportional`), every member getting at
 least one sample so its speed stays measured. A member twice as fast then gets about twice the
 samples, and fast members stop idling behind slow ones at every step. The gradient weights are
 the sample counts, so the result is the same big-batch gradient whatever the split (up to float
@@ -38,7 +38,7 @@ instead of per step: the mode for slow links. Between averages members differ; a
 are identical again (and :meth:`Trainer.fit` ends with an average).
 
 Compression (``compression="int8"``, ``"fp16"``, ``"topk[:ratio]"``; default None). Only the
-gradient travels through a compressed all-reduce (:mod:`ringtrain.compression`). The loss,
+gradient travels through a compressed all-reduce (:mod:`ringtrain.ring.compression`). The loss,
 the weights and the flags must stay exact: a rounded weight sum would skew every gradient, a
 rounded flag could vanish. They travel in their own all-reduce of four values just before,
 the cheapest sound way: it adds one round per step (small all-reduces take one round, not
@@ -99,11 +99,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
+from ..node.node import Node, Work
+from ..ring.compression import Codec, check_supported, get_codec
 from . import checkpoint
-from .compression import Codec, check_supported, get_codec
-from .errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
 from .nn import Sequential, softmax_cross_entropy
-from .node import Node, Work
 from .optim import Optimizer
 from .sharding import DataPosition, Sampler, split_proportional
 
@@ -238,7 +238,7 @@ class DistributedOptimizer:
         joining: this node joins a ring that is already training: skip the start-up
             agreement (the members are not running it); the caller syncs state instead.
         compression: None, a codec name (``fp16``, ``int8``, ``topk[:RATIO]``) or a
-            :class:`~ringtrain.compression.Codec` for the gradient all-reduce of
+            :class:`~ringtrain.ring.compression.Codec` for the gradient all-reduce of
             :meth:`step` (see the module docstring); every member must use the same.
 
     Raises:

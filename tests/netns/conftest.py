@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ringtrain.errors import ConfigError
-from ringtrain.netns import require_support
+from ringtrain.lab.netns import require_support
 
 HERE = Path(__file__).parent
 

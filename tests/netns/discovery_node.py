@@ -15,7 +15,7 @@ import select
 import sys
 import time
 
-from ringtrain.discovery import Advert, Discovery, usable_ipv4_addresses
+from ringtrain.discovery.mdns import Advert, Discovery, usable_ipv4_addresses
 from ringtrain.errors import RingtrainError
 
 MAX_LIFETIME_S = 60.0

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ringtrain.config import Settings
-from ringtrain.datasets import load_digits
-from ringtrain.nn import Dense, Sequential, Tanh
-from ringtrain.node import Node
-from ringtrain.optim import SGD
-from ringtrain.train import Trainer
+from ringtrain.node.node import Node
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.nn import Dense, Sequential, Tanh
+from ringtrain.train.optim import SGD
+from ringtrain.train.trainer import Trainer
 
 BATCH, GLOBAL_BATCH = 16, 64
 

@@ -11,10 +11,10 @@ import threading
 
 import numpy as np
 
+from ringtrain.comm.security import key_from_environment
 from ringtrain.config import Settings
 from ringtrain.errors import PeerFailedError
-from ringtrain.node import Node
-from ringtrain.security import key_from_environment
+from ringtrain.node.node import Node
 
 
 def contribution(index: int, size: int) -> np.ndarray:

@@ -19,9 +19,9 @@ import socket
 import sys
 import threading
 
-from ringtrain.discovery import Advert, Discovery
-from ringtrain.security import read_key_file
-from ringtrain.wire import PROTOCOL_VERSION
+from ringtrain.comm.security import read_key_file
+from ringtrain.comm.wire import PROTOCOL_VERSION
+from ringtrain.discovery.mdns import Advert, Discovery
 
 MAX_LIFETIME_S = 120.0
 

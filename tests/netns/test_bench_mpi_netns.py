@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ringtrain.integrations.mpi_baseline import unavailable
+from ringtrain.bench.mpi_baseline import unavailable
 
 
 def test_quick_lan_bench_measures_mpi_across_namespaces(tmp_path):

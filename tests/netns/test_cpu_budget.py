@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from ringtrain import cpu_budget
-from ringtrain.cpu_budget import PERIOD_US, CpuBudget
 from ringtrain.errors import ConfigError
-from ringtrain.netns import EmulatedLan
+from ringtrain.lab import cpu_budget
+from ringtrain.lab.cpu_budget import PERIOD_US, CpuBudget
+from ringtrain.lab.netns import EmulatedLan
 
 PROBE = "import os; print(open('/proc/self/cgroup').read()); print(sorted(os.sched_getaffinity(0)))"
 

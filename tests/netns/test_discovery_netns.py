@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ringtrain.netns import EmulatedLan
+from ringtrain.lab.netns import EmulatedLan
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = Path(__file__).with_name("discovery_node.py")

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ringtrain.comm.security import JobKey, write_key_file
 from ringtrain.config import Settings
-from ringtrain.datasets import load_digits
-from ringtrain.netns import EmulatedLan
-from ringtrain.nn import Dense, Sequential, Tanh, softmax_cross_entropy
-from ringtrain.optim import SGD
-from ringtrain.security import JobKey, write_key_file
-from ringtrain.sharding import DataPosition, Sampler
+from ringtrain.lab.netns import EmulatedLan
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
+from ringtrain.train.optim import SGD
+from ringtrain.train.sharding import DataPosition, Sampler
 
 # Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
 # a failure is retried twice before it counts (each attempt is fully bounded).

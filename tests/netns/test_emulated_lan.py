@@ -17,9 +17,9 @@ from unittest import mock
 
 import pytest
 
-from ringtrain import netns
 from ringtrain.errors import ConfigError
-from ringtrain.netns import EmulatedLan, teardown
+from ringtrain.lab import netns
+from ringtrain.lab.netns import EmulatedLan, teardown
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 7700
@@ -185,7 +185,7 @@ def test_cli_up_and_down() -> None:
     prefix = "rt" + os.urandom(3).hex()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
-        up = subprocess.run([sys.executable, "-m", "ringtrain.netns", "up", "2", "--prefix",
+        up = subprocess.run([sys.executable, "-m", "ringtrain.lab.netns", "up", "2", "--prefix",
                              prefix, "--rate", "100"], capture_output=True, text=True,
                             env=env, timeout=60, check=False)
         assert up.returncode == 0, up.stderr

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 
 import ringtrain
-from ringtrain.netns import EmulatedLan
-from ringtrain.security import JobKey
+from ringtrain.comm.security import JobKey
+from ringtrain.lab.netns import EmulatedLan
 
 ROOT = Path(__file__).resolve().parents[2]
 SPOOF_SCRIPT = Path(__file__).with_name("spoof_advert.py")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ringtrain.netns import EmulatedLan
-from ringtrain.security import JobKey, write_key_file
+from ringtrain.comm.security import JobKey, write_key_file
+from ringtrain.lab.netns import EmulatedLan
 
 NODE = Path(__file__).with_name("ordered_node.py")
 sys.path.insert(0, str(NODE.parent))

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from ringtrain import cpu_budget
+from ringtrain.lab import cpu_budget
 
 ROW = re.compile(r"^\| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \| (\d+) \| ([0-9.]+) \(([0-9.]+)%\) "
                  r"\| ([0-9.]+) \| ([0-9.]+) \| (-?[0-9.]+) \| ([0-9.]+) / ([0-9.]+) \| "

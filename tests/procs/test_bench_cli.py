@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ringtrain.bench import format_size, iterations_for, parse_size
+from ringtrain.bench.allreduce import format_size, iterations_for, parse_size
 from ringtrain.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ringtrain.integrations.mpi_baseline import unavailable, write_agent
+from ringtrain.bench.mpi_baseline import unavailable, write_agent
 
 
 def table_rows(out: str) -> dict[str, dict[str, str]]:

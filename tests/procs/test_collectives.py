@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ringtrain import ring
 from ringtrain.config import Settings
+from ringtrain.ring import plan as ring
 from ringtrain.testing import run_local
 
 SEED = 20240611

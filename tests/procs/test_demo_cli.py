@@ -8,7 +8,7 @@ import sys
 
 
 def test_demo_runs_and_prints_the_summary():
-    done = subprocess.run([sys.executable, "-m", "ringtrain.cli", "demo", "--nodes", "2",
+    done = subprocess.run([sys.executable, "-m", "ringtrain.cli.main", "demo", "--nodes", "2",
                            "--epochs", "1", "--no-baseline"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode in (0, 1), done.stderr
@@ -21,7 +21,7 @@ def test_demo_runs_and_prints_the_summary():
 
 
 def test_demo_with_int8_compression_reports_the_accuracy_cost():
-    done = subprocess.run([sys.executable, "-m", "ringtrain.cli", "demo", "--nodes", "2",
+    done = subprocess.run([sys.executable, "-m", "ringtrain.cli.main", "demo", "--nodes", "2",
                            "--epochs", "1", "--compression", "int8"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode in (0, 1), done.stderr
@@ -33,7 +33,7 @@ def test_demo_with_int8_compression_reports_the_accuracy_cost():
 
 
 def test_demo_refuses_an_unknown_codec_before_starting_nodes():
-    done = subprocess.run([sys.executable, "-m", "ringtrain.cli", "demo", "--compression",
+    done = subprocess.run([sys.executable, "-m", "ringtrain.cli.main", "demo", "--compression",
                            "int4"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "unknown compression 'int4'" in done.stderr

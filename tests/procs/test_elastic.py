@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringtrain import collectives
 from ringtrain.config import Settings
-from ringtrain.datasets import load_digits
-from ringtrain.nn import Dense, Sequential, Tanh, softmax_cross_entropy
-from ringtrain.node import Node
-from ringtrain.optim import SGD
-from ringtrain.sharding import DataPosition, Sampler
+from ringtrain.node.node import Node
+from ringtrain.ring import collectives
 from ringtrain.testing import LocalCluster, free_ports, node_id
-from ringtrain.train import BUCKET_BYTES, Trainer
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
+from ringtrain.train.optim import SGD
+from ringtrain.train.sharding import DataPosition, Sampler
+from ringtrain.train.trainer import BUCKET_BYTES, Trainer
 
 # Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
 # a failure is retried twice before it counts (each attempt is fully bounded).

@@ -25,13 +25,9 @@ import numpy as np
 import pytest
 import zmq
 
-from ringtrain.config import Settings
-from ringtrain.errors import MembershipError
-from ringtrain.node import Node
-from ringtrain.security import JobKey
-from ringtrain.testing import LocalCluster, free_ports, run_local
-from ringtrain.transport import MAX_CONNECTIONS_PER_ADDRESS, curve_keypair
-from ringtrain.wire import (
+from ringtrain.comm.security import JobKey
+from ringtrain.comm.transport import MAX_CONNECTIONS_PER_ADDRESS, curve_keypair
+from ringtrain.comm.wire import (
     HEADER,
     PROTOCOL_VERSION,
     Header,
@@ -39,6 +35,10 @@ from ringtrain.wire import (
     encode_control,
     job_id,
 )
+from ringtrain.config import Settings
+from ringtrain.errors import MembershipError
+from ringtrain.node.node import Node
+from ringtrain.testing import LocalCluster, free_ports, run_local
 
 ELEMENTS = 1 << 17  # float64: 1 MiB per all-reduce
 WORKLOAD_SETTINGS = Settings(handshake_timeout=2.0)
@@ -493,10 +493,10 @@ def _spoofed_worker(node: Node, lies: list[str]) -> dict:
 
 
 def _nan_worker(node: Node, bad_step: int) -> dict:
-    from ringtrain.datasets import load_digits
-    from ringtrain.nn import Dense, Sequential, Tanh
-    from ringtrain.optim import SGD
-    from ringtrain.train import Trainer
+    from ringtrain.train.datasets import load_digits
+    from ringtrain.train.nn import Dense, Sequential, Tanh
+    from ringtrain.train.optim import SGD
+    from ringtrain.train.trainer import Trainer
 
     class Poisoned(Trainer):
         def compute_gradients(self, x, y):
@@ -529,7 +529,7 @@ def test_nan_on_one_node_never_reaches_any_parameters():
 
 
 def test_bench_security_prints_both_timings_and_their_ratio(capsys):
-    from ringtrain import cli
+    from ringtrain.cli import main as cli
 
     assert cli.main(["bench-security", "--nodes", "2", "--sizes", "4096", "--repeats", "3"]) == 0
     out = capsys.readouterr().out

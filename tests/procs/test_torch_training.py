@@ -9,10 +9,10 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from ringtrain.datasets import load_digits
-from ringtrain.node import Node
-from ringtrain.sharding import DataPosition, Sampler
+from ringtrain.node.node import Node
 from ringtrain.testing import free_ports, run_local
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.sharding import DataPosition, Sampler
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch

@@ -1,4 +1,4 @@
-"""ringtrain.train across real node processes: every claim of the module docstring, checked
+"""ringtrain.train.trainer across real node processes: every claim of the module docstring, checked
 against a one-process oracle that trains on the same samples with the whole global batch."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringtrain.checkpoint import content_hash
-from ringtrain.datasets import load_digits
 from ringtrain.errors import ConfigError
-from ringtrain.nn import Dense, Sequential, Tanh, softmax_cross_entropy
-from ringtrain.node import Node
-from ringtrain.optim import SGD, Adam, Optimizer
-from ringtrain.sharding import DataPosition, Sampler
+from ringtrain.node.node import Node
 from ringtrain.testing import run_local
-from ringtrain.train import NonFiniteGradientError, Trainer
+from ringtrain.train.checkpoint import content_hash
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
+from ringtrain.train.optim import SGD, Adam, Optimizer
+from ringtrain.train.sharding import DataPosition, Sampler
+from ringtrain.train.trainer import NonFiniteGradientError, Trainer
 
 SAMPLES = 200  # a slice of the digits: each run takes a second, not ten
 BATCH = 8

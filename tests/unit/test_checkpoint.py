@@ -1,4 +1,4 @@
-"""ringtrain.checkpoint: round trip, atomic replacement, damage detection, retention."""
+"""ringtrain.train.checkpoint: round trip, atomic replacement, damage detection, retention."""
 
 from __future__ import annotations
 
@@ -9,10 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringtrain import checkpoint
-from ringtrain.checkpoint import CheckpointError, TrainingState, content_hash, latest, load, save
 from ringtrain.errors import RingtrainError
-from ringtrain.optim import SGD, Adam
+from ringtrain.train import checkpoint
+from ringtrain.train.checkpoint import (
+    CheckpointError,
+    TrainingState,
+    content_hash,
+    latest,
+    load,
+    save,
+)
+from ringtrain.train.optim import SGD, Adam
 
 
 def _state(step: int = 10, optimizer: str = "adam") -> TrainingState:

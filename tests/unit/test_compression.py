@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ringtrain.compression import (
+from ringtrain.errors import ConfigError, ProtocolError
+from ringtrain.ring.compression import (
     SCRATCH_LIMIT,
     Codec,
     Fp16,
@@ -17,7 +18,6 @@ from ringtrain.compression import (
     get_codec,
     scratch,
 )
-from ringtrain.errors import ConfigError, ProtocolError
 
 RNG = np.random.default_rng(7)
 

@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 
+from ringtrain.comm.mailbox import Mailbox
+from ringtrain.comm.security import JobKey
+from ringtrain.comm.transport import CURVE_PIECE_BYTES, Transport
+from ringtrain.comm.wire import FLAG_DESCRIPTOR, Header, MessageKind, job_id
 from ringtrain.config import Settings
-from ringtrain.mailbox import Mailbox
-from ringtrain.security import JobKey
-from ringtrain.transport import CURVE_PIECE_BYTES, Transport
-from ringtrain.wire import FLAG_DESCRIPTOR, Header, MessageKind, job_id
 
 JOB = job_id("job")
 

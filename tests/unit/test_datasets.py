@@ -1,4 +1,4 @@
-"""ringtrain.datasets: the packaged digits data and deterministic splits."""
+"""ringtrain.train.datasets: the packaged digits data and deterministic splits."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from ringtrain.datasets import Dataset, load_digits
 from ringtrain.errors import ConfigError
-from ringtrain.nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
-from ringtrain.optim import Adam
+from ringtrain.train.datasets import Dataset, load_digits
+from ringtrain.train.nn import Dense, ReLU, Sequential, accuracy, softmax_cross_entropy
+from ringtrain.train.optim import Adam
 
-DIGITS_DIR = resources.files("ringtrain") / "data"
+DIGITS_DIR = resources.files("ringtrain.train") / "data"
 
 
 def test_digits_have_the_published_shape_and_class_counts():

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
-from ringtrain.discovery import (
+from ringtrain.discovery.mdns import (
     SERVICE_TYPE,
     Advert,
     Announcer,
@@ -206,7 +206,7 @@ def test_browser_filters_job_and_adverts_filters_too(job: str, discovery: Discov
 
 def test_malformed_txt_is_dropped_and_logged_once(job: str, discovery: Discovery,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="ringtrain.discovery")
+    caplog.set_level(logging.WARNING, logger="ringtrain.discovery.mdns")
     bad = ServiceInfo(SERVICE_TYPE, f"evil-{job}.{SERVICE_TYPE}", port=7000,
                       properties={**GOOD_TXT, "job": job, "id": "evil", "gen": "lots"},
                       parsed_addresses=["127.0.0.1"], server=f"evil-{job}.local.")
@@ -314,8 +314,8 @@ def test_advert_of_a_killed_node_expires(job: str, discovery: Discovery) -> None
 
 def test_live_node_is_kept_fresh_past_its_ttl(job: str, discovery: Discovery,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ringtrain.discovery.ADVERT_TTL_S", 2)
-    monkeypatch.setattr("ringtrain.discovery._REANNOUNCE_S", 0.5)
+    monkeypatch.setattr("ringtrain.discovery.mdns.ADVERT_TTL_S", 2)
+    monkeypatch.setattr("ringtrain.discovery.mdns._REANNOUNCE_S", 0.5)
     events: list[str] = []
     with discovery.browse(job, on_change=lambda e, a: events.append(e)) as browser, \
             discovery.announce(make_advert(job, "alive")):

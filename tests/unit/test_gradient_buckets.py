@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ringtrain.train import gradient_buckets
+from ringtrain.train.trainer import gradient_buckets
 
 
 @pytest.mark.parametrize("starts,size,least,expected", [

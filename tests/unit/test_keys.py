@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ringtrain import cli
+from ringtrain.cli import main as cli
+from ringtrain.comm.security import JobKey, read_key_file, write_key_file
 from ringtrain.errors import SecurityError
-from ringtrain.security import JobKey, read_key_file, write_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,35 +17,42 @@ import ringtrain
 
 PACKAGE = Path(ringtrain.__file__).parent
 
-# module (dotted, relative to ringtrain; a package stands for everything under it) -> layer
+# module or package (dotted, relative to ringtrain; the longest entry that covers a module wins)
+# -> layer. The table follows the folders: each subpackage is one concern.
 LAYERS: dict[str, int] = {
     # 0 pure: stdlib and numpy only
-    "errors": 0, "config": 0, "wire": 0, "ring": 0, "nn": 0, "optim": 0, "sharding": 0,
-    "datasets": 0, "compression": 0, "security": 0,
+    "errors": 0, "config": 0, "comm": 0, "comm.wire": 0, "comm.security": 0, "ring": 0,
+    "ring.plan": 0, "ring.compression": 0, "train.nn": 0, "train.optim": 0,
+    "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
+    "lab": 0, "bench": 0, "cli": 0,
     # 1 one outside world each
-    "transport": 1, "discovery": 1, "checkpoint": 1, "netns": 1, "shm": 1, "cpu_budget": 1,
+    "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
+    "lab.netns": 1, "lab.cpu_budget": 1,
     # 2 protocols
-    "mailbox": 2, "membership": 2, "collectives": 2,
+    "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
     # 3 the node, and the package surface that re-exports it
-    "node": 3, "launch": 3, "__init__": 3,
+    "node.node": 3, "node.launch": 3, "__init__": 3,
     # 4 training and tools built on a node
-    "train": 4, "demo": 4, "local_demo": 4, "testing": 4, "integrations": 4,
-    # 5 entry points
-    "cli": 5, "bench": 5, "__main__": 5, "run_node": 5, "peers": 5, "formation_bench": 5,
-    "recovery_bench": 5, "keygen": 5,
-    "security_bench": 5, "scaling_bench": 5,
+    "train": 4, "testing": 4, "integrations": 4,
+    # 5 entry points and tooling
+    "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
+    "cli.allreduce_demo": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
+    "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
+    "bench.mpi_baseline": 5,
 }
+# benchmarks and lab tools: only entry points and other tools may import them
+TOOLING = ("bench", "lab")
 LAYER_NAMES = {0: "pure", 1: "one outside world", 2: "protocols", 3: "node", 4: "training",
                5: "entry points"}
 
 # outside libraries (not stdlib) and the only modules that may import them
 OUTSIDE = {
     "numpy": None,  # anyone
-    "zmq": {"transport"},
-    "zeroconf": {"discovery"},
-    "ifaddr": {"discovery"},  # zeroconf's own dependency, for interface addresses
-    "torch": {"integrations"},
-    "mpi4py": {"integrations.mpi_baseline"},
+    "zmq": {"comm.transport"},
+    "zeroconf": {"discovery.mdns"},
+    "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
+    "torch": {"integrations", "bench.baselines"},
+    "mpi4py": {"bench.mpi_baseline"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
@@ -64,8 +71,10 @@ def modules() -> dict[str, Path]:
 
 
 def layer_key(module: str) -> str:
-    """The LAYERS entry that covers a module: itself, or the package it lives in."""
-    return module if module in LAYERS else module.split(".")[0]
+    """The LAYERS entry that covers a module: itself, or the nearest package it lives in."""
+    while module not in LAYERS and "." in module:
+        module = module.rsplit(".", 1)[0]
+    return module
 
 
 def imports(module: str, path: Path) -> list[tuple[str, int]]:
@@ -126,8 +135,8 @@ def test_every_module_has_a_layer():
 
 
 def test_the_table_names_no_module_twice_and_the_core_exists():
-    for core in ("errors", "config", "wire", "ring", "transport", "mailbox", "membership",
-                 "collectives", "node", "testing", "cli"):
+    for core in ("errors", "config", "comm.wire", "ring.plan", "comm.transport", "comm.mailbox",
+                 "membership.protocol", "ring.collectives", "node.node", "testing", "cli.main"):
         assert core in ALL, f"ringtrain.{core} is gone: update LAYERS"
 
 
@@ -198,9 +207,19 @@ def test_nothing_can_execute_a_peers_bytes(module):
 
 def test_the_checks_see_imports():
     """Guard the parser itself: it finds relative, absolute, package and lazy imports."""
-    found = {internal_module(internal_name(t)) for t, _ in imports("node", ALL["node"])
+    found = {internal_module(internal_name(t)) for t, _ in imports("node.node", ALL["node.node"])
              if internal_name(t)}
-    assert {"collectives", "config", "errors", "mailbox", "membership", "transport",
-            "wire"} <= found
-    assert any(t == "zmq" for t, _ in imports("transport", ALL["transport"]))
-    assert internal_module(internal_name("ringtrain.wire") or "") == "wire"
+    assert {"ring.collectives", "config", "errors", "comm.mailbox", "membership.protocol",
+            "comm.transport", "comm.wire"} <= found
+    assert any(t == "zmq" for t, _ in imports("comm.transport", ALL["comm.transport"]))
+    assert internal_module(internal_name("ringtrain.comm.wire.X") or "") == "comm.wire"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in ALL if layer_key(m).split(".")[0]
+                                          not in (*TOOLING, "cli", "__main__")))
+def test_the_core_never_imports_benchmarks_or_lab_tools(module):
+    offending = [f"line {line}: imports {target}"
+                 for target, line in imports(module, ALL[module])
+                 if (internal_name(target) or "").split(".")[0] in TOOLING]
+    assert not offending, (f"ringtrain.{module} is core and imports tooling (benchmarks and "
+                           f"lab tools stay apart):\n" + "\n".join(offending))

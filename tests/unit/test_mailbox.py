@@ -14,12 +14,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringtrain.config import Settings
-from ringtrain.errors import ProtocolError
-from ringtrain.mailbox import MAX_OFFENCES, MAX_TRACKED, Mailbox
-from ringtrain.security import JobKey
-from ringtrain.transport import Incoming, Transport
-from ringtrain.wire import (
+from ringtrain.comm.mailbox import MAX_OFFENCES, MAX_TRACKED, Mailbox
+from ringtrain.comm.security import JobKey
+from ringtrain.comm.transport import Incoming, Transport
+from ringtrain.comm.wire import (
     HEADER_SIZE,
     MAX_PAYLOAD_FRAMES,
     Header,
@@ -28,6 +26,8 @@ from ringtrain.wire import (
     encode_control,
     job_id,
 )
+from ringtrain.config import Settings
+from ringtrain.errors import ProtocolError
 
 JOB = job_id("job")
 MEMBER_KEY = "m" * 40

@@ -1,4 +1,4 @@
-"""ringtrain.nn: gradients against finite differences, the flat buffers, determinism, schema."""
+"""ringtrain.train.nn: gradients vs finite differences, the flat buffers, determinism, schema."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ringtrain.errors import ConfigError
-from ringtrain.nn import (
+from ringtrain.train.nn import (
     Dense,
     Layer,
     ReLU,
@@ -18,7 +18,7 @@ from ringtrain.nn import (
     mse_loss,
     softmax_cross_entropy,
 )
-from ringtrain.optim import SGD
+from ringtrain.train.optim import SGD
 
 
 def _mlp(seed: int = 0, dtype: type = np.float32) -> Sequential:

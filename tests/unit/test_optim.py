@@ -1,4 +1,4 @@
-"""ringtrain.optim: steps against hand-computed values and a float64 oracle, state round trip."""
+"""ringtrain.train.optim: steps against hand-computed values, a float64 oracle, state round trip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ringtrain.errors import ConfigError
-from ringtrain.optim import SGD, Adam
+from ringtrain.train.optim import SGD, Adam
 
 
 def _buffers(dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """The ring schedule, executed in memory for every rank at once: no sockets, no sleeps.
 
-Each rank's :class:`ringtrain.ring.Plan` is run against FIFO queues that stand for the links
+Each rank's :class:`ringtrain.ring.plan.Plan` is run against FIFO queues that stand for the links
 rank r -> rank r+1, exactly as ``collectives.RingRunner`` runs it over ZeroMQ: send
 ``first_sends``, then take the receives in plan order, reduce (``np.add``) or copy, and send
 ``then``. The results are checked against numpy and every message is counted.
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringtrain import ring
+from ringtrain.ring import plan as ring
 
 WORLD_SIZES = range(1, 9)
 LENGTHS = (0, 1, 3, 7, 11, 257, 300)  # 0, 1, < N for most N, odd, a few hundred

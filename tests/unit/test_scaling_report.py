@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ringtrain.cli import build_parser
-from ringtrain.errors import ConfigError
-from ringtrain.scaling_bench import (
+from ringtrain.bench.scaling import (
     Row,
     efficiency,
     median_run,
@@ -16,6 +14,8 @@ from ringtrain.scaling_bench import (
     summarize,
     table,
 )
+from ringtrain.cli.main import build_parser
+from ringtrain.errors import ConfigError
 
 
 def report(wall: float, compute: float, reduce_wall: float, alone: list[float]) -> dict:
@@ -63,11 +63,11 @@ def test_table_has_a_row_per_size_with_efficiency_against_one_device():
 
 
 def test_flags_and_the_default_model():
-    args = build_parser().parse_args(["bench-scaling"])
+    args = build_parser("bench-scaling").parse_args(["bench-scaling"])
     assert (args.nodes, args.rate, args.cpu, args.batch) == ("1,2,4", 1000.0, 0.45, 3072)
     model = model_of(vars(args))
     assert model.num_params == 512 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
-    args = build_parser().parse_args(["bench-scaling", "--nodes", "1,2", "--cpu", "0.3"])
+    args = build_parser("bench-scaling").parse_args(["bench-scaling", "--nodes", "1,2", "--cpu", "0.3"])
     assert (parse_nodes(args.nodes), args.cpu) == ([1, 2], 0.3)
 
 

@@ -1,4 +1,4 @@
-"""ringtrain.sharding: permutations, exact proportional splits, no drop and no repeat."""
+"""ringtrain.train.sharding: permutations, exact proportional splits, no drop and no repeat."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ringtrain.errors import ConfigError
-from ringtrain.sharding import (
+from ringtrain.train.sharding import (
     DataPosition,
     Sampler,
     epoch_permutation,

@@ -1,4 +1,4 @@
-"""Shared-memory lanes (ringtrain.shm): who qualifies, the slot protocol, and every way a
+"""Shared-memory lanes (ringtrain.comm.shm): who qualifies, the slot protocol, and every way a
 reference from a peer can be wrong. Real files in /dev/shm; Linux only."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from ringtrain import shm
-from ringtrain.errors import ProtocolError
-from ringtrain.wire import (
+from ringtrain.comm import shm
+from ringtrain.comm.wire import (
     FLAG_DESCRIPTOR,
     FLAG_SHM,
     SHM_NAME_BYTES,
@@ -26,6 +25,7 @@ from ringtrain.wire import (
     MessageKind,
     dtype_code,
 )
+from ringtrain.errors import ProtocolError
 
 pytestmark = pytest.mark.skipif(shm.network_namespace() is None or not os.path.isdir(
     shm.SHM_DIR), reason="shared-memory lanes need Linux and /dev/shm")
@@ -201,7 +201,7 @@ def test_a_lane_with_a_forged_geometry_is_refused(pair):
 
 
 def test_files_of_killed_processes_are_swept():
-    code = ("import os, sys; from ringtrain import shm\n"
+    code = ("import os, sys; from ringtrain.comm import shm\n"
             "lanes = shm.SharedMemoryLanes('dead', 8192, 4096)\n"
             "lane = lanes.outbound('x', 1)\n"
             "print(lanes._beacon_path, lane.path, lanes._door_path, flush=True)\n"

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from ringtrain.comm.transport import Transport
 from ringtrain.config import Settings
-from ringtrain.transport import Transport
 
 DEADLINE_S = 5.0
 

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringtrain import wire
-from ringtrain.errors import ProtocolError, RingtrainError
-from ringtrain.wire import (
+from ringtrain.comm import wire
+from ringtrain.comm.wire import (
     FLAG_DESCRIPTOR,
     HEADER,
     HEADER_SIZE,
@@ -22,6 +21,7 @@ from ringtrain.wire import (
     Header,
     MessageKind,
 )
+from ringtrain.errors import ProtocolError, RingtrainError
 
 MAX_PAYLOAD = 1 << 20
 
