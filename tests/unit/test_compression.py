@@ -154,7 +154,7 @@ def test_codec_names():
     assert isinstance(topk, TopK) and topk.ratio == 0.05 and topk.spec() == "topk:0.05+ef"
     codec = Int8()
     assert get_codec(codec) is codec
-    for bad in ("int4", "topk:x", "topk:0", "topk:2", "fp16:3"):
+    for bad in ("int3", "int4:2", "topk:x", "topk:0", "topk:2", "fp16:3"):
         with pytest.raises(ConfigError):
             get_codec(bad)
 
