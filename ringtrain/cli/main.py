@@ -39,6 +39,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-wifi": ("ringtrain.bench.wifi",
+                   "time to a target accuracy on slow links (1000, 100, 20 Mbit/s): DiLoCo, "
+                   "PowerSGD, int8, async beside DDP + Gloo, on an emulated LAN (root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
