@@ -122,6 +122,7 @@ class Curve:
     finished: bool = False
     samples: int = 0  # every device's training samples (finished runs)
     seconds: float = 0.0  # the run's length on rank 0's clock (finished runs)
+    failed: str = ""  # why the run failed (empty: it did not)
 
     def time_to(self, target: float) -> float | None:
         """Seconds until the test accuracy first reached ``target`` (None: never)."""
@@ -159,6 +160,10 @@ def table(curves: list[Curve], target: float, limit: float, single: float | None
                           and c.run == curve.run), None)
         reached = curve.time_to(target)
         throughput = curve.throughput
+        if curve.failed:
+            lines.append(f"| {curve.run} | {curve.rate:g} | {curve.method} | failed: "
+                         f"{curve.failed[:60]} | | | | |")
+            continue
         lines.append(
             f"| {curve.run} | {curve.rate:g} | {curve.method} | "
             f"{f'{reached:.1f}' if reached is not None else f'>{limit:.0f}'} | "
@@ -302,7 +307,12 @@ def run(args: argparse.Namespace) -> int:
         for run_kind in runs:
             for rate in rates:
                 for method in methods:
-                    curve = measure(method, rate, run_kind, DEVICES, args, key_file)
+                    try:
+                        curve = measure(method, rate, run_kind, DEVICES, args, key_file)
+                    except RingtrainError as exc:  # one failed run does not end the others
+                        print(f"  {run_kind} {rate:g} Mbit/s {method}: FAILED: "
+                              f"{str(exc).splitlines()[-1][:300]}", flush=True)
+                        curve = Curve(method, rate, run_kind, failed=str(exc).splitlines()[0])
                     curves.append(curve)
                     reached = curve.time_to(args.target)
                     print(f"  {run_kind} {rate:g} Mbit/s {method}: to target "

@@ -50,6 +50,8 @@ class PowerSGD:
         error_feedback: keep what each step's projection left out for the next step.
         seed: of the first ``Q`` (every member must use the same).
         dtype: the gradient's float dtype.
+        only_smaller: send a matrix as factors only when they are smaller than the matrix
+            (False: every matrix, e.g. to check the factors at full rank).
 
     Raises:
         ConfigError: a rank below 1, or a dtype that is not float32/float64.
@@ -58,7 +60,8 @@ class PowerSGD:
     name = "powersgd"
 
     def __init__(self, shapes: Sequence[tuple[int, ...]], rank: int = DEFAULT_RANK, *,
-                 error_feedback: bool = True, seed: int = 0, dtype: np.dtype | type = np.float32):
+                 error_feedback: bool = True, seed: int = 0, dtype: np.dtype | type = np.float32,
+                 only_smaller: bool = True):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ConfigError(f"PowerSGD rank must be a positive integer, got {rank!r}")
         self.dtype = np.dtype(dtype)
@@ -74,7 +77,7 @@ class PowerSGD:
             if len(shape) >= 2:
                 rows, cols = shape[0], size // shape[0]
                 r = min(rank, rows, cols)
-                if (rows + cols) * r < rows * cols:
+                if (rows + cols) * r < rows * cols or not only_smaller:
                     self.matrices.append((self.size, rows, cols, r))
                     self.size += size
                     continue
