@@ -65,6 +65,8 @@ class Recovery:
         """How many times the ring re-formed under this trainer (failures, joins, leaves)."""
         self.lost_steps = 0
         """Steps that had been done after the checkpoint this run resumed from, and were lost."""
+        self.generation = trainer.node.generation
+        """The generation of the last state sync (or of the start)."""
 
     def reform(self) -> None:
         """Re-form the ring, then make every member's state that of the most advanced one.
@@ -123,6 +125,7 @@ class Recovery:
                 trainer.position = DataPosition(int(gathered[root, 2]), int(gathered[root, 3]))
                 rounds.inner_steps = int(gathered[root, 4])
         trainer.fresh = False
+        self.generation = trainer.node.generation
         trainer.optimizer.steps = trainer.step_count
         trainer.speed.forget()  # the members changed: measure again
 

@@ -182,6 +182,7 @@ class Rounds:
         self.samples = 0  # samples in this member's steps not submitted yet
         self.inner_steps = 0  # steps in this member's round so far
         self.round_started = time.monotonic()
+        self._closes = 0  # asynchronous: rounds this member closed since the clock started
         self.reform_agreed = False
         """Whether the last applied round carried a request to re-form (on every member)."""
         self.leave_announced = False
@@ -191,11 +192,20 @@ class Rounds:
         self._buffer = np.empty(ROUND_CONTROL + params.size, dtype=params.dtype)
         self._pending: _Pending | None = None
 
+    @property
+    def unapplied(self) -> int:
+        """Samples of this member's steps that no applied round holds yet."""
+        return self.samples + (0 if self._pending is None else self._pending.samples)
+
     def round_due(self) -> bool:
         """Whether this member's round is over (its steps, or its time budget)."""
         if self.settings.round_seconds is not None:
-            return self.inner_steps > 0 and \
-                time.monotonic() - self.round_started >= self.settings.round_seconds
+            # every member closes round k at the same time on its own clock, started at the
+            # same collective: their all-reduces start within one step of each other, so a
+            # member waits in none longer than a step of the slowest (the ring's progress
+            # deadline would evict a member that arrived rounds late)
+            close = self.round_started + (self._closes + 1) * self.settings.round_seconds
+            return self.inner_steps > 0 and time.monotonic() >= close
         return self.inner_steps >= self.settings.inner_steps
 
     def stepped(self, samples: int) -> None:
@@ -274,7 +284,7 @@ class Rounds:
         self._pending = _Pending(works, self.params.copy(), self.samples, leaving, inner)
         self.samples = 0
         self.inner_steps = 0
-        self.round_started = time.monotonic()
+        self._closes += 1
 
     def _complete(self) -> None:
         """Wait for the pending round, step the anchor, keep the steps made since."""
@@ -332,6 +342,7 @@ class Rounds:
                             *(float(inner_state[name]) for name in scalars)], np.float64)
         numbers = self.node.broadcast(numbers, root, timeout=self.timeout)
         behind = int(numbers[0]) > self.rounds_done
+        self.round_started, self._closes = time.monotonic(), 0  # the clocks start again here
         pending, self._pending = self._pending, None
         self.anchor[...] = flat[:size]
         self.outer.velocity[...] = flat[size:2 * size]

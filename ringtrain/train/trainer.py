@@ -257,6 +257,11 @@ class Trainer:
             self.recovery.resume(self.checkpoint_dir)
         self.fresh = False
 
+    @property
+    def generation(self) -> int:
+        """The generation this trainer's state was last synced in."""
+        return self.recovery.generation
+
     # what other parts read ----------------------------------------------------------------
 
     @property
@@ -404,13 +409,18 @@ class Trainer:
         rounds.stepped(len(indices))
         while True:
             try:
+                if self.node.generation != self.generation:
+                    # the others re-formed while this member stepped alone (overlapped
+                    # rounds): join them before the next collective
+                    raise PeerFailedError(f"the ring re-formed as generation "
+                                          f"{self.node.generation} meanwhile")
                 if rounds.advance() and rounds.reform_agreed and not rounds.leave_announced:
                     self.recovery.reform()
                 break
             except PeerFailedError as exc:
                 log.warning("rank %d: round %d failed (%s); re-forming the ring, keeping this "
-                            "member's %d inner steps", self.node.rank, rounds.rounds_done + 1,
-                            exc, rounds.inner_steps)
+                            "member's steps (%d samples not in an applied round)",
+                            self.node.rank, rounds.rounds_done + 1, exc, rounds.unapplied)
                 self.recovery.reform()
         if not rounds.settings.overlapped:
             self._after_step()
