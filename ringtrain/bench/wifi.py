@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples per device per step (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
+    parser.add_argument("--round-epochs", type=int, default=None,
+                        help="epochs for diloco and async (default: --epochs); rounds send "
+                             "little, so more epochs cost them compute time only")
     parser.add_argument("--target", type=float, default=0.95,
                         help="test accuracy to reach (default 0.95)")
     parser.add_argument("--inner-steps", type=int, default=10,
@@ -230,6 +233,8 @@ def measure(method: str, rate: float, run: str, devices: int, args: argparse.Nam
                   "hidden": parse_list(args.hidden, int, "--hidden"),
                   **{name: getattr(args, name) for name in (
                       "batch", "lr", "epochs", "inner_steps", "outer_lr", "round_seconds")}}
+        if method in ("diloco", "async") and args.round_epochs:
+            config["epochs"] = args.round_epochs
         env = {**os.environ, **_THREADS, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "eth0"}
         outputs: list[list[str]] = []
         popens = []

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,26 @@ class Recovery:
 
     # checkpoints ------------------------------------------------------------------------------
 
+    def shared_state(self) -> dict[str, np.ndarray | int | float]:
+        """The optimizer state a checkpoint keeps: the optimizer's, and with rounds also
+        the outer optimizer's and the round count (keys prefixed ``outer.``)."""
+        trainer = self.trainer
+        state = trainer.optimizer.optimizer.state_dict()
+        if trainer.rounds is not None:
+            state.update({OUTER_PREFIX + k: v for k, v in trainer.rounds.outer_state().items()})
+        return state
+
+    def load_shared(self, params: np.ndarray, state: Mapping[str, np.ndarray | int | float]
+                    ) -> None:
+        """Load what ``Trainer.shared_params`` and :meth:`shared_state` were (a checkpoint)."""
+        trainer = self.trainer
+        inner = {k: v for k, v in state.items() if not k.startswith(OUTER_PREFIX)}
+        trainer.model.load_params(params)
+        trainer.optimizer.optimizer.load_state_dict(inner)
+        if trainer.rounds is not None:
+            trainer.rounds.load_outer(params, {k[len(OUTER_PREFIX):]: v for k, v in
+                                               state.items() if k.startswith(OUTER_PREFIX)})
+
     def save_checkpoint(self) -> Path:
         """Write this node's shared state to ``checkpoint_dir`` atomically; returns the file.
 
@@ -142,7 +163,7 @@ class Recovery:
         if trainer.checkpoint_dir is None:
             raise ConfigError("save_checkpoint needs a Trainer with a checkpoint_dir")
         state = checkpoint.TrainingState(
-            params=trainer.shared_params.copy(), optimizer_state=trainer.shared_state(),
+            params=trainer.shared_params.copy(), optimizer_state=self.shared_state(),
             step=trainer.step_count, epoch=trainer.position.epoch,
             position=trainer.position.position, generation=trainer.node.generation,
             metadata={"model": trainer.model.schema_hash(),
@@ -169,7 +190,7 @@ class Recovery:
             if state.params.shape != trainer.model.params.shape:
                 raise ConfigError(f"checkpoint {path} holds {state.params.size} parameters, "
                                   f"the model has {trainer.model.num_params}")
-            trainer.load_shared(state.params, state.optimizer_state)
+            self.load_shared(state.params, state.optimizer_state)
             done = self._read_progress(directory)
             meta[:] = (state.step, state.epoch, state.position, max(0, done - state.step))
         if trainer.rounds is None:

@@ -183,6 +183,7 @@ class Rounds:
         self.inner_steps = 0  # steps in this member's round so far
         self.round_started = time.monotonic()
         self._closes = 0  # asynchronous: rounds this member closed since the clock started
+        self._nonfinite = 0  # inner steps skipped in a row
         self.reform_agreed = False
         """Whether the last applied round carried a request to re-form (on every member)."""
         self.leave_announced = False
@@ -208,10 +209,30 @@ class Rounds:
             return self.inner_steps > 0 and time.monotonic() >= close
         return self.inner_steps >= self.settings.inner_steps
 
-    def stepped(self, samples: int) -> None:
-        """Count one inner step of ``samples`` samples (applied or skipped)."""
+    def inner_step(self, grads: np.ndarray, samples: int, loss: float, step: int,
+                   max_nonfinite: int) -> bool:
+        """This member's own optimizer step on ``grads``; counts it into the round. A
+        non-finite gradient is skipped here alone. Returns whether the step was applied.
+
+        Raises:
+            NonFiniteGradientError: ``max_nonfinite`` skipped steps in a row.
+        """
+        applied = samples > 0 and math.isfinite(loss) and bool(np.isfinite(grads).all())
+        if applied:
+            self.inner.step(grads)
+            self._nonfinite = 0
+        elif samples:
+            self._nonfinite += 1
+            log.warning("rank %d: non-finite gradient at step %d, skipped locally",
+                        self.node.rank, step)
+            if self._nonfinite >= max_nonfinite:
+                raise NonFiniteGradientError(
+                    f"rank {self.node.rank}: gradients were not finite for {self._nonfinite} "
+                    f"local steps in a row, up to step {step} (generation "
+                    f"{self.node.generation})", step=step, generation=self.node.generation)
         self.samples += samples
         self.inner_steps += 1
+        return applied
 
     def advance(self) -> bool:
         """After an inner step: apply a round whose all-reduce arrived, close this member's

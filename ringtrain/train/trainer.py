@@ -25,10 +25,9 @@ state: the parameters and optimizer state, or with rounds the anchor and the out
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from ..ring.compression import Codec, get_codec
 from ..ring.powersgd import PowerSGD, parse_powersgd
 from . import checkpoint
 from .agreement import check_agreement, schema_of, training_facts
-from .elastic import OUTER_PREFIX, LeftRing, Recovery
+from .elastic import LeftRing, Recovery
 from .nn import Sequential, softmax_cross_entropy
 from .optim import Optimizer
 from .rounds import DiLoCo, Rounds, local_sgd
@@ -235,7 +234,6 @@ class Trainer:
         """The gradient's ranges [start, stop) sent while backward runs, in that order (empty:
         all of it travels after backward)."""
         self._on_ready: Callable[[int], None] | None = None  # backward's hook, during a step
-        self._local_nonfinite = 0
         joining = node.joined_running_ring
         self.optimizer = DistributedOptimizer(
             node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout, joining=joining,
@@ -290,24 +288,6 @@ class Trainer:
         """The model every member shares: the parameters, or with rounds the anchor (the
         parameters between rounds are this member's own)."""
         return self.model.params if self.rounds is None else self.rounds.anchor
-
-    def shared_state(self) -> dict[str, np.ndarray | int | float]:
-        """The optimizer state a checkpoint keeps: the optimizer's, and with rounds also
-        the outer optimizer's and the round count (keys prefixed ``outer.``)."""
-        state = self.optimizer.optimizer.state_dict()
-        if self.rounds is not None:
-            state.update({OUTER_PREFIX + k: v for k, v in self.rounds.outer_state().items()})
-        return state
-
-    def load_shared(self, params: np.ndarray, state: Mapping[str, np.ndarray | int | float]
-                    ) -> None:
-        """Load what :attr:`shared_params` and :meth:`shared_state` returned (a checkpoint)."""
-        inner = {k: v for k, v in state.items() if not k.startswith(OUTER_PREFIX)}
-        self.model.load_params(params)
-        self.optimizer.optimizer.load_state_dict(inner)
-        if self.rounds is not None:
-            self.rounds.load_outer(params, {k[len(OUTER_PREFIX):]: v for k, v in state.items()
-                                            if k.startswith(OUTER_PREFIX)})
 
     @property
     def version(self) -> ModelVersion:
@@ -403,10 +383,10 @@ class Trainer:
         started = time.perf_counter()
         sizes, epoch, indices, after = self._batch()
         loss, compute_seconds = self._compute(indices)
-        applied = self._inner_step(len(indices), loss)
+        applied = rounds.inner_step(self.model.grads, len(indices), loss, self.step_count + 1,
+                                    self.optimizer.max_nonfinite)
         self.position = after
         self.step_count += 1
-        rounds.stepped(len(indices))
         while True:
             try:
                 if self.node.generation != self.generation:
@@ -427,25 +407,6 @@ class Trainer:
         return StepReport(self.step_count, epoch, after.epoch != epoch, loss, applied,
                           indices, tuple(sizes), compute_seconds,
                           time.perf_counter() - started, self.throughput)
-
-    def _inner_step(self, samples: int, loss: float) -> bool:
-        """This member's own optimizer step; a non-finite gradient is skipped here alone."""
-        grads = self.model.grads
-        applied = samples > 0 and math.isfinite(loss) and bool(np.isfinite(grads).all())
-        if applied:
-            self.optimizer.optimizer.step(grads)
-            self._local_nonfinite = 0
-        elif samples:
-            self._local_nonfinite += 1
-            log.warning("rank %d: non-finite gradient at step %d, skipped locally",
-                        self.node.rank, self.step_count + 1)
-            if self._local_nonfinite >= self.optimizer.max_nonfinite:
-                raise NonFiniteGradientError(
-                    f"rank {self.node.rank}: gradients were not finite for "
-                    f"{self._local_nonfinite} local steps in a row, up to step "
-                    f"{self.step_count + 1} (generation {self.node.generation})",
-                    step=self.step_count + 1, generation=self.node.generation)
-        return applied
 
     def _after_step(self) -> None:
         """Speed exchange and checkpoints, at points every member reaches alike."""

@@ -53,6 +53,7 @@ OUTSIDE = {
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
     "torch": {"integrations", "bench.baselines", "bench.ddp_baseline"},
     "mpi4py": {"bench.mpi_baseline"},
+    "matplotlib": {"bench.wifi"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
