@@ -163,7 +163,8 @@ def _asynchronous(node: Node, rounds: DiLoCo) -> dict:
     def on_step(report) -> None:
         stepped[0] += len(report.indices)
 
-    trainer.fit(10, on_step=on_step, max_steps=6 * 3)  # lockstep: 18 steps; asynchronous: 18 global batches
+    # lockstep: 18 steps each; asynchronous: 18 global batches of samples in all
+    trainer.fit(10, on_step=on_step, max_steps=6 * 3)
     return {"steps": trainer.step_count, "stepped": stepped[0],
             "anchor": trainer.shared_params.copy(), "total": trainer.rounds.samples_total,
             "rounds": trainer.rounds.rounds_done}

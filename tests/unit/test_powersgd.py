@@ -67,7 +67,7 @@ def test_low_rank_loses_detail_but_error_feedback_delivers_it_over_steps():
     mean = np.mean(gradients, axis=0)
     delivered = np.zeros_like(mean)
     first_error = None
-    for step in range(60):
+    for _ in range(60):
         result = _exchange(members, gradients)[0] / 2
         if first_error is None:
             first_error = np.abs(result - mean).max()
