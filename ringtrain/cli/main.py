@@ -41,6 +41,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                       "an emulated LAN, each with its own CPU budget (root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
+    "models": ("ringtrain.cli.models",
+               "list the model versions in a run directory: job, generation, step, hash, "
+               "parent"),
+    "predict": ("ringtrain.cli.predict",
+                "run a saved model on a batch, locally or split over a ring (--ring)"),
+    "export": ("ringtrain.cli.export",
+               "write a model as a plain model file, float32 or int8 (--int8)"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
 }
