@@ -48,6 +48,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                 "run a saved model on a batch, locally or split over a ring (--ring)"),
     "export": ("ringtrain.cli.export",
                "write a model as a plain model file, float32 or int8 (--int8)"),
+    "agent": ("ringtrain.cli.agent",
+              "wait as an idle device in a pool until a key holder submits a job"),
+    "submit": ("ringtrain.cli.submit",
+               "hand a job (built-in, or a script on each device) to idle agents; print "
+               "their reports"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
 }

@@ -34,9 +34,11 @@ LAYERS: dict[str, int] = {
     "node.node": 3, "node.launch": 3, "__init__": 3,
     # 4 training and tools built on a node
     "train": 4, "testing": 4, "integrations": 4, "infer": 4, "pipeline": 4,
+    "agent": 4,
     # 5 entry points and tooling
     "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
     "cli.allreduce_demo": 5, "cli.models": 5, "cli.predict": 5, "cli.export": 5,
+    "cli.agent": 5, "cli.submit": 5, "agent.protocol": 0,
     "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
     "bench.mpi_baseline": 5,
