@@ -53,6 +53,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("ringtrain.cli.submit",
                "hand a job (built-in, or a script on each device) to idle agents; print "
                "their reports"),
+    "bench-infer": ("ringtrain.bench.infer",
+                    "inference across 4 local nodes, one at half the CPU budget: measured "
+                    "speeds and shares (root)"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
 }

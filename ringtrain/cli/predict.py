@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ring.add_argument("--insecure", action="store_true",
                       help="no key: refused unless every address is loopback")
     ring.add_argument("--node-id", default=None, help="this node's id")
+    ring.add_argument("--probe-seconds", type=float, default=0.2,
+                      help="how long this node measures its speed (default 0.2)")
 
 
 def read_input(spec: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -116,8 +118,8 @@ def _run_ring(args: argparse.Namespace, saved: SavedModel, x: np.ndarray | None,
                             max_nodes=args.nodes, discovery=not args.no_discovery,
                             insecure=args.insecure, node_id=args.node_id)
     with join(options) as node:
-        result = RingInference(node, saved.model,
-                               version=saved.version.content_hash).run(x)
+        result = RingInference(node, saved.model, version=saved.version.content_hash,
+                               probe_seconds=args.probe_seconds).run(x)
         shares = ", ".join(f"{m} {n} rows ({s:,.0f} samples/s)" for m, n, s in
                            zip(result.members, result.shares, result.speeds, strict=True))
         print(f"ringtrain predict {node.node_id}: {sum(result.shares)} rows over "

@@ -46,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         node = pool_node(args, world_size=2)
     except MembershipError as exc:
-        raise MembershipError(f"no agent pool {args.pool!r} let this node in ({exc}); are "
-                              f"agents running, and is --key-file their key?") from exc
+        why = str(exc).split(";")[0]  # the node's state follows; -v logs say more
+        raise MembershipError(f"no agent pool {args.pool!r} let this node in: {why}; are "
+                              f"agents running there, and is {args.key_file} their key?"
+                              ) from exc
     with node:
         print(f"submit {node.node_id}: in pool {args.pool} with {node.world_size - 1} other "
               f"member(s); job {request.job} for {request.nodes} agents", flush=True)

@@ -80,14 +80,16 @@ class RingInference:
         version: what identifies the model (default: its parameters' content hash).
         speed: this member's speed to start from, samples/s (default: measured by a probe
             when the ring is first used or changes).
+        probe_seconds: how long a speed probe runs.
     """
 
     def __init__(self, node: Node, model: Sequential, *, version: str | None = None,
-                 speed: float | None = None):
+                 speed: float | None = None, probe_seconds: float = PROBE_SECONDS):
         self.node = node
         self.model = model
         self.version = version or params_version(model)
         self._own_speed = speed
+        self._probe_seconds = probe_seconds
         self._speeds: list[float] | None = None
         self._members: tuple[str, ...] = ()
 
@@ -141,7 +143,8 @@ class RingInference:
         return InferenceResult(result, tuple(shares), tuple(speeds), node.members)
 
     def _measure(self, timeout: float | None) -> list[float]:
-        own = self._own_speed if self._own_speed is not None else measure_speed(self.model)
+        own = self._own_speed if self._own_speed is not None else \
+            measure_speed(self.model, self._probe_seconds)
         speeds = self.node.all_gather(np.array([own], dtype=np.float64), timeout=timeout)[:, 0]
         return [float(s) if np.isfinite(s) and s > 0 else 1.0 for s in speeds]
 

@@ -41,7 +41,7 @@ LAYERS: dict[str, int] = {
     "cli.agent": 5, "cli.submit": 5, "agent.protocol": 0,
     "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
-    "bench.mpi_baseline": 5,
+    "bench.mpi_baseline": 5, "bench.infer": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
