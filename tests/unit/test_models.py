@@ -187,3 +187,24 @@ def test_a_checkpoint_without_architecture_is_refused_with_the_reason(tmp_path):
         load_model(tmp_path / "empty")
     with pytest.raises(ModelFileError, match="no such model file"):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_an_int8_file_runs_with_numpy_alone(tmp_path):
+    """examples/numpy_only_inference.py imports numpy and nothing of ringtrain; run in a
+    process with ringtrain made unimportable, it gives load_model's predictions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, x, _ = trained_digits_model(epochs=2)
+    path, _ = export_model(SavedModel(model, VERSION, tmp_path), tmp_path / "m.safetensors",
+                           "int8")
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "ringtrain.py").write_text("raise ImportError('numpy only here')\n")
+    script = Path(__file__).parents[2] / "examples" / "numpy_only_inference.py"
+    done = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    printed = np.array([int(line) for line in done.stdout.split()])
+    assert np.array_equal(printed, load_model(path).predict(x))
