@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..train.checkpoint import content_hash, latest, load as load_checkpoint
+from ..train.checkpoint import content_hash, latest
+from ..train.checkpoint import load as load_checkpoint
 from ..train.nn import Dense, Sequential
 from . import architecture
 from .quantize import dequantize, quantize

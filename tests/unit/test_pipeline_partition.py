@@ -17,7 +17,7 @@ def brute_force(costs, memory, speeds, capacities):
     layers, stages = len(costs), len(speeds)
     for cuts in itertools.combinations(range(1, layers), stages - 1):
         bounds = (0, *cuts, layers)
-        spans = list(zip(bounds[:-1], bounds[1:]))
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
         if any(sum(memory[a:b]) > capacities[s] for s, (a, b) in enumerate(spans)):
             continue
         time = max(sum(costs[a:b]) / speeds[s] for s, (a, b) in enumerate(spans))
@@ -42,7 +42,7 @@ def test_the_cut_is_optimal_against_brute_force(seed):
         return
     cut = partition_layers(costs, memory, speeds, capacities)
     assert cut.stages == stages and cut.bounds[0] == 0 and cut.bounds[-1] == layers
-    assert all(a < b for a, b in zip(cut.bounds[:-1], cut.bounds[1:]))
+    assert all(a < b for a, b in zip(cut.bounds[:-1], cut.bounds[1:], strict=True))
     assert max(cut.times) == pytest.approx(expected)
 
 
