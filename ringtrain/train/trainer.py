@@ -100,10 +100,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
+from ..models import architecture
 from ..node.node import Node, Work
 from ..ring.compression import Codec, check_supported, get_codec
 from . import checkpoint
-from ..models import architecture
 from .nn import Sequential, softmax_cross_entropy
 from .optim import Optimizer
 from .sharding import DataPosition, Sampler, split_proportional
