@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ROUND_SECONDS = 0.25
 ROUND_TIMEOUT = 20.0  # seconds for one round's all-gather
 SUMMARY_CHARS = 300
+LINGER_ROUNDS = 240  # an agent told to stop after its jobs posts its report this long at most
 Say = Callable[[str], None]
 
 
@@ -50,16 +51,18 @@ def pool_settings() -> Settings:
                                reform_timeout=60.0)
 
 
-def pool_round(node: Node, row: PoolRow) -> list[PoolRow] | None:
+def pool_round(node: Node, row: PoolRow, reform: bool = True) -> list[PoolRow] | None:
     """One round: the members' rows (a member's bad row is left out, on every member
-    alike), or None if the round failed and the ring was re-formed."""
+    alike), or None if the round failed (then, with ``reform``, the ring re-forms)."""
     try:
         gathered = node.all_gather(encode(row), timeout=ROUND_TIMEOUT)
     except MismatchError:
         raise
     except CollectiveError as exc:
-        log.warning("node %s: pool round failed (%s); re-forming", node.node_id, exc)
-        _reform(node)
+        log.warning("node %s: pool round failed (%s)%s", node.node_id, exc,
+                    "; re-forming" if reform else "")
+        if reform:
+            _reform(node)
         return None
     rows = []
     for member, raw in zip(node.members, gathered, strict=True):
@@ -67,7 +70,7 @@ def pool_round(node: Node, row: PoolRow) -> list[PoolRow] | None:
             rows.append(decode(raw, member))
         except ConfigError as exc:
             log.warning("%s; its row is ignored", exc)
-    if any(r.reform for r in rows):
+    if reform and any(r.reform for r in rows):
         _reform(node)
     return rows
 
@@ -107,6 +110,7 @@ class AgentPool:
         self.jobs_done = 0
         self._job: _Job | None = None
         self._report: JobReport | None = None
+        self._submitter = ""  # who asked for the last job
 
     def run(self, stop: threading.Event | None = None, jobs: int | None = None) -> None:
         """Take part in rounds until ``stop`` is set, or ``jobs`` jobs have been reported."""
@@ -115,17 +119,28 @@ class AgentPool:
         while not (stop is not None and stop.is_set()):
             self._check_job()
             if jobs is not None and self.jobs_done >= jobs:
-                # post the report for a few more rounds, so the submitter surely sees it
-                for _ in range(8):
-                    self._round()
+                self._linger()
                 return
             self._round()
             time.sleep(ROUND_SECONDS)
 
-    def _round(self) -> None:
+    def _linger(self) -> None:
+        """Before leaving: keep posting the last report until its submitter has left the
+        pool (it leaves once it has every report), or a round fails, or LINGER_ROUNDS."""
+        submitter = self._submitter
+        for _ in range(LINGER_ROUNDS):
+            rows = pool_round(self.node, self._row(), reform=False)
+            if rows is None or submitter not in {r.node for r in rows}:
+                return
+            time.sleep(ROUND_SECONDS)
+
+    def _row(self) -> PoolRow:
         busy = self._job.request.request if self._job is not None else ""
-        rows = pool_round(self.node, PoolRow(self.node.node_id, "agent", self.address, busy,
-                                             None, self._report, self.node.reform_due))
+        return PoolRow(self.node.node_id, "agent", self.address, busy, None, self._report,
+                       self.node.reform_due)
+
+    def _round(self) -> None:
+        rows = pool_round(self.node, self._row())
         if rows is None or self._job is not None:
             return
         requests = {r.request.request: r.request for r in rows if r.request is not None}
@@ -135,8 +150,8 @@ class AgentPool:
                 self._start(requests[request_id], peers, rows)
 
     def _start(self, request: JobRequest, peers: list[str], rows: list[PoolRow]) -> None:
-        submitter = next((r.node for r in rows if r.request is not None
-                          and r.request.request == request.request), "?")
+        submitter = self._submitter = next((r.node for r in rows if r.request is not None
+                                            and r.request.request == request.request), "?")
         job_dir = self.workdir / request.job
         job_dir.mkdir(parents=True, exist_ok=True)
         log_path = job_dir / f"{self.node.node_id}.log"
