@@ -1,381 +1,43 @@
-"""Collectives: what each one computes, and the runner that moves a plan's segments.
+"""The runner that moves a collective's segments around the ring over the node's transport.
 
-Building a collective is pure: it turns the caller's arrays into a flat working buffer, a
-descriptor (what was called, with which shapes, dtype and op), a ring plan and a finisher that
-turns the buffer back into the caller's result. The :class:`RingRunner` then executes the plan:
-it sends the plan's first segments, and for every segment that arrives from the predecessor it
-checks the header, reduces or copies the payload into the buffer with a numpy ufunc
-(``out=``, in place, no per-element Python) and forwards the same region to the successor.
-
-Agreement on shape and dtype: every data message carries the 8-byte digest of its sender's
-descriptor, and the first message a node sends in a collective carries the descriptor itself.
-A node checks the digest of every message before touching its payload, so mismatched data is
-never combined. The node that sees a mismatch aborts the collective on every member (ABORT
-names both nodes and both descriptors). Because completing a collective needs data that was
-accepted across every link of the ring (see ``ring.broadcast_plan``), no node can complete a
-collective that another node rejected.
+For every segment that arrives from the predecessor the runner checks it
+(:mod:`~ringtrain.ring.segments`), reduces or copies the payload into the buffer with a numpy
+ufunc (``out=``, in place, no per-element Python) and forwards the same region to the
+successor. Small all-reduces take one round instead (:mod:`~ringtrain.ring.one_round`), and
+link probes measure a ring's links (:mod:`~ringtrain.ring.link_probe`); both use the runner's
+sends and waits.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..comm.mailbox import Mailbox, Message
-from ..comm.shm import SharedMemoryLanes
+from ..comm.shm import LANE_POLL, SharedMemoryLanes
 from ..comm.transport import Transport
-from ..comm.wire import (
-    FLAG_DESCRIPTOR,
-    FLAG_SHM,
-    HEADER_SIZE,
-    Header,
-    MessageKind,
-    canonical_json,
-    decode_control,
-    digest_of,
-    dtype_code,
-    encode_control,
-)
+from ..comm.wire import FLAG_SHM, HEADER_SIZE
 from ..errors import (
     CollectiveError,
     CollectiveTimeout,
-    ConfigError,
-    MismatchError,
     PeerFailedError,
     ProtocolError,
     TransportError,
 )
 from ..membership.protocol import View
+from . import one_round, segments
 from . import plan as ring
-from .compression import Codec, check_supported, get_codec
-
-log = logging.getLogger(__name__)
+from .collectives import Collective
+from .compression import Codec, get_codec
 
 PROGRESS_FACTOR = 8.0  # progress deadline = this x the smoothed longest gap between segments
-REDUCE_OPS: dict[str, np.ufunc] = {"sum": np.add, "mean": np.add, "max": np.maximum,
-                                   "min": np.minimum}
 TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
-NO_PLAN = ring.Plan((), ())  # a one-round all-reduce follows no ring plan
-LANE_POLL = 0.0005  # seconds between looks at a full shared-memory lane or door
 SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
-PROBE_SEGMENT_BYTES = 256 * 1024  # a link probe's segments: this size, or segment_bytes if less
-
-
-@dataclass
-class Collective:
-    """One collective, ready to run on a ring of ``world_size`` at ``rank``."""
-
-    name: str
-    descriptor: dict[str, Any]
-    buffer: np.ndarray  # flat, contiguous, the node's own copy
-    plan: ring.Plan
-    combine: np.ufunc | None  # None: segments overwrite, never reduce
-    finish: Callable[[np.ndarray], Any]
-    compressed: Compressed | None = None  # how segments are encoded, if they are
-    direct: bool = False  # small: one round of all-to-all instead of the ring plan
-    digest: bytes = field(init=False)
-    descriptor_frame: bytes = field(init=False)  # what the first message carries
-
-    def __post_init__(self) -> None:
-        self.descriptor_frame, self.digest = wire_form(self.descriptor)
-
-    def compress_slow_links(self, slow: Sequence[bool], rank: int) -> None:
-        """Compress only where the ring's links are slow: ``slow[r]`` tells whether rank r's
-        link to its successor is. Reduce-scatter then encodes only over slow links (the
-        partial sums on fast links stay exact); all-gather still travels encoded on every
-        link, so that every member decodes the same bytes and ends bit-identical. With no
-        slow link the collective runs uncompressed, and what earlier calls left out (the
-        error-feedback residual) joins this result. Every member must pass the same."""
-        compressed = self.compressed
-        if compressed is None:
-            return
-        if not any(slow):
-            if compressed.residual is not None:
-                exact = self.buffer[:compressed.exact_from]
-                np.add(exact, compressed.residual, out=exact)
-                compressed.residual[...] = 0
-            self.compressed = None
-            return
-        compressed.send_encoded = slow[rank]
-        compressed.receive_encoded = slow[rank - 1]
-
-
-WIRE_FORMS_KEPT = 256  # descriptors whose wire form is remembered (a training loop has few)
-_wire_forms: dict[str, tuple[bytes, bytes]] = {}
-
-
-def wire_form(descriptor: dict[str, Any]) -> tuple[bytes, bytes]:
-    """(descriptor frame, digest) of a descriptor. A training loop calls the same few
-    collectives again and again: their JSON and digest are computed once, by their
-    ``repr`` (cheaper than both, and equal for equal descriptors built the same way)."""
-    key = repr(descriptor)
-    known = _wire_forms.get(key)
-    if known is not None:
-        return known
-    shown = summary(descriptor)
-    frame = canonical_json(shown)
-    known = frame, digest_of(descriptor, frame if shown is descriptor else None)
-    if len(_wire_forms) >= WIRE_FORMS_KEPT:
-        _wire_forms.pop(next(iter(_wire_forms)))
-    _wire_forms[key] = known
-    return known
-
-
-@dataclass
-class Compressed:
-    """How a compressed all-reduce encodes its segments (see ``compression``).
-
-    Elements from ``exact_from`` on travel uncompressed (the weight of a weighted mean: a
-    quantized sum of weights would skew every value). ``residual`` receives, element by
-    element, what this node's encodings left out: the partial sums it sends in reduce-scatter
-    and its own chunk in all-gather, each element exactly once, so the residuals of all nodes
-    add up to (true sum - result). Adding them to the next call's contributions is error
-    feedback that loses nothing over time.
-    """
-
-    codec: Codec
-    exact_from: int
-    gather_hop: int  # the owner's first all-gather send: it quantizes its own final chunk
-    residual: np.ndarray | None  # None: no error feedback
-    scratch: np.ndarray  # one segment of decoded values
-    send_encoded: bool = True  # reduce-scatter encodes what we send (a slow outgoing link)
-    receive_encoded: bool = True  # ... and what we receive (a slow incoming link)
-
-    def cut(self, transfer: ring.Transfer) -> int:
-        """Where a segment's encoded part ends and its exact part begins."""
-        return min(max(transfer.start, self.exact_from), transfer.stop)
-
-    def encodes(self, transfer: ring.Transfer, sending: bool) -> bool:
-        """Whether a segment we send (or receive) travels encoded: always in all-gather,
-        in reduce-scatter only over a compressed link."""
-        if transfer.hop >= self.gather_hop:
-            return True
-        return self.send_encoded if sending else self.receive_encoded
-
-
-_native_dtypes: dict[np.dtype, np.dtype] = {}  # dtype -> its native-order twin, if reducible
-_dtype_names: dict[np.dtype, str] = {}  # of native reducible dtypes (numpy computes a name)
-
-
-def _native(dtype: np.dtype) -> np.dtype:
-    """``dtype`` in native byte order; ConfigError if the wire cannot carry it."""
-    native = _native_dtypes.get(dtype)
-    if native is not None:
-        return native
-    native = dtype.newbyteorder("=")
-    try:
-        dtype_code(native)
-    except ProtocolError:
-        # the caller's argument, not a peer's bytes: a ConfigError like every other bad argument
-        raise ConfigError(f"dtype {native} cannot be reduced; use float16/32/64 or an "
-                          f"(unsigned) integer of 8 to 64 bits") from None
-    _native_dtypes[dtype] = native  # at most two per wire dtype: a small table
-    _dtype_names[native] = native.name
-    return native
-
-
-def _flat_copy(arrays: Sequence[np.ndarray], extra: int = 0) -> tuple[np.ndarray, np.dtype]:
-    dtypes = {np.dtype(a.dtype) for a in arrays}
-    if len(dtypes) != 1:
-        raise ConfigError(f"arrays of one collective must share a dtype, got "
-                          f"{sorted(map(str, dtypes))}")
-    dtype = _native(dtypes.pop())
-    total = sum(a.size for a in arrays)
-    buffer = np.empty(total + extra, dtype=dtype)
-    offset = 0
-    for a in arrays:
-        buffer[offset:offset + a.size] = np.ravel(a)
-        offset += a.size
-    return buffer, dtype
-
-
-def _unflatten(buffer: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    out, offset = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        out.append(buffer[offset:offset + size].reshape(shape))
-        offset += size
-    return out
-
-
-def _as_arrays(arrays: Sequence[Any]) -> list[np.ndarray]:
-    return [np.asarray(a) for a in arrays]
-
-
-def _check_op(op: str, dtype: np.dtype, weight: float | None) -> None:
-    if op not in REDUCE_OPS:
-        raise ConfigError(f"op must be one of {sorted(REDUCE_OPS)}, got {op!r}")
-    if op == "mean" and dtype.kind != "f":
-        raise ConfigError(f"op 'mean' needs a floating dtype, got {dtype}; use op='sum'")
-    if weight is not None:
-        if op != "mean":
-            raise ConfigError(f"weight is only meaningful with op='mean', got op={op!r}")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ConfigError(f"weight must be finite and >= 0, got {weight!r}")
-
-
-def all_reduce(arrays: Sequence[Any], op: str, weight: float | None, rank: int, world_size: int,
-               segment_elements: Callable[[np.dtype], int], codec: Codec | None = None,
-               feedback_key: Any = None, owned: bool = False, direct_bytes: int = 0
-               ) -> Collective:
-    """Reduce a list of arrays (fused into one buffer) across the ring.
-
-    With ``op="mean"`` and a ``weight``, each node's arrays are scaled by its weight and the
-    sum is divided by the sum of the weights (which travels as one extra element of the
-    buffer, so it costs no extra pass).
-
-    With a ``codec`` (float sum or mean only), segments travel compressed; the result is the
-    same on every node, within the codec's error of the exact reduction. With error feedback,
-    the codec keeps this node's residual under ``feedback_key`` (default: the descriptor, i.e.
-    the shapes, dtype and op) and adds it to the next call with that key.
-
-    ``owned``: the caller hands over its arrays (a private copy): a single contiguous
-    native-order array then becomes the working buffer itself, saving a copy of the whole
-    gradient in time and memory.
-
-    ``direct_bytes``: an uncompressed buffer of at most this many bytes (and one segment) is
-    reduced in one round (see ``RingRunner._exchange``) instead of 2(N-1) ring hops: for
-    small messages latency, not bandwidth, is what counts.
-    """
-    arrays = _as_arrays(arrays)
-    if not arrays:
-        raise ConfigError("all_reduce needs at least one array")
-    weighted = weight is not None
-    first = arrays[0]
-    if (owned and len(arrays) == 1 and not weighted and first.flags.c_contiguous
-            and first.flags.writeable and first.dtype.isnative and first.size > 0):
-        buffer, dtype = first.reshape(-1), _native(first.dtype)
-    else:
-        buffer, dtype = _flat_copy(arrays, extra=1 if weighted else 0)
-    _check_op(op, dtype, weight)
-    shapes = [tuple(a.shape) for a in arrays]
-    if weighted:
-        np.multiply(buffer[:-1], dtype.type(weight), out=buffer[:-1])
-        buffer[-1] = weight
-
-    def finish(result: np.ndarray) -> list[np.ndarray]:
-        if op == "mean":
-            if weighted:
-                total = result[-1]
-                if not total > 0:
-                    raise ConfigError("the weights of all nodes sum to 0: no weighted mean")
-                result = result[:-1]
-                np.divide(result, total, out=result)
-            else:
-                np.divide(result, dtype.type(world_size), out=result)
-        return _unflatten(result, shapes)
-
-    descriptor = {"collective": "all_reduce", "op": op, "dtype": _dtype_names[dtype],
-                  "shapes": [list(s) for s in shapes], "weighted": weighted}
-    elements = segment_elements(dtype)
-    direct = codec is None and buffer.nbytes <= min(direct_bytes, elements * dtype.itemsize)
-    if direct:
-        descriptor["one_round"] = True  # members must agree on the algorithm, too
-    plan = NO_PLAN if direct else ring.all_reduce_plan(rank, world_size, buffer.size, elements)
-    if codec is None:
-        return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish,
-                          direct=direct)
-    check_supported(codec, dtype, op)
-    descriptor["compression"] = codec.spec()
-    exact_from = buffer.size - 1 if weighted else buffer.size
-    # a segment's payload must fit where its raw bytes would (the wire's size limit)
-    largest = max(codec.payload_bytes(elements, dtype),
-                  codec.payload_bytes(elements - 1, dtype) + dtype.itemsize)
-    if largest > elements * dtype.itemsize:
-        raise ConfigError(f"compression {codec.spec()} would make segments of {elements} "
-                          f"{dtype} values larger ({largest} bytes), not smaller")
-    residual = codec.residual(digest_of(descriptor) if feedback_key is None else feedback_key,
-                              exact_from, dtype)
-    if residual is not None and world_size == 1:
-        # nothing is encoded on a ring of one: what earlier calls left out joins the result.
-        # Otherwise each element's residual joins it when this node encodes that element
-        # (exactly once: Codec.encode_feedback), which saves two passes over the buffer here.
-        np.add(buffer[:exact_from], residual, out=buffer[:exact_from])
-        residual[...] = 0
-    compressed = Compressed(codec, exact_from, world_size - 1, residual,
-                            np.empty(min(elements, buffer.size), dtype=dtype))
-    return Collective("all_reduce", descriptor, buffer, plan, REDUCE_OPS[op], finish, compressed)
-
-
-def reduce_scatter(array: Any, op: str, rank: int, world_size: int,
-                   segment_elements: Callable[[np.dtype], int]) -> Collective:
-    """Reduce a flattened array; rank r receives chunk r (``ring.chunk_bounds`` of its size)."""
-    array = np.asarray(array)
-    buffer, dtype = _flat_copy([array])
-    _check_op(op, dtype, None)
-    start, stop = ring.chunk_bounds(buffer.size, world_size)[rank]
-
-    def finish(result: np.ndarray) -> np.ndarray:
-        mine = result[start:stop]
-        if op == "mean":
-            np.divide(mine, dtype.type(world_size), out=mine)
-        return mine
-
-    descriptor = {"collective": "reduce_scatter", "op": op, "dtype": _dtype_names[dtype],
-                  "shapes": [list(array.shape)]}
-    plan = ring.reduce_scatter_plan(rank, world_size, buffer.size, segment_elements(dtype))
-    return Collective("reduce_scatter", descriptor, buffer, plan, REDUCE_OPS[op], finish)
-
-
-def all_gather(array: Any, rank: int, world_size: int,
-               segment_elements: Callable[[np.dtype], int]) -> Collective:
-    """Every node's array, stacked in rank order: shape (world_size, *array.shape)."""
-    array = np.asarray(array)
-    own, dtype = _flat_copy([array])
-    buffer = np.empty(own.size * world_size, dtype=dtype)
-    buffer[rank * own.size:(rank + 1) * own.size] = own
-    descriptor = {"collective": "all_gather", "dtype": _dtype_names[dtype],
-                  "shapes": [list(array.shape)]}
-    plan = ring.all_gather_plan(rank, world_size, own.size, segment_elements(dtype))
-    return Collective("all_gather", descriptor, buffer, plan, None,
-                      lambda result: result.reshape((world_size, *array.shape)))
-
-
-def broadcast(array: Any, root: int, rank: int, world_size: int,
-              segment_elements: Callable[[np.dtype], int]) -> Collective:
-    """The root's array on every node. Other nodes pass an array of the same shape and dtype
-    (its values are ignored)."""
-    array = np.asarray(array)
-    if not 0 <= root < world_size:
-        raise ConfigError(f"root must be a rank in [0, {world_size}), got {root}")
-    buffer, dtype = _flat_copy([array])
-    descriptor = {"collective": "broadcast", "root": root, "dtype": _dtype_names[dtype],
-                  "shapes": [list(array.shape)]}
-    plan = ring.broadcast_plan(rank, world_size, root, buffer.size, segment_elements(dtype))
-    return Collective("broadcast", descriptor, buffer, plan, None,
-                      lambda result: result.reshape(array.shape))
-
-
-SHOWN_SHAPES = 8  # a descriptor of more arrays is abbreviated in messages and on the wire
-
-
-def summary(descriptor: dict[str, Any]) -> dict[str, Any]:
-    """The descriptor, with a long list of shapes cut to its first few plus the number of
-    arrays and elements. Digests are always of the full descriptor; this is for people, and
-    keeps the descriptor frame within ``wire.MAX_DESCRIPTOR_BYTES`` and ABORTs within
-    ``wire.MAX_CONTROL_BYTES`` whatever the number of arrays fused."""
-    shapes = descriptor.get("shapes")
-    if not isinstance(shapes, list) or len(shapes) <= SHOWN_SHAPES or "arrays" in descriptor:
-        return descriptor  # short, or a summary already (as a peer's descriptor frame is)
-    elements = sum(math.prod(s) for s in shapes  # a peer's frame may hold anything
-                   if isinstance(s, list) and all(type(d) is int for d in s))
-    return {**descriptor, "shapes": [*shapes[:SHOWN_SHAPES], "..."], "arrays": len(shapes),
-            "elements": elements}
-
-
-def describe(descriptor: dict[str, Any]) -> str:
-    """A descriptor as a person reads it: ``all_reduce(shapes=[(3,)], dtype=float32, op=sum)``."""
-    name = descriptor.get("collective", "?")
-    args = [f"{k}={v}" for k, v in sorted(summary(descriptor).items()) if k != "collective"]
-    return f"{name}({', '.join(args)})"
 
 
 class RingRunner:
@@ -452,7 +114,7 @@ class RingRunner:
             return collective.finish(collective.buffer)
         try:
             if collective.direct:
-                self._exchange(collective, view, sequence, deadline, step)
+                one_round.exchange(self, collective, view, sequence, deadline, step)
             else:
                 self._move(collective, view, sequence, deadline, step)
         except BaseException:
@@ -463,15 +125,6 @@ class RingRunner:
             self.stage = "idle"
             self.mailbox.retire(view.generation, sequence)
         return collective.finish(collective.buffer)
-
-    def _header(self, collective: Collective, view: View, sequence: int, step: int,
-                transfer: ring.Transfer, with_descriptor: bool, shared: bool = False) -> Header:
-        dtype, nbytes = _wire_shape(collective, transfer, sending=True)
-        flags = (FLAG_DESCRIPTOR if with_descriptor else 0) | (FLAG_SHM if shared else 0)
-        return Header(kind=MessageKind.DATA, job=self.job, generation=view.generation,
-                      sequence=sequence, sender=view.rank, step=step, hop=transfer.hop,
-                      chunk=transfer.chunk, segment=transfer.segment, dtype=dtype,
-                      flags=flags, digest=collective.digest, nbytes=nbytes)
 
     def _move(self, collective: Collective, view: View, sequence: int, deadline: float,
               step: int) -> None:
@@ -495,7 +148,7 @@ class RingRunner:
             and self.lanes.reaches(successor)) else None
         # segments arrive in plan order only if all take one path: the door (lane references,
         # or every message fits a datagram) or all ZeroMQ
-        spin = self.transport.settings.spin_seconds if self._local(predecessor) else 0.0
+        spin = self.transport.settings.spin_seconds if self.local(predecessor) else 0.0
         largest = max((r.transfer.stop - r.transfer.start for r in plan.receives), default=0)
         door = lane is not None or (self.lanes is not None and self.lanes.door_takes(
             successor, HEADER_SIZE + largest * buffer.itemsize + len(descriptor_frame)))
@@ -504,8 +157,8 @@ class RingRunner:
             lane_full = False
             while pending:
                 transfer, forward = pending[0]
-                header = self._header(collective, view, sequence, step, transfer, not described,
-                                      shared=lane is not None)
+                header = segments.data_header(collective, view, self.job, sequence, step,
+                                              transfer, not described, shared=lane is not None)
                 if lane is not None:
                     payload = lane.write(buffer[transfer.start:transfer.stop])
                     if payload is None:
@@ -518,19 +171,19 @@ class RingRunner:
                 else:
                     # a fresh array or a received frame, never our buffer: no need to track
                     payload = forward if forward is not None else \
-                        _encode(collective, transfer)
+                        segments.encode(collective, transfer)
                     big = False
                 frames = [header.pack(), payload]
                 if not described:
                     frames.append(descriptor_frame)
                 try:
-                    sent = self._send(successor, frames, big, door)
+                    sent = self.send(successor, frames, big, door)
                 except TransportError as exc:
                     raise PeerFailedError(f"{where}: cannot send to successor {successor}: {exc}",
                                           peer=successor, generation=view.generation,
                                           collective=sequence) from exc
                 if sent is False:
-                    lane_full = door and self._local(successor)
+                    lane_full = door and self.local(successor)
                     break
                 if lane is not None:
                     lane.commit()
@@ -559,7 +212,7 @@ class RingRunner:
                 last_progress, progress_deadline = now, now + self.progress_timeout
             if received == len(plan.receives) and not pending:
                 break
-            self._check_abandoned(view, sequence, where)
+            self.check_abandoned(view, sequence, where)
             if received < len(plan.receives) and self.mailbox.has_data(view.generation,
                                                                         sequence):
                 continue  # membership work took in our data: use it before waiting
@@ -583,7 +236,7 @@ class RingRunner:
                                       peer=culprit, generation=view.generation,
                                       collective=sequence)
             if spin and not pending and now < last_progress + spin:
-                self._yield_and_look()  # the predecessor is on this host: its data is due now
+                self.yield_and_look()  # the predecessor is on this host: its data is due now
                 continue
             self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
                           f"{predecessor}, {len(pending)} waiting for {successor}")
@@ -591,7 +244,7 @@ class RingRunner:
             poll = LANE_POLL if lane_full else self.poll_interval
             self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
                               writable=successor if pending and not lane_full else None,
-                              links=self._links_due(now))
+                              links=self.links_due(now))
         self._learn_gap(longest_gap)
         # the caller may change the buffer once we return: wait until libzmq let go of it
         for tracker in trackers:
@@ -613,25 +266,25 @@ class RingRunner:
         self._service_due = now + SERVICE_INTERVAL
         return True
 
-    def _yield_and_look(self) -> None:
+    def yield_and_look(self) -> None:
         """Wait for data due within microseconds without sleeping: give the core to whoever
         is runnable (the sender, typically), then take in what arrived
         (``Settings.spin_seconds``: a sleep and its wake-up cost more)."""
         os.sched_yield()
         self.mailbox.pump(0.0, links=False)
 
-    def _links_due(self, now: float) -> bool:
+    def links_due(self, now: float) -> bool:
         """Whether a wait should also watch the outgoing links: their traffic (replies to
         membership) is only handled at a membership turn, so until one is due a wait
         watches only where data comes in, which costs fewer system calls."""
         return now >= self._service_due
 
-    def _local(self, peer: str) -> bool:
+    def local(self, peer: str) -> bool:
         """Whether ``peer`` is on this host (its door and lanes free up with no message
         to wake us: a blocked send there is retried every ``LANE_POLL``)."""
         return self.lanes is not None and self.lanes.reaches(peer)
 
-    def _send(self, peer: str, frames: list, track: bool = False, door: bool = True) -> Any:
+    def send(self, peer: str, frames: list, track: bool = False, door: bool = True) -> Any:
         """Send a DATA message: through ``peer``'s door when ``door`` allows it, the peer is
         on this host and the message fits a datagram, else over ZeroMQ (see
         ``Transport.try_send``). A door and a ZeroMQ link do not keep order between them:
@@ -654,63 +307,40 @@ class RingRunner:
                 expected: ring.Receive, predecessor: str, predecessor_rank: int) -> Any:
         """Check a segment and take it into the buffer. Returns the payload to forward
         unchanged, when the segment is compressed and only copied (all-gather), else None."""
-        header = message.header
-        where = f"{collective.name} #{sequence} of generation {view.generation}"
-        self._check_digest(collective, view, sequence, message)
-        if message.origin != predecessor or header.sender != predecessor_rank:
-            raise PeerFailedError(f"{where}: data from {message.origin} (rank {header.sender}), "
-                                  f"but only the predecessor {predecessor} sends to this node",
-                                  peer=message.origin, generation=view.generation,
-                                  collective=sequence)
-        transfer = expected.transfer
-        got = (header.hop, header.chunk, header.segment, header.nbytes,
-               header.dtype)
-        want = (transfer.hop, transfer.chunk, transfer.segment,
-                *reversed(_wire_shape(collective, transfer, sending=False)))
-        if got != want:
-            raise PeerFailedError(f"{where}: {predecessor} sent (hop, chunk, segment, nbytes, "
-                                  f"dtype) = {got}, expected {want}", peer=predecessor,
-                                  generation=view.generation, collective=sequence)
-        release = None
-        if header.flags & FLAG_SHM:
+        self.check_digest(collective, view, sequence, message)
+        segments.check_from_predecessor(collective, view, sequence, message, expected,
+                                        predecessor, predecessor_rank)
+        transfer, where = expected.transfer, segments.where(collective, view, sequence)
+        if message.header.flags & FLAG_SHM:
             try:
                 if collective.compressed is not None or self.lanes is None:
                     raise ProtocolError("flags", "no shared-memory reference here",
                                         "FLAG_SHM", predecessor)
                 shared, release = self.lanes.receive(predecessor, message.payload,
-                                                     header.nbytes)
-                parts = [shared]
+                                                     message.header.nbytes)
             except ProtocolError as exc:
                 raise PeerFailedError(f"{where}: {predecessor} sent a bad shared-memory "
                                       f"reference: {exc}", peer=predecessor,
                                       generation=view.generation, collective=sequence) from exc
-        elif collective.compressed is not None:
+            segments.take_parts(collective, expected, [shared])
+            release()
+            return None
+        if collective.compressed is not None:
             try:
-                return _decode(collective, expected, message.payload)
+                return segments.decode(collective, expected, message.payload)
             except ProtocolError as exc:
                 raise PeerFailedError(f"{where}: {predecessor} sent a bad compressed segment "
                                       f"(hop {transfer.hop}, chunk {transfer.chunk}, segment "
                                       f"{transfer.segment}): {exc}", peer=predecessor,
                                       generation=view.generation, collective=sequence) from exc
-        else:
-            parts = message.payload_parts  # pieces of whole elements: no need to join them
-        region = collective.buffer[transfer.start:transfer.stop]
-        for part in parts:
-            incoming = np.frombuffer(part, dtype=collective.buffer.dtype)
-            target, region = region[:incoming.size], region[incoming.size:]
-            if expected.reduce:
-                collective.combine(target, incoming, out=target)
-            else:
-                target[...] = incoming
-        if release is not None:
-            release()
+        segments.take_parts(collective, expected, message.payload_parts)
         return None
 
-    def _check_abandoned(self, view: View, sequence: int, where: str) -> None:
+    def check_abandoned(self, view: View, sequence: int, where: str) -> None:
         """Raise if a member aborted this collective, or the ring is changing under it."""
         abort = self.mailbox.aborts.get((view.generation, sequence))
         if abort is not None:
-            raise _error_from_abort(abort, where, view.generation, sequence)
+            raise segments.error_from_abort(abort, where, view.generation, sequence)
         if not self.take_turn():
             return  # membership work between every two segments would cost more than it saves
         failure = self.service(view)
@@ -719,208 +349,16 @@ class RingRunner:
             raise PeerFailedError(f"{where} abandoned: {why}", peer=suspect,
                                   generation=view.generation, collective=sequence)
 
-    def _check_digest(self, collective: Collective, view: View, sequence: int,
-                      message: Message) -> None:
+    def check_digest(self, collective: Collective, view: View, sequence: int,
+                     message: Message) -> None:
         """Raise MismatchError, naming both calls, if a member's segment belongs to another
-        collective. Checked before anything else in a message is trusted or used."""
+        collective. Checked before anything else in a message is trusted or used; a member's
+        segment is also a sign of life (``heard``)."""
         if message.origin not in view.members:
             return  # not a member: the caller rejects it
         self.heard[message.origin] = time.monotonic()
-        if message.header.digest == collective.digest:
-            return
-        theirs = "a different collective"
-        if message.descriptor is not None:
-            try:
-                theirs = describe(decode_control(message.descriptor, {}, message.origin,
-                                                 "descriptor"))
-            except ProtocolError:
-                pass
-        raise MismatchError(
-            f"collective mismatch in generation {view.generation}, collective {sequence}: "
-            f"node {self.node_id} (rank {view.rank}) called {describe(collective.descriptor)} "
-            f"but node {message.origin} (rank {view.members.index(message.origin)}) called "
-            f"{theirs}", generation=view.generation, collective=sequence)
-
-    def _exchange(self, collective: Collective, view: View, sequence: int, deadline: float,
-                  step: int) -> None:
-        """A small all-reduce in one round: send the whole buffer to every other member, take
-        one buffer from each, and add them all in rank order, so every member computes the
-        very same sum. Latency is one hop instead of 2(N-1)."""
-        buffer = collective.buffer
-        where = f"{collective.name} #{sequence} of generation {view.generation}"
-        whole = ring.Transfer(0, view.rank, 0, 0, buffer.size)
-        header = self._header(collective, view, sequence, step, whole, True)
-        frames = [header.pack(), buffer.tobytes(), collective.descriptor_frame]
-        unsent = [m for m in view.members if m != self.node_id]
-        contributions: dict[int, np.ndarray] = {view.rank: buffer}  # unchanged until the end
-        progress_deadline = time.monotonic() + self.progress_timeout
-        same_host = all(self._local(m) for m in unsent)
-        spin_until = time.monotonic() + self.transport.settings.spin_seconds \
-            if same_host else 0.0
-        while unsent or len(contributions) < view.world_size:
-            for member in list(unsent):
-                try:
-                    sent = self._send(member, frames)
-                except TransportError as exc:
-                    raise PeerFailedError(f"{where}: cannot send to {member}: {exc}",
-                                          peer=member, generation=view.generation,
-                                          collective=sequence) from exc
-                if sent is not False:
-                    unsent.remove(member)
-                    self.bytes_sent += buffer.nbytes
-                    self.messages_sent += 1
-                    progress_deadline = time.monotonic() + self.progress_timeout
-            while (message := self.mailbox.next_data(view.generation, sequence)) is not None:
-                rank = self._accept_whole(collective, view, sequence, message, contributions)
-                contributions[rank] = np.frombuffer(message.payload, dtype=buffer.dtype)
-                progress_deadline = time.monotonic() + self.progress_timeout
-            if not unsent and len(contributions) == view.world_size:
-                break
-            self._check_abandoned(view, sequence, where)
-            if self.mailbox.has_data(view.generation, sequence):
-                continue  # membership work took in our data: use it before waiting
-            now = time.monotonic()
-            if now >= min(deadline, progress_deadline):
-                missing = unsent or [m for r, m in enumerate(view.members)
-                                     if r not in contributions]
-                error = CollectiveTimeout if now >= deadline else PeerFailedError
-                raise error(f"{where}: nothing from (or to) {', '.join(missing)} for "
-                            f"{self.progress_timeout:.1f} s", generation=view.generation,
-                            collective=sequence, **({} if error is CollectiveTimeout
-                                                    else {"peer": missing[0]}))
-            if not unsent and spin_until > now:
-                self._yield_and_look()  # every peer is on this host: their data is due now
-                continue
-            self.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
-                          f"contributions, {len(unsent)} still to send")
-            local = bool(unsent) and self._local(unsent[0])
-            poll = LANE_POLL if local else self.poll_interval
-            self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
-                              writable=unsent[0] if unsent and not local else None,
-                              links=self._links_due(now))
-        total = collective.combine(contributions[0], contributions[1])
-        for rank in range(2, view.world_size):
-            collective.combine(total, contributions[rank], out=total)
-        buffer[...] = total
-
-    def _accept_whole(self, collective: Collective, view: View, sequence: int,
-                      message: Message, contributions: dict[int, np.ndarray]) -> int:
-        """Check one member's whole contribution to a one-round all-reduce; its rank."""
-        header = message.header
-        where = f"{collective.name} #{sequence} of generation {view.generation}"
-        self._check_digest(collective, view, sequence, message)
-        rank = view.members.index(message.origin) if message.origin in view.members else -1
-        got = (header.sender, header.hop, header.chunk, header.segment, header.nbytes,
-               header.dtype)
-        want = (rank, 0, rank, 0, collective.buffer.nbytes, dtype_code(collective.buffer.dtype))
-        if rank < 0 or rank in contributions or got != want or header.flags & FLAG_SHM:
-            raise PeerFailedError(f"{where}: {message.origin} sent (sender, hop, chunk, "
-                                  f"segment, nbytes, dtype) = {got}, expected {want}"
-                                  + (" (a second time)" if rank in contributions else ""),
-                                  peer=message.origin, generation=view.generation,
-                                  collective=sequence)
-        return rank
-
-    def measure_link(self, view: View, sequence: int, deadline: float, nbytes: int,
-                     shift: int) -> float:
-        """Measure the link from this node to the member ``shift`` ranks on.
-
-        Every member streams ``nbytes`` to rank + ``shift`` and answers the stream of rank -
-        ``shift`` with an empty acknowledgement once all of it is in: so every member sends
-        one stream and receives one, the load a ring puts on its links. The rate is
-        ``nbytes`` over the time from the first segment sent to the acknowledgement (one
-        round trip more than the transfer, which on a LAN is noise).
-
-        Returns:
-            bytes per second.
-        """
-        n, rank = view.world_size, view.rank
-        target, source = view.members[(rank + shift) % n], view.members[(rank - shift) % n]
-        segment = min(PROBE_SEGMENT_BYTES, self.transport.settings.segment_bytes)
-        collective = Collective("link_probe", {"collective": "link_probe", "bytes": nbytes,
-                                               "shift": shift},
-                                np.zeros(min(nbytes, segment), dtype=np.uint8),
-                                NO_PLAN, None, lambda result: None)
-        segments = ring.segment_bounds(0, nbytes, segment)
-        where = f"link probe #{sequence} of generation {view.generation}"
-        sent = received = 0
-        answered, rate = False, 0.0
-        started = time.monotonic()
-        progress_deadline = started + self.progress_timeout
-        while True:
-            while sent < len(segments):
-                lo, hi = segments[sent]
-                header = self._header(collective, view, sequence, 0,
-                                      ring.Transfer(shift, 0, sent, lo, hi), sent == 0)
-                frames = [header.pack(), collective.buffer[:hi - lo]]
-                if sent == 0:
-                    frames.append(collective.descriptor_frame)
-                if self._probe_send(target, frames, where, view, sequence, door=False) is False:
-                    break
-                sent += 1
-            if received == len(segments) and not answered:
-                ack = self._header(collective, view, sequence, 0, ring.Transfer(shift, 1, 0, 0, 0),
-                                   False)
-                answered = self._probe_send(source, [ack.pack(), b""], where, view,
-                                            sequence) is not False
-            while (message := self.mailbox.next_data(view.generation, sequence)) is not None:
-                progress_deadline = time.monotonic() + self.progress_timeout
-                if self._accept_probe(collective, view, sequence, message, segments, received,
-                                      sent == len(segments) and not rate, target, source):
-                    rate = nbytes / max(time.monotonic() - started, 1e-9)
-                else:
-                    received += 1
-            if answered and rate:
-                break
-            self._check_abandoned(view, sequence, where)
-            if self.mailbox.has_data(view.generation, sequence):
-                continue
-            now = time.monotonic()
-            if now >= min(deadline, progress_deadline):
-                error = CollectiveTimeout if now >= deadline else PeerFailedError
-                culprit = source if received < len(segments) else target
-                raise error(f"{where}: {received}/{len(segments)} segments in from {source}, "
-                            f"{sent}/{len(segments)} out to {target}"
-                            + ("" if rate else ", not acknowledged"), generation=view.generation,
-                            collective=sequence, **({} if error is CollectiveTimeout
-                                                    else {"peer": culprit}))
-            self.stage = (f"{where}: {sent}/{len(segments)} segments to {target}, "
-                          f"{received}/{len(segments)} from {source}")
-            self.mailbox.pump(min(deadline, progress_deadline, now + LANE_POLL) - now)
-        return rate
-
-    def _probe_send(self, peer: str, frames: list, where: str, view: View, sequence: int,
-                    door: bool = True) -> Any:
-        try:
-            return self._send(peer, frames, door=door)
-        except TransportError as exc:
-            raise PeerFailedError(f"{where}: cannot send to {peer}: {exc}", peer=peer,
-                                  generation=view.generation, collective=sequence) from exc
-
-    def _accept_probe(self, collective: Collective, view: View, sequence: int, message: Message,
-                      segments: list[tuple[int, int]], received: int, acknowledgeable: bool,
-                      target: str, source: str) -> bool:
-        """Check one message of a link probe: the next segment of ``source``'s stream, or
-        (when ``acknowledgeable``) ``target``'s acknowledgement of ours (returns True)."""
-        header, origin = message.header, message.origin
-        self._check_digest(collective, view, sequence, message)
-        n = view.world_size
-        shift = (view.members.index(target) - view.rank) % n
-        acknowledgement = header.chunk == 1
-        got = (origin, header.sender, header.hop, header.chunk, header.segment, header.nbytes)
-        if acknowledgement:
-            want = (target, view.members.index(target), shift, 1, 0, 0)
-            ok = acknowledgeable
-        else:
-            lo, hi = segments[min(received, len(segments) - 1)]
-            want = (source, view.members.index(source), shift, 0, received, hi - lo)
-            ok = received < len(segments)
-        if not ok or got != want or header.flags & FLAG_SHM:
-            raise PeerFailedError(f"{collective.name} #{sequence} of generation "
-                                  f"{view.generation}: {origin} sent (origin, sender, hop, chunk, "
-                                  f"segment, nbytes) = {got}, expected {want}", peer=origin,
-                                  generation=view.generation, collective=sequence)
-        return acknowledgement
+        if message.header.digest != collective.digest:
+            raise segments.mismatch(collective, view, sequence, self.node_id, message)
 
     def abort_everyone(self, view: View, sequence: int, exc: CollectiveError,
                        suspect: str | None) -> None:
@@ -928,94 +366,11 @@ class RingRunner:
         nobody waits for it."""
         if (view.generation, sequence) in self.mailbox.aborts:
             return  # somebody else's abort: they have told everyone already
-        kind = "mismatch" if isinstance(exc, MismatchError) else "failure"
-        body = {"kind": kind, "message": str(exc), "node": self.node_id, "peer": suspect or ""}
-        payload = encode_control(body)
-        header = Header(kind=MessageKind.ABORT, job=self.job, generation=view.generation,
-                        sequence=sequence, sender=view.rank, nbytes=len(payload)).pack()
+        frames = segments.abort_frames(view, self.job, self.node_id, sequence, exc, suspect)
         for member in view.members:
             if member == self.node_id:
                 continue
             try:
-                self.transport.try_send(member, [header, payload])
+                self.transport.try_send(member, frames)
             except TransportError:
                 pass  # best effort: that member will time out instead
-
-
-U1 = dtype_code(np.dtype("u1"))  # compressed payloads travel as bytes
-
-
-def _wire_shape(collective: Collective, transfer: ring.Transfer, sending: bool
-                ) -> tuple[int, int]:
-    """(wire dtype code, payload bytes) of one segment of ``collective`` that we send (or
-    receive)."""
-    buffer, compressed = collective.buffer, collective.compressed
-    if compressed is None or not compressed.encodes(transfer, sending):
-        return dtype_code(buffer.dtype), (transfer.stop - transfer.start) * buffer.itemsize
-    cut = compressed.cut(transfer)
-    return U1, (compressed.codec.payload_bytes(cut - transfer.start, buffer.dtype)
-                + (transfer.stop - cut) * buffer.itemsize)
-
-
-def _encode(collective: Collective, transfer: ring.Transfer) -> np.ndarray:
-    """The payload of one compressed segment we send: encoded values, then the exact ones.
-
-    Adds what earlier calls left out of these values and records what this encoding leaves
-    out, in the residual. In the owner's first all-gather hop the owner's own values become
-    exactly what every other node will decode.
-    """
-    compressed, buffer = collective.compressed, collective.buffer
-    assert compressed is not None
-    if not compressed.encodes(transfer, sending=True):  # partial sums over a fast link
-        return buffer[transfer.start:transfer.stop].copy()
-    codec, cut = compressed.codec, compressed.cut(transfer)
-    values = buffer[transfer.start:cut]
-    size = codec.payload_bytes(values.size, buffer.dtype)
-    exact = buffer[cut:transfer.stop]
-    payload = np.empty(size + exact.nbytes, dtype=np.uint8)
-    residual = None if compressed.residual is None else compressed.residual[transfer.start:cut]
-    codec.encode_feedback(values, payload[:size], residual,
-                          replace=transfer.hop == compressed.gather_hop)
-    payload[size:] = exact.view(np.uint8)
-    return payload
-
-
-def _decode(collective: Collective, expected: ring.Receive, payload: memoryview) -> Any:
-    """Take one received compressed segment into the buffer; returns the payload when it is
-    to be forwarded unchanged (all-gather)."""
-    compressed, buffer, transfer = collective.compressed, collective.buffer, expected.transfer
-    assert compressed is not None
-    if not compressed.encodes(transfer, sending=False):  # partial sums over a fast link
-        region = buffer[transfer.start:transfer.stop]
-        collective.combine(region, np.frombuffer(payload, dtype=buffer.dtype), out=region)
-        return None
-    codec, cut = compressed.codec, compressed.cut(transfer)
-    values = buffer[transfer.start:cut]
-    data = np.frombuffer(payload, dtype=np.uint8)
-    size = codec.payload_bytes(values.size, buffer.dtype)
-    exact = buffer[cut:transfer.stop]
-    incoming_exact = data[size:].view(buffer.dtype)
-    if expected.reduce:
-        decoded = compressed.scratch[:values.size]
-        codec.decode(data[:size], decoded)
-        collective.combine(values, decoded, out=values)
-        collective.combine(exact, incoming_exact, out=exact)
-        return None
-    codec.decode(data[:size], values)
-    exact[...] = incoming_exact
-    return payload if expected.then is not None else None
-
-
-def _error_from_abort(abort: Message, where: str, generation: int, sequence: int
-                      ) -> CollectiveError:
-    try:
-        body = decode_control(abort.payload, {"kind": str, "message": str, "node": str,
-                                              "peer": str}, abort.origin, "abort")
-    except ProtocolError as exc:
-        return PeerFailedError(f"{where} aborted by {abort.origin}: {exc}", peer=abort.origin,
-                               generation=generation, collective=sequence)
-    if body["kind"] == "mismatch":
-        return MismatchError(body["message"], generation=generation, collective=sequence)
-    return PeerFailedError(f"{where} aborted by {abort.origin}: {body['message']}",
-                           peer=body["peer"] or None, generation=generation, collective=sequence)
-
