@@ -55,7 +55,7 @@ def measure_link(runner: RingRunner, view: View, sequence: int, deadline: float,
         while sent < len(bounds):
             lo, hi = bounds[sent]
             header = segments.data_header(collective, view, runner.job, sequence, 0,
-                                      ring.Transfer(shift, 0, sent, lo, hi), sent == 0)
+                                          ring.Transfer(shift, 0, sent, lo, hi), sent == 0)
             frames = [header.pack(), collective.buffer[:hi - lo]]
             if sent == 0:
                 frames.append(collective.descriptor_frame)
@@ -64,7 +64,7 @@ def measure_link(runner: RingRunner, view: View, sequence: int, deadline: float,
             sent += 1
         if received == len(bounds) and not answered:
             ack = segments.data_header(collective, view, runner.job, sequence, 0,
-                                   ring.Transfer(shift, 1, 0, 0, 0), False)
+                                       ring.Transfer(shift, 1, 0, 0, 0), False)
             answered = _probe_send(runner, source, [ack.pack(), b""], where, view,
                                         sequence) is not False
         while (message := runner.mailbox.next_data(view.generation, sequence)) is not None:
@@ -89,10 +89,9 @@ def measure_link(runner: RingRunner, view: View, sequence: int, deadline: float,
                         collective=sequence, **({} if error is CollectiveTimeout
                                                 else {"peer": culprit}))
         runner.stage = (f"{where}: {sent}/{len(bounds)} segments to {target}, "
-                      f"{received}/{len(bounds)} from {source}")
+                        f"{received}/{len(bounds)} from {source}")
         runner.mailbox.pump(min(deadline, progress_deadline, now + LANE_POLL) - now)
     return rate
-
 
 
 def _probe_send(runner: RingRunner, peer: str, frames: list, where: str, view: View,
@@ -102,7 +101,6 @@ def _probe_send(runner: RingRunner, peer: str, frames: list, where: str, view: V
     except TransportError as exc:
         raise PeerFailedError(f"{where}: cannot send to {peer}: {exc}", peer=peer,
                               generation=view.generation, collective=sequence) from exc
-
 
 
 def _accept_probe(runner: RingRunner, collective: Collective, view: View, sequence: int,

@@ -29,7 +29,7 @@ def exchange(runner: RingRunner, collective: Collective, view: View, sequence: i
     one buffer from each, and add them all in rank order, so every member computes the
     very same sum. Latency is one hop instead of 2(N-1)."""
     buffer = collective.buffer
-    where = f"{collective.name} #{sequence} of generation {view.generation}"
+    where = segments.where(collective, view, sequence)
     whole = ring.Transfer(0, view.rank, 0, 0, buffer.size)
     header = segments.data_header(collective, view, runner.job, sequence, step, whole, True)
     frames = [header.pack(), buffer.tobytes(), collective.descriptor_frame]
@@ -74,24 +74,23 @@ def exchange(runner: RingRunner, collective: Collective, view: View, sequence: i
             runner.yield_and_look()  # every peer is on this host: their data is due now
             continue
         runner.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
-                      f"contributions, {len(unsent)} still to send")
+                        f"contributions, {len(unsent)} still to send")
         local = bool(unsent) and runner.local(unsent[0])
         poll = LANE_POLL if local else runner.poll_interval
         runner.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
-                          writable=unsent[0] if unsent and not local else None,
-                          links=runner.links_due(now))
+                            writable=unsent[0] if unsent and not local else None,
+                            links=runner.links_due(now))
     total = collective.combine(contributions[0], contributions[1])
     for rank in range(2, view.world_size):
         collective.combine(total, contributions[rank], out=total)
     buffer[...] = total
 
 
-
 def _accept_whole(runner: RingRunner, collective: Collective, view: View, sequence: int,
                   message: Message, contributions: dict[int, np.ndarray]) -> int:
     """Check one member's whole contribution to a one-round all-reduce; its rank."""
     header = message.header
-    where = f"{collective.name} #{sequence} of generation {view.generation}"
+    where = segments.where(collective, view, sequence)
     runner.check_digest(collective, view, sequence, message)
     rank = view.members.index(message.origin) if message.origin in view.members else -1
     got = (header.sender, header.hop, header.chunk, header.segment, header.nbytes,
