@@ -53,8 +53,10 @@ from ..errors import (
 from ..membership.protocol import Membership, View
 from ..ring import collectives
 from ..ring import plan as ring
-from ..ring.collectives import Collective, RingRunner
+from ..ring.collectives import Collective
 from ..ring.compression import Codec
+from ..ring.link_probe import measure_link
+from ..ring.runner import RingRunner
 
 log = logging.getLogger(__name__)
 
@@ -572,7 +574,7 @@ class Node:
         """Measure the links of the installed view and order its ring (engine thread, as the
         first collectives of the view, so every member does the same).
 
-        Every member streams to every other (``RingRunner.measure_link``), the rates are
+        Every member streams to every other (``ring.link_probe.measure_link``), the rates are
         all-gathered, and each member computes the order from the very same matrix
         (``ring.measured_ring_order``). If either collective fails, this node keeps no ring
         for the generation: its collectives fail at once until the ring re-forms, so no two
@@ -591,8 +593,8 @@ class Node:
                 self._agree_on_probe(view, timeout, shift)
                 rates[(view.rank + shift) % view.world_size] = self._collect(
                     view, timeout, lambda sequence, deadline, shift=shift:
-                    self._runner.measure_link(view, sequence, deadline,
-                                              self.settings.link_probe_bytes, shift))
+                    measure_link(self._runner, view, sequence, deadline,
+                                 self.settings.link_probe_bytes, shift))
             gather = collectives.all_gather(rates, view.rank, view.world_size,
                                             self._runner.segment_elements)
             matrix = self._collect(view, timeout, lambda sequence, deadline:

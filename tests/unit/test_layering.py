@@ -29,7 +29,8 @@ LAYERS: dict[str, int] = {
     "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
     "lab.netns": 1, "lab.cpu_budget": 1,
     # 2 protocols
-    "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
+    "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2, "ring.segments": 2,
+    "ring.runner": 2, "ring.one_round": 2, "ring.link_probe": 2,
     # 3 the node, and the package surface that re-exports it
     "node.node": 3, "node.launch": 3, "__init__": 3,
     # 4 training and tools built on a node
@@ -209,8 +210,8 @@ def test_the_checks_see_imports():
     """Guard the parser itself: it finds relative, absolute, package and lazy imports."""
     found = {internal_module(internal_name(t)) for t, _ in imports("node.node", ALL["node.node"])
              if internal_name(t)}
-    assert {"ring.collectives", "config", "errors", "comm.mailbox", "membership.protocol",
-            "comm.transport", "comm.wire"} <= found
+    assert {"ring.collectives", "ring.runner", "config", "errors", "comm.mailbox",
+            "membership.protocol", "comm.transport", "comm.wire"} <= found
     assert any(t == "zmq" for t, _ in imports("comm.transport", ALL["comm.transport"]))
     assert internal_module(internal_name("ringtrain.comm.wire.X") or "") == "comm.wire"
 
