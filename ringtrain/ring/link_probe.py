@@ -66,7 +66,7 @@ def measure_link(runner: RingRunner, view: View, sequence: int, deadline: float,
             ack = segments.data_header(collective, view, runner.job, sequence, 0,
                                        ring.Transfer(shift, 1, 0, 0, 0), False)
             answered = _probe_send(runner, source, [ack.pack(), b""], where, view,
-                                        sequence) is not False
+                                   sequence) is not False
         while (message := runner.mailbox.next_data(view.generation, sequence)) is not None:
             progress_deadline = time.monotonic() + runner.progress_timeout
             if _accept_probe(runner, collective, view, sequence, message, bounds, received,
