@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ProtocolError
 from ..train.optim import Adam
 from .ppo import ActorCritic
-from .stats import EpisodeWindow, Moments, RunningNormalizer, ReturnScaler
+from .stats import EpisodeWindow, Moments, ReturnScaler, RunningNormalizer
 
 
 @dataclass(frozen=True)
