@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..comm.security import JobKey, read_key_file, write_key_file
+from ..config import Settings
 from ..errors import ConfigError, RingtrainError
 from ..lab.netns import EmulatedLan
 from ..node.node import Node
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="slow: how long device 3 stays stopped (default 3)")
     parser.add_argument("--kill-round", type=int, default=10,
                         help="kill: the round after which device 3 is killed (default 10)")
+    parser.add_argument("--direct-bytes", type=int, default=64 * 1024,
+                        help="all-reduces up to this size take one round instead of a ring "
+                             "(Settings.direct_bytes; default 65536: the gradient, 37 KB)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds one run may take, start-up included (default 300)")
 
@@ -90,11 +94,12 @@ def _device(config: dict[str, Any]) -> dict[str, Any]:
     """Train on this device; the report the parent tabulates."""
     from ..rl import DistributedPPO, RLConfig, make_vector_env  # noqa: PLC0415
 
-    rl = RLConfig(mode=config["mode"])
+    rl = RLConfig(mode=config["mode"], seed=config["seed"])
     env, spec = make_vector_env(rl.env_id, rl.envs_per_node)
     addresses, rank = config["addresses"], config["rank"]
+    settings = Settings.from_env(direct_bytes=config["direct_bytes"])
     with Node(addresses, listen=addresses[rank], job="bench-rl", node_id=f"device-{rank}",
-              key=read_key_file(config["key_file"]), min_size=1) as node:
+              key=read_key_file(config["key_file"]), min_size=1, settings=settings) as node:
         learner = DistributedPPO(node, env, spec.obs_size, spec.actions, rl)
         started = time.perf_counter()
         steps_before = learner.actor.env_steps
@@ -163,8 +168,8 @@ class Run:
     reports: list[dict[str, Any] | None]
 
 
-def measure(scenario: str, nodes: int, mode: str, event: str, args: argparse.Namespace,
-            key_file: Path) -> Run:
+def measure(scenario: str, nodes: int, mode: str, event: str, seed: int,
+            args: argparse.Namespace, key_file: Path) -> Run:
     """One run on a fresh emulated LAN."""
     deadline = time.time() + args.timeout
     with EmulatedLan(nodes, rate_mbit=args.rate, cpu_cores=args.cpu) as lan:
@@ -173,7 +178,8 @@ def measure(scenario: str, nodes: int, mode: str, event: str, args: argparse.Nam
         devices = []
         for rank in range(nodes):
             config = {"addresses": addresses, "rank": rank, "key_file": str(key_file),
-                      "mode": mode, "deadline": deadline - 5}
+                      "mode": mode, "deadline": deadline - 5,
+                      "direct_bytes": args.direct_bytes, "seed": seed}
             argv = [sys.executable, "-m", "ringtrain.bench.rl", "worker", json.dumps(config)]
             popen = lan.popen(rank, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
@@ -283,14 +289,14 @@ def run(args: argparse.Namespace) -> int:
     if args.nodes < 2 or args.repeats < 1 or not args.timeout > 0:
         raise ConfigError("need --nodes >= 2, --repeats >= 1, --timeout > 0")
     plan = []
-    for _ in range(args.repeats):
+    for seed in range(args.repeats):  # run r of every configuration: job seed r
         if "scaling" in scenarios:
-            plan += [("scaling", 1, "sync", ""), ("scaling", args.nodes, "sync", "")]
+            plan += [("scaling", 1, "sync", "", seed), ("scaling", args.nodes, "sync", "", seed)]
         if "slow" in scenarios:
-            plan += [("slow", args.nodes, mode, event) for mode in ("async", "sync")
+            plan += [("slow", args.nodes, mode, event, seed) for mode in ("async", "sync")
                      for event in ("", "stop")]
         if "kill" in scenarios:
-            plan += [("kill", args.nodes, "sync", "kill")]
+            plan += [("kill", args.nodes, "sync", "kill", seed)]
     print(f"bench-rl: PPO on CartPole-v1 (solved: the ring's last 100 episodes average >= "
           f"475); devices of {args.cpu:g} core, links {args.rate:g} Mbit/s; {len(plan)} runs",
           flush=True)
@@ -298,8 +304,8 @@ def run(args: argparse.Namespace) -> int:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="ringtrain-bench-rl-") as tmp:
         key_file = write_key_file(Path(tmp) / "job.key", JobKey.generate())
-        for scenario, nodes, mode, event in plan:
-            result = measure(scenario, nodes, mode, event, args, key_file)
+        for scenario, nodes, mode, event, seed in plan:
+            result = measure(scenario, nodes, mode, event, seed, args, key_file)
             runs.append(result)
             done = [x for x in result.reports if x]
             print(f"  {nodes} device(s), {mode}{', ' + event if event else ''}: "

@@ -27,10 +27,12 @@ collective it starts (:meth:`DistributedPPO._train`). In sync mode the loop wait
 In async mode the node starts the next rollout at once and advances training between
 environment steps whenever its collective has finished: a node that finishes early acts
 instead of waiting, and waiting for the ring costs no environment time. The rollout acts
-with the policy of the round before (a snapshot), so its data is one version stale when
-trained (PPO's clipped ratio corrects for it); a rollout goes on past ``rollout_steps``
-while training is not done, up to ``max_rollout_steps``, and only then waits. Staleness is
-therefore at most 1 version, and every round reports it.
+with the newest parameters this node has (the actor's snapshot is refreshed after every
+update of the round being trained), so when it is trained its oldest steps are at most one
+round of updates (``epochs`` x ``minibatches``) old; PPO's clipped ratio, taken against the
+policy that really acted, corrects for the lag. A rollout goes on past ``rollout_steps``
+while training is not done, up to ``max_rollout_steps``, and only then waits: staleness is
+bounded by one round's updates, and every round reports it (in updates: 0 in sync mode).
 
 **Elastic.** A member that fails makes the collective in flight raise
 :class:`~ringtrain.errors.PeerFailedError` on every survivor: the round's training is
@@ -80,7 +82,7 @@ class RLConfig:
     normalize_obs: bool = True
     normalize_reward: bool = True
     mode: Literal["sync", "async"] = "sync"
-    max_rollout_steps: int = 256
+    max_rollout_steps: int = 4096
     """Async mode: a rollout goes on while training is not done, up to this many steps."""
     target_return: float | None = 475.0
     """Stop once the mean return over the last ``window`` episodes reaches this."""
@@ -116,7 +118,7 @@ class RoundReport:
     episodes: int  # the ring's, ever
     samples: int  # the ring's samples this round
     world_size: int
-    staleness: int  # policy versions between acting and training this round's data
+    staleness: int  # updates between the oldest policy that acted and the one trained
     policy_loss: float
     value_loss: float
     entropy: float
@@ -154,7 +156,6 @@ class DistributedPPO:
         seed = (config.seed * 1_000_003 + zlib.crc32(node.node_id.encode())) % 2**31
         self.actor = Actor(env, self.model, seed, config.ppo.gamma)
         self.rejoin_timeout = rejoin_timeout
-        self.version = 0  # rounds trained by this node's model (the acting snapshot's tag)
         self.done = False
         self.reforms = 0
         self.dropped_rounds = 0  # rounds whose training a failure abandoned
@@ -173,7 +174,7 @@ class DistributedPPO:
     def run(self, on_round: Callable[[RoundReport], None] | None = None) -> RoundReport | None:
         """Train until the ring stops (target return or step budget); returns the last
         round's report."""
-        self.actor.begin(self.model, self._acting_normalizer(), self.version)
+        self.actor.begin(self.model, self._acting_normalizer(), self.counters.updates)
         training: Iterator[Work] | None = None
         work: Work | None = None
         steps = self.config.rollout_steps
@@ -193,7 +194,7 @@ class DistributedPPO:
                 while work is not None:
                     training, work = self._advance(training, work, on_round)
             if not self.done:
-                self.actor.begin(self.model, self._acting_normalizer(), self.version)
+                self.actor.begin(self.model, self._acting_normalizer(), self.counters.updates)
         return self._report
 
     def _advance(self, training: Iterator[Work] | None, work: Work,
@@ -212,9 +213,11 @@ class DistributedPPO:
                         self.counters.rounds + 1, exc)
             self._reform()
             # the rollout in flight acted with a policy from before the re-form: start anew,
-            # so no trained rollout is more than one version stale
-            self.actor.begin(self.model, self._acting_normalizer(), self.version)
+            # so no trained rollout is more than one round of updates stale
+            self.actor.begin(self.model, self._acting_normalizer(), self.counters.updates)
             return None, None
+        if self.config.mode == "async":
+            self.actor.refresh(self.model)
         if following is None and self._report is not None and on_round is not None:
             on_round(self._report)
         return (training if following is not None else None), following
@@ -241,7 +244,7 @@ class DistributedPPO:
         shares = [RoundShare.unpack(row, self.model.obs_size, config.window, member)
                   for row, member in zip(work.wait(), node.members, strict=True)]
         self._combine(shares)
-        staleness = self.version - rollout.version
+        staleness = self.counters.updates - rollout.version
         self.max_staleness = max(self.max_staleness, staleness)
         solved = (config.target_return is not None and self.window.full
                   and self.window.mean_return >= config.target_return)
@@ -268,7 +271,6 @@ class DistributedPPO:
                 yield work
                 work.wait()
                 sums += self._apply()
-        self.version += 1
         self._report = self._round_report(shares, staleness, sums,
                                           ppo.epochs * ppo.minibatches, False)
         if any(s.reform for s in shares):  # a joiner waits, or a member leaves
@@ -372,4 +374,3 @@ class DistributedPPO:
         flat = self.node.broadcast(flat, root)
         load_state(flat, self.model, self.optimizers, self.obs_norm, self.actor.returns,
                    self.window, self.counters)
-        self.version = self.counters.rounds

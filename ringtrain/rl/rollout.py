@@ -10,8 +10,10 @@ nothing and counts in no statistic.
 
 The actor acts with a snapshot (policy parameters and observation normaliser) taken when a
 rollout begins, so a learner may change the live model meanwhile (the asynchronous mode
-trains the previous round while this one is collected); the rollout carries the version of
-the snapshot, and the learner reports how far it lags (staleness).
+trains the previous round while this one is collected, and refreshes the snapshot's
+parameters after each update with :meth:`Actor.refresh`); the rollout carries the oldest
+policy version (count of updates) that acted in it, and the learner reports how far that
+lags behind the model it trains (staleness).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Rollout:
     bootstrap: np.ndarray  # V_old(final observation) where truncated, else 0
     valid: np.ndarray
     last_values: np.ndarray  # V_old of the observation after the last step, per env
-    version: int  # the policy version that acted
+    version: int  # the oldest policy version (updates applied) that acted in it
     obs_moments: Moments  # of the raw observations of valid steps
     return_moments: Moments  # of the discounted returns seen (reward scaling)
     episode_returns: list[float]
@@ -105,6 +107,12 @@ class Actor:
         self.version = version
         self._steps, self._raw = [], []
         self._episodes = ([], [])
+
+    def refresh(self, model: ActorCritic) -> None:
+        """Act with ``model``'s current parameters from the next step on (the normaliser
+        and the rollout's version stay as :meth:`begin` set them)."""
+        self.snapshot.policy.params[...] = model.policy.params
+        self.snapshot.value.params[...] = model.value.params
 
     def _normalize(self, obs: np.ndarray) -> np.ndarray:
         return np.clip((obs - self._mean) * self._scale, -self._clip, self._clip
