@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--direct-bytes", type=int, default=64 * 1024,
                         help="all-reduces up to this size take one round instead of a ring "
                              "(Settings.direct_bytes; default 65536: the gradient, 37 KB)")
+    parser.add_argument("--spin-seconds", type=float, default=0.0,
+                        help="Settings.spin_seconds of the devices (default 0: a device's "
+                             "budget goes to acting and training, not to spinning waits)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds one run may take, start-up included (default 300)")
 
@@ -97,7 +100,8 @@ def _device(config: dict[str, Any]) -> dict[str, Any]:
     rl = RLConfig(mode=config["mode"], seed=config["seed"])
     env, spec = make_vector_env(rl.env_id, rl.envs_per_node)
     addresses, rank = config["addresses"], config["rank"]
-    settings = Settings.from_env(direct_bytes=config["direct_bytes"])
+    settings = Settings.from_env(direct_bytes=config["direct_bytes"],
+                                 spin_seconds=config["spin_seconds"])
     with Node(addresses, listen=addresses[rank], job="bench-rl", node_id=f"device-{rank}",
               key=read_key_file(config["key_file"]), min_size=1, settings=settings) as node:
         learner = DistributedPPO(node, env, spec.obs_size, spec.actions, rl)
@@ -116,7 +120,7 @@ def _device(config: dict[str, Any]) -> dict[str, Any]:
                 "mean_return": learner.window.mean_return, "hash": _params_hash(learner),
                 "world_size": node.world_size, "reforms": learner.reforms,
                 "dropped_rounds": learner.dropped_rounds,
-                "max_staleness": learner.max_staleness}
+                "max_staleness": learner.max_staleness, "seconds": learner.seconds}
 
 
 def worker_main(argv: list[str]) -> int:
@@ -179,7 +183,8 @@ def measure(scenario: str, nodes: int, mode: str, event: str, seed: int,
         for rank in range(nodes):
             config = {"addresses": addresses, "rank": rank, "key_file": str(key_file),
                       "mode": mode, "deadline": deadline - 5,
-                      "direct_bytes": args.direct_bytes, "seed": seed}
+                      "direct_bytes": args.direct_bytes, "seed": seed,
+                      "spin_seconds": args.spin_seconds}
             argv = [sys.executable, "-m", "ringtrain.bench.rl", "worker", json.dumps(config)]
             popen = lan.popen(rank, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
@@ -228,7 +233,8 @@ def _median(values: list[float]) -> float:
 def scaling_table(runs: list[Run]) -> str:
     """1 device beside N: time to solve and environment steps (medians over runs)."""
     lines = ["| devices | solved | time to solve (median, range) | env steps (median) | "
-             "rounds | speed-up |", "|---|---|---|---|---|---|"]
+             "rounds | ms per round: acting / training / waiting | speed-up |",
+             "|---|---|---|---|---|---|---|"]
     single = None
     for nodes in sorted({r.nodes for r in runs}):
         mine = [r for r in runs if r.nodes == nodes]
@@ -237,10 +243,13 @@ def scaling_table(runs: list[Run]) -> str:
         wall = _median(walls)
         single = wall if nodes == 1 else single
         speedup = f"{single / wall:.2f}x" if single else ""
+        rounds = _median([x["rounds"] for x in reports])
+        split = " / ".join(f"{_median([x['seconds'][k] / x['rounds'] for x in reports]) * 1e3:.0f}"
+                           for k in ("acting", "training", "waiting"))
         lines.append(f"| {nodes} | {sum(x['solved'] for x in reports)}/{len(reports)} | "
                      f"{wall:.1f} s ({min(walls):.1f}-{max(walls):.1f}) | "
                      f"{_median([x['env_steps'] for x in reports]):,.0f} | "
-                     f"{_median([x['rounds'] for x in reports]):.0f} | {speedup} |")
+                     f"{rounds:.0f} | {split} | {speedup} |")
     return "\n".join(lines)
 
 

@@ -157,9 +157,14 @@ class DistributedPPO:
         self.actor = Actor(env, self.model, seed, config.ppo.gamma)
         self.rejoin_timeout = rejoin_timeout
         self.done = False
+        self.leaving = False
+        """Set by :meth:`request_leave`: this node leaves after the current round."""
         self.reforms = 0
         self.dropped_rounds = 0  # rounds whose training a failure abandoned
         self.max_staleness = 0
+        self.seconds = {"acting": 0.0, "training": 0.0, "waiting": 0.0}
+        """Where this node's time went in :meth:`run`: stepping environments, computing
+        updates (and the exchange), waiting for the ring's collectives."""
         self._buffer = np.zeros(self.model.size + CONTROL, dtype=np.float32)
         self._report: RoundReport | None = None
         self.facts = {**config.facts(), "model": self.model.schema()}
@@ -180,7 +185,9 @@ class DistributedPPO:
         steps = self.config.rollout_steps
         sync = self.config.mode == "sync"
         while not self.done:
+            started = time.perf_counter()
             self.actor.step()
+            self.seconds["acting"] += time.perf_counter() - started
             # async: advance training whenever its collective is done, between env steps
             while work is not None and (work.done() or self.actor.steps
                                         >= self.config.max_rollout_steps):
@@ -204,8 +211,12 @@ class DistributedPPO:
         collective; on a failure, re-form and adopt the most advanced state."""
         assert training is not None
         try:
+            waited = time.perf_counter()
             work.wait()
+            computed = time.perf_counter()
             following = next(training, None)
+            self.seconds["waiting"] += computed - waited
+            self.seconds["training"] += time.perf_counter() - computed
         except PeerFailedError as exc:
             training.close()
             self.dropped_rounds += 1
@@ -232,10 +243,10 @@ class DistributedPPO:
         all-reduce it starts; the caller resumes it once that all-reduce is done."""
         config, ppo = self.config, self.config.ppo
         node, world = self.node, self.node.world_size
-        reform = node.reform_due
-        share = RoundShare(reform, rollout.samples, rollout.obs_moments, rollout.return_moments,
-                           len(rollout.episode_returns), tuple(rollout.episode_returns),
-                           tuple(rollout.episode_lengths))
+        leaving = self.leaving  # read once: a signal handler may set it meanwhile
+        share = RoundShare(leaving or node.reform_due, rollout.samples, rollout.obs_moments,
+                           rollout.return_moments, len(rollout.episode_returns),
+                           tuple(rollout.episode_returns), tuple(rollout.episode_lengths))
         width = RoundShare.width(self.model.obs_size, config.window)
         table = np.zeros((world, width))
         table[node.rank] = share.pack(self.model.obs_size, config.window)
@@ -273,7 +284,10 @@ class DistributedPPO:
                 sums += self._apply()
         self._report = self._round_report(shares, staleness, sums,
                                           ppo.epochs * ppo.minibatches, False)
-        if any(s.reform for s in shares):  # a joiner waits, or a member leaves
+        if leaving:  # the others know from the exchange: they re-form after this round
+            self.done = True
+            node.leave()
+        elif any(s.reform for s in shares):  # a joiner waits, or a member leaves
             self._reform()
 
     def _combine(self, shares: list[RoundShare]) -> None:
@@ -333,6 +347,12 @@ class DistributedPPO:
                            float(mean[3]), float(mean[4]), solved)
 
     # elasticity -------------------------------------------------------------------------
+
+    def request_leave(self) -> None:
+        """Leave after the current round: the round's exchange tells the others, who re-form
+        without this node once its training is done, so no collective fails."""
+        self.node.prepare_leave()
+        self.leaving = True
 
     def _reform(self) -> None:
         """Re-form the ring and adopt the most advanced member's state, retrying until
