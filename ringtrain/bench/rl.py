@@ -105,7 +105,7 @@ def _device(config: dict[str, Any]) -> dict[str, Any]:
     with Node(addresses, listen=addresses[rank], job="bench-rl", node_id=f"device-{rank}",
               key=read_key_file(config["key_file"]), min_size=1, settings=settings) as node:
         learner = DistributedPPO(node, env, spec.obs_size, spec.actions, rl)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         steps_before = learner.actor.env_steps
 
         def show(report: Any) -> None:
@@ -114,7 +114,8 @@ def _device(config: dict[str, Any]) -> dict[str, Any]:
 
         last = learner.run(show)
         wall = time.perf_counter() - started
-        return {"solved": bool(last is not None and last.solved), "wall": wall,
+        cpu = time.process_time() - cpu
+        return {"cpu": cpu, "solved": bool(last is not None and last.solved), "wall": wall,
                 "rounds": learner.counters.rounds, "env_steps": learner.counters.env_steps,
                 "local_steps": learner.actor.env_steps - steps_before,
                 "mean_return": learner.window.mean_return, "hash": _params_hash(learner),
@@ -233,8 +234,8 @@ def _median(values: list[float]) -> float:
 def scaling_table(runs: list[Run]) -> str:
     """1 device beside N: time to solve and environment steps (medians over runs)."""
     lines = ["| devices | solved | time to solve (median, range) | env steps (median) | "
-             "rounds | ms per round: acting / training / waiting | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+             "rounds | ms per round: acting / training / waiting | CPU cores used | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
     single = None
     for nodes in sorted({r.nodes for r in runs}):
         mine = [r for r in runs if r.nodes == nodes]
@@ -249,7 +250,8 @@ def scaling_table(runs: list[Run]) -> str:
         lines.append(f"| {nodes} | {sum(x['solved'] for x in reports)}/{len(reports)} | "
                      f"{wall:.1f} s ({min(walls):.1f}-{max(walls):.1f}) | "
                      f"{_median([x['env_steps'] for x in reports]):,.0f} | "
-                     f"{rounds:.0f} | {split} | {speedup} |")
+                     f"{rounds:.0f} | {split} | "
+                     f"{_median([x['cpu'] / x['wall'] for x in reports]):.2f} | {speedup} |")
     return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import ConfigError, MembershipError, PeerFailedError
+from ..errors import ConfigError, MembershipError, PeerFailedError, ProtocolError
 from ..node.node import Node, Work
 from ..train.optim import Adam
 from ..train.trainer import check_agreement
@@ -252,8 +252,15 @@ class DistributedPPO:
         table[node.rank] = share.pack(self.model.obs_size, config.window)
         work = node.all_reduce_async(table, out=table)
         yield work
-        shares = [RoundShare.unpack(row, self.model.obs_size, config.window, member)
-                  for row, member in zip(work.wait(), node.members, strict=True)]
+        try:
+            shares = [RoundShare.unpack(row, self.model.obs_size, config.window, member)
+                      for row, member in zip(work.wait(), node.members, strict=True)]
+        except ProtocolError as exc:
+            # every member holds the same table, so every member skips this round alike
+            self.dropped_rounds += 1
+            log.warning("node %s: round %d skipped on every member: %s", node.node_id,
+                        self.counters.rounds + 1, exc)
+            return
         self._combine(shares)
         staleness = self.counters.updates - rollout.version
         self.max_staleness = max(self.max_staleness, staleness)

@@ -5,18 +5,20 @@ the policy is the same everywhere; nodes of different modes and env counts train
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 
 import numpy as np
 import pytest
 
-from ringtrain.testing import run_local
+from ringtrain.testing import LocalCluster, run_local
 
 pytest.importorskip("gymnasium")
 
 ROUNDS = 5
 
 
-def _train(node, modes, envs):
+def _train(node, modes, envs, victim=None, kill_round=0):
     from ringtrain.rl import DistributedPPO, RLConfig, make_vector_env
     from ringtrain.rl.ppo import PPOConfig
 
@@ -42,11 +44,14 @@ def _train(node, modes, envs):
             "window": learner.window.pack().tobytes(),
             "params": hashlib.sha256(learner.model.policy.params.tobytes()
                                      + learner.model.value.params.tobytes()).hexdigest()})
+        if node.node_id == victim and report.round == kill_round:
+            os.kill(os.getpid(), signal.SIGKILL)  # dies between two rounds' collectives
         if report.round == ROUNDS:
             learner.done = True
 
     learner.run(on_round)
-    return {"rounds": rounds, "raw": raw}
+    return {"rounds": rounds, "raw": raw, "world_size": node.world_size,
+            "reforms": learner.reforms}
 
 
 def test_statistics_are_identical_everywhere_and_pooled_exactly():
@@ -67,3 +72,16 @@ def test_statistics_are_identical_everywhere_and_pooled_exactly():
         assert count == len(pooled)
         np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(m2 / count, pooled.var(axis=0), rtol=1e-10)
+
+
+def test_survivors_of_a_killed_node_go_on_with_the_same_policy():
+    cluster = LocalCluster(_train, 3, (["async", "sync", "sync"], [4, 4, 4], "node-02", 2),
+                           timeout=90).start()
+    results = cluster.results(allow_failed=[2])
+    survivors = results[:2]
+    assert results[2] is None and all(r["world_size"] == 2 for r in survivors)
+    assert all(r["reforms"] >= 1 for r in survivors)
+    last = [r["rounds"][-1] for r in survivors]
+    assert last[0]["round"] == last[1]["round"] == ROUNDS
+    for key in ("obs", "returns", "window", "params"):
+        assert last[0][key] == last[1][key], key
