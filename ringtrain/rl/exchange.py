@@ -26,7 +26,6 @@ class RoundShare:
 
     reform: bool
     samples: int
-    capacity: int  # samples of a rollout of ``rollout_steps`` on this node (steps x envs)
     obs: Moments
     returns: Moments
     finished: int  # episodes finished in the round
@@ -36,7 +35,7 @@ class RoundShare:
     @staticmethod
     def width(obs_size: int, window: int) -> int:
         """Length of a packed row."""
-        return 3 + (1 + 2 * obs_size) + 3 + 2 + 2 * window
+        return 2 + (1 + 2 * obs_size) + 3 + 2 + 2 * window
 
     def pack(self, obs_size: int, window: int) -> np.ndarray:
         """This share as a row of :meth:`width` float64 values."""
@@ -44,7 +43,7 @@ class RoundShare:
         row = np.zeros(self.width(obs_size, window))
         returns = list(self.episode_returns[len(self.episode_returns) - kept:])
         lengths = list(self.episode_lengths[len(self.episode_lengths) - kept:])
-        head = [float(self.reform), float(self.samples), float(self.capacity), *self.obs.pack(),
+        head = [float(self.reform), float(self.samples), *self.obs.pack(),
                 *self.returns.pack(), float(self.finished), float(kept)]
         row[:len(head)] = head
         row[len(head):len(head) + kept] = returns
@@ -62,22 +61,22 @@ class RoundShare:
         if row.shape != (cls.width(obs_size, window),) or not np.isfinite(row).all():
             raise ProtocolError("round share", f"{cls.width(obs_size, window)} finite values",
                                 f"shape {row.shape}", peer)
-        o = 3 + 1 + 2 * obs_size
-        reform, samples, capacity = row[0], row[1], row[2]
+        o = 2 + 1 + 2 * obs_size
+        reform, samples = row[0], row[1]
         finished, kept = row[o + 3], row[o + 4]
-        counts = (samples, capacity, finished, kept, row[3], row[o])
+        counts = (samples, finished, kept, row[2], row[o])
         if any(c < 0 or c != int(c) for c in counts) or kept > window or kept > finished \
                 or reform not in (0.0, 1.0):
             raise ProtocolError("round share counts", "non-negative whole numbers", counts,
                                 peer)
         try:
-            obs = Moments.unpack(row[3:o], (obs_size,))
+            obs = Moments.unpack(row[2:o], (obs_size,))
             returns = Moments.unpack(row[o:o + 3], ())
         except ValueError as exc:
             raise ProtocolError("round share moments", "valid moments", str(exc), peer) \
                 from exc
         start, k = o + 5, int(kept)
-        return cls(bool(reform), int(samples), int(capacity), obs, returns, int(finished),
+        return cls(bool(reform), int(samples), obs, returns, int(finished),
                    tuple(row[start:start + k].tolist()),
                    tuple(row[start + window:start + window + k].tolist()))
 

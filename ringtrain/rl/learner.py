@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 
 CONTROL = 6  # after the gradients: samples, policy, value, entropy, approx_kl, clipped
 REFORM_ROUND = 2.0  # seconds per attempt to re-form
-MAX_MINIBATCH_FACTOR = 8  # a long async rollout gets at most this many times the updates
 
 
 @dataclass(frozen=True)
@@ -126,16 +125,6 @@ class RoundReport:
     approx_kl: float
     clip_fraction: float
     solved: bool
-
-
-def round_minibatches(shares: list[RoundShare], minibatches: int) -> int:
-    """Gradient steps per epoch this round: ``minibatches``, or more when a node's rollout
-    ran past ``rollout_steps`` (async mode, while training waited), so that minibatches keep
-    their size and a long rollout gets as many updates per sample as a normal one (up to
-    ``MAX_MINIBATCH_FACTOR`` times). A function of the shares alone: every member agrees."""
-    longest = max(s.samples / max(1, s.capacity) for s in shares)
-    return max(minibatches, min(MAX_MINIBATCH_FACTOR * minibatches,
-                                math.ceil(minibatches * longest - 1e-9)))
 
 
 class DistributedPPO:
@@ -255,8 +244,7 @@ class DistributedPPO:
         config, ppo = self.config, self.config.ppo
         node, world = self.node, self.node.world_size
         leaving = self.leaving  # read once: a signal handler may set it meanwhile
-        share = RoundShare(leaving or node.reform_due, rollout.samples,
-                           config.rollout_steps * self.actor.num_envs, rollout.obs_moments,
+        share = RoundShare(leaving or node.reform_due, rollout.samples, rollout.obs_moments,
                            rollout.return_moments, len(rollout.episode_returns),
                            tuple(rollout.episode_returns), tuple(rollout.episode_lengths))
         width = RoundShare.width(self.model.obs_size, config.window)
@@ -283,12 +271,11 @@ class DistributedPPO:
             self._report = self._round_report(shares, staleness, None, 0, solved)
             return
         obs, actions, logp, advantages, returns = self._samples(rollout)
-        minibatches = round_minibatches(shares, ppo.minibatches)
         sums = np.zeros(CONTROL - 1)
         rng = np.random.default_rng((config.seed, self.counters.rounds, node.rank))
         for _ in range(ppo.epochs):
             order = rng.permutation(len(obs))
-            for part in np.array_split(order, minibatches):
+            for part in np.array_split(order, ppo.minibatches):
                 if len(part):
                     loss = ppo_gradients(self.model, obs[part], actions[part], logp[part],
                                          advantages[part], returns[part], ppo)
@@ -303,7 +290,7 @@ class DistributedPPO:
                 work.wait()
                 sums += self._apply()
         self._report = self._round_report(shares, staleness, sums,
-                                          ppo.epochs * minibatches, False)
+                                          ppo.epochs * ppo.minibatches, False)
         if leaving:  # the others know from the exchange: they re-form after this round
             self.done = True
             node.leave()
