@@ -39,6 +39,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-rl": ("ringtrain.bench.rl",
+                 "distributed PPO on CartPole-v1: 1 vs 4 devices to solve, a stopped device in "
+                 "async mode, a killed device (emulated LAN, CPU budgets, root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",

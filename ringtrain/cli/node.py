@@ -4,6 +4,7 @@ With a script (``ringtrain node train.py --lr 0.1``), the script runs as this de
 the way torchrun runs a script per machine: it gets its :class:`~ringtrain.Node` from
 :func:`ringtrain.join`, which reads the options this command puts in its environment.
 
+With ``--job rl-cartpole``, the built-in reinforcement-learning job (:mod:`.rl_job`).
 With no script, the node runs the built-in job: the demo's classifier on the bundled digits,
 trained elastically with whoever else runs ``ringtrain node`` for the same job on the LAN.
 Nodes may come and go; checkpoints go to ``--checkpoint-dir`` (default
@@ -29,6 +30,7 @@ from ..train.nn import accuracy
 from ..train.trainer import Trainer, schema_of, training_facts
 from .demo import demo_model, epoch_printer
 
+RL_JOBS = ("rl-cartpole",)  # built-in reinforcement-learning jobs (ringtrain.cli.rl_job)
 EXIT_LEFT = 130  # the node left the ring on Ctrl-C / SIGTERM
 GLOBAL_BATCH = 64  # fixed whatever the ring size: a node joining or leaving changes no step
 
@@ -72,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the same (RINGTRAIN_LINK_PROBE_BYTES)")
     parser.add_argument("--epochs", type=int, default=30,
                         help="built-in job: epochs to train (default 30)")
+    parser.add_argument("--mode", choices=("sync", "async"), default="sync",
+                        help="built-in RL jobs (--job rl-cartpole): async keeps acting while "
+                             "the ring averages (default sync)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="built-in job: where checkpoints go (default ./ringtrain-<job>)")
 
@@ -98,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         os.environ["RINGTRAIN_LINK_PROBE_BYTES"] = str(parse_size(args.probe_links))
     if args.script:
         return _run_script(args.script, args.script_args, options)
+    if options.job in RL_JOBS:  # imported only for them: it needs Gymnasium
+        from .rl_job import run as run_rl_job
+
+        return run_rl_job(options, args.mode)
     return _run_builtin_job(options, args.epochs, Path(args.checkpoint_dir or
                                                        f"ringtrain-{options.job}"))
 

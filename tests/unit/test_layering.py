@@ -35,11 +35,14 @@ LAYERS: dict[str, int] = {
     "node.node": 3, "node.launch": 3, "__init__": 3,
     # 4 training and tools built on a node
     "train": 4, "testing": 4, "integrations": 4,
+    # reinforcement learning: pure pieces, Gymnasium's one module, the learner on a node
+    "rl": 4, "rl.stats": 0, "rl.ppo": 0, "rl.rollout": 0, "rl.exchange": 0, "rl.envs": 1,
     # 5 entry points and tooling
     "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
-    "cli.allreduce_demo": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
+    "cli.allreduce_demo": 5, "cli.rl_job": 5, "__main__": 5, "bench.allreduce": 5,
+    "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
-    "bench.mpi_baseline": 5,
+    "bench.mpi_baseline": 5, "bench.rl": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
@@ -54,6 +57,7 @@ OUTSIDE = {
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
     "torch": {"integrations", "bench.baselines"},
     "mpi4py": {"bench.mpi_baseline"},
+    "gymnasium": {"rl.envs"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
