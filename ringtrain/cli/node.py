@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of three or more forms, and order the ring by the rates (links "
                              "that differ: two rooms, Wi-Fi and wired); every node must say "
                              "the same (RINGTRAIN_LINK_PROBE_BYTES)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with a script: how many nodes the first ring waits for (default "
+                             "--min-nodes; the ring may then shrink to --min-nodes and grow "
+                             "to --max-nodes)")
     parser.add_argument("--epochs", type=int, default=30,
                         help="built-in job: epochs to train (default 30)")
     parser.add_argument("--checkpoint-dir", default=None,
@@ -100,12 +104,13 @@ def run(args: argparse.Namespace) -> int:
     if args.probe_links:  # read by Settings.from_env, here and in a script we start
         os.environ["RINGTRAIN_LINK_PROBE_BYTES"] = str(parse_size(args.probe_links))
     if args.script:
-        return _run_script(args.script, args.script_args, options)
+        return _run_script(args.script, args.script_args, options, args.world_size)
     return _run_builtin_job(options, args.epochs, Path(args.checkpoint_dir or
                                                        f"ringtrain-{options.job}"))
 
 
-def _run_script(script: str, script_args: list[str], options: LaunchOptions) -> int:
+def _run_script(script: str, script_args: list[str], options: LaunchOptions,
+                world_size: int | None = None) -> int:
     """Form the ring, then run the script in this process with the ring as its node and
     torchrun's variables describing it (a torchrun script runs unchanged with
     ``init_process_group("ringtrain")``)."""
@@ -116,7 +121,7 @@ def _run_script(script: str, script_args: list[str], options: LaunchOptions) -> 
     if importlib.util.find_spec("torch") is not None:  # before the ring forms: see there
         os.environ.update(_torch_rendezvous())
     print(f"ringtrain node: job {options.job!r}, forming the ring for {script}...", flush=True)
-    node = join(options)
+    node = join(options, world_size=world_size)
     os.environ.update(torchrun_environment(node))
     print(f"ringtrain node {node.node_id}: rank {node.rank} of {node.world_size} (generation "
           f"{node.generation}); running {script}", flush=True)

@@ -49,17 +49,18 @@ def torchrun_environment(node: Node) -> dict[str, str]:
 
 
 def join(options: LaunchOptions | None = None, *, settings: Settings | None = None,
-         schema: str = "", **overrides: object) -> Node:
+         schema: str = "", world_size: int | None = None, **overrides: object) -> Node:
     """This process's node, built from ``RINGTRAIN_*`` variables plus ``overrides``
     (fields of :class:`~ringtrain.config.LaunchOptions`). The job key comes from
-    ``RINGTRAIN_KEY_FILE`` / ``RINGTRAIN_KEY``.
+    ``RINGTRAIN_KEY_FILE`` / ``RINGTRAIN_KEY``. ``world_size``: how many nodes the first
+    ring waits for (default ``min_nodes``; the ring may later shrink to ``min_nodes``).
 
     Raises:
         ConfigError: bad options, or no key off loopback.
         MembershipError: no ring formed in time.
     """
     if _launched and not _launched[0].closed:
-        if options is not None or settings is not None or schema or overrides:
+        if options is not None or settings is not None or schema or overrides or world_size:
             raise ConfigError("under `ringtrain node` the ring is formed before the script "
                               "starts: join() takes no options there (pass them to "
                               "`ringtrain node`)")
@@ -73,6 +74,6 @@ def join(options: LaunchOptions | None = None, *, settings: Settings | None = No
         host = "127.0.0.1"
     return Node(options.peers, listen=f"{host}:{options.port}", job=options.job,
                 min_size=options.min_nodes, max_size=options.max_nodes,
-                world_size=options.min_nodes, node_id=options.node_id, settings=settings,
+                world_size=world_size or options.min_nodes, node_id=options.node_id, settings=settings,
                 insecure=options.insecure, discover=options.discovery,
                 interface=options.interface, schema=schema)

@@ -159,24 +159,28 @@ class State:
 def run(train: Callable[[State], T], state: State) -> T:
     """Run ``train(state)`` on the ring, and again on the new ring whenever the ring changes
     (a member died, or a device joins), from the last committed state. Other errors pass."""
-    group = _group()
-    state.sync()
+    group, reason, first, mine = _group(), "", True, 0
     while True:
         try:
+            if reason:
+                group = _reinitialise(reason)
+                state.restore()
+            if first or reason:
+                donor = state.sync()  # a joiner's state, too, comes from the ring here
+            if reason:
+                node = process_node()
+                print(f"ringtrain elastic: ring changed ({reason}); now rank {node.rank} of "
+                      f"{node.world_size}, generation {node.generation}; resumed at commit "
+                      f"{state.commits} from rank {donor} (this member had {mine}: 0 steps "
+                      f"lost)", flush=True)
+            first, reason = False, ""
             return train(state)
         except Exception as exc:  # noqa: BLE001 - only ring changes are handled, see below
             if not _ring_changed(exc, group):
                 raise
-            reason = str(exc).strip().splitlines()[-1][:200]  # not exc: its frames hold DDP
-        mine = state.commits
-        group = _reinitialise(reason)
-        state.restore()
-        donor = state.sync()
-        node = process_node()
-        print(f"ringtrain elastic: ring changed ({reason}); now rank {node.rank} of "
-              f"{node.world_size}, generation {node.generation}; resumed at commit "
-              f"{state.commits} from rank {donor} (this member had {mine}: 0 steps lost)",
-              flush=True)
+            reason = str(exc).strip().splitlines()[-1][:200] or type(exc).__name__
+            mine = max(mine, state.commits) if not first else state.commits
+            first = False
 
 
 class ElasticSampler(torch.utils.data.Sampler):

@@ -266,6 +266,15 @@ class RingtrainProcessGroup(dist.ProcessGroup):
 
     recv = recv_anysource = send
 
+    def start_compressed_mean(self, tensor: torch.Tensor, array: np.ndarray, codec: Any
+                              ) -> Future:
+        """Average ``array`` (a view of the float ``tensor``) in place with a ring codec; the
+        future holds ``tensor`` (what a DDP communication hook returns)."""
+        _check_cpu(tensor)
+        return self._start(lambda: self.node.all_reduce_async(
+            array, "mean", timeout=self.timeout, compression=codec, out=array),
+            lambda _: tensor).get_future()
+
     # machinery ----------------------------------------------------------------------------
 
     def _reduce_one(self, tensor: torch.Tensor, op: Any) -> RingtrainWork:
