@@ -39,6 +39,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-torch": ("ringtrain.bench.torch_ddp",
+                    "PyTorch DDP step time with the ringtrain backend beside Gloo (and the int8 "
+                    "hook), on loopback or an emulated LAN"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",

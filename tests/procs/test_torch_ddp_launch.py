@@ -21,11 +21,11 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-BOUND_S = 240  # every process must be done by then (slow shared CI machines import torch slowly)
+BOUND_S = 600  # every process must be done by then (slow shared CI machines import torch slowly)
 # generous failure detection: these tests are about results, and 4 processes importing torch
 # on 2 shared cores can go quiet for seconds
-QUIET_MACHINE = {"RINGTRAIN_HEARTBEAT_TIMEOUT": "6", "RINGTRAIN_PROGRESS_FLOOR": "15",
-                 "RINGTRAIN_PROGRESS_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+QUIET_MACHINE = {"RINGTRAIN_HEARTBEAT_TIMEOUT": "20", "RINGTRAIN_PROGRESS_FLOOR": "30",
+                 "RINGTRAIN_PROGRESS_TIMEOUT": "90", "OMP_NUM_THREADS": "1"}
 
 
 def launch_ring(script: Path, args: list[str], logs: Path, size: int = 4,
@@ -36,7 +36,8 @@ def launch_ring(script: Path, args: list[str], logs: Path, size: int = 4,
     env = {**os.environ, **QUIET_MACHINE}
     return [subprocess.Popen(
         [sys.executable, "-m", "ringtrain", "node", "--insecure", "--no-discovery",
-         "--port", str(port), "--node-id", f"node-{i}", *extra, *peers, str(script), *args],
+         "--port", str(port), "--node-id", f"node-{i}", "--world-size", str(size), *extra,
+         *peers, str(script), *args],
         stdout=(logs / f"node-{i}.log").open("w"), stderr=subprocess.STDOUT, env=env)
         for i, port in enumerate(ports)]
 
@@ -67,9 +68,10 @@ def parameters(prefix: Path, rank: int) -> torch.Tensor:
 def test_unchanged_torchrun_script_on_the_ring_matches_gloo(tmp_path):
     script = EXAMPLES / "torch_ddp.py"
     text = script.read_text()
-    assert text.count('backend="ringtrain"') == 1
+    call = 'init_process_group(backend="ringtrain")'
+    assert text.count(call) == 1
     gloo_script = tmp_path / "torch_ddp_gloo.py"
-    gloo_script.write_text(text.replace('backend="ringtrain"', 'backend="gloo"'))
+    gloo_script.write_text(text.replace(call, 'init_process_group(backend="gloo")'))
     args = ["--epochs", "1"]
     deadline = time.monotonic() + BOUND_S
     ring = launch_ring(script, [*args, "--save", str(tmp_path / "ring")], tmp_path)
@@ -101,7 +103,7 @@ def test_killing_one_of_four_the_others_finish_identical_with_no_step_lost(tmp_p
     deadline = time.monotonic() + BOUND_S
     procs = launch_ring(EXAMPLES / "torch_elastic_ddp.py",
                         ["--epochs", "1", "--save", str(tmp_path / "elastic")], tmp_path,
-                        extra=("--min-nodes", "2", "--world-size", "4"))
+                        extra=("--min-nodes", "2"))
     victim = tmp_path / "node-3.log"
     while len(STEP.findall(victim.read_text())) < 5:
         assert time.monotonic() < deadline and procs[3].poll() is None, report(tmp_path)

@@ -38,7 +38,7 @@ LAYERS: dict[str, int] = {
     "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
     "cli.allreduce_demo": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
-    "bench.mpi_baseline": 5,
+    "bench.mpi_baseline": 5, "bench.torch_ddp": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
@@ -51,7 +51,7 @@ OUTSIDE = {
     "zmq": {"comm.transport"},
     "zeroconf": {"discovery.mdns"},
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
-    "torch": {"integrations", "bench.baselines"},
+    "torch": {"integrations", "bench.baselines", "bench.torch_ddp"},
     "mpi4py": {"bench.mpi_baseline"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
