@@ -322,6 +322,11 @@ class Node:
         return self._membership.reform_due
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (or :meth:`leave`) was called."""
+        return self._closing
+
+    @property
     def bytes_sent(self) -> int:
         """Payload bytes this node has sent in collectives."""
         return self._runner.bytes_sent
@@ -413,21 +418,34 @@ class Node:
     def reduce_scatter(self, array: Any, op: str = "sum", timeout: float | None = None
                        ) -> np.ndarray:
         """Reduce the flattened ``array``; rank r gets chunk r (sizes differ by at most 1)."""
+        return self.reduce_scatter_async(array, op, timeout).wait()
+
+    def reduce_scatter_async(self, array: Any, op: str = "sum", timeout: float | None = None
+                             ) -> Work:
+        """Start :meth:`reduce_scatter`."""
         array = np.array(array, copy=True)
         return self._submit(lambda rank, size: collectives.reduce_scatter(
-            array, op, rank, size, self._runner.segment_elements), timeout).wait()
+            array, op, rank, size, self._runner.segment_elements), timeout)
 
     def all_gather(self, array: Any, timeout: float | None = None) -> np.ndarray:
         """Every member's ``array`` stacked in rank order: shape (world_size, *array.shape)."""
+        return self.all_gather_async(array, timeout).wait()
+
+    def all_gather_async(self, array: Any, timeout: float | None = None) -> Work:
+        """Start :meth:`all_gather`."""
         array = np.array(array, copy=True)
         return self._submit(lambda rank, size: collectives.all_gather(
-            array, rank, size, self._runner.segment_elements), timeout).wait()
+            array, rank, size, self._runner.segment_elements), timeout)
 
     def broadcast(self, array: Any, root: int = 0, timeout: float | None = None) -> np.ndarray:
         """The ``root`` member's ``array`` on every member (others pass same shape/dtype)."""
+        return self.broadcast_async(array, root, timeout).wait()
+
+    def broadcast_async(self, array: Any, root: int = 0, timeout: float | None = None) -> Work:
+        """Start :meth:`broadcast`."""
         array = np.array(array, copy=True)
         return self._submit(lambda rank, size: collectives.broadcast(
-            array, root, rank, size, self._runner.segment_elements), timeout).wait()
+            array, root, rank, size, self._runner.segment_elements), timeout)
 
     def barrier(self, timeout: float | None = None) -> None:
         """Return once every member has reached this barrier."""

@@ -52,7 +52,7 @@ OUTSIDE = {
     "zmq": {"comm.transport"},
     "zeroconf": {"discovery.mdns"},
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
-    "torch": {"integrations", "bench.baselines"},
+    "torch": {"integrations", "bench.baselines", "bench.torch_ddp"},
     "mpi4py": {"bench.mpi_baseline"},
     "gymnasium": {"rl.envs"},
 }
