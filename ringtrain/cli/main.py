@@ -42,10 +42,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-rl": ("ringtrain.bench.rl",
                  "distributed PPO on CartPole-v1: 1 vs 4 devices to solve, a stopped device in "
                  "async mode, a killed device (emulated LAN, CPU budgets, root)"),
-
     "bench-torch": ("ringtrain.bench.torch_ddp",
                     "PyTorch DDP step time with the ringtrain backend beside Gloo (and the int8 "
                     "hook), on loopback or an emulated LAN"),
+    "bench-wifi": ("ringtrain.bench.wifi",
+                   "time to a target accuracy on slow links (1000, 100, 20 Mbit/s): DiLoCo, "
+                   "PowerSGD, int8, async beside DDP + Gloo, on an emulated LAN (root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "models": ("ringtrain.cli.models",

@@ -52,9 +52,10 @@ OUTSIDE = {
     "zmq": {"comm.transport"},
     "zeroconf": {"discovery.mdns"},
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
-    "torch": {"integrations", "bench.baselines", "bench.torch_ddp"},
+    "torch": {"integrations", "bench.baselines", "bench.torch_ddp", "bench.ddp_baseline"},
     "mpi4py": {"bench.mpi_baseline"},
     "gymnasium": {"rl.envs"},
+    "matplotlib": {"bench.wifi"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
