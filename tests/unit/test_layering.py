@@ -39,6 +39,10 @@ LAYERS: dict[str, int] = {
     "cli.allreduce_demo": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
     "bench.mpi_baseline": 5,
+    # observe (issue 21): the recorder sits low (the runner feeds it); the rest is tooling
+    "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
+    "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2,
+    "cli.output": 5, "cli.status": 5, "cli.doctor": 5, "cli.plot": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
