@@ -203,6 +203,14 @@ class FlightRecorder:
         event ("event"), on the thread that recorded it; keep it quick."""
         self._listeners.append(listener)
 
+    def link_bytes(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Payload bytes sent to and received from each peer since the node started."""
+        counters = self._counters
+        if counters is None:
+            return {}, {}
+        _, _, out, into, _ = counters()
+        return dict(out), dict(into)
+
     def current(self) -> dict[str, Any] | None:
         """The latest collective (running or not), as plain data."""
         with self._lock:

@@ -605,6 +605,10 @@ class Trainer:
                 log.warning("rank %d: step %d failed (%s); re-forming the ring and redoing it",
                             self.node.rank, self.step_count + 1, exc)
                 self._reform()
+                self._event("step-redone", f"step {self.step_count + 1} redone on generation "
+                            f"{self.node.generation} ({self.node.world_size} members) after: "
+                            f"{exc}", step=self.step_count + 1, cause=str(exc),
+                            suspect=exc.peer)
                 continue
             if self.optimizer.reform_agreed and not self.optimizer.leave_announced:
                 self._reform()
@@ -764,7 +768,16 @@ class Trainer:
             step=self.step_count, epoch=self.position.epoch, position=self.position.position,
             generation=self.node.generation,
             metadata={"model": self.model.schema_hash(), "world_size": self.node.world_size})
-        return checkpoint.save(self.checkpoint_dir, state)
+        path = checkpoint.save(self.checkpoint_dir, state)
+        self._event("checkpoint", f"checkpoint written: step {self.step_count} to {path}",
+                    step=self.step_count, path=str(path))
+        return path
+
+    def _event(self, kind: str, message: str, **fields: object) -> None:
+        """One line for people (the node's flight recorder logs it as an event; observe)."""
+        recorder = getattr(self.node, "recorder", None)
+        if recorder is not None:
+            recorder.event(kind, message, **fields)
 
     def _resume(self, directory: Path) -> None:
         path = checkpoint.latest(directory)

@@ -41,7 +41,7 @@ LAYERS: dict[str, int] = {
     "bench.mpi_baseline": 5,
     # observe (issue 21): the recorder sits low (the runner feeds it); the rest is tooling
     "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
-    "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2,
+    "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2, "observe.observer": 4,
     "cli.output": 5, "cli.status": 5, "cli.doctor": 5, "cli.plot": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
