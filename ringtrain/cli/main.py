@@ -45,6 +45,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
+    "status": ("ringtrain.cli.status",
+               "what every node of a job is doing: rank, generation, step, speed, links, last "
+               "collective, last error; who holds the ring up"),
+    "doctor": ("ringtrain.cli.doctor",
+               "why a node cannot see its peers, or (with run folders) which node held up "
+               "which collective and why"),
+    "plot": ("ringtrain.cli.plot",
+             "draw a run's metrics as PNGs and merge its nodes' timelines (Perfetto JSON)"),
 }
 
 

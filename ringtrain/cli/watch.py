@@ -122,8 +122,9 @@ class WaitReporter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        # a diagnosis in flight must not hold up the node: it notices the stop and says
+        # nothing more
         self._stop.set()
-        self._thread.join(5.0)
 
     def _run(self) -> None:
         options = self.options
@@ -139,7 +140,7 @@ class WaitReporter:
                 next_diagnosis = time.monotonic() + 6 * REPORT_EVERY
                 try:
                     findings = diagnose(options.job, key, options.interface, options.peers,
-                                        seconds=2.0, timeout=2.0)
+                                        seconds=2.0, timeout=2.0, mdns=options.discovery)
                 except RingtrainError as exc:
                     output.event("diagnosis", f"could not run the checks: {exc}")
                     continue

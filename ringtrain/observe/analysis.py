@@ -68,7 +68,7 @@ def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
                if s and isinstance(s.get("collective"), dict)
                and s["collective"].get("state") == "running"}
     if not running:
-        return None
+        return _failed_holdup(nodes)
     key, _ = Counter(_key(r) for r in running.values()).most_common(1)[0]
     stuck = {n: r for n, r in running.items() if _key(r) == key}
     example = next(iter(stuck.values()))
@@ -82,19 +82,18 @@ def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
         return None
 
     def verdict(peer: str) -> str | None:
-        status = nodes.get(peer, "unknown")
+        """Why ``peer`` is the end of the chain, or None if it is in the collective too."""
+        if peer not in nodes:
+            return "it is not among the nodes asked"
+        status = nodes[peer]
         if status is None:
             return "it does not answer (stopped, stalled or unreachable)"
-        if status == "unknown":
-            return "it is not among the nodes asked"
-        record = status.get("collective") if isinstance(status, dict) else None
+        record = status.get("collective")
         if not isinstance(record, dict) or _key(record) < key:
             last = _label(record) if isinstance(record, dict) else "none yet"
-            return f"it has not started that collective (its latest: {last}); it is busy " \
+            return f"it has not started that collective (its latest: {last}): it is busy " \
                    f"outside collectives"
-        if _key(record) == key and record.get("state") == "running" and _waits(peer, record):
-            return None  # waiting itself: follow the chain
-        return None if _key(record) == key else None
+        return None
 
     # follow waits from each waited-on peer until one is the end of the chain
     for start in sorted(waited_on, key=lambda p: -len(waited_on[p])):
@@ -111,6 +110,32 @@ def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
                 break
             peer = nxt[0]
     return None
+
+
+def _failed_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
+    """No collective runs: if the latest one failed and the ring has not moved on (no newer
+    generation), the member the nodes blamed holds the ring up."""
+    latest = {n: s["collective"] for n, s in nodes.items()
+              if s and isinstance(s.get("collective"), dict)}
+    if not latest:
+        return None
+    key = max(_key(r) for r in latest.values())
+    failed = {n: r for n, r in latest.items() if _key(r) == key and r.get("state") == "failed"}
+    blamed = Counter(r.get("suspect") for r in failed.values() if r.get("suspect"))
+    if not blamed:
+        return None
+    culprit = blamed.most_common(1)[0][0]
+    example = next(iter(failed.values()))
+    if culprit not in nodes:
+        reason = "the others gave up on it; it is not among the nodes asked"
+    elif nodes[culprit] is None:
+        reason = "it does not answer (stopped, stalled or unreachable); the others gave up " \
+                 "on it and wait for the ring to re-form"
+    else:
+        reason = "the others gave up on it and wait for the ring to re-form"
+    waits = [f"{n} blamed it: {r.get('error')}" for n, r in sorted(failed.items())
+             if r.get("suspect") == culprit][:2]
+    return Holdup(culprit, _label(example), int(example.get("step", 0)), reason, tuple(waits))
 
 
 def dump_holdup(dumps: list[dict[str, Any]]) -> Holdup | None:

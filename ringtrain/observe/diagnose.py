@@ -174,7 +174,7 @@ def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
 
 def diagnose(job: str, key: JobKey | None, interface: str | None = None,
              peers: Sequence[str] = (), seconds: float = 3.0, timeout: float = 3.0,
-             adverts: Sequence[Advert] | None = None) -> list[Finding]:
+             adverts: Sequence[Advert] | None = None, mdns: bool = True) -> list[Finding]:
     """Run every check; the findings, causes first and peers that are fine last.
 
     Args:
@@ -185,7 +185,11 @@ def diagnose(job: str, key: JobKey | None, interface: str | None = None,
         seconds: how long to listen for adverts.
         timeout: bound on each connection attempt.
         adverts: adverts already seen on the chosen interface (skips listening there).
+        mdns: False for a node that does not use discovery: only its peers are checked
+            (no multicast is sent anywhere).
     """
+    if not mdns:
+        return sorted(check_peers(job, key, (), peers, timeout), key=lambda f: f.cause == "ok")
     table = interface_table()
     chosen = chosen_interfaces(interface, table)
     findings: list[Finding] = []

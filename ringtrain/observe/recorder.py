@@ -183,7 +183,12 @@ class FlightRecorder:
                    joined=joined, left=left, **fields)
 
     def suspected(self, peer: str, reason: str) -> None:
-        """This node suspects ``peer`` of having failed."""
+        """This node suspects ``peer`` of having failed (when a collective just failed, the
+        node's final verdict on whom to blame: it replaces the runner's first guess)."""
+        with self._lock:
+            record = self._collectives[-1] if self._collectives else None
+        if record is not None and record.state == "failed":
+            record.suspect = peer
         self.event("suspected", f"suspects {peer}: {reason}", peer=peer, reason=reason)
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
