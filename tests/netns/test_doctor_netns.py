@@ -39,6 +39,7 @@ def causes(report: dict) -> dict[str, str]:
     return {f["cause"]: f["sentence"] for f in report["findings"]}
 
 
+@pytest.mark.timeout(400)  # each doctor run is a few seconds; far more on a loaded machine
 @pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (Debian nftables)")
 def test_doctor_names_each_cause(tmp_path: Path) -> None:
     key = write_key_file(tmp_path / "job.key", JobKey.generate())
