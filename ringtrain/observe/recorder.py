@@ -179,7 +179,7 @@ class FlightRecorder:
             f"joined: {', '.join(joined)}" if joined else "",
             f"left: {', '.join(left)}" if left else "") if part)
         self.event("re-formed", f"ring re-formed: {len(members)} members, generation "
-                   f"{view.generation}" + (f" ({changes})" if changes else ""),
+                   f"{view.generation} ({changes or 'same members'})",
                    joined=joined, left=left, **fields)
 
     def suspected(self, peer: str, reason: str) -> None:
@@ -189,6 +189,10 @@ class FlightRecorder:
             record = self._collectives[-1] if self._collectives else None
         if record is not None and record.state == "failed":
             record.suspect = peer
+        if peer == self.node_id:  # a member's ABORT named this node
+            self.event("suspected", f"blamed by another member: {reason}", peer=peer,
+                       reason=reason)
+            return
         self.event("suspected", f"suspects {peer}: {reason}", peer=peer, reason=reason)
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
