@@ -42,7 +42,7 @@ LAYERS: dict[str, int] = {
     # observe (issue 21): the recorder sits low (the runner feeds it); the rest is tooling
     "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
     "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2, "observe.observer": 4,
-    "cli.output": 5, "cli.status": 5, "cli.doctor": 5, "cli.plot": 5,
+    "cli.output": 5, "cli.status": 5, "cli.doctor": 5, "cli.plot": 5, "cli.watch": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
@@ -57,6 +57,8 @@ OUTSIDE = {
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
     "torch": {"integrations", "bench.baselines"},
     "mpi4py": {"bench.mpi_baseline"},
+    "matplotlib": {"cli.plot"},  # optional extras, each drawn by one command
+    "rich": {"cli.status"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
