@@ -124,8 +124,14 @@ def _failed_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
     blamed = Counter(r.get("suspect") for r in failed.values() if r.get("suspect"))
     if not blamed:
         return None
-    culprit = blamed.most_common(1)[0][0]
+    # a member that answers nothing at all while the others are stuck is the first suspect,
+    # whatever each node's first guess was (a node blames the neighbour it waited on, who
+    # may only have been waiting on the silent one)
     example = next(iter(failed.values()))
+    members = example.get("members") or list(nodes)
+    silent = [m for m in members if m in nodes and nodes[m] is None]
+    culprit = max(silent, key=lambda m: blamed.get(m, 0)) if silent else \
+        blamed.most_common(1)[0][0]
     if culprit not in nodes:
         reason = "the others gave up on it; it is not among the nodes asked"
     elif nodes[culprit] is None:
@@ -134,7 +140,8 @@ def _failed_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
     else:
         reason = "the others gave up on it and wait for the ring to re-form"
     waits = [f"{n} blamed it: {r.get('error')}" for n, r in sorted(failed.items())
-             if r.get("suspect") == culprit][:2]
+             if r.get("suspect") == culprit][:2] or [
+        f"{n} gave up: {r.get('error')}" for n, r in sorted(failed.items())][:1]
     return Holdup(culprit, _label(example), int(example.get("step", 0)), reason, tuple(waits))
 
 

@@ -59,3 +59,15 @@ def test_dumps_name_the_node_the_others_blamed_and_one_that_left_no_dump():
     assert "left no dump" in holdup.reason
     assert any("a waited for its segments" in w for w in holdup.waiting)
     assert dump_holdup([{"node": "a", "collectives": [older]}]) is None
+
+
+def test_a_silent_member_outweighs_a_neighbours_first_guess():
+    members = ["a", "b", "c", "d"]
+    failed = {"name": "all_reduce", "sequence": 23, "generation": 1, "state": "failed",
+              "members": members, "error": "PeerFailedError: d sent nothing for 3.9 s"}
+    nodes = {"a": {"collective": {**failed, "suspect": "d"}},
+             "b": {"collective": {**failed, "suspect": "a"}},
+             "c": None,
+             "d": {"collective": {**failed, "suspect": "c"}}}
+    holdup = live_holdup(nodes)
+    assert holdup is not None and holdup.node == "c"
