@@ -63,7 +63,11 @@ class NodeObserver:
         self._stop = threading.Event()
         self.server: StatusServer | None = None
         if status_listen is not None:
-            self.server = StatusServer(node.node_id, status_listen, key, self.status)
+            try:
+                self.server = StatusServer(node.node_id, status_listen, key, self.status)
+            except RingtrainError as exc:  # seeing the node must not stop it training
+                node.recorder.event("status-off", f"no status server: {exc} (pick another "
+                                    f"--status-port)", error=str(exc))
         (self.directory / "node.json").write_text(json.dumps({
             "node": node.node_id, "endpoint": node.endpoint, "pid": os.getpid(),
             "status": self.server.endpoint if self.server else None,

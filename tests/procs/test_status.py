@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,33 +20,16 @@ from pathlib import Path
 import pytest
 
 from ringtrain.comm.security import JobKey, write_key_file
+from ringtrain.testing import free_ports
 
 DEADLINE_S = 120.0  # generous: this machine can be very loaded; a hang still fails
 
 
-def port_pairs(count: int) -> list[int]:
-    """``count`` ports p, each with p + 1 free too (node port and status port)."""
-    found: list[int] = []
-    while len(found) < count:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + 1 > 65535 or any(abs(port - p) < 2 for p in found):
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        found.append(port)
-    return found
-
-
-def status(key_file: Path, peer: str, timeout: float = 2.0) -> tuple[int, dict]:
+def status(key_file: Path, run_dir: Path, timeout: float = 2.0, *extra: str
+           ) -> tuple[int, dict]:
     done = subprocess.run([sys.executable, "-m", "ringtrain", "status", "--key-file",
-                           str(key_file), "--peer", peer, "--timeout", str(timeout), "--json"],
-                          capture_output=True, text=True, timeout=120)
+                           str(key_file), "--run-dir", str(run_dir), "--timeout", str(timeout),
+                           "--json", *extra], capture_output=True, text=True, timeout=120)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, f"status printed no JSON: {done.stdout!r} {done.stderr!r}"
     return done.returncode, json.loads(lines[-1])
@@ -55,22 +37,23 @@ def status(key_file: Path, peer: str, timeout: float = 2.0) -> tuple[int, dict]:
 
 def test_status_of_a_four_node_ring_names_the_stopped_node(tmp_path: Path) -> None:
     key_file = write_key_file(tmp_path / "job.key", JobKey.generate())
-    ports = port_pairs(4)
+    ports = free_ports(4)
+    run_dir = tmp_path / "run"
     names = [f"n{i}" for i in range(4)]
     logs = [(tmp_path / f"{name}.log").open("w") for name in names]
     processes = [subprocess.Popen(
         [sys.executable, "-m", "ringtrain", "node", "--key-file", str(key_file),
          "--no-discovery", "--node-id", names[i], "--port", str(ports[i]),
          *[a for j in range(4) if j != i for a in ("--peer", f"127.0.0.1:{ports[j]}")],
-         "--min-nodes", "4", "--epochs", "100000", "--run-dir", str(tmp_path / "run"),
-         "--heartbeat-timeout", "10"],
+         "--min-nodes", "4", "--epochs", "100000", "--run-dir", str(run_dir),
+         "--status-port", "0", "--heartbeat-timeout", "10"],
         stdout=logs[i], stderr=subprocess.STDOUT) for i in range(4)]
     report: dict = {}
     stopped = 2
     try:
         deadline = time.monotonic() + DEADLINE_S
         while time.monotonic() < deadline:  # every node answers, and training has begun
-            code, report = status(key_file, f"127.0.0.1:{ports[0]}")
+            code, report = status(key_file, run_dir)
             nodes = report["nodes"]
             if code == 0 and len(nodes) == 4 and all(
                     (s.get("step") or 0) > 0 for s in nodes.values()):
@@ -86,7 +69,7 @@ def test_status_of_a_four_node_ring_names_the_stopped_node(tmp_path: Path) -> No
         os.kill(processes[stopped].pid, signal.SIGSTOP)
         deadline = time.monotonic() + DEADLINE_S
         while time.monotonic() < deadline:  # the others get stuck waiting on it
-            code, report = status(key_file, f"127.0.0.1:{ports[0]}")
+            code, report = status(key_file, run_dir)
             if report.get("holdup"):
                 break
             time.sleep(0.5)
@@ -103,14 +86,14 @@ def test_status_of_a_four_node_ring_names_the_stopped_node(tmp_path: Path) -> No
                 assert report["nodes"][name]["answering"], report["nodes"][name]
         # the plain view marks it too
         done = subprocess.run([sys.executable, "-m", "ringtrain", "status", "--key-file",
-                               str(key_file), "--peer", f"127.0.0.1:{ports[0]}",
-                               "--timeout", "2"], capture_output=True, text=True, timeout=120)
+                               str(key_file), "--run-dir", str(run_dir), "--timeout", "2"],
+                              capture_output=True, text=True, timeout=120)
         row = next(line for line in done.stdout.splitlines() if line.startswith("n2 "))
         assert "NOT ANSWERING" in row and "holding the collective up" in row, done.stdout
         assert f"node {names[stopped]} held up" in done.stdout
         # a stranger without the key learns nothing
         stranger = write_key_file(tmp_path / "other.key", JobKey.generate())
-        code, strange = status(stranger, f"127.0.0.1:{ports[0]}", timeout=1.0)
+        code, strange = status(stranger, run_dir, 1.0)
         assert code == 1 and not any(s["answering"] for s in strange["nodes"].values())
         # SIGUSR1 dumps a node's flight recorder, which names the blamed node too
         os.kill(processes[0].pid, signal.SIGUSR1)
