@@ -205,6 +205,10 @@ class Node:
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
         self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
         self._view_listeners: list[Callable[[View], None]] = []
+        # observe: the flight recorder (ringtrain.observe.recorder): the runner records each
+        # collective, the views installed become formed / re-formed / joined / left events
+        self.recorder = self._runner.recorder
+        self.on_view_change(self.recorder.view_installed)
         self._closing = False
         self._formed = threading.Event()  # set once a view is announced
         if self._view is not None:
@@ -320,6 +324,12 @@ class Node:
         """Whether the ring should re-form: a member is suspected, or a node waits to join.
         Every member must then call :meth:`reform` at the same point of its collectives."""
         return self._membership.reform_due
+
+    def peer_endpoints(self) -> dict[str, str]:
+        """The endpoint (``tcp://host:port``) this node dials each peer at, by node id
+        (for ``ringtrain status`` and clock measurements; observe)."""
+        return {peer: endpoint for peer, endpoint in self._transport.links().items()
+                if not peer.startswith("tcp://")}
 
     @property
     def closed(self) -> bool:
@@ -755,6 +765,7 @@ class Node:
                 suspect = self._laggard(view) or suspect
             if suspect is not None:
                 self._membership.suspect(suspect, str(exc))
+                self.recorder.suspected(suspect, str(exc))  # observe
             self._runner.abort_everyone(view, sequence, exc, suspect)
             raise
 

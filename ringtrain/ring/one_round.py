@@ -51,6 +51,7 @@ def exchange(runner: RingRunner, collective: Collective, view: View, sequence: i
                 unsent.remove(member)
                 runner.bytes_sent += buffer.nbytes
                 runner.messages_sent += 1
+                runner.bytes_out[member] = runner.bytes_out.get(member, 0) + buffer.nbytes
                 progress_deadline = time.monotonic() + runner.progress_timeout
         while (message := runner.mailbox.next_data(view.generation, sequence)) is not None:
             rank = _accept_whole(runner, collective, view, sequence, message, contributions)
@@ -75,6 +76,11 @@ def exchange(runner: RingRunner, collective: Collective, view: View, sequence: i
             continue
         runner.stage = (f"{where} (one round): {len(contributions)}/{view.world_size} "
                         f"contributions, {len(unsent)} still to send")
+        missing = [m for r, m in enumerate(view.members) if r not in contributions]
+        runner.waiting = {"from": missing[0] if missing else None,
+                          "to": unsent[0] if unsent else None,
+                          "received": len(contributions) - 1,
+                          "expected": view.world_size - 1, "unsent": len(unsent)}
         local = bool(unsent) and runner.local(unsent[0])
         poll = LANE_POLL if local else runner.poll_interval
         runner.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,

@@ -30,6 +30,7 @@ from ..errors import (
     TransportError,
 )
 from ..membership.protocol import View
+from ..observe.recorder import FlightRecorder
 from . import one_round, segments
 from . import plan as ring
 from .collectives import Collective
@@ -78,6 +79,12 @@ class RingRunner:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
+        # observe: counters and the flight recorder (ringtrain.observe.recorder)
+        self.messages_received = 0
+        self.bytes_out: dict[str, int] = {}  # payload bytes sent to each peer
+        self.bytes_in: dict[str, int] = {}  # payload bytes received from each peer
+        self.waiting: dict[str, Any] = {}  # structured self.stage: from / to whom, counts
+        self.recorder = FlightRecorder(node_id)
         self._codecs: dict[str, Codec] = {}
         # peer -> time.monotonic() of its last accepted segment: a sign of life. A busy link's
         # send queue is full of segments, so heartbeats on it are dropped; the data is not.
@@ -110,21 +117,33 @@ class RingRunner:
             PeerFailedError: a member stopped sending or receiving, or sent garbage.
             CollectiveTimeout: ``deadline`` passed.
         """
+        record = self.recorder.collective_started(
+            collective.name, collective.digest, collective.buffer.nbytes, view.generation,
+            sequence, step, view.rank, view.members, self._counters)
         if view.world_size == 1:
+            self.recorder.collective_finished(record)
             return collective.finish(collective.buffer)
         try:
             if collective.direct:
                 one_round.exchange(self, collective, view, sequence, deadline, step)
             else:
                 self._move(collective, view, sequence, deadline, step)
-        except BaseException:
+        except BaseException as exc:
+            self.recorder.collective_finished(record, exc)
             if self.lanes is not None:  # its slots may hold segments nobody will release
                 self.lanes.reset(view.members[ring.successor(view.rank, view.world_size)])
             raise
         finally:
             self.stage = "idle"
+            self.waiting = {}
             self.mailbox.retire(view.generation, sequence)
+        self.recorder.collective_finished(record)
         return collective.finish(collective.buffer)
+
+    def _counters(self) -> tuple[int, int, dict[str, int], dict[str, int], dict[str, Any]]:
+        """What the flight recorder reads when a collective starts, ends, or is looked at."""
+        return (self.messages_sent, self.messages_received, self.bytes_out, self.bytes_in,
+                self.waiting)
 
     def _move(self, collective: Collective, view: View, sequence: int, deadline: float,
               step: int) -> None:
@@ -193,6 +212,7 @@ class RingRunner:
                 pending.popleft()
                 self.bytes_sent += header.nbytes
                 self.messages_sent += 1
+                self.bytes_out[successor] = self.bytes_out.get(successor, 0) + header.nbytes
                 now = time.monotonic()
                 longest_gap = max(longest_gap, now - last_progress)
                 last_progress, progress_deadline = now, now + self.progress_timeout
@@ -240,6 +260,9 @@ class RingRunner:
                 continue
             self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
                           f"{predecessor}, {len(pending)} waiting for {successor}")
+            self.waiting = {"from": predecessor if received < len(plan.receives) else None,
+                            "to": successor if pending else None, "received": received,
+                            "expected": len(plan.receives), "unsent": len(pending)}
             # a full lane frees up without a message telling us: look again soon
             poll = LANE_POLL if lane_full else self.poll_interval
             self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
@@ -357,6 +380,9 @@ class RingRunner:
         if message.origin not in view.members:
             return  # not a member: the caller rejects it
         self.heard[message.origin] = time.monotonic()
+        self.messages_received += 1
+        self.bytes_in[message.origin] = self.bytes_in.get(message.origin, 0) + \
+            message.header.nbytes
         if message.header.digest != collective.digest:
             raise segments.mismatch(collective, view, sequence, self.node_id, message)
 

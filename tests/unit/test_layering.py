@@ -40,6 +40,9 @@ LAYERS: dict[str, int] = {
     "rl": 4, "rl.stats": 0, "rl.ppo": 0, "rl.rollout": 0, "rl.exchange": 0, "rl.envs": 1,
     # 5 entry points and tooling: every command and benchmark module
     "cli": 5, "bench": 5, "__main__": 5,
+    # observe: the recorder sits low (the runner feeds it); the rest is tooling
+    "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
+    "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2, "observe.observer": 4,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
@@ -55,7 +58,8 @@ OUTSIDE = {
     "torch": {"integrations", "bench.baselines", "bench.torch_ddp", "bench.ddp_baseline"},
     "mpi4py": {"bench.mpi_baseline"},
     "gymnasium": {"rl.envs"},
-    "matplotlib": {"bench.wifi"},
+    "matplotlib": {"bench.wifi", "cli.plot"},  # optional extras, each drawn by one command
+    "rich": {"cli.status"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
