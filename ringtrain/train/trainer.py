@@ -100,6 +100,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
+from ..models import architecture
 from ..node.node import Node, Work
 from ..ring.compression import Codec, check_supported, get_codec
 from . import checkpoint
@@ -542,6 +543,9 @@ class Trainer:
         self.throughput = 0.0
         """This node's smoothed compute throughput, samples per second (0: not measured)."""
         self.lost_steps = 0
+        self.parent_version = ""
+        """The content hash of the last checkpoint saved or resumed from: the parent of the
+        next one (``ringtrain models``)."""
         """Steps that had been done after the checkpoint this run resumed from, and were lost."""
         self._speeds: list[float] | None = None
         self._since_average = 0  # samples since the last parameter average (local SGD)
@@ -651,6 +655,9 @@ class Trainer:
             except PeerFailedError as exc:  # the step itself is done: just re-form
                 log.warning("rank %d: sharing speeds failed (%s); re-forming", node.rank, exc)
                 self._reform()
+        if self.checkpoint_dir is not None and node.rank != 0 \
+                and self.step_count % self.checkpoint_every == 0:
+            self.parent_version = self.version.content_hash  # what rank 0 saves now
         if self.checkpoint_dir is not None and node.rank == 0:
             if self.step_count % self.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -767,8 +774,11 @@ class Trainer:
             optimizer_state=self.optimizer.optimizer.state_dict(),
             step=self.step_count, epoch=self.position.epoch, position=self.position.position,
             generation=self.node.generation,
-            metadata={"model": self.model.schema_hash(), "world_size": self.node.world_size})
+            metadata={"model": self.model.schema_hash(), "world_size": self.node.world_size,
+                      "job": self.node.job, "parent": self.parent_version,
+                      **architecture.describe(self.model)})
         path = checkpoint.save(self.checkpoint_dir, state)
+        self.parent_version = checkpoint.content_hash(state.params, state.optimizer_state)
         self._event("checkpoint", f"checkpoint written: step {self.step_count} to {path}",
                     step=self.step_count, path=str(path))
         return path
@@ -802,6 +812,7 @@ class Trainer:
         self.step_count, epoch, position, self.lost_steps = (int(v) for v in meta)
         self.position = DataPosition(epoch, position)
         self.optimizer.steps = self.step_count
+        self.parent_version = self.version.content_hash
         log.info("rank %d resumed from the checkpoint of rank %d at step %d (epoch %d, "
                  "position %d), now %s; lost work: %d steps done after that checkpoint",
                  self.node.rank, root, self.step_count, epoch, position, self.version,
