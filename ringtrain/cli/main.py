@@ -42,8 +42,29 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-rl": ("ringtrain.bench.rl",
                  "distributed PPO on CartPole-v1: 1 vs 4 devices to solve, a stopped device in "
                  "async mode, a killed device (emulated LAN, CPU budgets, root)"),
+    "bench-torch": ("ringtrain.bench.torch_ddp",
+                    "PyTorch DDP step time with the ringtrain backend beside Gloo (and the int8 "
+                    "hook), on loopback or an emulated LAN"),
+    "bench-wifi": ("ringtrain.bench.wifi",
+                   "time to a target accuracy on slow links (1000, 100, 20 Mbit/s): DiLoCo, "
+                   "PowerSGD, int8, async beside DDP + Gloo, on an emulated LAN (root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
+    "models": ("ringtrain.cli.models",
+               "list the model versions in a run directory: job, generation, step, hash, "
+               "parent"),
+    "predict": ("ringtrain.cli.predict",
+                "run a saved model on a batch, locally or split over a ring (--ring)"),
+    "export": ("ringtrain.cli.export",
+               "write a model as a plain model file, float32 or int8 (--int8)"),
+    "agent": ("ringtrain.cli.agent",
+              "wait as an idle device in a pool until a key holder submits a job"),
+    "submit": ("ringtrain.cli.submit",
+               "hand a job (built-in, or a script on each device) to idle agents; print "
+               "their reports"),
+    "bench-infer": ("ringtrain.bench.infer",
+                    "inference across 4 local nodes, one at half the CPU budget: measured "
+                    "speeds and shares (root)"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
 }

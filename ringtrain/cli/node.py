@@ -1,8 +1,10 @@
 """``ringtrain node``: run this device's node of a job.
 
 With a script (``ringtrain node train.py --lr 0.1``), the script runs as this device's node,
-the way torchrun runs a script per machine: it gets its :class:`~ringtrain.Node` from
-:func:`ringtrain.join`, which reads the options this command puts in its environment.
+the way torchrun runs a script per machine: the ring is formed first, then the script runs in
+this process with torchrun's variables describing the ring (RANK, WORLD_SIZE, LOCAL_RANK,
+...), so ``init_process_group("ringtrain")`` needs no address; :func:`ringtrain.join` returns
+the node.
 
 With ``--job rl-cartpole``, the built-in reinforcement-learning job (:mod:`.rl_job`).
 With no script, the node runs the built-in job: the demo's classifier on the bundled digits,
@@ -15,9 +17,10 @@ leaves the ring after the current step, so the others carry on without a failed 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import runpy
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from pathlib import Path
 from ..bench.allreduce import parse_size
 from ..config import LaunchOptions
 from ..errors import ConfigError
-from ..node.launch import join
+from ..node.launch import join, set_launched_node, torchrun_environment
 from ..train.nn import accuracy
 from ..train.trainer import Trainer, schema_of, training_facts
 from .demo import demo_model, epoch_printer
@@ -72,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of three or more forms, and order the ring by the rates (links "
                              "that differ: two rooms, Wi-Fi and wired); every node must say "
                              "the same (RINGTRAIN_LINK_PROBE_BYTES)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with a script: how many nodes the first ring waits for (default "
+                             "--min-nodes; the ring may then shrink to --min-nodes and grow "
+                             "to --max-nodes)")
     parser.add_argument("--epochs", type=int, default=30,
                         help="built-in job: epochs to train (default 30)")
     parser.add_argument("--mode", choices=("sync", "async"), default="sync",
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.probe_links:  # read by Settings.from_env, here and in a script we start
         os.environ["RINGTRAIN_LINK_PROBE_BYTES"] = str(parse_size(args.probe_links))
     if args.script:
-        return _run_script(args.script, args.script_args, options)
+        return _run_script(args.script, args.script_args, options, args.world_size)
     if options.job in RL_JOBS:  # imported only for them: it needs Gymnasium
         from .rl_job import run as run_rl_job
 
@@ -111,15 +118,43 @@ def run(args: argparse.Namespace) -> int:
                                                        f"ringtrain-{options.job}"))
 
 
-def _run_script(script: str, script_args: list[str], options: LaunchOptions) -> int:
-    if not Path(script).is_file():
+def _run_script(script: str, script_args: list[str], options: LaunchOptions,
+                world_size: int | None = None) -> int:
+    """Form the ring, then run the script in this process with the ring as its node and
+    torchrun's variables describing it (a torchrun script runs unchanged with
+    ``init_process_group("ringtrain")``)."""
+    path = Path(script)
+    if not path.is_file():
         raise ConfigError(f"no such script: {script}")
-    env = {**os.environ, **options.to_env()}
-    child = subprocess.Popen([sys.executable, script, *script_args], env=env)
-    # pass Ctrl-C / SIGTERM on to the script, so it can leave the ring cleanly
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, _frame: child.send_signal(number))
-    return child.wait()
+    os.environ.update(options.to_env())
+    if importlib.util.find_spec("torch") is not None:  # before the ring forms: see there
+        os.environ.update(_torch_rendezvous())
+    print(f"ringtrain node: job {options.job!r}, forming the ring for {script}...", flush=True)
+    node = join(options, world_size=world_size)
+    os.environ.update(torchrun_environment(node))
+    print(f"ringtrain node {node.node_id}: rank {node.rank} of {node.world_size} (generation "
+          f"{node.generation}); running {script}", flush=True)
+    set_launched_node(node)
+    sys.argv[:] = [script, *script_args]
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        set_launched_node(None)
+        node.close()
+    return 0
+
+
+def _torch_rendezvous() -> dict[str, str]:
+    """With PyTorch installed: import it before the ring forms (every node's script then
+    reaches its first collective without the seconds of that import, which the ring would
+    otherwise spend waiting, and past the progress deadline blame on the slow node), and
+    serve the local store ``init_process_group``'s ``env://`` handshake connects to."""
+    from ..integrations.torch.backend import serve_rendezvous_store
+
+    return serve_rendezvous_store()
 
 
 def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) -> int:
