@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,9 +89,7 @@ def test_survivors_of_a_killed_node_go_on_with_the_same_policy():
         assert last[0][key] == last[1][key], key
 
 
-def _train_join(node):
-    import time
-
+def _train_join(node, started_file):
     from ringtrain.rl import DistributedPPO, RLConfig, make_vector_env
     from ringtrain.rl.ppo import PPOConfig
 
@@ -104,24 +104,31 @@ def _train_join(node):
     last = {}
 
     def on_round(report):
+        Path(started_file).touch()  # the parent starts the joiner once a round is done
         if not joined and node.world_size == 3:
             joined.append(report.round)
         if not joined:
-            time.sleep(0.05)  # give the joiner time to start
+            time.sleep(0.1)  # give the joiner time to start (a loaded machine: seconds)
         last.update(round=report.round, world_size=node.world_size,
                     obs=learner.obs_norm.moments.pack().tobytes(),
                     window=learner.window.pack().tobytes(),
                     adam=learner.optimizers[0].exp_avg.tobytes(),
                     params=learner.model.policy.params.tobytes())
-        if (joined and report.round == joined[0] + 3) or report.round >= 400:
+        if (joined and report.round == joined[0] + 3) or report.round >= 900:
             learner.done = True
 
     learner.run(on_round)
     return {**last, "joiner": joiner, "adopted": adopted, "joined": joined}
 
 
-def test_a_joiner_receives_policy_optimizer_and_normaliser_state():
-    cluster = LocalCluster(_train_join, 2, timeout=90).start()
+def test_a_joiner_receives_policy_optimizer_and_normaliser_state(tmp_path):
+    started = tmp_path / "trained"
+    cluster = LocalCluster(_train_join, 2, (str(started),), timeout=150).start()
+    deadline = time.monotonic() + 60
+    while not started.exists():  # the ring of two must be training before the third comes
+        if time.monotonic() > deadline:
+            cluster.fail("the first two nodes did not finish a round in 60 s")
+        time.sleep(0.05)
     cluster.start_extra(2)
     results = cluster.results()
     assert [r["joiner"] for r in results] == [False, False, True]
