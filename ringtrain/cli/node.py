@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", action="append", default=list(env.peers), metavar="HOST:PORT",
                         help="a peer to dial directly, where multicast does not pass "
                              "(repeatable; also RINGTRAIN_PEERS=host:port,host:port)")
+    parser.add_argument("--peers-dns", default=env.peers_dns, metavar="NAME",
+                        help="a DNS name that lists the peers, looked up again every few "
+                             "seconds (a Kubernetes headless Service: its A records with "
+                             "--port, or SRV records for _port._tcp.NAME); needs "
+                             "ringtrain[dns] (also RINGTRAIN_PEERS_DNS)")
     parser.add_argument("--no-discovery", action="store_true", default=not env.discovery,
                         help="do not use mDNS; only --peer addresses")
     parser.add_argument("--node-id", default=env.node_id,
@@ -81,12 +86,13 @@ def options_from(args: argparse.Namespace) -> LaunchOptions:
     if args.min_nodes < 1 or args.max_nodes < args.min_nodes:
         raise ConfigError(f"need 1 <= --min-nodes <= --max-nodes, got {args.min_nodes} and "
                           f"{args.max_nodes}")
-    if args.no_discovery and not args.peer:
-        raise ConfigError("--no-discovery needs at least one --peer HOST:PORT")
+    if args.no_discovery and not args.peer and not args.peers_dns:
+        raise ConfigError("--no-discovery needs at least one --peer HOST:PORT or --peers-dns")
     return LaunchOptions(job=args.job, peers=tuple(args.peer), port=args.port,
                          interface=args.interface, min_nodes=args.min_nodes,
                          max_nodes=args.max_nodes, discovery=not args.no_discovery,
-                         insecure=args.insecure, node_id=args.node_id)
+                         insecure=args.insecure, node_id=args.node_id,
+                         peers_dns=args.peers_dns)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +127,9 @@ def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) 
     schema = schema_of(training_facts(model, train.x, train.y, **settings))
     print(f"ringtrain node: job {options.job!r}, looking for at least {options.min_nodes} "
           f"nodes{' by mDNS' if options.discovery else ''}"
-          f"{' and at ' + ', '.join(options.peers) if options.peers else ''}...", flush=True)
+          f"{' and at ' + ', '.join(options.peers) if options.peers else ''}"
+          f"{' and in DNS name ' + options.peers_dns if options.peers_dns else ''}...",
+          flush=True)
     started = time.perf_counter()
     with join(options, schema=schema) as node:
         print(f"ringtrain node {node.node_id}: in a ring of {node.world_size} (generation "

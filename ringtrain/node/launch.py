@@ -37,4 +37,4 @@ def join(options: LaunchOptions | None = None, *, settings: Settings | None = No
                 min_size=options.min_nodes, max_size=options.max_nodes,
                 world_size=options.min_nodes, node_id=options.node_id, settings=settings,
                 insecure=options.insecure, discover=options.discovery,
-                interface=options.interface, schema=schema)
+                interface=options.interface, schema=schema, peers_dns=options.peers_dns)

@@ -26,7 +26,7 @@ LAYERS: dict[str, int] = {
     "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
     "lab": 0, "bench": 0, "cli": 0,
     # 1 one outside world each
-    "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
+    "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "discovery.dns": 1, "train.checkpoint": 1,
     "lab.netns": 1, "lab.cpu_budget": 1,
     # 2 protocols
     "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
@@ -50,7 +50,8 @@ OUTSIDE = {
     "numpy": None,  # anyone
     "zmq": {"comm.transport"},
     "zeroconf": {"discovery.mdns"},
-    "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
+    "ifaddr": {"discovery.mdns"},
+    "dns": {"discovery.dns"},  # dnspython  # zeroconf's own dependency, for interface addresses
     "torch": {"integrations", "bench.baselines"},
     "mpi4py": {"bench.mpi_baseline"},
 }
