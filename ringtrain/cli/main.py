@@ -41,6 +41,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                       "an emulated LAN, each with its own CPU budget (root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
+    "health": ("ringtrain.cli.health",
+               "exit 0 if this device's node is training (its --state-file), for readiness "
+               "probes"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
 }

@@ -23,11 +23,13 @@ from pathlib import Path
 
 from ..bench.allreduce import parse_size
 from ..config import LaunchOptions
+from ..config import env as env_value
 from ..errors import ConfigError
 from ..node.launch import join
 from ..train.nn import accuracy
-from ..train.trainer import Trainer, schema_of, training_facts
+from ..train.trainer import StepReport, Trainer, schema_of, training_facts
 from .demo import demo_model, epoch_printer
+from .health import StateFile
 
 EXIT_LEFT = 130  # the node left the ring on Ctrl-C / SIGTERM
 GLOBAL_BATCH = 64  # fixed whatever the ring size: a node joining or leaving changes no step
@@ -79,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in job: epochs to train (default 30)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="built-in job: where checkpoints go (default ./ringtrain-<job>)")
+    parser.add_argument("--state-file", default=env_value("STATE_FILE"), metavar="PATH",
+                        help="built-in job: keep the node's state (forming, training with "
+                             "generation and step, done, left) in this JSON file, for "
+                             "`ringtrain health` and readiness probes (RINGTRAIN_STATE_FILE)")
 
 
 def options_from(args: argparse.Namespace) -> LaunchOptions:
@@ -105,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if args.script:
         return _run_script(args.script, args.script_args, options)
     return _run_builtin_job(options, args.epochs, Path(args.checkpoint_dir or
-                                                       f"ringtrain-{options.job}"))
+                                                       f"ringtrain-{options.job}"),
+                            StateFile(args.state_file) if args.state_file else None)
 
 
 def _run_script(script: str, script_args: list[str], options: LaunchOptions) -> int:
@@ -119,7 +126,8 @@ def _run_script(script: str, script_args: list[str], options: LaunchOptions) -> 
     return child.wait()
 
 
-def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) -> int:
+def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path,
+                     state: StateFile | None) -> int:
     train, test, model, optimizer = demo_model(seed=0)
     settings = {"batch_size": GLOBAL_BATCH, "seed": 0, "adaptive": True, "share_every": 10,
                 "average_every": 1, "loss": "softmax_cross_entropy",
@@ -131,6 +139,8 @@ def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) 
           f"{' and in DNS name ' + options.peers_dns if options.peers_dns else ''}...",
           flush=True)
     started = time.perf_counter()
+    if state:
+        state.write("forming", job=options.job)
     with join(options, schema=schema) as node:
         print(f"ringtrain node {node.node_id}: in a ring of {node.world_size} (generation "
               f"{node.generation}) after {time.perf_counter() - started:.1f} s; members: "
@@ -143,9 +153,21 @@ def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) 
                           global_batch_size=GLOBAL_BATCH, checkpoint_dir=checkpoint_dir,
                           checkpoint_every=50)
         leaving = _leave_on_signal(trainer)
-        trainer.fit(epochs, on_step=epoch_printer(trainer, test, epochs, node.node_id))
+        printer = epoch_printer(trainer, test, epochs, node.node_id)
+
+        def on_step(report: StepReport) -> None:
+            printer(report)
+            if state:
+                state.write("training", throttle=True, job=options.job, node=node.node_id,
+                            generation=node.generation, world_size=node.world_size,
+                            members=list(node.members), step=trainer.step_count)
+
+        trainer.fit(epochs, on_step=on_step)
         if not leaving:
             trainer.save_checkpoint()
+        if state:
+            state.write("left" if leaving else "done", job=options.job, node=node.node_id,
+                        step=trainer.step_count)
         print(f"ringtrain node {node.node_id}: {'left the ring' if leaving else 'done'} at "
               f"step {trainer.step_count}, model {trainer.version}, test accuracy "
               f"{accuracy(model.forward(test.x), test.y):.3f}, re-formations "

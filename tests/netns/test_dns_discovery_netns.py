@@ -88,7 +88,6 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if done():
-                print(f"{what}: {time.monotonic() - deadline + timeout:.1f} s")  # DEBUG
                 return
             running = [(f"pod-{j}", p) for j, p in self.pods.items()]
             for i, process in [*running, ("dnsmasq", self.dnsmasq)]:

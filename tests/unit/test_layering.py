@@ -26,8 +26,8 @@ LAYERS: dict[str, int] = {
     "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
     "lab": 0, "bench": 0, "cli": 0,
     # 1 one outside world each
-    "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "discovery.dns": 1, "train.checkpoint": 1,
-    "lab.netns": 1, "lab.cpu_budget": 1,
+    "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
+    "lab.netns": 1, "lab.cpu_budget": 1, "discovery.dns": 1,
     # 2 protocols
     "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
     # 3 the node, and the package surface that re-exports it
@@ -35,7 +35,7 @@ LAYERS: dict[str, int] = {
     # 4 training and tools built on a node
     "train": 4, "testing": 4, "integrations": 4,
     # 5 entry points and tooling
-    "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
+    "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5, "cli.health": 5,
     "cli.allreduce_demo": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
     "bench.mpi_baseline": 5,
