@@ -39,6 +39,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-cost-model": ("ringtrain.bench.cost_model",
+                         "all-reduce time for 2, 4, 8, 16 devices on an emulated LAN beside "
+                         "the ring's cost model, its constants measured on the same links "
+                         "(root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "health": ("ringtrain.cli.health",
