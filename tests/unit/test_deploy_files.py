@@ -4,6 +4,8 @@ ringtrain command line in them parses with ringtrain's own parser."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,46 @@ def test_statefulset_runs_commands_ringtrain_accepts() -> None:
     (key,) = [v for v in pod["volumes"] if v["name"] == "key"]
     assert key["secret"]["defaultMode"] == 0o400  # ringtrain refuses a key others can read
     assert pod["securityContext"]["runAsNonRoot"]
+
+
+def test_compose_files_run_commands_ringtrain_accepts() -> None:
+    for name in ("compose.mdns.yaml", "compose.peers.yaml"):
+        compose = yaml.safe_load((DEPLOY / "container" / name).read_text())
+        services = compose["services"]
+        assert len(services) >= 3, name
+        for service in services.values():
+            parses(service["command"])
+            assert service["volumes"][0].endswith(":/run/secrets/job.key:ro")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` on an instance of the unit, in a root that has what the
+    unit names (the executable, the options file, the key), as an installed system would."""
+    unit = DEPLOY / "systemd" / "ringtrain@.service"
+    system_units = Path("/usr/lib/systemd/system")
+    if not system_units.is_dir():
+        pytest.skip(f"no {system_units}: systemd's own units (targets) are needed")
+    shutil.copytree(system_units, tmp_path / "usr" / "lib" / "systemd" / "system", symlinks=True)
+    units = tmp_path / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    shutil.copy(unit, units)
+    executable = tmp_path / "opt" / "ringtrain" / "bin" / "ringtrain"
+    executable.parent.mkdir(parents=True)
+    executable.write_text("#!/bin/sh\n")
+    executable.chmod(0o755)
+    etc = tmp_path / "etc" / "ringtrain"
+    etc.mkdir()
+    shutil.copy(DEPLOY / "systemd" / "example.env", etc / "digits.env")
+    (etc / "digits.key").write_text("")
+    done = subprocess.run(["systemd-analyze", "verify", f"--root={tmp_path}",
+                           "ringtrain@digits.service"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    exec_start = " ".join(line.strip().rstrip("\\") for line in unit.read_text().split(
+        "ExecStart=", 1)[1].split("\n# ", 1)[0].splitlines())
+    argv = exec_start.replace("${CREDENTIALS_DIRECTORY}", "/run/credentials/x").replace(
+        "${STATE_DIRECTORY}", "/var/lib/ringtrain/x").replace(
+        "${RUNTIME_DIRECTORY}", "/run/ringtrain/x").replace("$RINGTRAIN_ARGS", "").split()
+    assert argv[0] == "/opt/ringtrain/bin/ringtrain"
+    parses(argv[1:])
