@@ -41,6 +41,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-cost-model": ("ringtrain.bench.cost_model",
+                         "all-reduce time for 2, 4, 8, 16 devices on an emulated LAN beside "
+                         "the ring's cost model, its constants measured on the same links "
+                         "(root)"),
     "bench-rl": ("ringtrain.bench.rl",
                  "distributed PPO on CartPole-v1: 1 vs 4 devices to solve, a stopped device in "
                  "async mode, a killed device (emulated LAN, CPU budgets, root)"),
@@ -67,6 +71,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-infer": ("ringtrain.bench.infer",
                     "inference across 4 local nodes, one at half the CPU budget: measured "
                     "speeds and shares (root)"),
+    "health": ("ringtrain.cli.health",
+               "exit 0 if this device's node is training (its --state-file), for readiness "
+               "probes"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
     "status": ("ringtrain.cli.status",

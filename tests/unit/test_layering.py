@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "lab": 0,
     # 1 one outside world each
     "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
-    "lab.netns": 1, "lab.cpu_budget": 1, "models": 1,
+    "lab.netns": 1, "lab.cpu_budget": 1, "models": 1, "discovery.dns": 1,
     # 2 protocols
     "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2, "ring.segments": 2,
     "ring.runner": 2, "ring.one_round": 2, "ring.link_probe": 2,
@@ -55,6 +55,7 @@ OUTSIDE = {
     "zmq": {"comm.transport"},
     "zeroconf": {"discovery.mdns"},
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
+    "dns": {"discovery.dns"},  # dnspython
     "torch": {"integrations", "bench.baselines", "bench.torch_ddp", "bench.ddp_baseline"},
     "mpi4py": {"bench.mpi_baseline"},
     "gymnasium": {"rl.envs"},
