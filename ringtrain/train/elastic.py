@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError, MembershipError, PeerFailedError, RingtrainError
+from ..models import architecture
 from . import checkpoint
 from .sharding import DataPosition
 
@@ -66,6 +67,9 @@ class Recovery:
         """How many times the ring re-formed under this trainer (failures, joins, leaves)."""
         self.lost_steps = 0
         """Steps that had been done after the checkpoint this run resumed from, and were lost."""
+        self.parent_version = ""
+        """The content hash of the last checkpoint saved or resumed from: the parent of the
+        next one (``ringtrain models``)."""
         self.generation = trainer.node.generation
         """The generation of the last state sync (or of the start)."""
 
@@ -167,8 +171,11 @@ class Recovery:
             step=trainer.step_count, epoch=trainer.position.epoch,
             position=trainer.position.position, generation=trainer.node.generation,
             metadata={"model": trainer.model.schema_hash(),
-                      "world_size": trainer.node.world_size})
-        return checkpoint.save(trainer.checkpoint_dir, state)
+                      "world_size": trainer.node.world_size, "job": trainer.node.job,
+                      "parent": self.parent_version, **architecture.describe(trainer.model)})
+        path = checkpoint.save(trainer.checkpoint_dir, state)
+        self.parent_version = checkpoint.content_hash(state.params, state.optimizer_state)
+        return path
 
     def resume(self, directory: Path) -> None:
         """Every member resumes from the newest checkpoint any member holds (a collective).
@@ -201,6 +208,7 @@ class Recovery:
         trainer.step_count, epoch, position, self.lost_steps = (int(v) for v in meta)
         trainer.position = DataPosition(epoch, position)
         trainer.optimizer.steps = trainer.step_count
+        self.parent_version = trainer.version.content_hash
         log.info("rank %d resumed from the checkpoint of rank %d at step %d (epoch %d, "
                  "position %d), now %s; lost work: %d steps done after that checkpoint",
                  trainer.node.rank, root, trainer.step_count, epoch, position, trainer.version,

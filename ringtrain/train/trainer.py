@@ -331,6 +331,10 @@ class Trainer:
                 log.warning("rank %d: step %d failed (%s); re-forming the ring and redoing it",
                             self.node.rank, self.step_count + 1, exc)
                 self.recovery.reform()
+                self._event("step-redone", f"step {self.step_count + 1} redone on generation "
+                            f"{self.node.generation} ({self.node.world_size} members) after: "
+                            f"{exc}", step=self.step_count + 1, cause=str(exc),
+                            suspect=exc.peer)
                 continue
             if self.optimizer.reform_agreed and not self.optimizer.leave_announced:
                 self.recovery.reform()
@@ -417,6 +421,9 @@ class Trainer:
                 log.warning("rank %d: sharing speeds failed (%s); re-forming", self.node.rank,
                             exc)
                 self.recovery.reform()
+        if self.checkpoint_dir is not None and self.node.rank != 0 \
+                and self.step_count % self.checkpoint_every == 0:
+            self.recovery.parent_version = self.version.content_hash  # what rank 0 saves now
         if self.checkpoint_dir is not None and self.node.rank == 0:
             if self.step_count % self.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -483,4 +490,13 @@ class Trainer:
             ConfigError: the trainer has no ``checkpoint_dir``.
             CheckpointError: the file could not be written.
         """
-        return self.recovery.save_checkpoint()
+        path = self.recovery.save_checkpoint()
+        self._event("checkpoint", f"checkpoint written: step {self.step_count} to {path}",
+                    step=self.step_count, path=str(path))
+        return path
+
+    def _event(self, kind: str, message: str, **fields: object) -> None:
+        """One line for people (the node's flight recorder logs it as an event; observe)."""
+        recorder = getattr(self.node, "recorder", None)
+        if recorder is not None:
+            recorder.event(kind, message, **fields)
