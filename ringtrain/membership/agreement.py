@@ -94,7 +94,7 @@ class Instance:
 
     def on_prepare(self, peer: str, msg: Prepare, now: float) -> None:
         m = self.m
-        if msg.ballot > self.promised:
+        if msg.ballot >= self.promised:  # equal: the proposer asks again (a lost answer)
             self.promised = msg.ballot
             self.highest_round = max(self.highest_round, msg.ballot[0])
             self.wanted_seen = msg.wanted
@@ -213,7 +213,7 @@ class Instance:
 
     def on_nack(self, peer: str, msg: Nack, now: float) -> None:
         r = self.round
-        if r is None or msg.ballot != r.ballot:
+        if r is None or msg.ballot != r.ballot or msg.promised <= r.ballot:
             return
         self.highest_round = max(self.highest_round, msg.promised[0])
         self.round = None

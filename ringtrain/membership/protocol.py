@@ -386,13 +386,11 @@ class Membership:
         view = self.view
         if view is None or self.evicted:
             return
-        gone = [m for m, i in zip(view.members, view.incarnations, strict=True)
-                if m != self.node_id and (self.peers.get(m) is None
-                                          or self._peer(m).incarnation != i
-                                          or (self._peer(m).left and not self._peer(m).endpoint))]
+        gone = [m for m in view.members if m != self.node_id and self._lost(m)]
         if gone and not has_quorum(view.members, [m for m in view.members if m not in gone]):
-            log.warning("node %s: %s of the %d members of generation %d restarted or were "
-                        "replaced: that ring can no longer change; forming a new one",
+            log.warning("node %s: %s of the %d members of generation %d restarted, were "
+                        "replaced or run another ring: this ring can no longer change; "
+                        "forming a new one",
                         self.node_id, ", ".join(gone), view.world_size, view.generation)
             self.evicted = True
             self.suspects.clear()
@@ -420,16 +418,26 @@ class Membership:
     def _is_member(self, peer: str) -> bool:
         return self.view is not None and peer in self.view.members
 
-    def _survives(self, member: str, now: float) -> bool:
-        """A member of our view that is still itself: same incarnation, alive, not
-        suspected, not moved to another lineage."""
+    def _lost(self, member: str) -> bool:
+        """Whether a member of our view will never vote in our instance: its process
+        restarted or was replaced, or it runs another lineage's view that it cannot leave
+        for ours (the winning lineage, or a generation no lower than ours)."""
         view = self.view
         state = self.peers.get(member)
-        if view is None or state is None or member in self.suspects:
-            return False
-        incarnation = view.incarnations[view.members.index(member)]
-        moved = state.lineage not in ("", view.lineage) and state.in_view
-        return state.incarnation == incarnation and self.alive(member, now) and not moved
+        if view is None or state is None:
+            return True
+        if state.incarnation != view.incarnations[view.members.index(member)] or (
+                state.left and not state.endpoint):
+            return True
+        return state.lineage not in ("", view.lineage) and (
+            (state.in_view and state.lineage < view.lineage)
+            or state.generation >= view.generation)
+
+    def _survives(self, member: str, now: float) -> bool:
+        """A member of our view that is still itself, alive, not suspected and able to
+        take part in our next view."""
+        return member not in self.suspects and self.alive(member, now) \
+            and not self._lost(member)
 
     def _joiners(self, now: float) -> list[str]:
         """Live peers that are not (or no longer) members and may join: nodes outside any
