@@ -463,7 +463,7 @@ class Membership:
     def _catch_up(self, peer: str) -> None:
         """``peer`` speaks of an older view than ours: send it ours if it is a member."""
         view, decision = self.view, self.decision
-        if view is not None and decision is not None and not self.evicted and \
+        if view is not None and decision is not None and \
                 decision.includes(peer, self._peer(peer).incarnation):
             self.send(peer, Decide(decision))
 
@@ -509,7 +509,10 @@ class Membership:
         value, view = msg.value, self.view
         current = view.generation if view else 0
         if not value.includes(self.node_id, self.incarnation):
-            return  # we learn from heartbeats whether it left us out
+            if view is not None and not self.evicted and value.lineage == view.lineage \
+                    and value.generation > view.generation:
+                self._left_out(f"{peer} sent generation {value.generation} without it")
+            return
         if value.generation <= current:
             return
         if self.forming:

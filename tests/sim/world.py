@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringtrain.membership.agreement import has_quorum
-from ringtrain.membership.messages import Accepted, Leave, Message
+from ringtrain.membership.messages import Accepted, Message
 from ringtrain.membership.peers import BACKOFF_CAP, MAX_PEERS
 from ringtrain.membership.protocol import Membership, MembershipConfig
 
@@ -61,13 +61,11 @@ class Event:
 class World:
     """One schedule, from one seed."""
 
-    def __init__(self, seed: int, nodes: int | None = None, trace: bool = False,
-                 mutation: str = ""):
+    def __init__(self, seed: int, nodes: int | None = None, trace: bool = False):
         self.seed = seed
         self.rng = random.Random(seed)
         self.devices = nodes or self.rng.randint(2, 9)
         self.trace = trace
-        self.mutation = mutation
         rng = self.rng
         n = self.devices
         # strict genesis (first view needs a majority of the devices) in some schedules
@@ -256,9 +254,7 @@ class World:
     def _flush(self, process: Process) -> None:
         m = process.membership
         for send in m.take_sends():
-            if self.mutation != "queued" or not isinstance(send.message, Accepted) or \
-                    self.rng.random() > 0.5:
-                self._send(process, send.to, send.message)
+            self._send(process, send.to, send.message)
         if m.installs != process.installs:
             process.installs = m.installs
             self._on_install(process)
@@ -440,13 +436,11 @@ class World:
                 self._fail(f"unbounded promises at {process.node_id}")
 
 
-def run_schedule(seed: int, trace: bool = False, mutation: str = "") -> World:
+def run_schedule(seed: int, trace: bool = False) -> World:
     """Run one seeded schedule (raises Violation on a failed invariant)."""
     logging.getLogger("ringtrain.membership").setLevel(logging.INFO if trace
                                                        else logging.CRITICAL)
-    world = World(seed, trace=trace, mutation=mutation)
+    world = World(seed, trace=trace)
     world.run()
     return world
 
-
-_ = Leave  # the leave fault goes through Membership.leave
