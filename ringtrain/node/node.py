@@ -395,7 +395,11 @@ class Node:
                 must pass the same; error-feedback state is kept per codec name and shapes.
             out: where to put the result: a writeable, C-contiguous numpy array of the
                 same shape and dtype (``array`` itself reduces in place). Saves allocating
-                (and the kernel zeroing) a new result array on every call.
+                (and the kernel zeroing) a new result array on every call. ``out`` is the
+                collective's working buffer: when the call raises, it holds neither the
+                input nor a result but partial sums (keep a copy, or recompute, before a
+                retry). Compression state (the error-feedback residual) is restored on
+                failure, so a retry counts nothing twice.
         """
         return self.all_reduce_async(array, op, weight, timeout, compression, out).wait()
 
@@ -403,7 +407,9 @@ class Node:
                          timeout: float | None = None, compression: str | Codec | None = None,
                          out: np.ndarray | None = None) -> Work:
         """Start :meth:`all_reduce`; ``wait()`` on the returned handle gives the result.
-        With ``out``, leave that array alone until then."""
+        With ``out``, leave that array alone until then: after
+        ``wait`` raised :class:`CollectiveTimeout` the collective may still be writing to it,
+        until :meth:`Work.done`; after any other error it holds partial sums."""
         array = np.array(array, copy=True) if out is None else _into(array, out)
         codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: _single(
@@ -719,9 +725,19 @@ class Node:
 
         def run(sequence: int, deadline: float) -> Any:
             collective = work.build(view.rank, view.world_size)
-            if self._slow_links is not None:
-                collective.compress_slow_links(self._slow_links, view.rank)
-            return self._runner.run(collective, view, sequence, deadline, work.step)
+            compressed = collective.compressed
+            residual = None if compressed is None else compressed.residual
+            # the error-feedback residual changes as segments are encoded: a failed
+            # collective puts back what it held, so a retry counts nothing twice
+            saved = None if residual is None else residual.copy()
+            try:
+                if self._slow_links is not None:
+                    collective.compress_slow_links(self._slow_links, view.rank)
+                return self._runner.run(collective, view, sequence, deadline, work.step)
+            except BaseException:
+                if residual is not None and saved is not None:
+                    residual[...] = saved
+                raise
 
         try:
             result = self._collect(view, work.timeout, run)
