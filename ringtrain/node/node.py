@@ -54,8 +54,10 @@ from ..membership.links import Links
 from ..membership.protocol import MembershipConfig, View
 from ..ring import collectives
 from ..ring import plan as ring
-from ..ring.collectives import Collective, RingRunner
+from ..ring.collectives import Collective
 from ..ring.compression import Codec
+from ..ring.link_probe import measure_link
+from ..ring.runner import RingRunner
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,10 @@ class Node:
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
         self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
         self._view_listeners: list[Callable[[View], None]] = []
+        # observe: the flight recorder (ringtrain.observe.recorder): the runner records each
+        # collective, the views installed become formed / re-formed / joined / left events
+        self.recorder = self._runner.recorder
+        self.on_view_change(self.recorder.view_installed)
         self._closing = False
         self._formed = threading.Event()  # set once a view is announced
         if self._view is not None:
@@ -329,6 +335,17 @@ class Node:
         Every member must then call :meth:`reform` at the same point of its collectives."""
         return self._membership.protocol.reform_due
 
+    def peer_endpoints(self) -> dict[str, str]:
+        """The endpoint (``tcp://host:port``) this node dials each peer at, by node id
+        (for ``ringtrain status`` and clock measurements; observe)."""
+        return {peer: endpoint for peer, endpoint in self._transport.links().items()
+                if not peer.startswith("tcp://")}
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (or :meth:`leave`) was called."""
+        return self._closing
+
     @property
     def bytes_sent(self) -> int:
         """Payload bytes this node has sent in collectives."""
@@ -436,21 +453,34 @@ class Node:
     def reduce_scatter(self, array: Any, op: str = "sum", timeout: float | None = None
                        ) -> np.ndarray:
         """Reduce the flattened ``array``; rank r gets chunk r (sizes differ by at most 1)."""
+        return self.reduce_scatter_async(array, op, timeout).wait()
+
+    def reduce_scatter_async(self, array: Any, op: str = "sum", timeout: float | None = None
+                             ) -> Work:
+        """Start :meth:`reduce_scatter`."""
         array = np.array(array, copy=True)
         return self._submit(lambda rank, size: collectives.reduce_scatter(
-            array, op, rank, size, self._runner.segment_elements), timeout).wait()
+            array, op, rank, size, self._runner.segment_elements), timeout)
 
     def all_gather(self, array: Any, timeout: float | None = None) -> np.ndarray:
         """Every member's ``array`` stacked in rank order: shape (world_size, *array.shape)."""
+        return self.all_gather_async(array, timeout).wait()
+
+    def all_gather_async(self, array: Any, timeout: float | None = None) -> Work:
+        """Start :meth:`all_gather`."""
         array = np.array(array, copy=True)
         return self._submit(lambda rank, size: collectives.all_gather(
-            array, rank, size, self._runner.segment_elements), timeout).wait()
+            array, rank, size, self._runner.segment_elements), timeout)
 
     def broadcast(self, array: Any, root: int = 0, timeout: float | None = None) -> np.ndarray:
         """The ``root`` member's ``array`` on every member (others pass same shape/dtype)."""
+        return self.broadcast_async(array, root, timeout).wait()
+
+    def broadcast_async(self, array: Any, root: int = 0, timeout: float | None = None) -> Work:
+        """Start :meth:`broadcast`."""
         array = np.array(array, copy=True)
         return self._submit(lambda rank, size: collectives.broadcast(
-            array, root, rank, size, self._runner.segment_elements), timeout).wait()
+            array, root, rank, size, self._runner.segment_elements), timeout)
 
     def barrier(self, timeout: float | None = None) -> None:
         """Return once every member has reached this barrier."""
@@ -599,7 +629,7 @@ class Node:
         """Measure the links of the installed view and order its ring (engine thread, as the
         first collectives of the view, so every member does the same).
 
-        Every member streams to every other (``RingRunner.measure_link``), the rates are
+        Every member streams to every other (``ring.link_probe.measure_link``), the rates are
         all-gathered, and each member computes the order from the very same matrix
         (``ring.measured_ring_order``). If either collective fails, this node keeps no ring
         for the generation: its collectives fail at once until the ring re-forms, so no two
@@ -618,8 +648,8 @@ class Node:
                 self._agree_on_probe(view, timeout, shift)
                 rates[(view.rank + shift) % view.world_size] = self._collect(
                     view, timeout, lambda sequence, deadline, shift=shift:
-                    self._runner.measure_link(view, sequence, deadline,
-                                              self.settings.link_probe_bytes, shift))
+                    measure_link(self._runner, view, sequence, deadline,
+                                 self.settings.link_probe_bytes, shift))
             gather = collectives.all_gather(rates, view.rank, view.world_size,
                                             self._runner.segment_elements)
             matrix = self._collect(view, timeout, lambda sequence, deadline:
@@ -772,6 +802,7 @@ class Node:
                 suspect = self._laggard(view) or suspect
             if suspect is not None:
                 self._membership.protocol.suspect(suspect, str(exc))
+                self.recorder.suspected(suspect, str(exc))  # observe
             self._runner.abort_everyone(view, sequence, exc, suspect)
             raise
 

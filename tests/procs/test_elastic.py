@@ -30,7 +30,7 @@ import pytest
 
 from ringtrain.config import Settings
 from ringtrain.node.node import Node
-from ringtrain.ring import collectives
+from ringtrain.ring import runner
 from ringtrain.testing import LocalCluster, free_ports, node_id
 from ringtrain.train.datasets import load_digits
 from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
@@ -101,7 +101,7 @@ class _Recorder(logging.Handler):
 def _arm_suicide(fraction: float, stamp: Path) -> dict:
     """Make this process SIGKILL itself once it has received ``fraction`` of the receives of
     the next all_reduce after arming (the victim's own runner; nothing else is changed)."""
-    original = collectives.RingRunner._accept
+    original = runner.RingRunner._accept
     armed = {"on": False, "count": 0}
 
     def accept(self, collective, view, sequence, message, expected, *rest):
@@ -116,7 +116,7 @@ def _arm_suicide(fraction: float, stamp: Path) -> dict:
                                              "elements": collective.buffer.size}))
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    collectives.RingRunner._accept = accept
+    runner.RingRunner._accept = accept
     return armed
 
 
@@ -501,7 +501,7 @@ def test_a_node_that_keeps_failing_is_backed_off_longer_each_time(tmp_path):
     print(f"\n{node_id(flaky)} crashed twice: re-admitted {waits[0]:.2f} s and {waits[1]:.2f} s "
           f"after each kill; node-00's record of it: {record}; max |param diff| vs one "
           f"process {difference:.2g}")
-    assert record["evictions"] == 2, record
+    assert record["removals"] == 2, record
     assert waits[0] >= 1.0 and waits[1] >= 2.0, waits
 
 
