@@ -49,9 +49,10 @@ from dataclasses import dataclass, field
 
 from ..comm.mailbox import Mailbox, Message
 from ..comm.shm import SharedMemoryLanes
-from ..comm.transport import Transport, normalize_endpoint
+from ..comm.transport import Transport, normalize_endpoint, peer_endpoint
+from ..discovery.candidates import STATIC, CandidateBook
 from ..comm.wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
-from ..errors import ProtocolError, TransportError
+from ..errors import ConfigError, ProtocolError, TransportError
 from ..ring import plan as ring
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,48 @@ class Membership:
     _joining: bool = False  # our proposal is a running ring's offer to admit us
     incarnation: int = field(default_factory=time.time_ns)  # a restart has a higher one
     _incarnations: dict[str, int] = field(default_factory=dict)  # highest seen per peer id
+    candidates: CandidateBook = field(default_factory=CandidateBook)
+    refused_candidates: int = 0  # candidate endpoints refused as malformed
 
     # inputs ---------------------------------------------------------------------------------
 
-    def add_candidates(self, endpoints: Iterable[str]) -> None:
-        """Dial these endpoints and introduce ourselves there."""
+    def add_candidates(self, endpoints: Iterable[str], source: str = STATIC) -> None:
+        """Dial these endpoints and introduce ourselves there, within the candidate book's
+        budgets (see ``discovery.candidates``). ``source``: who told us of them (an advert,
+        a proposer); the user's own list by default. Endpoints that are not ``tcp://IP:PORT``
+        are refused, unless the user gave them."""
+        valid = []
+        for endpoint in list(endpoints)[: 4 * self.candidates.max_per_source]:
+            try:
+                valid.append(normalize_endpoint(endpoint) if source == STATIC
+                             else peer_endpoint(endpoint))
+            except ConfigError as exc:
+                self.refused_candidates += 1
+                if self.refused_candidates <= 3:
+                    log.warning("node %s: ignoring a candidate from %s: %s", self.node_id,
+                                source, exc)
+        self.candidates.offer(valid, source, time.monotonic())
+        self._dial_due()
+
+    def _dial_due(self) -> None:
+        """Hang up expired probes; dial the candidates whose turn it is."""
+        now = time.monotonic()
+        for endpoint in self.candidates.expire(now):
+            if endpoint in self._probes:
+                self._probes.discard(endpoint)
+                self.transport.disconnect(endpoint)
         known = set(self.transport.links().values())
-        for endpoint in endpoints:
-            endpoint = normalize_endpoint(endpoint)
+        for endpoint in self.candidates.due(now):
             if endpoint == self.transport.endpoint or endpoint in known:
+                self.candidates.answered(endpoint)
                 continue
-            self.transport.connect(endpoint, endpoint)
+            self.transport.connect(endpoint, endpoint, watch=True)
             self._probes.add(endpoint)
             known.add(endpoint)
+
+    def _probe_answered(self, probe: str) -> None:
+        self._probes.discard(probe)
+        self.candidates.answered(probe)
 
     def suspect(self, peer: str | None, reason: str) -> None:
         """Treat ``peer`` as failed from now on (until the ring has re-formed without it)."""
@@ -227,6 +257,7 @@ class Membership:
         if now - self._last_resend < RESEND_INTERVAL:
             return
         self._last_resend = now
+        self._dial_due()
         self._hello_unlinked()
         if (self.view is None or self.reforming or self.evicted) and not self.leaving:
             self._agree()
@@ -472,7 +503,7 @@ class Membership:
         if links.get(peer_id) != peer.endpoint:
             probe = next((p for p in self._probes if links.get(p) == peer.endpoint), None)
             if probe is not None:
-                self._probes.discard(probe)
+                self._probe_answered(probe)
                 self.transport.rename_link(probe, peer_id)
             else:
                 self.transport.connect(peer_id, peer.endpoint)
@@ -504,7 +535,11 @@ class Membership:
             BACKOFF_CAP, BACKOFF_FIRST * 2 ** (peer.evictions - 1))
 
     def _reachable_endpoint(self, declared: str, message: Message) -> str:
-        endpoint = normalize_endpoint(declared)
+        try:
+            endpoint = peer_endpoint(declared)
+        except ConfigError as exc:
+            raise ProtocolError("hello.endpoint", "tcp://IP:PORT", str(exc),
+                                message.origin) from None
         if endpoint.startswith("tcp://") and message.peer_address:
             return f"tcp://{message.peer_address}:{endpoint.rpartition(':')[2]}"
         return endpoint
@@ -516,7 +551,7 @@ class Membership:
         if not message.on_link or not 0 < len(peer_id) <= MAX_ID_LENGTH:
             raise ProtocolError("welcome", "a reply on one of our links", message.origin)
         if peer_id == self.node_id:  # we dialled ourselves under another address
-            self._probes.discard(message.origin)
+            self._probe_answered(message.origin)
             self.transport.disconnect(message.origin)
             return
         refused = body.get("refused")
@@ -526,7 +561,7 @@ class Membership:
             self.refusal = refused[:500]
             return
         if message.origin in self._probes:
-            self._probes.discard(message.origin)
+            self._probe_answered(message.origin)
             if self.peers.get(peer_id, PeerState()).welcomed and peer_id in self.transport.links():
                 # another of its addresses answered first: keep that one
                 self.transport.disconnect(message.origin)
@@ -586,9 +621,9 @@ class Membership:
         if generation <= current or self.node_id not in members:
             return  # stale, or a ring without us (we learn of it by heartbeats)
         # dial members we have not met (a joiner learns the ring this way)
-        self.add_candidates(endpoint for member_id, endpoint in entries
-                            if member_id != self.node_id and member_id not in self.peers
-                            and endpoint)
+        self.add_candidates([endpoint for member_id, endpoint in entries
+                             if member_id != self.node_id and member_id not in self.peers
+                             and endpoint], source=f"proposal:{message.origin}")
         mine = self._proposal
         if self.view is None or self.evicted:
             self._consider_offer(generation, members, from_ring=peer.generation > 0)

@@ -36,7 +36,7 @@ import numpy as np
 from ..comm.mailbox import Mailbox
 from ..comm.security import JobKey, key_from_environment
 from ..comm.shm import open_lanes
-from ..comm.transport import Transport, is_loopback, normalize_endpoint
+from ..comm.transport import Transport, is_loopback, normalize_endpoint, raise_fd_limit
 from ..comm.wire import PROTOCOL_VERSION, job_id
 from ..config import Settings
 from ..discovery.mdns import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
@@ -152,6 +152,7 @@ class Node:
                  candidates: Callable[[Callable[[list[str]], None]], None] | None = None,
                  schema: str = "", discover: bool = False, interface: str | None = None):
         self.settings = settings or Settings.from_env()
+        raise_fd_limit()  # budgets on strangers' connections stay far below the limit
         self.node_id = node_id or default_node_id()
         check_name("node id", self.node_id, MAX_NODE_ID)
         check_name("job", job, MAX_JOB)
@@ -201,7 +202,7 @@ class Node:
             self._view = self._installed = self._membership.view = View(1, (self.node_id,), 0)
         self._sequence = 0
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
-        self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
+        self._new_candidates: queue.SimpleQueue[tuple[list[str], str]] = queue.SimpleQueue()
         self._view_listeners: list[Callable[[View], None]] = []
         self._closing = False
         self._formed = threading.Event()  # set once a view is announced
@@ -244,7 +245,8 @@ class Node:
             if (event != "removed" and advert.node_id != self.node_id
                     and advert.key_fingerprint == fingerprint
                     and advert.protocol == PROTOCOL_VERSION):
-                self.add_candidates([f"{address}:{advert.port}" for address in advert.addresses])
+                self.add_candidates([f"{address}:{advert.port}" for address in advert.addresses],
+                                    source=f"advert:{advert.node_id}")
 
         self._browser = self._discovery.browse(job=self.job, on_change=on_change)
         self._announcer = self._discovery.announce(Advert(
@@ -268,9 +270,11 @@ class Node:
                 return False
         return True
 
-    def add_candidates(self, endpoints: list[str]) -> None:
-        """Dial these ``host:port`` endpoints (safe from any thread, e.g. mDNS callbacks)."""
-        self._new_candidates.put(list(endpoints))
+    def add_candidates(self, endpoints: list[str], source: str = "extra") -> None:
+        """Dial these ``IP:port`` endpoints (safe from any thread, e.g. mDNS callbacks), within
+        the budgets of ``discovery.candidates``: ``source`` names who told us of them (an
+        advert, say), for the per-source limits."""
+        self._new_candidates.put((list(endpoints), source))
         self._transport.wake()
 
     def on_view_change(self, listener: Callable[[View], None]) -> None:
@@ -337,6 +341,8 @@ class Node:
                 "dropped": {**self._mailbox.dropped, **(
                     {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
                 "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
+                "candidates": self._membership.candidates.state(),
+                "connections": self._transport.budget(),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
 
     def _slow_link_names(self) -> list[str] | None:
@@ -539,11 +545,17 @@ class Node:
 
     def _serve_membership(self) -> None:
         """Membership work on the engine thread: new candidates, control messages, ticks."""
+        self._transport.check_health()
         while True:
             try:
-                self._membership.add_candidates(self._new_candidates.get_nowait())
+                endpoints, source = self._new_candidates.get_nowait()
             except queue.Empty:
                 break
+            try:
+                self._membership.add_candidates(endpoints, source)
+            except RingtrainError as exc:  # e.g. out of sockets: the next turn tries again
+                log.warning("node %s: cannot dial candidates from %s: %s", self.node_id,
+                            source, exc)
         self._mailbox.drain()
         while self._mailbox.control:
             message = self._mailbox.control.popleft()
@@ -551,6 +563,15 @@ class Node:
                 self._membership.handle(message)
             except ProtocolError as exc:
                 self._mailbox.reject(message, exc)  # counted, logged once per sender
+            except Exception as exc:  # noqa: BLE001 - a peer's message must not stop us
+                # whatever a peer's message made membership raise is that peer's offence: it
+                # is counted like a malformed message (and evicts it when repeated)
+                log.debug("node %s: control message from %s raised", self.node_id,
+                          message.origin, exc_info=True)
+                self._mailbox.reject(message, ProtocolError(
+                    f"{message.header.kind.name.lower()} (handling raised)",
+                    "a message this node can act on", f"{type(exc).__name__}: {exc}"[:200],
+                    message.origin))
         for peer, reason in self._mailbox.take_offenders().items():
             self._membership.suspect(peer, reason)  # a member that keeps sending garbage
         self._membership.tick()

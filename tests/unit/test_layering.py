@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "errors": 0, "config": 0, "comm": 0, "comm.wire": 0, "comm.security": 0, "ring": 0,
     "ring.plan": 0, "ring.compression": 0, "train.nn": 0, "train.optim": 0,
     "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
-    "lab": 0, "bench": 0, "cli": 0,
+    "lab": 0, "bench": 0, "cli": 0, "discovery.candidates": 0,
     # 1 one outside world each
     "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
     "lab.netns": 1, "lab.cpu_budget": 1,
