@@ -2,7 +2,8 @@
 module only parses arguments and maps errors to exit codes.
 
 Exit codes: 0 success; 1 a ringtrain error at run time (ring failed, peer misbehaved);
-2 bad usage or configuration; 130 interrupted.
+2 bad usage or configuration, or a key problem (missing, refused, another job's); 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import ConfigError, RingtrainError
+from ..errors import ConfigError, RingtrainError, SecurityError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return int(args.module.run(args))
-    except ConfigError as exc:
+    except (ConfigError, SecurityError) as exc:  # a key mismatch is the user's to fix, too
         print(f"ringtrain: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RingtrainError as exc:

@@ -55,10 +55,12 @@ from ..ring import collectives
 from ..ring import plan as ring
 from ..ring.collectives import Collective, RingRunner
 from ..ring.compression import Codec
+from .wrong_key import WrongKeyDetector
 
 log = logging.getLogger(__name__)
 
 Builder = Callable[[int, int], Collective]  # (rank, world_size) -> collective
+KEY_CHECK_INTERVAL = 0.5  # seconds between looks for evidence of a wrong key while forming
 
 
 class Work:
@@ -209,6 +211,10 @@ class Node:
         if self._view is not None:
             self._formed.set()  # a ring of one, formed at once
         self._fatal: BaseException | None = None
+        self._wrong_key = (WrongKeyDetector(job, key.fingerprint, time.monotonic())
+                           if key is not None else None)
+        self._key_error: RingtrainError | None = None  # why forming cannot succeed
+        self._last_key_check = 0.0
         self._thread = threading.Thread(target=self._engine, name=f"ringtrain-{self.node_id}",
                                         daemon=True)
         self._thread.start()
@@ -242,6 +248,10 @@ class Node:
         self._discovery = Discovery(addresses)
 
         def on_change(event: str, advert: Advert) -> None:
+            if (event != "removed" and self._wrong_key is not None and advert.job == self.job
+                    and advert.protocol == PROTOCOL_VERSION and advert.node_id != self.node_id):
+                self._wrong_key.saw_advert(advert.node_id, advert.addresses, advert.port,
+                                           advert.key_fingerprint, time.monotonic())
             if (event != "removed" and advert.node_id != self.node_id
                     and advert.key_fingerprint == fingerprint
                     and advert.protocol == PROTOCOL_VERSION):
@@ -262,6 +272,10 @@ class Node:
     def _wait_formed(self) -> bool:
         deadline = time.monotonic() + self.settings.form_timeout
         while not self._formed.wait(0.1):
+            if self._key_error is not None:
+                error = self._key_error
+                self.close()
+                raise error
             if self._membership.refusal:
                 refusal = self._membership.refusal
                 self.close()
@@ -575,9 +589,21 @@ class Node:
         for peer, reason in self._mailbox.take_offenders().items():
             self._membership.suspect(peer, reason)  # a member that keeps sending garbage
         self._membership.tick()
+        if self._view is None and self._wrong_key is not None:
+            self._check_key()
         installed = self._membership.view
         if installed is not None and installed != self._installed:
             self._install(installed)
+
+    def _check_key(self) -> None:
+        """While forming: weigh the evidence of a wrong job key (see ``wrong_key``)."""
+        now = time.monotonic()
+        if now - self._last_key_check < KEY_CHECK_INTERVAL:
+            return
+        self._last_key_check = now
+        self._wrong_key.saw_refusals(self._transport.refused_links(), now)
+        linked = any(p.heard or p.welcomed for p in self._membership.peers.values())
+        self._key_error = self._wrong_key.verdict(now, linked)
 
     def _install(self, view: View) -> None:
         self._installed = view

@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     # 2 protocols
     "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
     # 3 the node, and the package surface that re-exports it
-    "node.node": 3, "node.launch": 3, "__init__": 3,
+    "node.node": 3, "node.launch": 3, "node.wrong_key": 3, "__init__": 3,
     # 4 training and tools built on a node
     "train": 4, "testing": 4, "integrations": 4,
     # 5 entry points and tooling
