@@ -59,6 +59,7 @@ import zmq.utils.z85
 
 from ..config import Settings
 from ..errors import ConfigError, SecurityError, TransportError
+from .identity import DeviceKey, device_fingerprint
 from .security import JobKey
 from .wire import HEADER_SIZE, MAX_CONTROL_BYTES, split_payload
 
@@ -98,7 +99,7 @@ class ZapHandler:
     budgets.
 
     CURVE clients are let through with their public key (Z85) as ``User-Id``; anything else is
-    refused, and so is a key in ``denied`` (a revoked device). Whether a key belongs to a
+    refused, and so is a key whose device fingerprint is in ``revoked``. Whether a key belongs to a
     member is decided later, from the HELLO it sends (see ``membership``). A client whose
     address already holds ``max_per_address`` open connections is refused, unless its key is
     in ``admitted`` (a member reconnecting).
@@ -137,7 +138,7 @@ class ZapHandler:
         self.refused = 0
         self.shut = 0  # young connections shut for being over budget
         self.admitted = admitted
-        self.denied: set[str] = set()  # Z85 keys refused outright (revoked devices)
+        self.revoked: set[str] = set()  # device fingerprints refused outright
         self.max_per_address = max_per_address
         self.handshake_timeout = handshake_timeout
         self.connections: dict[int, str] = {}  # file descriptor -> remote address
@@ -278,7 +279,7 @@ class ZapHandler:
         address = request[3].decode("utf-8", "replace")
         self._handshaken(address)
         text = key.decode()
-        if text in self.denied:
+        if self.revoked and device_fingerprint(text) in self.revoked:
             self.refused += 1
             return _zap_refusal(request, b"400", b"revoked")
         if text not in frozenset(self.admitted.values()):
@@ -353,6 +354,12 @@ def split_route(route: bytes) -> tuple[str, str]:
     libzmq made up) give their whole text and an empty tag."""
     node_id, _, tag = route.partition(ROUTE_SEPARATOR)
     return node_id.decode("utf-8", "replace"), tag.decode("utf-8", "replace")
+
+
+def new_curve_keypair() -> tuple[str, str]:
+    """A fresh CURVE key pair, (public, secret) as Z85 text: a new device's key."""
+    public, secret = zmq.curve_keypair()
+    return public.decode(), secret.decode()
 
 
 def check_libzmq() -> None:
@@ -455,6 +462,8 @@ class Transport:
         settings: limits and timeouts.
         key: the job key; None runs without authentication or encryption (loopback only,
             enforced by the caller).
+        device: this device's key pair, which every link we dial authenticates with (a
+            random pair for this process if None).
 
     Attributes:
         admitted: node id -> the CURVE key membership admitted for it. The mailbox shares this
@@ -462,7 +471,8 @@ class Transport:
             the connection cap.
     """
 
-    def __init__(self, identity: str, listen: str, settings: Settings, key: JobKey | None):
+    def __init__(self, identity: str, listen: str, settings: Settings, key: JobKey | None,
+                 device: DeviceKey | None = None):
         check_libzmq()
         if key is not None and not zmq.has("curve"):
             raise SecurityError("this libzmq has no CURVE support; pip install -U pyzmq")
@@ -481,7 +491,13 @@ class Transport:
                                 settings.handshake_timeout) if key is not None else None)
         self._watches: dict[str, tuple[zmq.Socket, list[float]]] = {}  # link -> its monitor
         if key is not None:
-            self.public_key, self._secret_key = zmq.curve_keypair()
+            if device is not None:  # the device's own key: it is who dials
+                self.public_key, self._secret_key = device.public.encode(), device.secret.encode()
+                if zmq.curve_public(self._secret_key) != self.public_key:
+                    raise SecurityError("the device key's public half does not match its "
+                                        "secret half: delete the device key file")
+            else:
+                self.public_key, self._secret_key = zmq.curve_keypair()
             tag = self.public_key
         else:
             self.public_key, self._secret_key = b"", b""
@@ -788,10 +804,9 @@ class Transport:
         return dict(self._zap.wrong_key) if self._zap is not None else {}
 
     @property
-    def denied_keys(self) -> set[str]:
-        """CURVE keys (Z85) refused at the handshake, e.g. revoked devices (keyed rings;
-        add to it)."""
-        return self._zap.denied if self._zap is not None else set()
+    def revoked_fingerprints(self) -> set[str]:
+        """Device fingerprints refused at the handshake (keyed rings; add to it)."""
+        return self._zap.revoked if self._zap is not None else set()
 
     def check_health(self) -> None:
         """Raise if a thread the transport relies on has stopped.

@@ -79,6 +79,7 @@ class MessageKind(enum.IntEnum):
     PROPOSE = 5  # a membership proposal (JSON: generation, members)
     HEARTBEAT = 6  # application liveness and progress (JSON: state)
     LEAVE = 7  # the sender leaves the ring gracefully
+    LEDGER = 16  # revoked and admitted devices (JSON: fingerprints), see node.gate
 
 
 DTYPE_CODES: dict[int, np.dtype] = {

@@ -44,7 +44,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..comm.mailbox import Mailbox, Message
@@ -151,6 +151,9 @@ class Membership:
     incarnation: int = field(default_factory=time.time_ns)  # a restart has a higher one
     _incarnations: dict[str, int] = field(default_factory=dict)  # highest seen per peer id
     candidates: CandidateBook = field(default_factory=CandidateBook)
+    # the device check (``node.gate``): (node id, proven CURVE key) -> None, or why it is
+    # refused; called for every HELLO whose job-key proof holds
+    admit: Callable[[str, str], str | None] | None = None
     refused_candidates: int = 0  # candidate endpoints refused as malformed
 
     # inputs ---------------------------------------------------------------------------------
@@ -467,6 +470,12 @@ class Membership:
                                                    peer_id, body["key"], incarnation))):
             raise ProtocolError("hello.proof", "proof of the job key for the connection's "
                                 "CURVE key", "a proof that does not verify", message.origin)
+        # the device check, before anything of the peer's state changes (an impostor's HELLO
+        # must not fence off the incarnation of the device whose id it claims)
+        refusal = self.admit(peer_id, message.user) \
+            if self.admit is not None and self.transport.key is not None else None
+        if refusal is not None:
+            raise ProtocolError("hello.device", "an admitted device", refusal, message.origin)
         known = self._incarnations.get(peer_id, 0)
         if incarnation < known:
             # an older process under a live id (say, one that was stopped and woke up)

@@ -33,10 +33,18 @@ from typing import Any
 
 import numpy as np
 
+from ..comm.identity import DeviceIdentity, derived_node_id, open_device
+from ..comm.ledger import Ledger, ledger_file
 from ..comm.mailbox import Mailbox
 from ..comm.security import JobKey, key_from_environment
 from ..comm.shm import open_lanes
-from ..comm.transport import Transport, is_loopback, normalize_endpoint, raise_fd_limit
+from ..comm.transport import (
+    Transport,
+    is_loopback,
+    new_curve_keypair,
+    normalize_endpoint,
+    raise_fd_limit,
+)
 from ..comm.wire import PROTOCOL_VERSION, job_id
 from ..config import Settings
 from ..discovery.mdns import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
@@ -55,6 +63,7 @@ from ..ring import collectives
 from ..ring import plan as ring
 from ..ring.collectives import Collective, RingRunner
 from ..ring.compression import Codec
+from .gate import Gate, is_ledger
 from .wrong_key import WrongKeyDetector
 
 log = logging.getLogger(__name__)
@@ -124,9 +133,11 @@ class Node:
         min_size, max_size: bounds on the ring size as it shrinks and grows (elastic).
             Below ``min_size`` the job waits for nodes to come back; nodes beyond
             ``max_size`` are not admitted. Defaults 1 and 64.
-        node_id: this node's unique id (default: derived from the host name plus random
-            digits). Ring order sorts by id, unless links are measured
-            (``Settings.link_probe_bytes``): then ranks follow the measured order.
+        node_id: this node's unique id. Default with a key: the host name plus the
+            device key's fingerprint (``comm.identity``), which nobody else can claim; a
+            chosen id is bound to this device by every member that admits it. Without a
+            key: the host name plus random digits. Ring order sorts by id, unless links are
+            measured (``Settings.link_probe_bytes``): then ranks follow the measured order.
         settings: timeouts and limits (default: :meth:`Settings.from_env`).
         key: the job key (default: from ``RINGTRAIN_KEY_FILE`` or ``RINGTRAIN_KEY``). Every
             link is then authenticated and encrypted with CURVE.
@@ -140,6 +151,8 @@ class Node:
             candidates to dial: a peer is trusted only once its handshake proves the job key.
         interface: with ``discover``, the interface (name or IPv4 address) to announce and
             browse on; default: every non-loopback interface.
+        device: this device's identity (default with a key: the device key file of this
+            node's name in ``RINGTRAIN_DEVICE_DIR``, made on first use; ``comm.identity``).
 
     Raises:
         ConfigError: bad arguments; no key and not ``insecure``; ``insecure`` off loopback.
@@ -152,11 +165,12 @@ class Node:
                  node_id: str | None = None, settings: Settings | None = None,
                  key: JobKey | None = None, insecure: bool = False,
                  candidates: Callable[[Callable[[list[str]], None]], None] | None = None,
-                 schema: str = "", discover: bool = False, interface: str | None = None):
+                 schema: str = "", discover: bool = False, interface: str | None = None,
+                 device: DeviceIdentity | None = None):
         self.settings = settings or Settings.from_env()
         raise_fd_limit()  # budgets on strangers' connections stay far below the limit
-        self.node_id = node_id or default_node_id()
-        check_name("node id", self.node_id, MAX_NODE_ID)
+        if node_id is not None:
+            check_name("node id", node_id, MAX_NODE_ID)
         check_name("job", job, MAX_JOB)
         self.job = job
         self._job_id = job_id(job)
@@ -168,7 +182,19 @@ class Node:
         if key is None:
             _check_insecure_allowed(insecure, [listen, *peers])
         self.key = key
-        self._transport = Transport(self.node_id, listen, self.settings, key)
+        self._device = None if key is None else \
+            device or open_device(node_id or default_name(), new_curve_keypair)
+        if node_id is None:
+            node_id = default_node_id() if self._device is None else \
+                derived_node_id(default_name(), self._device.key.public)
+        self.node_id = node_id
+        try:
+            self._transport = Transport(self.node_id, listen, self.settings, key,
+                                        self._device.key if self._device else None)
+        except BaseException:
+            if self._device is not None and device is None:
+                self._device.close()
+            raise
         self.endpoint = self._transport.endpoint
         peer_endpoints = {normalize_endpoint(p) for p in peers} - {self.endpoint}
         min_size = 1 if min_size is None else min_size
@@ -190,6 +216,14 @@ class Node:
             min_size, max_size, self.settings.settle if elastic_start else 0.0,
             self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema,
             lanes=self._lanes)
+        self._gate: Gate | None = None
+        if self._device is not None:
+            self._membership.incarnation = self._device.incarnation  # counts boots, not time
+            directory = self._device.path.parent if self._device.path is not None else None
+            ledger = Ledger.open(ledger_file(directory, key.fingerprint) if directory else None)
+            self._gate = Gate(self._device, ledger, self._transport, self._mailbox,
+                              self._membership, job)
+            self._membership.admit = self._gate.admit
         self._membership.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_floor, self.settings.progress_timeout,
@@ -356,6 +390,7 @@ class Node:
                     {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
                 "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
                 "candidates": self._membership.candidates.state(),
+                "identity": None if self._gate is None else self._gate.state(),
                 "connections": self._transport.budget(),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
 
@@ -556,6 +591,8 @@ class Node:
             self._transport.close(linger=0 if self._fatal else self.settings.linger)
             if self._lanes is not None:
                 self._lanes.close()
+            if self._device is not None:
+                self._device.close()
 
     def _serve_membership(self) -> None:
         """Membership work on the engine thread: new candidates, control messages, ticks."""
@@ -574,6 +611,9 @@ class Node:
         while self._mailbox.control:
             message = self._mailbox.control.popleft()
             try:
+                if self._gate is not None and is_ledger(message):
+                    self._gate.handle(message)
+                    continue
                 self._membership.handle(message)
             except ProtocolError as exc:
                 self._mailbox.reject(message, exc)  # counted, logged once per sender
@@ -589,6 +629,8 @@ class Node:
         for peer, reason in self._mailbox.take_offenders().items():
             self._membership.suspect(peer, reason)  # a member that keeps sending garbage
         self._membership.tick()
+        if self._gate is not None:
+            self._gate.tick()
         if self._view is None and self._wrong_key is not None:
             self._check_key()
         installed = self._membership.view
@@ -852,9 +894,15 @@ def check_name(what: str, value: str, limit: int) -> None:
 
 
 def default_node_id() -> str:
-    """This host's name (cleaned up) plus random digits, e.g. ``laptop-3f9a1c``."""
+    """This host's name (cleaned up) plus random digits, e.g. ``laptop-3f9a1c`` (rings with
+    no key; with a key a node's id derives from its device key, see ``comm.identity``)."""
+    return f"{default_name()[:MAX_NODE_ID - 7]}-{secrets.token_hex(3)}"
+
+
+def default_name() -> str:
+    """This host's name, cleaned up to letters, digits, '-' and '_'."""
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]).strip("-_")
-    return f"{host[:MAX_NODE_ID - 7] or 'node'}-{secrets.token_hex(3)}"
+    return host or "node"
 
 
 def _is_loopback_name(interface: str | None) -> bool:

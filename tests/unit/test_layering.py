@@ -21,7 +21,7 @@ PACKAGE = Path(ringtrain.__file__).parent
 # -> layer. The table follows the folders: each subpackage is one concern.
 LAYERS: dict[str, int] = {
     # 0 pure: stdlib and numpy only
-    "errors": 0, "config": 0, "comm": 0, "comm.wire": 0, "comm.security": 0, "ring": 0,
+    "errors": 0, "config": 0, "comm": 0, "comm.wire": 0, "comm.security": 0, "comm.identity": 0, "comm.ledger": 0, "ring": 0,
     "ring.plan": 0, "ring.compression": 0, "train.nn": 0, "train.optim": 0,
     "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
     "lab": 0, "bench": 0, "cli": 0, "discovery.candidates": 0,
@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     # 2 protocols
     "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
     # 3 the node, and the package surface that re-exports it
-    "node.node": 3, "node.launch": 3, "node.wrong_key": 3, "__init__": 3,
+    "node.node": 3, "node.launch": 3, "node.wrong_key": 3, "node.gate": 3, "__init__": 3,
     # 4 training and tools built on a node
     "train": 4, "testing": 4, "integrations": 4,
     # 5 entry points and tooling
