@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
               "list the ringtrain nodes announcing themselves on the LAN"),
     "keygen": ("ringtrain.cli.keygen",
                "write a new job key to a file (mode 0600); print its fingerprint"),
+    "revoke": ("ringtrain.cli.revoke",
+               "expel a device from a job (every member refuses it), or admit a new one"),
     "bench": ("ringtrain.bench.allreduce",
               "all-reduce time and bandwidth per size, beside Gloo, on loopback or an emulated "
               "LAN"),

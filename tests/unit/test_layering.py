@@ -36,7 +36,7 @@ LAYERS: dict[str, int] = {
     "train": 4, "testing": 4, "integrations": 4,
     # 5 entry points and tooling
     "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
-    "cli.allreduce_demo": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
+    "cli.allreduce_demo": 5, "cli.revoke": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
     "bench.mpi_baseline": 5,
 }
