@@ -587,10 +587,13 @@ class Transport:
             self._watches[link] = (monitor, [0.0, 0, 0])
 
     def refused_links(self) -> dict[str, tuple[int, int]]:
-        """Watched links whose peer refused our key handshake: link -> (handshakes that failed
+        """Watched links whose peer refused our key handshake: endpoint -> (handshakes that failed
         within ``REFUSED_WITHIN_S`` of connecting: the peer could not open our CURVE HELLO,
         so it holds another job key; handshakes its key check refused, e.g. a revoked
-        device). Links with neither are left out. Reads the watches' events, never blocks."""
+        device). Links with neither are left out. Reads the watches' events, never blocks.
+
+        Call it often (every turn or so): libzmq blocks its I/O thread once a monitor's
+        queue is full, so watched links' events must be read."""
         refused = {}
         for link, (monitor, state) in list(self._watches.items()):
             try:
@@ -609,13 +612,22 @@ class Transport:
             except zmq.ZMQError:
                 continue
             if state[1] or state[2]:
-                refused[link] = (int(state[1]), int(state[2]))
+                refused[self._link_endpoints.get(link, link)] = (int(state[1]), int(state[2]))
         return refused
 
     def _unwatch(self, link: str) -> None:
         watch = self._watches.pop(link, None)
-        if watch is not None:
-            watch[0].close(linger=0)
+        if watch is None:
+            return
+        sock = self._links.get(link)
+        if sock is not None:
+            # first stop the events: libzmq's I/O thread blocks, and with it every socket of
+            # the context, on a monitor whose reader is gone (seen here)
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        watch[0].close(linger=0)
 
     def rename_link(self, old: str, new: str) -> None:
         """Give an outgoing link a new name (e.g. its endpoint → the peer's node id)."""
@@ -623,15 +635,16 @@ class Transport:
             return
         if new in self._links:
             self.disconnect(new)
-        self._unwatch(old)  # it answered: its handshakes succeed
+        if old in self._watches:
+            self._watches[new] = self._watches.pop(old)
         self._links[new] = self._links.pop(old)
         self._link_endpoints[new] = self._link_endpoints.pop(old)
 
     def disconnect(self, link: str) -> None:
         """Close an outgoing link, dropping whatever it still queues."""
+        self._unwatch(link)
         sock = self._links.pop(link, None)
         self._link_endpoints.pop(link, None)
-        self._unwatch(link)
         if sock is not None:
             if sock in self._ready:
                 self._ready.remove(sock)

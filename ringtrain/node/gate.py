@@ -115,16 +115,21 @@ class Gate:
                 except TransportError:
                     pass
         if self.revoked_self:
-            raise SecurityError(f"this device ({self.device.fingerprint}) was revoked from "
-                                f"job {self.job!r}; a new device key is refused too while the "
-                                f"job stays closed: ask a member to run `ringtrain revoke "
-                                f"--admit <fingerprint>`")
+            raise self.revoked_error()
+
+    def revoked_error(self) -> SecurityError:
+        """Why this node stops: its own device was revoked."""
+        return SecurityError(f"this device ({self.device.fingerprint}) was revoked from job "
+                             f"{self.job!r}; a new device key is refused too while the job "
+                             f"stays closed: ask a member to run `ringtrain revoke --admit "
+                             f"<fingerprint>`")
 
     def _apply(self, news: set[str]) -> None:
         """Refuse the newly revoked devices everywhere."""
         self.transport.revoked_fingerprints.update(news)
         if self.device.fingerprint in news:
             self.revoked_self = True
+        frames = self._frames()
         for member, key in list(self.mailbox.admitted.items()):
             if device_fingerprint(key) in news:
                 del self.mailbox.admitted[member]
@@ -132,7 +137,10 @@ class Gate:
                 peer = self.membership.peers.get(member)
                 if peer is not None:
                     peer.heard = False  # its messages are refused from now on
-                self.transport.disconnect(member)
+                try:  # tell it too, so that it stops with the cause
+                    self.transport.try_send(member, frames)
+                except TransportError:
+                    pass
 
     def _frames(self) -> list[bytes]:
         payload = encode_control(self.ledger.gossip())

@@ -217,6 +217,7 @@ class Node:
             self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema,
             lanes=self._lanes)
         self._gate: Gate | None = None
+        self._key_error: RingtrainError | None = None  # why forming cannot succeed
         if self._device is not None:
             self._membership.incarnation = self._device.incarnation  # counts boots, not time
             directory = self._device.path.parent if self._device.path is not None else None
@@ -224,6 +225,8 @@ class Node:
             self._gate = Gate(self._device, ledger, self._transport, self._mailbox,
                               self._membership, job)
             self._membership.admit = self._gate.admit
+            if self._device.fingerprint in ledger.revoked:  # told so before it stopped
+                self._key_error = self._gate.revoked_error()
         self._membership.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_floor, self.settings.progress_timeout,
@@ -247,7 +250,6 @@ class Node:
         self._fatal: BaseException | None = None
         self._wrong_key = (WrongKeyDetector(job, key.fingerprint, time.monotonic())
                            if key is not None else None)
-        self._key_error: RingtrainError | None = None  # why forming cannot succeed
         self._last_key_check = 0.0
         self._thread = threading.Thread(target=self._engine, name=f"ringtrain-{self.node_id}",
                                         daemon=True)
@@ -631,21 +633,25 @@ class Node:
         self._membership.tick()
         if self._gate is not None:
             self._gate.tick()
-        if self._view is None and self._wrong_key is not None:
+        if self._wrong_key is not None:
             self._check_key()
         installed = self._membership.view
         if installed is not None and installed != self._installed:
             self._install(installed)
 
     def _check_key(self) -> None:
-        """While forming: weigh the evidence of a wrong job key (see ``wrong_key``)."""
+        """Read the probes' handshake events (always: see ``Transport.refused_links``) and,
+        while forming, weigh the evidence of a wrong job key (see ``wrong_key``)."""
         now = time.monotonic()
         if now - self._last_key_check < KEY_CHECK_INTERVAL:
             return
         self._last_key_check = now
         self._wrong_key.saw_refusals(self._transport.refused_links(), now)
-        linked = any(p.heard or p.welcomed for p in self._membership.peers.values())
-        self._key_error = self._wrong_key.verdict(now, linked)
+        if self._view is None:
+            # linked: some peer answered us (hearing from peers is not enough: a revoked
+            # device still hears the members that dial it)
+            linked = any(p.welcomed for p in self._membership.peers.values())
+            self._key_error = self._key_error or self._wrong_key.verdict(now, linked)
 
     def _install(self, view: View) -> None:
         self._installed = view

@@ -187,20 +187,29 @@ def test_a_revoked_device_is_refused_by_every_member_also_after_restarts(tmp_pat
             time.sleep(0.1)
         assert "was revoked" in str(ring[2]._fatal)
         ring[2].close()
-        # it restarts: refused at the handshake, and told so
-        with pytest.raises(SecurityError, match="refused our device key"):
+        # it restarts: it knows, and the others refuse it at the handshake anyway
+        with pytest.raises(SecurityError, match="was revoked"):
             _ring(key, endpoints, [2], devices=devices, settings=FAST, world_size=3)
         # the others restart too (the revocation is in each one's ledger)
         for node in survivors:
             node.close()
         survivors = _ring(key, endpoints, range(2), devices=devices, world_size=2,
                           settings=PATIENT)
+        # its ledger lost (a copy of the job key and device key elsewhere): the others refuse
+        # the device key at the handshake, and it is told so
+        (devices / "2" / f"{key.fingerprint}.ledger").unlink()
         with pytest.raises(SecurityError, match="refused our device key"):
             _ring(key, endpoints, [2], devices=devices, settings=FAST, world_size=3)
-        # and a new device key made on the revoked device is refused too: the job is closed
+        # a new device key made on the revoked device is refused too: under the old name
+        # (bound to the revoked device), and under a new one (the job is closed)
         with pytest.raises(MembershipError):
             _ring(key, endpoints, [2], devices=tmp_path / "new", settings=FAST, world_size=3)
-        assert _refused(survivors).get("closed", 0) >= 1
+        with pytest.raises(MembershipError):
+            Node(endpoints, listen=endpoints[2], node_id="newcomer", key=key, job="identity",
+                 world_size=3, settings=FAST,
+                 device=open_device("newcomer", new_curve_keypair, tmp_path / "new"))
+        refused = _refused(survivors)
+        assert refused.get("id claimed", 0) >= 1 and refused.get("closed", 0) >= 1, refused
         assert _all_reduce(survivors) == [2.0, 2.0]  # no re-keying
     finally:
         for node in [*ring, *survivors]:
