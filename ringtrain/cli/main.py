@@ -42,6 +42,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-hostile": ("ringtrain.bench.hostile",
+                      "a keyless stranger floods a training ring with adverts and idle "
+                      "connections on an emulated LAN (root): stalls and descriptors"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",

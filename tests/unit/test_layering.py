@@ -38,7 +38,8 @@ LAYERS: dict[str, int] = {
     "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
     "cli.allreduce_demo": 5, "cli.revoke": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
     "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
-    "bench.mpi_baseline": 5,
+    "bench.mpi_baseline": 5, "bench.hostile": 5, "bench.hostile_worker": 5,
+    "lab.hostile": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
