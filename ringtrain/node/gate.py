@@ -24,7 +24,7 @@ from ..comm.mailbox import Mailbox, Message
 from ..comm.transport import Transport
 from ..comm.wire import Header, MessageKind, decode_control, encode_control
 from ..errors import SecurityError, TransportError
-from ..membership.protocol import Membership
+from ..membership.links import Links
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ class Gate:
     """
 
     def __init__(self, device: DeviceIdentity, ledger: Ledger, transport: Transport,
-                 mailbox: Mailbox, membership: Membership, job: str):
+                 mailbox: Mailbox, membership: Links, job: str):
         self.device = device
         self.ledger = ledger
         self.transport = transport
         self.mailbox = mailbox
         self.membership = membership
         self.job = job
+        self.node_id = membership.node_id
         self.refused: dict[str, int] = {}  # reason kind -> count of refused HELLOs
         self.revoked_self = False
         self._told: set[str] = set()  # peers told the current ledger
@@ -80,7 +81,7 @@ class Gate:
         news = self.ledger.merge(body["revoked"], body["admitted"])
         if news:
             log.warning("node %s: member %s says device(s) %s were revoked from job %r; "
-                        "refusing them from now on", self.membership.node_id, message.origin,
+                        "refusing them from now on", self.node_id, message.origin,
                         ", ".join(sorted(news)), self.job)
             self._apply(news)
 
@@ -97,15 +98,16 @@ class Gate:
                 news = self.ledger.reload()
                 if news:
                     log.warning("node %s: device(s) %s revoked on this device; telling every "
-                                "member", self.membership.node_id, ", ".join(sorted(news)))
+                                "member", self.node_id, ", ".join(sorted(news)))
                     self._apply(news)
         digest = repr(self.ledger.gossip())
         if digest != self._digest:
             self._digest, self._told = digest, set()
         if now - self._last_gossip >= GOSSIP_INTERVAL:
             self._last_gossip, self._told = now, set()
-        linked = [p for p, s in self.membership.peers.items()
-                  if s.heard and s.welcomed and not s.left and p not in self._told]
+        peers = self.membership.protocol.peers
+        linked = [p for p in sorted(self.membership.welcomed)
+                  if p in peers and p in self.mailbox.admitted and p not in self._told]
         if linked and (self.ledger.revoked or self.ledger.admitted):
             frames = self._frames()
             for peer in linked:
@@ -133,10 +135,8 @@ class Gate:
         for member, key in list(self.mailbox.admitted.items()):
             if device_fingerprint(key) in news:
                 del self.mailbox.admitted[member]
-                self.membership.suspect(member, "its device was revoked")
-                peer = self.membership.peers.get(member)
-                if peer is not None:
-                    peer.heard = False  # its messages are refused from now on
+                # its messages are refused from now on (not admitted); the next view drops it
+                self.membership.protocol.suspect(member, "its device was revoked")
                 try:  # tell it too, so that it stops with the cause
                     self.transport.try_send(member, frames)
                 except TransportError:

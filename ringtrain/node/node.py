@@ -58,7 +58,8 @@ from ..errors import (
     ProtocolError,
     RingtrainError,
 )
-from ..membership.protocol import Membership, View
+from ..membership.links import Links
+from ..membership.protocol import MembershipConfig, View
 from ..ring import collectives
 from ..ring import plan as ring
 from ..ring.collectives import Collective, RingRunner
@@ -67,6 +68,8 @@ from .gate import Gate, is_ledger
 from .wrong_key import WrongKeyDetector
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_INTERVAL = 0.5  # seconds between the engine's snapshots of state()
 
 Builder = Callable[[int, int], Collective]  # (rank, world_size) -> collective
 KEY_CHECK_INTERVAL = 0.5  # seconds between looks for evidence of a wrong key while forming
@@ -211,15 +214,19 @@ class Node:
         if self._lanes is not None:
             self._mailbox.doors = self._lanes
             self._transport.watch(self._lanes.fileno())
-        self._membership = Membership(
-            self.node_id, job, self._job_id, self._transport, self._mailbox, world_size,
-            min_size, max_size, self.settings.settle if elastic_start else 0.0,
-            self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema,
-            lanes=self._lanes)
+        self._membership = Links(
+            self.node_id, job, self._job_id, self._transport, self._mailbox, MembershipConfig(
+                form_size=world_size, min_size=min_size, max_size=max_size,
+                settle=self.settings.settle if elastic_start else 0.0,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                suspect_timeout=self.settings.heartbeat_timeout,
+                round_timeout=max(0.5, 2 * self.settings.heartbeat_interval)),
+            schema, lanes=self._lanes,
+            # a device counts its boots: a restart is recognised however the clock moved
+            incarnation=self._device.incarnation if self._device is not None else None)
         self._gate: Gate | None = None
         self._key_error: RingtrainError | None = None  # why forming cannot succeed
         if self._device is not None:
-            self._membership.incarnation = self._device.incarnation  # counts boots, not time
             directory = self._device.path.parent if self._device.path is not None else None
             ledger = Ledger.open(ledger_file(directory, key.fingerprint) if directory else None)
             self._gate = Gate(self._device, ledger, self._transport, self._mailbox,
@@ -238,8 +245,12 @@ class Node:
         self._slow_links: tuple[bool, ...] | None = None  # by ring rank; None: not measured
         self._order_error: CollectiveError | None = None  # why this generation has no ring
         if world_size == 1 and not elastic_start:
-            self._view = self._installed = self._membership.view = View(1, (self.node_id,), 0)
+            self._membership.alone()
+            self._view = self._installed = self._membership.view
         self._sequence = 0
+        self._ran_in = 0  # the generation of the last collective the engine ran
+        self._snapshot: dict[str, Any] = {}  # state() as the engine last wrote it
+        self._snapshot_at = 0.0
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
         self._new_candidates: queue.SimpleQueue[tuple[list[str], str]] = queue.SimpleQueue()
         self._view_listeners: list[Callable[[View], None]] = []
@@ -365,13 +376,13 @@ class Node:
     def joined_running_ring(self) -> bool:
         """Whether the current view admitted this node into a ring that was already running
         (its state must come from the members, not from a fresh start)."""
-        return self._membership.joined
+        return self._membership.protocol.joined
 
     @property
     def reform_due(self) -> bool:
         """Whether the ring should re-form: a member is suspected, or a node waits to join.
         Every member must then call :meth:`reform` at the same point of its collectives."""
-        return self._membership.reform_due
+        return self._membership.protocol.reform_due
 
     @property
     def bytes_sent(self) -> int:
@@ -379,22 +390,31 @@ class Node:
         return self._runner.bytes_sent
 
     def state(self) -> dict[str, Any]:
-        """What this node is doing, for hang diagnostics and ``ringtrain peers``."""
-        return {"node": self.node_id, "endpoint": self.endpoint, "job": self.job,
-                "view": None if self._view is None else
-                {"generation": self._view.generation, "members": list(self._view.members),
-                 "rank": self._view.rank},
-                "link_rates_mbit": self._link_rates_mbit(),
-                "slow_links": self._slow_link_names(),
-                "sequence": self._sequence, "stage": self._runner.stage,
-                "membership": self._membership.state(),
-                "dropped": {**self._mailbox.dropped, **(
-                    {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
-                "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
-                "candidates": self._membership.candidates.state(),
-                "identity": None if self._gate is None else self._gate.state(),
-                "connections": self._transport.budget(),
-                "fatal": None if self._fatal is None else repr(self._fatal)}
+        """What this node is doing, for hang diagnostics and ``ringtrain peers``: the engine's
+        last snapshot (written every ``SNAPSHOT_INTERVAL`` and at every view change; safe to
+        read from any thread, never iterating what the engine changes)."""
+        snapshot = dict(self._snapshot) or {"node": self.node_id, "endpoint": self.endpoint,
+                                            "job": self.job, "view": None}
+        snapshot["fatal"] = None if self._fatal is None else repr(self._fatal)
+        snapshot["stage"] = self._runner.stage
+        return snapshot
+
+    def _take_snapshot(self) -> None:
+        """Write :meth:`state`'s answer (engine thread only)."""
+        self._snapshot_at = time.monotonic()
+        view, lanes = self._view, self._lanes
+        self._snapshot = {
+            "node": self.node_id, "endpoint": self.endpoint, "job": self.job,
+            "view": None if view is None else {"generation": view.generation,
+                                               "members": list(view.members), "rank": view.rank},
+            "link_rates_mbit": self._link_rates_mbit(), "slow_links": self._slow_link_names(),
+            "sequence": self._sequence, "membership": self._membership.state(),
+            "dropped": {**self._mailbox.dropped,
+                        **({"door": lanes.dropped} if lanes and lanes.dropped else {})},
+            "shared_memory_peers": [] if lanes is None else lanes.peers(),
+            "candidates": self._membership.candidates.state(),
+            "identity": None if self._gate is None else self._gate.state(),
+            "connections": self._transport.budget()}
 
     def _slow_link_names(self) -> list[str] | None:
         """The ring's slow links ("a -> b"), which compressed all-reduces encode, if the
@@ -433,7 +453,11 @@ class Node:
                 must pass the same; error-feedback state is kept per codec name and shapes.
             out: where to put the result: a writeable, C-contiguous numpy array of the
                 same shape and dtype (``array`` itself reduces in place). Saves allocating
-                (and the kernel zeroing) a new result array on every call.
+                (and the kernel zeroing) a new result array on every call. ``out`` is the
+                collective's working buffer: when the call raises, it holds neither the
+                input nor a result but partial sums (keep a copy, or recompute, before a
+                retry). Compression state (the error-feedback residual) is restored on
+                failure, so a retry counts nothing twice.
         """
         return self.all_reduce_async(array, op, weight, timeout, compression, out).wait()
 
@@ -441,7 +465,9 @@ class Node:
                          timeout: float | None = None, compression: str | Codec | None = None,
                          out: np.ndarray | None = None) -> Work:
         """Start :meth:`all_reduce`; ``wait()`` on the returned handle gives the result.
-        With ``out``, leave that array alone until then."""
+        With ``out``, leave that array alone until then: after
+        ``wait`` raised :class:`CollectiveTimeout` the collective may still be writing to it,
+        until :meth:`Work.done`; after any other error it holds partial sums."""
         array = np.array(array, copy=True) if out is None else _into(array, out)
         codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: _single(
@@ -502,11 +528,10 @@ class Node:
         limit = self.settings.reform_timeout if timeout is None else timeout
         done = threading.Event()
         outcome: list[Any] = []
-        since = self._view.generation if self._view else 0
 
-        def run() -> None:
+        def run() -> None:  # on the engine thread, which alone knows the views
             try:
-                outcome.append(self._reform(since, time.monotonic() + limit))
+                outcome.append(self._reform(self._ran_in, time.monotonic() + limit))
             except RingtrainError as exc:
                 outcome.append(exc)
             done.set()
@@ -525,7 +550,7 @@ class Node:
         """Take no part in view changes from now on: this node leaves once the others know
         (the training layer calls this before the step that tells them), so no view they
         agree on can still include it."""
-        self._membership.leaving = True
+        self._membership.protocol.prepare_leave()
 
     def leave(self) -> None:
         """Leave the ring on purpose: tell the members (so they re-form at once rather than
@@ -629,7 +654,7 @@ class Node:
                     "a message this node can act on", f"{type(exc).__name__}: {exc}"[:200],
                     message.origin))
         for peer, reason in self._mailbox.take_offenders().items():
-            self._membership.suspect(peer, reason)  # a member that keeps sending garbage
+            self._membership.protocol.suspect(peer, reason)  # keeps sending garbage
         self._membership.tick()
         if self._gate is not None:
             self._gate.tick()
@@ -638,6 +663,9 @@ class Node:
         installed = self._membership.view
         if installed is not None and installed != self._installed:
             self._install(installed)
+            self._take_snapshot()
+        elif time.monotonic() - self._snapshot_at >= SNAPSHOT_INTERVAL:
+            self._take_snapshot()
 
     def _check_key(self) -> None:
         """Read the probes' handshake events (always: see ``Transport.refused_links``) and,
@@ -650,7 +678,7 @@ class Node:
         if self._view is None:
             # linked: some peer answered us (hearing from peers is not enough: a revoked
             # device still hears the members that dial it)
-            linked = any(p.welcomed for p in self._membership.peers.values())
+            linked = bool(self._membership.welcomed)
             self._key_error = self._key_error or self._wrong_key.verdict(now, linked)
 
     def _install(self, view: View) -> None:
@@ -747,13 +775,11 @@ class Node:
     def _service(self, view: View) -> tuple[str, str | None] | None:
         """Runs between segments of a collective: keep membership alive, and abandon the
         collective if the ring is changing under it."""
+        membership = self._membership.protocol
         for peer_id, when in self._runner.heard.items():  # data is a sign of life too
-            peer = self._membership.peers.get(peer_id)
-            if peer is not None and when > peer.last_heard:
-                peer.last_heard = when
+            membership.heard(peer_id, when)
         self._serve_membership()
-        membership = self._membership
-        suspects = membership.suspects & set(view.members)
+        suspects = set(membership.suspects) & set(view.members)
         if suspects:
             suspect = sorted(suspects)[0]
             return f"member {suspect} is suspected to have failed", suspect
@@ -770,18 +796,19 @@ class Node:
         return None
 
     def _reform(self, since: int, deadline: float) -> View:
-        membership = self._membership
+        membership = self._membership.protocol
 
         def formed() -> bool:
             view = self._installed
             return view is not None and view.generation > since and not membership.reforming
 
         if not formed() and not membership.reforming:
-            membership.start_reform()
+            membership.start_reform(time.monotonic())
         while not formed():
             if time.monotonic() >= deadline or self._closing:
                 raise MembershipError(f"node {self.node_id} could not re-form the ring since "
-                                      f"generation {since}; membership: {membership.state()}")
+                                      f"generation {since}; membership: "
+                                      f"{self._membership.state()}")
             self._serve_membership()
             if not formed():
                 self._mailbox.pump(self.settings.heartbeat_interval / 2)
@@ -794,9 +821,19 @@ class Node:
 
         def run(sequence: int, deadline: float) -> Any:
             collective = work.build(view.rank, view.world_size)
-            if self._slow_links is not None:
-                collective.compress_slow_links(self._slow_links, view.rank)
-            return self._runner.run(collective, view, sequence, deadline, work.step)
+            compressed = collective.compressed
+            residual = None if compressed is None else compressed.residual
+            # the error-feedback residual changes as segments are encoded: a failed
+            # collective puts back what it held, so a retry counts nothing twice
+            saved = None if residual is None else residual.copy()
+            try:
+                if self._slow_links is not None:
+                    collective.compress_slow_links(self._slow_links, view.rank)
+                return self._runner.run(collective, view, sequence, deadline, work.step)
+            except BaseException:
+                if residual is not None and saved is not None:
+                    residual[...] = saved
+                raise
 
         try:
             result = self._collect(view, work.timeout, run)
@@ -810,7 +847,8 @@ class Node:
         suspect whom it blames and abort it on every member."""
         sequence = self._sequence
         self._sequence += 1
-        self._membership.sequence = sequence
+        self._ran_in = view.generation
+        self._membership.protocol.sequence = sequence
         try:
             if self._order_error is not None:
                 raise self._no_ring(view, sequence)
@@ -826,10 +864,10 @@ class Node:
             # Blaming it evicted healthy nodes when a joiner was admitted or a node left.
             aborted = (view.generation, sequence) in self._mailbox.aborts
             if isinstance(exc, PeerFailedError) and suspect is not None and not aborted \
-                    and suspect not in self._membership.suspects:
+                    and suspect not in self._membership.protocol.suspects:
                 suspect = self._laggard(view) or suspect
             if suspect is not None:
-                self._membership.suspect(suspect, str(exc))
+                self._membership.protocol.suspect(suspect, str(exc))
             self._runner.abort_everyone(view, sequence, exc, suspect)
             raise
 
@@ -849,7 +887,8 @@ class Node:
         """The member furthest behind in collectives, if one is behind us: a live process
         that stopped calling collectives is the one holding the ring up."""
         behind = [(p.sequence, m) for m in view.members
-                  if m != self.node_id and (p := self._membership.peers.get(m)) is not None
+                  if m != self.node_id and (p := self._membership.protocol.peers.get(m))
+                  is not None
                   and p.generation == view.generation and p.sequence < self._sequence - 1]
         return min(behind)[1] if behind else None
 

@@ -40,7 +40,7 @@ from ringtrain.train.trainer import BUCKET_BYTES, Trainer
 
 # Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
 # a failure is retried twice before it counts (each attempt is fully bounded).
-pytestmark = pytest.mark.flaky(reruns=2)
+
 
 N = 4
 STEPS = 30

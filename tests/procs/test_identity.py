@@ -103,7 +103,7 @@ def test_a_wrong_key_is_named_within_seconds_on_both_sides(caplog):
 def _refused(nodes: list[Node]) -> dict[str, int]:
     total: dict[str, int] = {}
     for node in nodes:
-        for kind, count in node.state()["identity"]["refused"].items():
+        for kind, count in node._gate.refused.items():
             total[kind] = total.get(kind, 0) + count
     return total
 

@@ -23,7 +23,8 @@ from ringtrain.comm.transport import Transport, new_curve_keypair
 from ringtrain.comm.wire import PROTOCOL_VERSION, Header, MessageKind, job_id
 from ringtrain.config import Settings
 from ringtrain.errors import ProtocolError
-from ringtrain.membership.protocol import Membership
+from ringtrain.membership.links import Links
+from ringtrain.membership.protocol import MembershipConfig
 
 JOB = "fuzz"
 KEY = JobKey.generate()
@@ -63,10 +64,27 @@ def hellos(draw) -> dict:
 
 @st.composite
 def proposals(draw) -> dict:
-    member = st.one_of(st.tuples(st.sampled_from([PEER, "node-00", "zz"]), endpoints).map(list),
-                       junk)
-    body = {"generation": draw(st.one_of(st.integers(0, 2**64), junk)),
-            "members": draw(st.one_of(st.lists(member, max_size=6), junk))}
+    """Every kind of agreement message (what PROPOSE carries), valid, then with fields
+    replaced by anything JSON can hold."""
+    decision = {"generation": 3, "lineage": "0001.0.node-00",
+                "members": [["node-00", 1], [PEER, 7]]}
+    valid = [
+        {"type": "prepare", "lineage": "l", "generation": 1, "ballot": [1, PEER],
+         "wanted": ["node-00", PEER]},
+        {"type": "promise", "lineage": "l", "generation": 1, "ballot": [1, PEER],
+         "accepted_ballot": [0, ""], "accepted": decision},
+        {"type": "accept", "lineage": "l", "generation": 1, "ballot": [1, PEER],
+         "value": decision},
+        {"type": "accepted", "lineage": "l", "generation": 1, "ballot": [1, PEER]},
+        {"type": "nack", "lineage": "l", "generation": 1, "ballot": [1, PEER],
+         "promised": [2, "node-00"]},
+        {"type": "decide", "value": decision},
+        {"type": "release", "lineage": "l"}]
+    body = dict(draw(st.sampled_from(valid)))
+    for name in draw(st.sets(st.sampled_from(sorted(body)), max_size=3)):
+        body[name] = draw(junk)
+    if draw(st.booleans()) and "value" in body:
+        body["value"] = {**decision, draw(st.sampled_from(sorted(decision))): draw(junk)}
     if draw(st.booleans()):
         del body[draw(st.sampled_from(sorted(body)))]
     return body
@@ -76,8 +94,8 @@ def proposals(draw) -> dict:
 def node():
     transport = Transport("node-00", "inproc://hostile-fields", Settings(), KEY)
     mailbox = Mailbox(transport, job_id(JOB), 1 << 20)
-    membership = Membership("node-00", JOB, job_id(JOB), transport, mailbox, 2, 1, 8, 0.0,
-                            0.25, 2.0)
+    membership = Links("node-00", JOB, job_id(JOB), transport, mailbox,
+                       MembershipConfig(form_size=2, max_size=8))
     membership.admit = Ledger().check
     yield membership, mailbox
     transport.close(linger=0)
@@ -90,7 +108,7 @@ def _message(kind: MessageKind, body: object) -> Message:
                    peer_address="127.0.0.1", user=PEER_PUBLIC)
 
 
-def _handle(membership: Membership, mailbox: Mailbox, kind: MessageKind, body: object) -> None:
+def _handle(membership: Links, mailbox: Mailbox, kind: MessageKind, body: object) -> None:
     message = _message(kind, body)
     try:
         membership.handle(message)

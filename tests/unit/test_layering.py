@@ -29,7 +29,10 @@ LAYERS: dict[str, int] = {
     "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
     "lab.netns": 1, "lab.cpu_budget": 1,
     # 2 protocols
-    "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
+    "comm.mailbox": 2, "membership.links": 2, "ring.collectives": 2,
+    # the membership protocol itself is pure (sans-I/O): no socket, thread or clock
+    "membership.messages": 0, "membership.peers": 0, "membership.agreement": 0,
+    "membership.protocol": 0,
     # 3 the node, and the package surface that re-exports it
     "node.node": 3, "node.launch": 3, "node.wrong_key": 3, "node.gate": 3, "__init__": 3,
     # 4 training and tools built on a node
