@@ -172,6 +172,7 @@ def test_a_revoked_device_is_refused_by_every_member_also_after_restarts(tmp_pat
     devices = tmp_path / "devices"
     ring = _ring(key, endpoints, range(3), devices=devices, settings=PATIENT)
     revoked = ring[2]._device.fingerprint
+    survivors: list[Node] = []
     try:
         assert _all_reduce(ring) == [3.0, 3.0]
         # revoked on node-00's device, with the command; node-00 tells the others
