@@ -6,6 +6,10 @@
 #                                   (as root on Debian or Ubuntu) the system tools the
 #                                   network-namespace tests use: iproute2 (ip, tc), nftables
 #                                   (loss, partitions), procps (sysctl), dnsutils (dig)
+#   bash deploy/install.sh --torch  the package and the CPU build of PyTorch, for the
+#                                   "ringtrain" torch.distributed backend: from a local wheel
+#                                   when a PIP_FIND_LINKS directory holds torch-*+cpu-*.whl,
+#                                   else from PyTorch's CPU-only index (never a CUDA build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip --version >/dev/null 2>&1 || { echo "install.sh: python3 with pip is needed" >&2; exit 2; }
@@ -33,6 +37,27 @@ if [ "${1:-}" = "--test" ]; then
             break
         fi
     done
+elif [ "${1:-}" = "--torch" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check -e .
+    if python3 -c "import torch" >/dev/null 2>&1; then
+        echo "install.sh: PyTorch is already installed: $(python3 -c 'import torch; print(torch.__version__)')"
+        exit 0
+    fi
+    wheel=""
+    for dir in ${PIP_FIND_LINKS:-}; do
+        wheel=$(ls "$dir"/torch-*+cpu-*.whl 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$wheel" ] && break
+    done
+    if [ -n "$wheel" ]; then
+        echo "install.sh: installing PyTorch (CPU) from $wheel"
+        python3 -m pip install --quiet --disable-pip-version-check "$wheel"
+    else
+        # plain `pip install torch` would bring the CUDA build (gigabytes); this index holds
+        # CPU builds only
+        echo "install.sh: installing PyTorch (CPU build) from https://download.pytorch.org/whl/cpu"
+        python3 -m pip install --quiet --disable-pip-version-check torch \
+            --index-url https://download.pytorch.org/whl/cpu
+    fi
 else
     python3 -m pip install --quiet --disable-pip-version-check -e .
 fi

@@ -67,7 +67,8 @@ def test_flags_and_the_default_model():
     assert (args.nodes, args.rate, args.cpu, args.batch) == ("1,2,4", 1000.0, 0.45, 3072)
     model = model_of(vars(args))
     assert model.num_params == 512 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
-    args = build_parser("bench-scaling").parse_args(["bench-scaling", "--nodes", "1,2", "--cpu", "0.3"])
+    args = build_parser("bench-scaling").parse_args(["bench-scaling", "--nodes", "1,2",
+                                                     "--cpu", "0.3"])
     assert (parse_nodes(args.nodes), args.cpu) == ([1, 2], 0.3)
 
 

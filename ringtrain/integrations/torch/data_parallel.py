@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..node.node import Node, Work
-from ..train.trainer import NonFiniteGradientError, check_agreement
+from ...errors import ConfigError
+from ...node.node import Node, Work
+from ...train.trainer import NonFiniteGradientError, check_agreement
 
 if TYPE_CHECKING:
     import torch
