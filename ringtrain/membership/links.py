@@ -13,8 +13,9 @@ connection and dials back the address the HELLO came from (so a multi-homed peer
 the interface that works, whatever it advertised). ``host`` names the sender's shared-memory
 beacon (``comm.shm``): a receiver that can read it shares the host with the sender.
 
-Incarnations. ``incarnation`` is the process's start time in nanoseconds: a restart has a
-higher one. A HELLO with a lower one than already seen is refused (a stopped old process that
+Incarnations. ``incarnation`` is the device's boot counter on keyed rings (``comm.identity``:
+a clock step cannot fence a restart off), else the process's start time in nanoseconds: a
+restart has a higher one. A HELLO with a lower one than already seen is refused (a stopped old process that
 woke up); a higher one retires the old process at once (``protocol``), and the link to it is
 closed and dialled anew, so nothing is ever sent to a replaced process over an old connection.
 
@@ -27,13 +28,14 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..comm.mailbox import Mailbox, Message
 from ..comm.shm import SharedMemoryLanes
-from ..comm.transport import Transport, normalize_endpoint
+from ..comm.transport import Transport, normalize_endpoint, peer_endpoint
 from ..comm.wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
-from ..errors import ProtocolError, TransportError
+from ..discovery.candidates import STATIC, CandidateBook
+from ..errors import ConfigError, ProtocolError, TransportError
 from .messages import MAX_ID_LENGTH, MAX_MEMBERS, Heartbeat, Leave, from_body, to_body
 from .protocol import Membership, MembershipConfig, View
 
@@ -57,7 +59,7 @@ class Links:
 
     def __init__(self, node_id: str, job_name: str, job: int, transport: Transport,
                  mailbox: Mailbox, config: MembershipConfig, schema: str = "",
-                 lanes: SharedMemoryLanes | None = None):
+                 lanes: SharedMemoryLanes | None = None, incarnation: int | None = None):
         self.node_id = node_id
         self.job_name = job_name
         self.job = job
@@ -65,8 +67,14 @@ class Links:
         self.mailbox = mailbox
         self.schema = schema
         self.lanes = lanes
-        self.incarnation = time.time_ns()
+        self.incarnation = time.time_ns() if incarnation is None else incarnation
         self.protocol = Membership(node_id, self.incarnation, config)
+        # candidates to dial, within budgets a stranger cannot exceed (discovery.candidates)
+        self.candidates = CandidateBook()
+        self.refused_candidates = 0  # candidate endpoints refused as malformed
+        # the device check (``node.gate``): (node id, proven CURVE key) -> None, or why it
+        # is refused; called for every HELLO whose job-key proof holds
+        self.admit: Callable[[str, str], str | None] | None = None
         self.refusal = ""  # why a peer refused us (a schema mismatch): joining cannot succeed
         self._probes: set[str] = set()  # links named by endpoint, not identified yet
         self._welcomed: set[str] = set()  # peers that answered our HELLO on our link
@@ -93,16 +101,48 @@ class Links:
 
     # inputs ----------------------------------------------------------------------------------
 
-    def add_candidates(self, endpoints: Iterable[str]) -> None:
-        """Dial these endpoints and introduce ourselves there."""
+    @property
+    def welcomed(self) -> set[str]:
+        """Peers that answered our HELLO on our link to them."""
+        return self._welcomed
+
+    def add_candidates(self, endpoints: Iterable[str], source: str = STATIC) -> None:
+        """Dial these endpoints and introduce ourselves there, within the candidate book's
+        budgets (see ``discovery.candidates``). ``source``: who told us of them (an advert,
+        say); the user's own list by default. Endpoints that are not ``tcp://IP:PORT`` are
+        refused, unless the user gave them."""
+        valid = []
+        for endpoint in list(endpoints)[: 4 * self.candidates.max_per_source]:
+            try:
+                valid.append(normalize_endpoint(endpoint) if source == STATIC
+                             else peer_endpoint(endpoint))
+            except ConfigError as exc:
+                self.refused_candidates += 1
+                if self.refused_candidates <= 3:
+                    log.warning("node %s: ignoring a candidate from %s: %s", self.node_id,
+                                source, exc)
+        self.candidates.offer(valid, source, time.monotonic())
+        self._dial_due()
+
+    def _dial_due(self) -> None:
+        """Hang up expired probes; dial the candidates whose turn it is."""
+        now = time.monotonic()
+        for endpoint in self.candidates.expire(now):
+            if endpoint in self._probes:
+                self._probes.discard(endpoint)
+                self.transport.disconnect(endpoint)
         known = set(self.transport.links().values())
-        for endpoint in endpoints:
-            endpoint = normalize_endpoint(endpoint)
+        for endpoint in self.candidates.due(now):
             if endpoint == self.transport.endpoint or endpoint in known:
+                self.candidates.answered(endpoint)
                 continue
-            self.transport.connect(endpoint, endpoint)
+            self.transport.connect(endpoint, endpoint, watch=True)
             self._probes.add(endpoint)
             known.add(endpoint)
+
+    def _probe_answered(self, probe: str) -> None:
+        self._probes.discard(probe)
+        self.candidates.answered(probe)
 
     def alone(self) -> None:
         """Install a ring of this node alone (a job of one)."""
@@ -115,6 +155,7 @@ class Links:
         self._flush()
         if now - self._last_resend >= RESEND_INTERVAL:
             self._last_resend = now
+            self._dial_due()
             self._hello_unlinked()
 
     def handle(self, message: Message) -> None:
@@ -204,6 +245,12 @@ class Links:
                                                    peer_id, body["key"], incarnation))):
             raise ProtocolError("hello.proof", "proof of the job key for the connection's "
                                 "CURVE key", "a proof that does not verify", message.origin)
+        # the device check, before anything of the peer's state changes (an impostor's HELLO
+        # must not retire the incarnation of the device whose id it claims)
+        refusal = self.admit(peer_id, message.user) \
+            if self.admit is not None and self.transport.key is not None else None
+        if refusal is not None:
+            raise ProtocolError("hello.device", "an admitted device", refusal, message.origin)
         known = self.protocol.peers.get(peer_id)
         if known is not None and incarnation < known.incarnation:
             # an older process under a live id (say, one that was stopped and woke up)
@@ -237,7 +284,7 @@ class Links:
         if restarted or links.get(peer_id) != endpoint:
             probe = next((p for p in self._probes if links.get(p) == endpoint), None)
             if probe is not None:
-                self._probes.discard(probe)
+                self._probe_answered(probe)
                 self.transport.rename_link(probe, peer_id)
             else:
                 # a fresh link for a fresh process: never reuse one that knew the old one
@@ -246,7 +293,11 @@ class Links:
             self._welcomed.discard(peer_id)
 
     def _reachable_endpoint(self, declared: str, message: Message) -> str:
-        endpoint = normalize_endpoint(declared)
+        try:
+            endpoint = peer_endpoint(declared)
+        except ConfigError as exc:
+            raise ProtocolError("hello.endpoint", "tcp://IP:PORT", str(exc),
+                                message.origin) from None
         if endpoint.startswith("tcp://") and message.peer_address:
             return f"tcp://{message.peer_address}:{endpoint.rpartition(':')[2]}"
         return endpoint
@@ -261,7 +312,7 @@ class Links:
             raise ProtocolError("welcome.members", f"at most {MAX_MEMBERS}",
                                 len(body["members"]), message.origin)
         if peer_id == self.node_id:  # we dialled ourselves under another address
-            self._probes.discard(message.origin)
+            self._probe_answered(message.origin)
             self.transport.disconnect(message.origin)
             return
         refused = body.get("refused")
@@ -271,7 +322,7 @@ class Links:
             self.refusal = refused[:500]
             return
         if message.origin in self._probes:
-            self._probes.discard(message.origin)
+            self._probe_answered(message.origin)
             if peer_id in self._welcomed and peer_id in self.transport.links():
                 # another of its addresses answered first: keep that one
                 self.transport.disconnect(message.origin)
