@@ -85,7 +85,7 @@ def _work(node: Node, victim: str, kill_step: int, steps: int, fraction: float,
           stamp: str) -> dict:
     times = _Times()
     logging.getLogger("ringtrain").addHandler(logging.NullHandler())  # the table is the output
-    logger = logging.getLogger("ringtrain.train.trainer")
+    logger = logging.getLogger("ringtrain.train")
     logger.addHandler(times)
     logger.setLevel(logging.INFO)
     armed = _arm_suicide(fraction, Path(stamp)) if node.node_id == victim else None

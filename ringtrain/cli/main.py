@@ -41,13 +41,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-cost-model": ("ringtrain.bench.cost_model",
+                         "all-reduce time for 2, 4, 8, 16 devices on an emulated LAN beside "
+                         "the ring's cost model, its constants measured on the same links "
+                         "(root)"),
     "bench-rl": ("ringtrain.bench.rl",
                  "distributed PPO on CartPole-v1: 1 vs 4 devices to solve, a stopped device in "
                  "async mode, a killed device (emulated LAN, CPU budgets, root)"),
-
     "bench-torch": ("ringtrain.bench.torch_ddp",
                     "PyTorch DDP step time with the ringtrain backend beside Gloo (and the int8 "
                     "hook), on loopback or an emulated LAN"),
+    "bench-wifi": ("ringtrain.bench.wifi",
+                   "time to a target accuracy on slow links (1000, 100, 20 Mbit/s): DiLoCo, "
+                   "PowerSGD, int8, async beside DDP + Gloo, on an emulated LAN (root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "models": ("ringtrain.cli.models",
@@ -65,6 +71,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-infer": ("ringtrain.bench.infer",
                     "inference across 4 local nodes, one at half the CPU budget: measured "
                     "speeds and shares (root)"),
+    "health": ("ringtrain.cli.health",
+               "exit 0 if this device's node is training (its --state-file), for readiness "
+               "probes"),
     "allreduce-demo": ("ringtrain.cli.allreduce_demo",
                        "start N local nodes and all-reduce arrays among them (a smoke test)"),
     "status": ("ringtrain.cli.status",

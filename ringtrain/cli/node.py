@@ -27,12 +27,14 @@ from pathlib import Path
 
 from ..bench.allreduce import parse_size
 from ..config import LaunchOptions
+from ..config import env as env_value
 from ..errors import ConfigError, RingtrainError
 from ..node.launch import join, set_launched_node, torchrun_environment
 from ..train.nn import accuracy
 from ..train.trainer import StepReport, Trainer, schema_of, training_facts
 from . import watch
 from .demo import LEARNING_RATE, demo_model, epoch_printer
+from .health import StateFile
 
 RL_JOBS = ("rl-cartpole",)  # built-in reinforcement-learning jobs (ringtrain.cli.rl_job)
 EXIT_LEFT = 130  # the node left the ring on Ctrl-C / SIGTERM
@@ -62,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", action="append", default=list(env.peers), metavar="HOST:PORT",
                         help="a peer to dial directly, where multicast does not pass "
                              "(repeatable; also RINGTRAIN_PEERS=host:port,host:port)")
+    parser.add_argument("--peers-dns", default=env.peers_dns, metavar="NAME",
+                        help="a DNS name that lists the peers, looked up again every few "
+                             "seconds (a Kubernetes headless Service: its A records with "
+                             "--port, or SRV records for _port._tcp.NAME); needs "
+                             "ringtrain[dns] (also RINGTRAIN_PEERS_DNS)")
     parser.add_argument("--no-discovery", action="store_true", default=not env.discovery,
                         help="do not use mDNS; only --peer addresses")
     parser.add_argument("--node-id", default=env.node_id,
@@ -87,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the ring averages (default sync)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="built-in job: where checkpoints go (default: the run folder)")
+    parser.add_argument("--state-file", default=env_value("STATE_FILE"), metavar="PATH",
+                        help="built-in job: keep the node's state (forming, training with "
+                             "generation and step, done, left) in this JSON file, for "
+                             "`ringtrain health` and readiness probes (RINGTRAIN_STATE_FILE)")
     watch.add_arguments(parser)  # observe: waiting, timeouts, run folder, status, --lr
 
 
@@ -95,12 +106,13 @@ def options_from(args: argparse.Namespace) -> LaunchOptions:
     if args.min_nodes < 1 or args.max_nodes < args.min_nodes:
         raise ConfigError(f"need 1 <= --min-nodes <= --max-nodes, got {args.min_nodes} and "
                           f"{args.max_nodes}")
-    if args.no_discovery and not args.peer:
-        raise ConfigError("--no-discovery needs at least one --peer HOST:PORT")
+    if args.no_discovery and not args.peer and not args.peers_dns:
+        raise ConfigError("--no-discovery needs at least one --peer HOST:PORT or --peers-dns")
     return LaunchOptions(job=args.job, peers=tuple(args.peer), port=args.port,
                          interface=args.interface, min_nodes=args.min_nodes,
                          max_nodes=args.max_nodes, discovery=not args.no_discovery,
-                         insecure=args.insecure, node_id=args.node_id)
+                         insecure=args.insecure, node_id=args.node_id,
+                         peers_dns=args.peers_dns)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,8 +188,13 @@ def _run_builtin_job(options: LaunchOptions, args: argparse.Namespace, run_dir: 
     schema = schema_of(training_facts(model, train.x, train.y, **settings))
     print(f"ringtrain node: job {options.job!r}, looking for at least {options.min_nodes} "
           f"nodes{' by mDNS' if options.discovery else ''}"
-          f"{' and at ' + ', '.join(options.peers) if options.peers else ''}...", flush=True)
+          f"{' and at ' + ', '.join(options.peers) if options.peers else ''}"
+          f"{' and in DNS name ' + options.peers_dns if options.peers_dns else ''}...",
+          flush=True)
     started = time.perf_counter()
+    state = StateFile(args.state_file) if args.state_file else None
+    if state:
+        state.write("forming", job=options.job)
     with watch.WaitReporter(options, args.diagnose_after):  # observe: who is seen, and why not
         node = join(options, schema=schema)
     with node:
@@ -201,6 +218,11 @@ def _run_builtin_job(options: LaunchOptions, args: argparse.Namespace, run_dir: 
                 score = accuracy(model.forward(test.x), test.y) if report.end_of_epoch \
                     else None
                 observer.on_step(report, time.time() - report.step_seconds, score)
+                if state:
+                    state.write("training", throttle=True, job=options.job,
+                                node=node.node_id, generation=node.generation,
+                                world_size=node.world_size, members=list(node.members),
+                                step=trainer.step_count)
 
             trainer.fit(epochs, on_step=on_step)
             saved = None if leaving else trainer.save_checkpoint()
@@ -211,6 +233,9 @@ def _run_builtin_job(options: LaunchOptions, args: argparse.Namespace, run_dir: 
             raise
         finally:
             observer.close()
+        if state:
+            state.write("left" if leaving else "done", job=options.job, node=node.node_id,
+                        step=trainer.step_count)
         print(f"ringtrain node {node.node_id}: {'left the ring' if leaving else 'done'} at "
               f"step {trainer.step_count}, model {trainer.version}, test accuracy "
               f"{accuracy(model.forward(test.x), test.y):.3f}, re-formations "

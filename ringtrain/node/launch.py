@@ -77,4 +77,4 @@ def join(options: LaunchOptions | None = None, *, settings: Settings | None = No
                 world_size=world_size or options.min_nodes, node_id=options.node_id,
                 settings=settings,
                 insecure=options.insecure, discover=options.discovery,
-                interface=options.interface, schema=schema)
+                interface=options.interface, schema=schema, peers_dns=options.peers_dns)

@@ -39,6 +39,7 @@ from ..comm.shm import open_lanes
 from ..comm.transport import Transport, is_loopback, normalize_endpoint
 from ..comm.wire import PROTOCOL_VERSION, job_id
 from ..config import Settings
+from ..discovery.dns import DnsPeers
 from ..discovery.mdns import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
 from ..errors import (
     CollectiveError,
@@ -140,6 +141,9 @@ class Node:
             candidates to dial: a peer is trusted only once its handshake proves the job key.
         interface: with ``discover``, the interface (name or IPv4 address) to announce and
             browse on; default: every non-loopback interface.
+        peers_dns: a DNS name that lists the peers (a Kubernetes headless Service; its A
+            records with this node's port, or SRV records for a ``_port._tcp.`` name), looked
+            up again every few seconds as peers come and go (:mod:`ringtrain.discovery.dns`).
 
     Raises:
         ConfigError: bad arguments; no key and not ``insecure``; ``insecure`` off loopback.
@@ -152,7 +156,8 @@ class Node:
                  node_id: str | None = None, settings: Settings | None = None,
                  key: JobKey | None = None, insecure: bool = False,
                  candidates: Callable[[Callable[[list[str]], None]], None] | None = None,
-                 schema: str = "", discover: bool = False, interface: str | None = None):
+                 schema: str = "", discover: bool = False, interface: str | None = None,
+                 peers_dns: str | None = None):
         self.settings = settings or Settings.from_env()
         self.node_id = node_id or default_node_id()
         check_name("node id", self.node_id, MAX_NODE_ID)
@@ -161,7 +166,7 @@ class Node:
         self._job_id = job_id(job)
         peers = list(peers)
         if listen is None:
-            listen = "0.0.0.0:0" if discover and not _is_loopback_name(interface) \
+            listen = "0.0.0.0:0" if (discover or peers_dns) and not _is_loopback_name(interface) \
                 else "127.0.0.1:0"
         key = key or key_from_environment()
         if key is None:
@@ -172,7 +177,7 @@ class Node:
         peer_endpoints = {normalize_endpoint(p) for p in peers} - {self.endpoint}
         min_size = 1 if min_size is None else min_size
         max_size = max(min_size, 64) if max_size is None else max_size
-        elastic_start = candidates is not None or discover
+        elastic_start = candidates is not None or discover or peers_dns is not None
         if world_size is None:
             world_size = min_size if elastic_start else len(peer_endpoints) + 1
         if not 1 <= min_size <= max_size or not min_size <= world_size <= max_size:
@@ -214,6 +219,7 @@ class Node:
         if self._view is not None:
             self._formed.set()  # a ring of one, formed at once
         self._fatal: BaseException | None = None
+        self._dns_peers: DnsPeers | None = None
         self._thread = threading.Thread(target=self._engine, name=f"ringtrain-{self.node_id}",
                                         daemon=True)
         self._thread.start()
@@ -222,12 +228,16 @@ class Node:
         self._discovery: Discovery | None = None
         self._announcer: Announcer | None = None
         self._browser: Browser | None = None
-        if discover:
-            try:
+        try:
+            if discover:
                 self._start_discovery(interface)
-            except RingtrainError:
-                self.close()
-                raise
+            if peers_dns is not None:
+                self._dns_peers = DnsPeers(peers_dns, int(self.endpoint.rpartition(":")[2]),
+                                           self.add_candidates,
+                                           interval=self.settings.dns_interval)
+        except RingtrainError:
+            self.close()
+            raise
         if not self._wait_formed() or self._fatal is not None:
             state = self.state()
             self.close()
@@ -354,6 +364,7 @@ class Node:
                 "dropped": {**self._mailbox.dropped, **(
                     {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
                 "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
+                "peers_dns": None if self._dns_peers is None else list(self._dns_peers.endpoints),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
 
     def _slow_link_names(self) -> list[str] | None:
@@ -804,6 +815,8 @@ class Node:
         """Stop the engine and close the sockets (bounded by ``timeout`` seconds)."""
         if self._closing:
             return
+        if self._dns_peers is not None:
+            self._dns_peers.close()
         if getattr(self, "_discovery", None) is not None:
             if self._announcer is not None:
                 self._announcer.close()  # says goodbye for our advert

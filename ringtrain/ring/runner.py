@@ -79,7 +79,7 @@ class RingRunner:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
-        # observe: counters and the flight recorder (ringtrain.observe.recorder) --------------
+        # observe: counters and the flight recorder (ringtrain.observe.recorder)
         self.messages_received = 0
         self.bytes_out: dict[str, int] = {}  # payload bytes sent to each peer
         self.bytes_in: dict[str, int] = {}  # payload bytes received from each peer

@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "lab": 0,
     # 1 one outside world each
     "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
-    "lab.netns": 1, "lab.cpu_budget": 1, "models": 1,
+    "lab.netns": 1, "lab.cpu_budget": 1, "models": 1, "discovery.dns": 1,
     # 2 protocols
     "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2, "ring.segments": 2,
     "ring.runner": 2, "ring.one_round": 2, "ring.link_probe": 2,
@@ -38,11 +38,11 @@ LAYERS: dict[str, int] = {
     "agent.protocol": 0,
     # reinforcement learning: pure pieces, Gymnasium's one module, the learner on a node
     "rl": 4, "rl.stats": 0, "rl.ppo": 0, "rl.rollout": 0, "rl.exchange": 0, "rl.envs": 1,
-    # observe (issue 21): the recorder sits low (the runner feeds it); the rest is tooling
-    "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
-    "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2, "observe.observer": 4,
     # 5 entry points and tooling: every command and benchmark module
     "cli": 5, "bench": 5, "__main__": 5,
+    # observe: the recorder sits low (the runner feeds it); the rest is tooling
+    "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
+    "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2, "observe.observer": 4,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
@@ -55,10 +55,11 @@ OUTSIDE = {
     "zmq": {"comm.transport"},
     "zeroconf": {"discovery.mdns"},
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
-    "torch": {"integrations", "bench.baselines", "bench.torch_ddp"},
+    "dns": {"discovery.dns"},  # dnspython
+    "torch": {"integrations", "bench.baselines", "bench.torch_ddp", "bench.ddp_baseline"},
     "mpi4py": {"bench.mpi_baseline"},
     "gymnasium": {"rl.envs"},
-    "matplotlib": {"cli.plot"},  # optional extras, each drawn by one command
+    "matplotlib": {"bench.wifi", "cli.plot"},  # optional extras, each drawn by one command
     "rich": {"cli.status"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
