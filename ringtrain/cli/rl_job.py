@@ -19,7 +19,7 @@ from typing import Literal
 from ..config import LaunchOptions, Settings, env
 from ..node.launch import join
 from ..rl import DistributedPPO, RLConfig, RoundReport, make_vector_env
-from ..train.trainer import schema_of
+from ..train.agreement import schema_of
 
 JOBS = ("rl-cartpole",)
 EXIT_LEFT = 130

@@ -6,8 +6,8 @@ episode window), `rollout` (collecting experience), `exchange` (what nodes share
 the state a joiner adopts), `envs` (Gymnasium, the only importer), `learner`
 (:class:`DistributedPPO`: sync and async modes, elastic).
 
-May import: every lower layer, `train.nn`, `train.optim` and `train.trainer`'s agreement
-check; never the CLI, benchmarks or lab.
+May import: every lower layer, `train.nn`, `train.optim` and `train.agreement`; never the
+CLI, benchmarks or lab.
 """
 
 from .envs import EnvSpec, make_vector_env

@@ -58,8 +58,8 @@ import numpy as np
 
 from ..errors import ConfigError, MembershipError, PeerFailedError, ProtocolError
 from ..node.node import Node, Work
+from ..train.agreement import check_agreement
 from ..train.optim import Adam
-from ..train.trainer import check_agreement
 from .exchange import Counters, RoundShare, load_state, pack_state
 from .ppo import ActorCritic, LossSums, PPOConfig, gae, ppo_gradients
 from .rollout import Actor, Rollout, VectorEnv

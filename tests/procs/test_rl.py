@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +87,52 @@ def test_survivors_of_a_killed_node_go_on_with_the_same_policy():
     assert last[0]["round"] == last[1]["round"] == ROUNDS
     for key in ("obs", "returns", "window", "params"):
         assert last[0][key] == last[1][key], key
+
+
+def _train_join(node, started_file):
+    from ringtrain.rl import DistributedPPO, RLConfig, make_vector_env
+    from ringtrain.rl.ppo import PPOConfig
+
+    config = RLConfig(envs_per_node=4, rollout_steps=16, target_return=None,
+                      max_env_steps=10**9, ppo=PPOConfig(epochs=2, minibatches=2, hidden=(16,)))
+    env, spec = make_vector_env(config.env_id, config.envs_per_node)
+    joiner = node.joined_running_ring
+    learner = DistributedPPO(node, env, spec.obs_size, spec.actions, config)
+    # the round after which the ring had 3 members: the joiner adopts the counters of then
+    joined = [learner.counters.rounds] if joiner else []
+    adopted = learner.obs_norm.moments.count if joiner else 0.0
+    last = {}
+
+    def on_round(report):
+        Path(started_file).touch()  # the parent starts the joiner once a round is done
+        if not joined and node.world_size == 3:
+            joined.append(report.round)
+        if not joined:
+            time.sleep(0.1)  # give the joiner time to start (a loaded machine: seconds)
+        last.update(round=report.round, world_size=node.world_size,
+                    obs=learner.obs_norm.moments.pack().tobytes(),
+                    window=learner.window.pack().tobytes(),
+                    adam=learner.optimizers[0].exp_avg.tobytes(),
+                    params=learner.model.policy.params.tobytes())
+        if (joined and report.round == joined[0] + 3) or report.round >= 900:
+            learner.done = True
+
+    learner.run(on_round)
+    return {**last, "joiner": joiner, "adopted": adopted, "joined": joined}
+
+
+def test_a_joiner_receives_policy_optimizer_and_normaliser_state(tmp_path):
+    started = tmp_path / "trained"
+    cluster = LocalCluster(_train_join, 2, (str(started),), timeout=150).start()
+    deadline = time.monotonic() + 60
+    while not started.exists():  # the ring of two must be training before the third comes
+        if time.monotonic() > deadline:
+            cluster.fail("the first two nodes did not finish a round in 60 s")
+        time.sleep(0.05)
+    cluster.start_extra(2)
+    results = cluster.results()
+    assert [r["joiner"] for r in results] == [False, False, True]
+    assert results[2]["adopted"] > 0  # the ring's statistics, not a fresh normaliser
+    assert all(r["world_size"] == 3 and r["joined"] == results[0]["joined"] for r in results)
+    for key in ("round", "obs", "window", "adam", "params"):
+        assert len({r[key] for r in results}) == 1, key

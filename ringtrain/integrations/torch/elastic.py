@@ -101,6 +101,10 @@ class State:
         ``check_every`` commits) raise :class:`RingChanged` on every member if a device waits
         to join (all members agree, by a small all-reduce)."""
         fields = self._fields
+        if dist.is_initialized():
+            group = dist.distributed_c10d._get_default_group()
+            if isinstance(group, RingtrainProcessGroup):
+                group._check_ring()  # a step whose all-reduce failed is never committed
         fields["commits"] += 1
         fields["saved"] = copy.deepcopy(self._snapshot())
         if check and fields["commits"] % fields["check_every"] == 0:

@@ -57,14 +57,24 @@ class RingChangedError(MembershipError):
 
 
 class RingtrainWork(dist._Work):
-    """A collective in flight; its future holds the collective's output tensors."""
+    """A collective in flight; its future holds the collective's output tensors.
+
+    A collective that fails completes its future anyway, with its tensors' floats set to NaN
+    (torch 2.13's DDP crashes the process on a future that holds an exception), records the
+    error on the group, and :meth:`wait` raises it. So ``dist.all_reduce`` raises; in DDP,
+    ``backward`` returns with NaN gradients, and the group's next collective raises
+    :class:`RingChangedError` (:mod:`.elastic` checks the group before every commit).
+    """
 
     def __init__(self, future: Future):
         super().__init__()
         self._future = future
+        self.error: BaseException | None = None
 
     def wait(self, timeout: timedelta | None = None) -> bool:  # noqa: ARG002 - node bounds it
-        self._future.wait()  # raises the collective's error
+        self._future.wait()
+        if self.error is not None:
+            raise self.error
         return True
 
     def get_future(self) -> Future:
@@ -79,30 +89,32 @@ class _Completer:
     (copies results into the caller's tensors) and completes its torch future."""
 
     def __init__(self, name: str, on_error: Callable[[RingtrainError], None]):
-        self._queue: queue.SimpleQueue[tuple[RingWork, Callable[[Any], Any], Future] | None] = \
-            queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[RingWork, Callable[[Any], Any], RingtrainWork,
+                                             Any] | None] = queue.SimpleQueue()
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def add(self, work: RingWork, finish: Callable[[Any], Any], future: Future) -> None:
-        self._queue.put((work, finish, future))
+    def add(self, work: RingWork, finish: Callable[[Any], Any], torch_work: RingtrainWork,
+            fallback: Any) -> None:
+        self._queue.put((work, finish, torch_work, fallback))
 
     def stop(self) -> None:
         self._queue.put(None)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            work, finish, future = item
+            work, finish, torch_work, fallback = item
             try:
                 value = finish(work.wait())
-            except RingtrainError as exc:
-                self._on_error(exc)
-                future.set_exception(exc)
-            except Exception as exc:  # noqa: BLE001 - the caller sees it through the future
-                future.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - the caller sees it through wait()
+                if isinstance(exc, RingtrainError):
+                    self._on_error(exc)
+                torch_work.error = exc
+                _poison(fallback)
+                torch_work.get_future().set_result(fallback)
             else:
-                future.set_result(value)
+                torch_work.get_future().set_result(value)
 
 
 class RingtrainProcessGroup(dist.ProcessGroup):
@@ -159,7 +171,7 @@ class RingtrainProcessGroup(dist.ProcessGroup):
         tensor = _one(tensors)
         wire = _wire(tensor)
         return self._start(lambda: self.node.broadcast_async(wire.numpy(), root, self.timeout),
-                           lambda result: (_put(tensor, wire, result), tensors)[1])
+                           lambda result: (_put(tensor, wire, result), tensors)[1], tensors)
 
     def allgather(self, output_tensors: list[list[torch.Tensor]],
                   input_tensors: list[torch.Tensor], opts: Any = None) -> RingtrainWork:
@@ -173,7 +185,7 @@ class RingtrainProcessGroup(dist.ProcessGroup):
             return output_tensors
 
         return self._start(lambda: self.node.all_gather_async(wire.numpy(), self.timeout),
-                           finish)
+                           finish, output_tensors)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,  # noqa: A002
                           opts: Any = None) -> RingtrainWork:
@@ -182,7 +194,8 @@ class RingtrainProcessGroup(dist.ProcessGroup):
                               f"needs {self.size()} x {input.numel()}")
         wire = _wire(input)
         return self._start(lambda: self.node.all_gather_async(wire.numpy(), self.timeout),
-                           lambda stacked: (_put(output, _wire(output), stacked), [output])[1])
+                           lambda stacked: (_put(output, _wire(output), stacked), [output])[1],
+                           [output])
 
     _allgather_base = all_gather_single  # the name older torch code calls
 
@@ -211,7 +224,7 @@ class RingtrainProcessGroup(dist.ProcessGroup):
 
     def barrier(self, opts: Any = None) -> RingtrainWork:
         return self._start(lambda: self.node.all_reduce_async(
-            np.zeros(1, dtype=np.int8), timeout=self.timeout), lambda _: [])
+            np.zeros(1, dtype=np.int8), timeout=self.timeout), lambda _: [], [])
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> RingtrainWork:
@@ -227,7 +240,7 @@ class RingtrainProcessGroup(dist.ProcessGroup):
             return output_tensors
 
         return self._start(lambda: self.node.all_gather_async(stacked.numpy(), self.timeout),
-                           finish)
+                           finish, output_tensors)
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,  # noqa: A002
                           output_split_sizes: list[int], input_split_sizes: list[int],
@@ -258,7 +271,8 @@ class RingtrainProcessGroup(dist.ProcessGroup):
             stacked = torch.empty((self.size(), *output.shape), dtype=_wire(output).dtype)
         return self._start(
             lambda: self.node.broadcast_async(stacked.numpy(), opts.rootRank, self.timeout),
-            lambda result: (_put(output, _wire(output), result[rank]), output_tensors)[1])
+            lambda result: (_put(output, _wire(output), result[rank]), output_tensors)[1],
+            output_tensors)
 
     def send(self, *_args: Any) -> RingtrainWork:
         raise ConfigError("the ringtrain backend has no point-to-point send/recv; it runs "
@@ -273,7 +287,7 @@ class RingtrainProcessGroup(dist.ProcessGroup):
         _check_cpu(tensor)
         return self._start(lambda: self.node.all_reduce_async(
             array, "mean", timeout=self.timeout, compression=codec, out=array),
-            lambda _: tensor).get_future()
+            lambda _: tensor, tensor).get_future()
 
     # machinery ----------------------------------------------------------------------------
 
@@ -286,7 +300,8 @@ class RingtrainProcessGroup(dist.ProcessGroup):
         in_place = work_tensor.data_ptr() == tensor.data_ptr()
         return self._start(
             lambda: self.node.all_reduce_async(array, ring_op, timeout=self.timeout, out=array),
-            lambda _: ([tensor] if in_place else (_copy_back(tensor, work_tensor), [tensor])[1]))
+            lambda _: ([tensor] if in_place else (_copy_back(tensor, work_tensor), [tensor])[1]),
+            [tensor])
 
     def _coalesced(self, tensors: list[torch.Tensor], op: Any) -> RingtrainWork:
         if not tensors:
@@ -305,7 +320,7 @@ class RingtrainProcessGroup(dist.ProcessGroup):
             return tensors
 
         return self._start(lambda: self.node.all_reduce_many_async(
-            [form.numpy() for _, form in forms], ring_op, timeout=self.timeout), finish)
+            [form.numpy() for _, form in forms], ring_op, timeout=self.timeout), finish, tensors)
 
     def _reduce_gathered(self, tensors: list[torch.Tensor], op: Any) -> RingtrainWork:
         tensor = _one(tensors)
@@ -315,7 +330,7 @@ class RingtrainProcessGroup(dist.ProcessGroup):
         return self._start(
             lambda: self.node.all_gather_async(source.numpy(), self.timeout),
             lambda stacked: (_copy_back(tensor, torch.from_numpy(
-                np.ascontiguousarray(GATHERED_OPS[op](stacked)))), tensors)[1])
+                np.ascontiguousarray(GATHERED_OPS[op](stacked)))), tensors)[1], tensors)
 
     def _reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor, op: Any,
                         result: list[torch.Tensor]) -> RingtrainWork:
@@ -326,41 +341,33 @@ class RingtrainProcessGroup(dist.ProcessGroup):
         return self._start(
             lambda: self.node.reduce_scatter_async(work.numpy(), ring_op, self.timeout),
             lambda mine: (_copy_back(output, torch.from_numpy(np.ascontiguousarray(mine))
-                                     .reshape(output.shape)), result)[1])
+                                     .reshape(output.shape)), result)[1], result)
 
-    def _start(self, start: Callable[[], RingWork], finish: Callable[[Any], Any]
-               ) -> RingtrainWork:
+    def _start(self, start: Callable[[], RingWork], finish: Callable[[Any], Any],
+               fallback: Any = None) -> RingtrainWork:
         """Start a node collective now (so the order is the caller's) and complete its torch
-        future on the completion thread."""
-        future: Future = Future()
+        future on the completion thread (with ``fallback``, poisoned, if it fails). A group
+        whose ring changed raises here, at once (safe inside DDP, unlike a failed future)."""
+        self._check_ring()
         try:
-            self._check_ring()
             work = start()
-        except (RingChangedError, MembershipError) as exc:
-            future.set_exception(exc)
-            return RingtrainWork(future)
         except RingtrainError as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            self._failed(exc)
-            future.set_exception(exc)
-            return RingtrainWork(future)
-        self._completer.add(work, finish, future)
-        return RingtrainWork(future)
+            if not isinstance(exc, ConfigError):
+                self._failed(exc)
+            raise
+        torch_work = RingtrainWork(Future())
+        self._completer.add(work, finish, torch_work, fallback)
+        return torch_work
 
     def _chain(self, work: RingtrainWork, value: Any) -> RingtrainWork:
-        future: Future = Future()
+        chained = RingtrainWork(Future())
 
-        def done(inner: Future) -> None:
-            try:
-                inner.wait()
-            except Exception as exc:  # noqa: BLE001 - passed on
-                future.set_exception(exc)
-            else:
-                future.set_result(value)
+        def done(_: Future) -> None:
+            chained.error = work.error
+            chained.get_future().set_result(value)
 
         work.get_future().add_done_callback(done)
-        return RingtrainWork(future)
+        return chained
 
     def _done(self, value: Any) -> RingtrainWork:
         future: Future = Future()
@@ -384,6 +391,18 @@ class RingtrainProcessGroup(dist.ProcessGroup):
     def _check_count(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self.size():
             raise ConfigError(f"{what}: {len(tensors)} tensors for a ring of {self.size()}")
+
+
+def _poison(value: Any) -> None:
+    """Set every floating tensor in ``value`` (a tensor or nested lists of them) to NaN: what
+    a failed collective leaves, so no partial result passes for a reduced one."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            with torch.no_grad():
+                value.fill_(float("nan"))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _poison(item)
 
 
 def _op(opts: Any) -> Any:
