@@ -69,6 +69,9 @@ class Settings:
     (two context switches; on a VM, an interrupt between cores) cost more than that: with
     it, a 4 KiB all-reduce of 4 local nodes on 2 cores took about half the time. Costs at
     most this much CPU per wait; 0 always sleeps."""
+    dns_interval: float = 5.0
+    """Longest wait between two lookups of the DNS name that lists the peers
+    (``--peers-dns``); a shorter TTL in the answer shortens it, down to 1 s."""
     slow_link_fraction: float = 0.5
     """With links measured (``link_probe_bytes``), a ring link slower than this fraction of
     the ring's fastest link is slow, and a compressed all-reduce encodes only over slow
@@ -123,13 +126,15 @@ class LaunchOptions:
     discovery: bool = True
     insecure: bool = False
     node_id: str | None = None
+    peers_dns: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LaunchOptions:
         """Options from ``RINGTRAIN_JOB``, ``RINGTRAIN_PEERS`` (comma-separated host:port),
         ``RINGTRAIN_PORT``, ``RINGTRAIN_INTERFACE``, ``RINGTRAIN_MIN_NODES``,
         ``RINGTRAIN_MAX_NODES``, ``RINGTRAIN_DISCOVERY`` (0/1), ``RINGTRAIN_INSECURE`` (0/1),
-        ``RINGTRAIN_NODE_ID``; defaults for the rest."""
+        ``RINGTRAIN_NODE_ID``, ``RINGTRAIN_PEERS_DNS`` (a DNS name listing the peers);
+        defaults for the rest."""
         environ = os.environ if environ is None else environ
         get = lambda name: environ.get(ENV_PREFIX + name)  # noqa: E731
         defaults = cls()
@@ -143,7 +148,8 @@ class LaunchOptions:
                 max_nodes=int(get("MAX_NODES") or defaults.max_nodes),
                 discovery=_flag(get("DISCOVERY"), defaults.discovery),
                 insecure=_flag(get("INSECURE"), defaults.insecure),
-                node_id=get("NODE_ID") or None)
+                node_id=get("NODE_ID") or None,
+                peers_dns=get("PEERS_DNS") or None)
         except ValueError as exc:
             raise ConfigError(f"bad RINGTRAIN_* variable: {exc}") from None
 
@@ -152,7 +158,8 @@ class LaunchOptions:
         values = {"JOB": self.job, "PEERS": ",".join(self.peers), "PORT": str(self.port),
                   "INTERFACE": self.interface or "", "MIN_NODES": str(self.min_nodes),
                   "MAX_NODES": str(self.max_nodes), "DISCOVERY": str(int(self.discovery)),
-                  "INSECURE": str(int(self.insecure)), "NODE_ID": self.node_id or ""}
+                  "INSECURE": str(int(self.insecure)), "NODE_ID": self.node_id or "",
+                  "PEERS_DNS": self.peers_dns or ""}
         return {ENV_PREFIX + name: value for name, value in values.items()}
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..config import Settings
 from ..node.node import Node
-from ..ring import collectives
+from ..ring import runner
 from ..testing import LocalCluster, node_id
 from ..train.datasets import load_digits
 from ..train.nn import Dense, ReLU, Sequential
@@ -65,7 +65,7 @@ class _Times(logging.Handler):
 def _arm_suicide(fraction: float, stamp: Path) -> dict:
     """In the victim only: SIGKILL this process once it has received ``fraction`` of the
     segments of the next all_reduce after arming (the time written first)."""
-    original = collectives.RingRunner._accept
+    original = runner.RingRunner._accept
     armed = {"on": False, "count": 0}
 
     def accept(self, collective, view, sequence, message, expected, *rest):  # type: ignore[no-untyped-def]
@@ -77,7 +77,7 @@ def _arm_suicide(fraction: float, stamp: Path) -> dict:
                 stamp.write_text(json.dumps({"time": time.time(), "phase": phase}))
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    collectives.RingRunner._accept = accept  # type: ignore[method-assign]
+    runner.RingRunner._accept = accept  # type: ignore[method-assign]
     return armed
 
 
@@ -85,7 +85,7 @@ def _work(node: Node, victim: str, kill_step: int, steps: int, fraction: float,
           stamp: str) -> dict:
     times = _Times()
     logging.getLogger("ringtrain").addHandler(logging.NullHandler())  # the table is the output
-    logger = logging.getLogger("ringtrain.train.trainer")
+    logger = logging.getLogger("ringtrain.train")
     logger.addHandler(times)
     logger.setLevel(logging.INFO)
     armed = _arm_suicide(fraction, Path(stamp)) if node.node_id == victim else None

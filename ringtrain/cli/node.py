@@ -6,6 +6,7 @@ this process with torchrun's variables describing the ring (RANK, WORLD_SIZE, LO
 ...), so ``init_process_group("ringtrain")`` needs no address; :func:`ringtrain.join` returns
 the node.
 
+With ``--job rl-cartpole``, the built-in reinforcement-learning job (:mod:`.rl_job`).
 With no script, the node runs the built-in job: the demo's classifier on the bundled digits,
 trained elastically with whoever else runs ``ringtrain node`` for the same job on the LAN.
 Nodes may come and go; checkpoints go to ``--checkpoint-dir`` (default
@@ -26,12 +27,16 @@ from pathlib import Path
 
 from ..bench.allreduce import parse_size
 from ..config import LaunchOptions
-from ..errors import ConfigError
+from ..config import env as env_value
+from ..errors import ConfigError, RingtrainError
 from ..node.launch import join, set_launched_node, torchrun_environment
 from ..train.nn import accuracy
-from ..train.trainer import Trainer, schema_of, training_facts
-from .demo import demo_model, epoch_printer
+from ..train.trainer import StepReport, Trainer, schema_of, training_facts
+from . import watch
+from .demo import LEARNING_RATE, demo_model, epoch_printer
+from .health import StateFile
 
+RL_JOBS = ("rl-cartpole",)  # built-in reinforcement-learning jobs (ringtrain.cli.rl_job)
 EXIT_LEFT = 130  # the node left the ring on Ctrl-C / SIGTERM
 GLOBAL_BATCH = 64  # fixed whatever the ring size: a node joining or leaving changes no step
 
@@ -59,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", action="append", default=list(env.peers), metavar="HOST:PORT",
                         help="a peer to dial directly, where multicast does not pass "
                              "(repeatable; also RINGTRAIN_PEERS=host:port,host:port)")
+    parser.add_argument("--peers-dns", default=env.peers_dns, metavar="NAME",
+                        help="a DNS name that lists the peers, looked up again every few "
+                             "seconds (a Kubernetes headless Service: its A records with "
+                             "--port, or SRV records for _port._tcp.NAME); needs "
+                             "ringtrain[dns] (also RINGTRAIN_PEERS_DNS)")
     parser.add_argument("--no-discovery", action="store_true", default=not env.discovery,
                         help="do not use mDNS; only --peer addresses")
     parser.add_argument("--node-id", default=env.node_id,
@@ -79,8 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to --max-nodes)")
     parser.add_argument("--epochs", type=int, default=30,
                         help="built-in job: epochs to train (default 30)")
+    parser.add_argument("--mode", choices=("sync", "async"), default="sync",
+                        help="built-in RL jobs (--job rl-cartpole): async keeps acting while "
+                             "the ring averages (default sync)")
     parser.add_argument("--checkpoint-dir", default=None,
-                        help="built-in job: where checkpoints go (default ./ringtrain-<job>)")
+                        help="built-in job: where checkpoints go (default: the run folder)")
+    parser.add_argument("--state-file", default=env_value("STATE_FILE"), metavar="PATH",
+                        help="built-in job: keep the node's state (forming, training with "
+                             "generation and step, done, left) in this JSON file, for "
+                             "`ringtrain health` and readiness probes (RINGTRAIN_STATE_FILE)")
+    watch.add_arguments(parser)  # observe: waiting, timeouts, run folder, status, --lr
 
 
 def options_from(args: argparse.Namespace) -> LaunchOptions:
@@ -88,12 +106,13 @@ def options_from(args: argparse.Namespace) -> LaunchOptions:
     if args.min_nodes < 1 or args.max_nodes < args.min_nodes:
         raise ConfigError(f"need 1 <= --min-nodes <= --max-nodes, got {args.min_nodes} and "
                           f"{args.max_nodes}")
-    if args.no_discovery and not args.peer:
-        raise ConfigError("--no-discovery needs at least one --peer HOST:PORT")
+    if args.no_discovery and not args.peer and not args.peers_dns:
+        raise ConfigError("--no-discovery needs at least one --peer HOST:PORT or --peers-dns")
     return LaunchOptions(job=args.job, peers=tuple(args.peer), port=args.port,
                          interface=args.interface, min_nodes=args.min_nodes,
                          max_nodes=args.max_nodes, discovery=not args.no_discovery,
-                         insecure=args.insecure, node_id=args.node_id)
+                         insecure=args.insecure, node_id=args.node_id,
+                         peers_dns=args.peers_dns)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,10 +122,19 @@ def run(args: argparse.Namespace) -> int:
         os.environ["RINGTRAIN_KEY_FILE"] = args.key_file
     if args.probe_links:  # read by Settings.from_env, here and in a script we start
         os.environ["RINGTRAIN_LINK_PROBE_BYTES"] = str(parse_size(args.probe_links))
+    watch.apply_timeouts(args)  # observe: --wait and the timeout flags
     if args.script:
         return _run_script(args.script, args.script_args, options, args.world_size)
-    return _run_builtin_job(options, args.epochs, Path(args.checkpoint_dir or
-                                                       f"ringtrain-{options.job}"))
+    if options.job in RL_JOBS:  # imported only for them: it needs Gymnasium
+        from .rl_job import run as run_rl_job
+
+        return run_rl_job(options, args.mode)
+    run_dir = Path(args.run_dir or f"ringtrain-{options.job}")
+    finished = watch.finished_run(Path(args.checkpoint_dir or run_dir), args.epochs)
+    if finished is not None:
+        print(f"ringtrain node: {finished}", flush=True)
+        return 0
+    return _run_builtin_job(options, args, run_dir)
 
 
 def _run_script(script: str, script_args: list[str], options: LaunchOptions,
@@ -148,17 +176,28 @@ def _torch_rendezvous() -> dict[str, str]:
     return serve_rendezvous_store()
 
 
-def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) -> int:
-    train, test, model, optimizer = demo_model(seed=0)
+def _run_builtin_job(options: LaunchOptions, args: argparse.Namespace, run_dir: Path) -> int:
+    epochs, checkpoint_dir = args.epochs, Path(args.checkpoint_dir or run_dir)
+    lr = LEARNING_RATE if args.lr is None else args.lr
+    if not lr > 0:
+        raise ConfigError(f"--lr must be positive, got {lr}")
+    train, test, model, optimizer = demo_model(seed=0, lr=lr)
     settings = {"batch_size": GLOBAL_BATCH, "seed": 0, "adaptive": True, "share_every": 10,
                 "average_every": 1, "loss": "softmax_cross_entropy",
-                "global_batch_size": GLOBAL_BATCH}
+                "global_batch_size": GLOBAL_BATCH, "lr": lr}
     schema = schema_of(training_facts(model, train.x, train.y, **settings))
     print(f"ringtrain node: job {options.job!r}, looking for at least {options.min_nodes} "
           f"nodes{' by mDNS' if options.discovery else ''}"
-          f"{' and at ' + ', '.join(options.peers) if options.peers else ''}...", flush=True)
+          f"{' and at ' + ', '.join(options.peers) if options.peers else ''}"
+          f"{' and in DNS name ' + options.peers_dns if options.peers_dns else ''}...",
+          flush=True)
     started = time.perf_counter()
-    with join(options, schema=schema) as node:
+    state = StateFile(args.state_file) if args.state_file else None
+    if state:
+        state.write("forming", job=options.job)
+    with watch.WaitReporter(options, args.diagnose_after):  # observe: who is seen, and why not
+        node = join(options, schema=schema)
+    with node:
         print(f"ringtrain node {node.node_id}: in a ring of {node.world_size} (generation "
               f"{node.generation}) after {time.perf_counter() - started:.1f} s; members: "
               f"{', '.join(node.members)}", flush=True)
@@ -166,17 +205,42 @@ def _run_builtin_job(options: LaunchOptions, epochs: int, checkpoint_dir: Path) 
         if links:
             print(f"ringtrain node {node.node_id}: ring ordered by measured links "
                   f"(Mbit/s, from -> to): {links}", flush=True)
-        trainer = Trainer(node, model, optimizer, train.x, train.y, batch_size=GLOBAL_BATCH,
-                          global_batch_size=GLOBAL_BATCH, checkpoint_dir=checkpoint_dir,
-                          checkpoint_every=50)
-        leaving = _leave_on_signal(trainer)
-        trainer.fit(epochs, on_step=epoch_printer(trainer, test, epochs, node.node_id))
-        if not leaving:
-            trainer.save_checkpoint()
+        observer = watch.observe(node, run_dir, args, options)  # observe: status, files
+        try:
+            trainer = Trainer(node, model, optimizer, train.x, train.y,
+                              batch_size=GLOBAL_BATCH, global_batch_size=GLOBAL_BATCH,
+                              checkpoint_dir=checkpoint_dir, checkpoint_every=50)
+            leaving = _leave_on_signal(trainer)
+            printer = epoch_printer(trainer, test, epochs, node.node_id)
+
+            def on_step(report: StepReport) -> None:
+                printer(report)
+                score = accuracy(model.forward(test.x), test.y) if report.end_of_epoch \
+                    else None
+                observer.on_step(report, time.time() - report.step_seconds, score)
+                if state:
+                    state.write("training", throttle=True, job=options.job,
+                                node=node.node_id, generation=node.generation,
+                                world_size=node.world_size, members=list(node.members),
+                                step=trainer.step_count)
+
+            trainer.fit(epochs, on_step=on_step)
+            saved = None if leaving else trainer.save_checkpoint()
+        except RingtrainError as exc:
+            path = observer.dump(f"failure: {exc}")
+            print(f"ringtrain node {node.node_id}: the ring failed; flight recorder written "
+                  f"to {path} (ringtrain doctor {run_dir})", file=sys.stderr, flush=True)
+            raise
+        finally:
+            observer.close()
+        if state:
+            state.write("left" if leaving else "done", job=options.job, node=node.node_id,
+                        step=trainer.step_count)
         print(f"ringtrain node {node.node_id}: {'left the ring' if leaving else 'done'} at "
               f"step {trainer.step_count}, model {trainer.version}, test accuracy "
               f"{accuracy(model.forward(test.x), test.y):.3f}, re-formations "
-              f"{trainer.reforms}; checkpoints in {checkpoint_dir}/", flush=True)
+              f"{trainer.reforms}; " + (f"model saved to {saved}" if saved else
+                                        f"checkpoints in {checkpoint_dir}/"), flush=True)
         return EXIT_LEFT if leaving else 0
 
 

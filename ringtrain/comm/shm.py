@@ -75,6 +75,7 @@ SHM_DIR = "/dev/shm"
 BEACON_PREFIX, LANE_PREFIX, DOOR_PREFIX = "ringtrain-beacon-", "ringtrain-lane-", "ringtrain-door-"
 DATAGRAM_BYTES = 64 * 1024  # largest message sent to a door; larger ones take ZeroMQ
 DOOR_BUFFER_BYTES = 4 << 20
+LANE_POLL = 0.0005  # seconds between looks at a full lane or door: they free up with no message
 BEACON_MAGIC = b"ringtrain-beacon 1\n"
 LANE_MAGIC = b"RTLANE01"
 # magic, slots, attached, slot_bytes, creator pid, its pid namespace, owner node id

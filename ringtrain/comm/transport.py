@@ -51,6 +51,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 
 import zmq
@@ -575,3 +576,47 @@ def _frame_property(frame: zmq.Frame, name: str) -> str:
         return frame.get(name)
     except (zmq.ZMQError, UnicodeDecodeError):
         return ""
+
+
+# observe: "why can't I see my peer" (ringtrain doctor) --------------------------------------
+
+def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
+    """Dial ``endpoint`` as a node of ``key``'s job would, send nothing, and say how far it
+    got: ``"ok"`` (the ZMTP and CURVE handshake completed: the peer holds the job key),
+    ``"closed"`` (the connection was refused: nothing listens there), ``"refused"`` (TCP
+    connected, the handshake failed: the peer holds another job key or is not a ringtrain
+    node), or ``"timeout"`` (no answer at all within ``timeout`` seconds: a firewall drops
+    the packets, the host is down, or the process is stopped)."""
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 200)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(timeout * 1000)))
+        if key is not None:
+            public, secret = zmq.curve_keypair()
+            sock.curve_serverkey = curve_keypair(key, "server")[0]
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+        monitor = sock.get_monitor_socket()
+        sock.connect(normalize_endpoint(endpoint))
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not monitor.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                break
+            frames = monitor.recv_multipart()
+            event = struct.unpack("=hi", frames[0][:6])[0]
+            seen.add(event)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return "ok"
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                         zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) or (
+                    event == zmq.EVENT_DISCONNECTED and zmq.EVENT_CONNECTED in seen):
+                return "refused"
+            if event == zmq.EVENT_CONNECT_RETRIED and zmq.EVENT_CONNECTED not in seen:
+                return "closed"
+        return "refused" if zmq.EVENT_CONNECTED in seen else "timeout"
+    except zmq.ZMQError as exc:
+        raise TransportError(f"cannot probe {endpoint}: {exc}") from exc
+    finally:
+        context.destroy(linger=0)

@@ -168,7 +168,7 @@ class EmulatedLan:
         subnet: an IPv4 /24 (or larger) for the nodes; ``10.77.<random>.0/24`` by default.
         cpu_cores: give every node a CPU budget of this many cores, at most 1 (a cgroup
             quota; every command run in the node runs inside it, node i on core i mod
-            cores); None leaves the CPU unlimited.
+            cores), or a list of every node's budget; None leaves the CPU unlimited.
         sites: the site (0, 1, ...) of every node: one bridge per site, joined by uplinks
             to a core bridge; None puts every node on one bridge.
         uplink_mbit: with ``sites``, the rate of every site's uplink, both ways (None:
@@ -181,7 +181,7 @@ class EmulatedLan:
     """
 
     def __init__(self, n: int, rate_mbit: float | None = None, prefix: str | None = None,
-                 subnet: str | None = None, cpu_cores: float | None = None,
+                 subnet: str | None = None, cpu_cores: float | Sequence[float] | None = None,
                  sites: Sequence[int] | None = None, uplink_mbit: float | None = None
                  ) -> None:
         require_support()
@@ -228,9 +228,13 @@ class EmulatedLan:
                 for i in range(n):
                     self.set_rate(i, rate_mbit)
             if cpu_cores is not None:
+                shares = [cpu_cores] * n if isinstance(cpu_cores, (int, float)) \
+                    else list(cpu_cores)
+                if len(shares) != n:
+                    raise ConfigError(f"cpu_cores must be one budget or {n}, got {cpu_cores!r}")
                 cores = sorted(os.sched_getaffinity(0))
                 for i in range(n):
-                    self._budgets.append(cpu_budget.CpuBudget(self.namespace(i), cpu_cores,
+                    self._budgets.append(cpu_budget.CpuBudget(self.namespace(i), shares[i],
                                                               core=cores[i % len(cores)]))
         except BaseException:
             self.close()

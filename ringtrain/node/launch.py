@@ -74,6 +74,7 @@ def join(options: LaunchOptions | None = None, *, settings: Settings | None = No
         host = "127.0.0.1"
     return Node(options.peers, listen=f"{host}:{options.port}", job=options.job,
                 min_size=options.min_nodes, max_size=options.max_nodes,
-                world_size=world_size or options.min_nodes, node_id=options.node_id, settings=settings,
+                world_size=world_size or options.min_nodes, node_id=options.node_id,
+                settings=settings,
                 insecure=options.insecure, discover=options.discovery,
-                interface=options.interface, schema=schema)
+                interface=options.interface, schema=schema, peers_dns=options.peers_dns)

@@ -39,6 +39,7 @@ from ..comm.shm import open_lanes
 from ..comm.transport import Transport, is_loopback, normalize_endpoint
 from ..comm.wire import PROTOCOL_VERSION, job_id
 from ..config import Settings
+from ..discovery.dns import DnsPeers
 from ..discovery.mdns import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
 from ..errors import (
     CollectiveError,
@@ -53,8 +54,10 @@ from ..errors import (
 from ..membership.protocol import Membership, View
 from ..ring import collectives
 from ..ring import plan as ring
-from ..ring.collectives import Collective, RingRunner
+from ..ring.collectives import Collective
 from ..ring.compression import Codec
+from ..ring.link_probe import measure_link
+from ..ring.runner import RingRunner
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,9 @@ class Node:
             candidates to dial: a peer is trusted only once its handshake proves the job key.
         interface: with ``discover``, the interface (name or IPv4 address) to announce and
             browse on; default: every non-loopback interface.
+        peers_dns: a DNS name that lists the peers (a Kubernetes headless Service; its A
+            records with this node's port, or SRV records for a ``_port._tcp.`` name), looked
+            up again every few seconds as peers come and go (:mod:`ringtrain.discovery.dns`).
 
     Raises:
         ConfigError: bad arguments; no key and not ``insecure``; ``insecure`` off loopback.
@@ -150,7 +156,8 @@ class Node:
                  node_id: str | None = None, settings: Settings | None = None,
                  key: JobKey | None = None, insecure: bool = False,
                  candidates: Callable[[Callable[[list[str]], None]], None] | None = None,
-                 schema: str = "", discover: bool = False, interface: str | None = None):
+                 schema: str = "", discover: bool = False, interface: str | None = None,
+                 peers_dns: str | None = None):
         self.settings = settings or Settings.from_env()
         self.node_id = node_id or default_node_id()
         check_name("node id", self.node_id, MAX_NODE_ID)
@@ -159,7 +166,7 @@ class Node:
         self._job_id = job_id(job)
         peers = list(peers)
         if listen is None:
-            listen = "0.0.0.0:0" if discover and not _is_loopback_name(interface) \
+            listen = "0.0.0.0:0" if (discover or peers_dns) and not _is_loopback_name(interface) \
                 else "127.0.0.1:0"
         key = key or key_from_environment()
         if key is None:
@@ -170,7 +177,7 @@ class Node:
         peer_endpoints = {normalize_endpoint(p) for p in peers} - {self.endpoint}
         min_size = 1 if min_size is None else min_size
         max_size = max(min_size, 64) if max_size is None else max_size
-        elastic_start = candidates is not None or discover
+        elastic_start = candidates is not None or discover or peers_dns is not None
         if world_size is None:
             world_size = min_size if elastic_start else len(peer_endpoints) + 1
         if not 1 <= min_size <= max_size or not min_size <= world_size <= max_size:
@@ -203,11 +210,16 @@ class Node:
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
         self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
         self._view_listeners: list[Callable[[View], None]] = []
+        # observe: the flight recorder (ringtrain.observe.recorder): the runner records each
+        # collective, the views installed become formed / re-formed / joined / left events
+        self.recorder = self._runner.recorder
+        self.on_view_change(self.recorder.view_installed)
         self._closing = False
         self._formed = threading.Event()  # set once a view is announced
         if self._view is not None:
             self._formed.set()  # a ring of one, formed at once
         self._fatal: BaseException | None = None
+        self._dns_peers: DnsPeers | None = None
         self._thread = threading.Thread(target=self._engine, name=f"ringtrain-{self.node_id}",
                                         daemon=True)
         self._thread.start()
@@ -216,12 +228,16 @@ class Node:
         self._discovery: Discovery | None = None
         self._announcer: Announcer | None = None
         self._browser: Browser | None = None
-        if discover:
-            try:
+        try:
+            if discover:
                 self._start_discovery(interface)
-            except RingtrainError:
-                self.close()
-                raise
+            if peers_dns is not None:
+                self._dns_peers = DnsPeers(peers_dns, int(self.endpoint.rpartition(":")[2]),
+                                           self.add_candidates,
+                                           interval=self.settings.dns_interval)
+        except RingtrainError:
+            self.close()
+            raise
         if not self._wait_formed() or self._fatal is not None:
             state = self.state()
             self.close()
@@ -319,6 +335,12 @@ class Node:
         Every member must then call :meth:`reform` at the same point of its collectives."""
         return self._membership.reform_due
 
+    def peer_endpoints(self) -> dict[str, str]:
+        """The endpoint (``tcp://host:port``) this node dials each peer at, by node id
+        (for ``ringtrain status`` and clock measurements; observe)."""
+        return {peer: endpoint for peer, endpoint in self._transport.links().items()
+                if not peer.startswith("tcp://")}
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` (or :meth:`leave`) was called."""
@@ -342,6 +364,7 @@ class Node:
                 "dropped": {**self._mailbox.dropped, **(
                     {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
                 "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
+                "peers_dns": None if self._dns_peers is None else list(self._dns_peers.endpoints),
                 "fatal": None if self._fatal is None else repr(self._fatal)}
 
     def _slow_link_names(self) -> list[str] | None:
@@ -595,7 +618,7 @@ class Node:
         """Measure the links of the installed view and order its ring (engine thread, as the
         first collectives of the view, so every member does the same).
 
-        Every member streams to every other (``RingRunner.measure_link``), the rates are
+        Every member streams to every other (``ring.link_probe.measure_link``), the rates are
         all-gathered, and each member computes the order from the very same matrix
         (``ring.measured_ring_order``). If either collective fails, this node keeps no ring
         for the generation: its collectives fail at once until the ring re-forms, so no two
@@ -614,8 +637,8 @@ class Node:
                 self._agree_on_probe(view, timeout, shift)
                 rates[(view.rank + shift) % view.world_size] = self._collect(
                     view, timeout, lambda sequence, deadline, shift=shift:
-                    self._runner.measure_link(view, sequence, deadline,
-                                              self.settings.link_probe_bytes, shift))
+                    measure_link(self._runner, view, sequence, deadline,
+                                 self.settings.link_probe_bytes, shift))
             gather = collectives.all_gather(rates, view.rank, view.world_size,
                                             self._runner.segment_elements)
             matrix = self._collect(view, timeout, lambda sequence, deadline:
@@ -758,6 +781,7 @@ class Node:
                 suspect = self._laggard(view) or suspect
             if suspect is not None:
                 self._membership.suspect(suspect, str(exc))
+                self.recorder.suspected(suspect, str(exc))  # observe
             self._runner.abort_everyone(view, sequence, exc, suspect)
             raise
 
@@ -796,6 +820,8 @@ class Node:
         """Stop the engine and close the sockets (bounded by ``timeout`` seconds)."""
         if self._closing:
             return
+        if self._dns_peers is not None:
+            self._dns_peers.close()
         if getattr(self, "_discovery", None) is not None:
             if self._announcer is not None:
                 self._announcer.close()  # says goodbye for our advert

@@ -1,11 +1,14 @@
 """Layer 4, training on a node: numpy models (`nn`), optimizers (`optim`), sample sharding
 (`sharding`), checkpoints (`checkpoint`), the bundled data (`datasets`) and the elastic
-`Trainer` with its distributed optimizer (`trainer`).
+`Trainer` (`trainer`) with its seams: the synchronous step (`sync`), rounds for slow links
+(`rounds`: DiLoCo, local SGD, asynchronous), the speed policy (`speed`), recovery and
+checkpoints (`elastic`), the agreement check (`agreement`).
 
 May import: every lower layer; never the CLI, benchmarks or lab.
 """
 
 from .trainer import (
+    DiLoCo,
     DistributedOptimizer,
     ModelVersion,
     NonFiniteGradientError,
@@ -16,5 +19,5 @@ from .trainer import (
     training_facts,
 )
 
-__all__ = ["DistributedOptimizer", "ModelVersion", "NonFiniteGradientError", "StepReport",
+__all__ = ["DiLoCo", "DistributedOptimizer", "ModelVersion", "NonFiniteGradientError", "StepReport",
            "Trainer", "check_agreement", "schema_of", "training_facts"]

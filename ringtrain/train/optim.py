@@ -95,21 +95,24 @@ class SGD(Optimizer):
 
     Per step, with ``g`` the gradient: ``g += weight_decay * params``;
     ``velocity = momentum * velocity + g`` (the first step starts from zero velocity);
-    ``params -= lr * velocity``. With momentum 0 that is ``params -= lr * g``.
-    The same update rule as ``torch.optim.SGD`` without dampening or Nesterov.
+    ``params -= lr * velocity``, or with Nesterov momentum ``params -= lr * (g + momentum *
+    velocity)``. With momentum 0 that is ``params -= lr * g``. The same update rule as
+    ``torch.optim.SGD`` without dampening.
 
     Args:
         params: the flat parameter buffer.
         lr: learning rate (> 0).
         momentum: in [0, 1).
         weight_decay: L2 coefficient, >= 0.
+        nesterov: Nesterov momentum (DiLoCo's outer optimizer).
     """
 
     def __init__(self, params: np.ndarray, lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, nesterov: bool = False):
         super().__init__(params, lr)
         self.momentum = _check_number("momentum", momentum, low=0.0, high=1.0)
         self.weight_decay = _check_number("weight_decay", weight_decay, low=0.0)
+        self.nesterov = bool(nesterov)
         self.velocity = np.zeros_like(params)
 
     def step(self, grads: np.ndarray) -> None:
@@ -122,7 +125,14 @@ class SGD(Optimizer):
         if self.momentum:
             self.velocity *= self.momentum
             self.velocity += direction
-            direction = self.velocity
+            if self.nesterov and direction is self._scratch:  # g + momentum * velocity
+                self._scratch += self.momentum * self.velocity
+            elif self.nesterov:
+                np.multiply(self.velocity, self.momentum, out=self._scratch)
+                self._scratch += direction
+                direction = self._scratch
+            else:
+                direction = self.velocity
         np.multiply(direction, self.lr, out=self._scratch)
         self.params -= self._scratch
 
@@ -131,16 +141,21 @@ class SGD(Optimizer):
             "lr": float(self.lr),
             "momentum": float(self.momentum),
             "weight_decay": float(self.weight_decay),
+            "nesterov": int(self.nesterov),
             "velocity": self.velocity.copy(),
         }
 
     def load_state_dict(self, state: Mapping[str, np.ndarray | int | float]) -> None:
-        self._check_state_shape(state, {"lr", "momentum", "weight_decay", "velocity"})
+        # "nesterov" came later: a state without it is plain momentum
+        state = {"nesterov": 0, **state}
+        self._check_state_shape(state, {"lr", "momentum", "weight_decay", "nesterov",
+                                        "velocity"})
         lr = _check_number("lr", state["lr"], low=0.0, low_inclusive=False)
         momentum = _check_number("momentum", state["momentum"], low=0.0, high=1.0)
         weight_decay = _check_number("weight_decay", state["weight_decay"], low=0.0)
         velocity = _check_array("velocity", state["velocity"])
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.nesterov = bool(state["nesterov"])
         np.copyto(self.velocity, velocity, casting="same_kind")
 
 

@@ -30,7 +30,7 @@ import pytest
 
 from ringtrain.config import Settings
 from ringtrain.node.node import Node
-from ringtrain.ring import collectives
+from ringtrain.ring import runner
 from ringtrain.testing import LocalCluster, free_ports, node_id
 from ringtrain.train.datasets import load_digits
 from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
@@ -101,7 +101,7 @@ class _Recorder(logging.Handler):
 def _arm_suicide(fraction: float, stamp: Path) -> dict:
     """Make this process SIGKILL itself once it has received ``fraction`` of the receives of
     the next all_reduce after arming (the victim's own runner; nothing else is changed)."""
-    original = collectives.RingRunner._accept
+    original = runner.RingRunner._accept
     armed = {"on": False, "count": 0}
 
     def accept(self, collective, view, sequence, message, expected, *rest):
@@ -116,7 +116,7 @@ def _arm_suicide(fraction: float, stamp: Path) -> dict:
                                              "elements": collective.buffer.size}))
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    collectives.RingRunner._accept = accept
+    runner.RingRunner._accept = accept
     return armed
 
 

@@ -28,8 +28,9 @@ from ringtrain.integrations.torch.process_group import (  # noqa: E402 - after t
 )
 
 SIZE = 3
-SETTINGS = Settings(heartbeat_timeout=30.0, progress_floor=60.0, progress_timeout=90.0)  # results, not
-# failure detection, are tested here; three nodes share one interpreter on a busy machine
+# results, not failure detection, are tested here; three nodes share one interpreter on a busy
+# machine
+SETTINGS = Settings(heartbeat_timeout=30.0, progress_floor=60.0, progress_timeout=90.0)
 
 
 def on_ring(fn: Callable[[RingtrainProcessGroup], Any], size: int = SIZE) -> list[Any]:

@@ -363,7 +363,7 @@ def _refused(node: Node, **options) -> str:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"compression": "int4"}, "unknown compression 'int4'"),
+    ({"compression": "int3"}, "unknown compression 'int3'"),
     ({"compression": "int8", "average_every": 4}, "local SGD"),
 ])
 def test_bad_compression_settings_are_refused(options, message):

@@ -12,6 +12,7 @@ from ringtrain.ring.compression import (
     SCRATCH_LIMIT,
     Codec,
     Fp16,
+    Int4,
     Int8,
     TopK,
     check_supported,
@@ -28,7 +29,7 @@ def values(n: int = 1000, dtype: str = "float32", scale: float = 3.0) -> np.ndar
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])
-@pytest.mark.parametrize("codec", [Fp16(), Int8(), TopK(0.1)], ids=str)
+@pytest.mark.parametrize("codec", [Fp16(), Int8(), Int4(), TopK(0.1)], ids=str)
 def test_round_trip_has_the_promised_size_dtype_and_bound(codec, n, dtype):
     x = values(n, dtype)
     payload, decoded = codec.round_trip(x)
@@ -44,6 +45,9 @@ def test_round_trip_has_the_promised_size_dtype_and_bound(codec, n, dtype):
         # half a step of max|x|/127, plus the rounding of float16 inputs and outputs
         slack = peak * 2.0 ** -10 if dtype == "float16" else peak * 1e-6
         assert error.max() <= peak / 254 + slack
+    elif isinstance(codec, Int4):
+        slack = peak * 2.0 ** -10 if dtype == "float16" else peak * 1e-6
+        assert error.max() <= peak / 14 + slack
     else:
         kept = decoded != 0
         assert kept.sum() <= codec.kept(n)
@@ -100,7 +104,7 @@ def test_topk_keeps_at_least_one_value():
     assert TopK(0.001).kept(10) == 1 and TopK(0.5).kept(0) == 0
 
 
-@pytest.mark.parametrize("codec", [Int8(), TopK(0.05)], ids=str)
+@pytest.mark.parametrize("codec", [Int8(), Int4(), TopK(0.05)], ids=str)
 def test_error_feedback_makes_the_accumulated_error_stay_bounded(codec):
     """Send the same gradient many times: with error feedback, the sum of what was decoded
     tracks the sum of what was meant (error bounded by one step's residual); without it, the
@@ -143,6 +147,19 @@ def test_bad_payloads_from_a_peer_are_protocol_errors():
         Int8().decode(np.zeros(5, np.uint8), out)
     with pytest.raises(ProtocolError):
         Fp16().decode(np.zeros(5, np.uint8), out)
+    with pytest.raises(ProtocolError):
+        Int4().decode(np.zeros(5, np.uint8), out)
+
+
+def test_int4_packs_two_values_a_byte_and_keeps_zeros_and_non_finite_visible():
+    codec = Int4()
+    assert codec.payload_bytes(7, np.dtype(np.float32)) == 4 + 4
+    payload, decoded = codec.round_trip(np.array([7.0, -7.0, 0.0, 1.0, -3.0], np.float32))
+    np.testing.assert_array_equal(decoded, [7.0, -7.0, 0.0, 1.0, -3.0])  # exact levels
+    _, zeros = codec.round_trip(np.zeros(3, np.float32))
+    np.testing.assert_array_equal(zeros, np.zeros(3))
+    _, poisoned = codec.round_trip(np.array([1.0, np.nan], np.float32))
+    assert np.isnan(poisoned).all()
 
 
 def test_codec_names():
@@ -154,7 +171,7 @@ def test_codec_names():
     assert isinstance(topk, TopK) and topk.ratio == 0.05 and topk.spec() == "topk:0.05+ef"
     codec = Int8()
     assert get_codec(codec) is codec
-    for bad in ("int4", "topk:x", "topk:0", "topk:2", "fp16:3"):
+    for bad in ("int3", "int4:2", "topk:x", "topk:0", "topk:2", "fp16:3"):
         with pytest.raises(ConfigError):
             get_codec(bad)
 

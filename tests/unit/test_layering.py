@@ -24,21 +24,25 @@ LAYERS: dict[str, int] = {
     "errors": 0, "config": 0, "comm": 0, "comm.wire": 0, "comm.security": 0, "ring": 0,
     "ring.plan": 0, "ring.compression": 0, "train.nn": 0, "train.optim": 0,
     "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
-    "lab": 0, "bench": 0, "cli": 0,
+    "lab": 0,
     # 1 one outside world each
     "comm.transport": 1, "comm.shm": 1, "discovery.mdns": 1, "train.checkpoint": 1,
-    "lab.netns": 1, "lab.cpu_budget": 1,
+    "lab.netns": 1, "lab.cpu_budget": 1, "models": 1, "discovery.dns": 1,
     # 2 protocols
-    "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2,
+    "comm.mailbox": 2, "membership.protocol": 2, "ring.collectives": 2, "ring.segments": 2,
+    "ring.runner": 2, "ring.one_round": 2, "ring.link_probe": 2,
     # 3 the node, and the package surface that re-exports it
     "node.node": 3, "node.launch": 3, "__init__": 3,
     # 4 training and tools built on a node
-    "train": 4, "testing": 4, "integrations": 4,
-    # 5 entry points and tooling
-    "cli.main": 5, "cli.demo": 5, "cli.node": 5, "cli.peers": 5, "cli.keygen": 5,
-    "cli.allreduce_demo": 5, "__main__": 5, "bench.allreduce": 5, "bench.formation": 5,
-    "bench.recovery": 5, "bench.scaling": 5, "bench.security": 5, "bench.baselines": 5,
-    "bench.mpi_baseline": 5, "bench.torch_ddp": 5,
+    "train": 4, "testing": 4, "integrations": 4, "infer": 4, "pipeline": 4, "agent": 4,
+    "agent.protocol": 0,
+    # reinforcement learning: pure pieces, Gymnasium's one module, the learner on a node
+    "rl": 4, "rl.stats": 0, "rl.ppo": 0, "rl.rollout": 0, "rl.exchange": 0, "rl.envs": 1,
+    # 5 entry points and tooling: every command and benchmark module
+    "cli": 5, "bench": 5, "__main__": 5,
+    # observe: the recorder sits low (the runner feeds it); the rest is tooling
+    "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
+    "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2, "observe.observer": 4,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
@@ -51,8 +55,12 @@ OUTSIDE = {
     "zmq": {"comm.transport"},
     "zeroconf": {"discovery.mdns"},
     "ifaddr": {"discovery.mdns"},  # zeroconf's own dependency, for interface addresses
-    "torch": {"integrations", "bench.baselines", "bench.torch_ddp"},
+    "dns": {"discovery.dns"},  # dnspython
+    "torch": {"integrations", "bench.baselines", "bench.torch_ddp", "bench.ddp_baseline"},
     "mpi4py": {"bench.mpi_baseline"},
+    "gymnasium": {"rl.envs"},
+    "matplotlib": {"bench.wifi", "cli.plot"},  # optional extras, each drawn by one command
+    "rich": {"cli.status"},
 }
 NEVER_IMPORTED = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}
@@ -209,8 +217,8 @@ def test_the_checks_see_imports():
     """Guard the parser itself: it finds relative, absolute, package and lazy imports."""
     found = {internal_module(internal_name(t)) for t, _ in imports("node.node", ALL["node.node"])
              if internal_name(t)}
-    assert {"ring.collectives", "config", "errors", "comm.mailbox", "membership.protocol",
-            "comm.transport", "comm.wire"} <= found
+    assert {"ring.collectives", "ring.runner", "config", "errors", "comm.mailbox",
+            "membership.protocol", "comm.transport", "comm.wire"} <= found
     assert any(t == "zmq" for t, _ in imports("comm.transport", ALL["comm.transport"]))
     assert internal_module(internal_name("ringtrain.comm.wire.X") or "") == "comm.wire"
 

@@ -1,7 +1,7 @@
 """The ring schedule, executed in memory for every rank at once: no sockets, no sleeps.
 
 Each rank's :class:`ringtrain.ring.plan.Plan` is run against FIFO queues that stand for the links
-rank r -> rank r+1, exactly as ``collectives.RingRunner`` runs it over ZeroMQ: send
+rank r -> rank r+1, exactly as ``runner.RingRunner`` runs it over ZeroMQ: send
 ``first_sends``, then take the receives in plan order, reduce (``np.add``) or copy, and send
 ``then``. The results are checked against numpy and every message is counted.
 """

@@ -1,0 +1,402 @@
+"""The runner that moves a collective's segments around the ring over the node's transport.
+
+For every segment that arrives from the predecessor the runner checks it
+(:mod:`~ringtrain.ring.segments`), reduces or copies the payload into the buffer with a numpy
+ufunc (``out=``, in place, no per-element Python) and forwards the same region to the
+successor. Small all-reduces take one round instead (:mod:`~ringtrain.ring.one_round`), and
+link probes measure a ring's links (:mod:`~ringtrain.ring.link_probe`); both use the runner's
+sends and waits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..comm.mailbox import Mailbox, Message
+from ..comm.shm import LANE_POLL, SharedMemoryLanes
+from ..comm.transport import Transport
+from ..comm.wire import FLAG_SHM, HEADER_SIZE
+from ..errors import (
+    CollectiveError,
+    CollectiveTimeout,
+    PeerFailedError,
+    ProtocolError,
+    TransportError,
+)
+from ..membership.protocol import View
+from ..observe.recorder import FlightRecorder
+from . import one_round, segments
+from . import plan as ring
+from .collectives import Collective
+from .compression import Codec, get_codec
+
+PROGRESS_FACTOR = 8.0  # progress deadline = this x the smoothed longest gap between segments
+TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
+SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
+
+
+class RingRunner:
+    """Runs collectives of one node over its transport. Not thread-safe: one caller thread.
+
+    The progress deadline (how long the runner waits for the next segment before blaming a
+    member) adapts: it is ``PROGRESS_FACTOR`` times the smoothed longest wait between segments
+    of recent collectives, kept between ``progress_floor`` and ``progress_cap``.
+
+    Args:
+        transport: the node's sockets; links are named by peer node id.
+        mailbox: where validated messages wait.
+        node_id: this node's id.
+        job: the 64-bit job id stamped on every message.
+        progress_floor, progress_cap: bounds of the adaptive progress deadline, seconds.
+        service: the node's membership work, called from the wait loop at most every
+            ``SERVICE_INTERVAL`` seconds; returns None, or (why, suspect) to abort the
+            collective because a member failed.
+        poll_interval: longest single wait, so ``service`` runs at least about this often.
+        lanes: shared-memory lanes to successors on this host, or None (TCP only).
+    """
+
+    def __init__(self, transport: Transport, mailbox: Mailbox, node_id: str, job: int,
+                 progress_floor: float, progress_cap: float,
+                 service: Callable[[View], tuple[str, str | None] | None],
+                 poll_interval: float, lanes: SharedMemoryLanes | None = None):
+        self.transport = transport
+        self.mailbox = mailbox
+        self.node_id = node_id
+        self.job = job
+        self.progress_floor = progress_floor
+        self.progress_cap = progress_cap
+        self.service = service
+        self.poll_interval = poll_interval
+        self.lanes = lanes
+        self.progress_timeout = progress_cap
+        self._slowest_wait = 0.0  # smoothed longest gap between segments, seconds
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
+        # observe: counters and the flight recorder (ringtrain.observe.recorder)
+        self.messages_received = 0
+        self.bytes_out: dict[str, int] = {}  # payload bytes sent to each peer
+        self.bytes_in: dict[str, int] = {}  # payload bytes received from each peer
+        self.waiting: dict[str, Any] = {}  # structured self.stage: from / to whom, counts
+        self.recorder = FlightRecorder(node_id)
+        self._codecs: dict[str, Codec] = {}
+        # peer -> time.monotonic() of its last accepted segment: a sign of life. A busy link's
+        # send queue is full of segments, so heartbeats on it are dropped; the data is not.
+        self.heard: dict[str, float] = {}
+        self._service_due = 0.0  # time.monotonic() of the next membership turn
+
+    def codec(self, compression: str | Codec | None) -> Codec | None:
+        """The codec for a ``compression`` argument: a name gives this node's one codec of
+        that name, so its error-feedback state lasts from call to call; a :class:`Codec`
+        is used as it is."""
+        if compression is None or isinstance(compression, Codec):
+            return compression
+        if compression not in self._codecs:
+            codec = get_codec(compression)
+            if codec is None:
+                return None
+            self._codecs[compression] = codec
+        return self._codecs[compression]
+
+    def segment_elements(self, dtype: np.dtype) -> int:
+        """How many elements of ``dtype`` fit in one segment."""
+        return max(1, self.transport.settings.segment_bytes // np.dtype(dtype).itemsize)
+
+    def run(self, collective: Collective, view: View, sequence: int, deadline: float,
+            step: int = 0) -> Any:
+        """Execute ``collective`` as collective number ``sequence`` of ``view``.
+
+        Raises:
+            MismatchError: members called different collectives, shapes or dtypes.
+            PeerFailedError: a member stopped sending or receiving, or sent garbage.
+            CollectiveTimeout: ``deadline`` passed.
+        """
+        record = self.recorder.collective_started(
+            collective.name, collective.digest, collective.buffer.nbytes, view.generation,
+            sequence, step, view.rank, view.members, self._counters)
+        if view.world_size == 1:
+            self.recorder.collective_finished(record)
+            return collective.finish(collective.buffer)
+        try:
+            if collective.direct:
+                one_round.exchange(self, collective, view, sequence, deadline, step)
+            else:
+                self._move(collective, view, sequence, deadline, step)
+        except BaseException as exc:
+            self.recorder.collective_finished(record, exc)
+            if self.lanes is not None:  # its slots may hold segments nobody will release
+                self.lanes.reset(view.members[ring.successor(view.rank, view.world_size)])
+            raise
+        finally:
+            self.stage = "idle"
+            self.waiting = {}
+            self.mailbox.retire(view.generation, sequence)
+        self.recorder.collective_finished(record)
+        return collective.finish(collective.buffer)
+
+    def _counters(self) -> tuple[int, int, dict[str, int], dict[str, int], dict[str, Any]]:
+        """What the flight recorder reads when a collective starts, ends, or is looked at."""
+        return (self.messages_sent, self.messages_received, self.bytes_out, self.bytes_in,
+                self.waiting)
+
+    def _move(self, collective: Collective, view: View, sequence: int, deadline: float,
+              step: int) -> None:
+        plan, buffer = collective.plan, collective.buffer
+        successor = view.members[ring.successor(view.rank, view.world_size)]
+        predecessor = view.members[ring.predecessor(view.rank, view.world_size)]
+        predecessor_rank = ring.predecessor(view.rank, view.world_size)
+        descriptor_frame = collective.descriptor_frame
+        # what to send next, with the payload to forward unchanged (compressed all-gather)
+        pending: deque[tuple[ring.Transfer, Any]] = deque((t, None) for t in plan.first_sends)
+        trackers = []
+        described = False
+        received = 0
+        last_progress = time.monotonic()
+        longest_gap = 0.0
+        progress_deadline = last_progress + self.progress_timeout
+        where = f"{collective.name} #{sequence} of generation {view.generation}"
+        # a successor on this host reads our segments from shared memory (see shm.py)
+        lane = self.lanes.outbound(successor, view.generation) if (
+            collective.compressed is None and self.lanes is not None
+            and self.lanes.reaches(successor)) else None
+        # segments arrive in plan order only if all take one path: the door (lane references,
+        # or every message fits a datagram) or all ZeroMQ
+        spin = self.transport.settings.spin_seconds if self.local(predecessor) else 0.0
+        largest = max((r.transfer.stop - r.transfer.start for r in plan.receives), default=0)
+        door = lane is not None or (self.lanes is not None and self.lanes.door_takes(
+            successor, HEADER_SIZE + largest * buffer.itemsize + len(descriptor_frame)))
+        while received < len(plan.receives) or pending:
+            # 1. send as much as the successor's queue (or lane) takes
+            lane_full = False
+            while pending:
+                transfer, forward = pending[0]
+                header = segments.data_header(collective, view, self.job, sequence, step,
+                                              transfer, not described, shared=lane is not None)
+                if lane is not None:
+                    payload = lane.write(buffer[transfer.start:transfer.stop])
+                    if payload is None:
+                        lane_full = True
+                        break
+                    big = False
+                elif collective.compressed is None:
+                    payload = buffer[transfer.start:transfer.stop]
+                    big = header.nbytes >= TRACK_BYTES
+                else:
+                    # a fresh array or a received frame, never our buffer: no need to track
+                    payload = forward if forward is not None else \
+                        segments.encode(collective, transfer)
+                    big = False
+                frames = [header.pack(), payload]
+                if not described:
+                    frames.append(descriptor_frame)
+                try:
+                    sent = self.send(successor, frames, big, door)
+                except TransportError as exc:
+                    raise PeerFailedError(f"{where}: cannot send to successor {successor}: {exc}",
+                                          peer=successor, generation=view.generation,
+                                          collective=sequence) from exc
+                if sent is False:
+                    lane_full = door and self.local(successor)
+                    break
+                if lane is not None:
+                    lane.commit()
+                if big:
+                    trackers.append(sent)
+                described = True
+                pending.popleft()
+                self.bytes_sent += header.nbytes
+                self.messages_sent += 1
+                self.bytes_out[successor] = self.bytes_out.get(successor, 0) + header.nbytes
+                now = time.monotonic()
+                longest_gap = max(longest_gap, now - last_progress)
+                last_progress, progress_deadline = now, now + self.progress_timeout
+            # 2. take in every segment that has arrived
+            while received < len(plan.receives):
+                message = self.mailbox.next_data(view.generation, sequence)
+                if message is None:
+                    break
+                expected = plan.receives[received]
+                forward = self._accept(collective, view, sequence, message, expected,
+                                       predecessor, predecessor_rank)
+                received += 1
+                if expected.then is not None:
+                    pending.append((expected.then, forward))
+                now = time.monotonic()
+                longest_gap = max(longest_gap, now - last_progress)
+                last_progress, progress_deadline = now, now + self.progress_timeout
+            if received == len(plan.receives) and not pending:
+                break
+            self.check_abandoned(view, sequence, where)
+            if received < len(plan.receives) and self.mailbox.has_data(view.generation,
+                                                                        sequence):
+                continue  # membership work took in our data: use it before waiting
+            # 3. wait for traffic, bounded by both deadlines
+            now = time.monotonic()
+            if now >= deadline:
+                raise CollectiveTimeout(f"{where} missed its deadline "
+                                        f"({received}/{len(plan.receives)} segments received, "
+                                        f"{len(pending)} waiting to be sent)",
+                                        generation=view.generation, collective=sequence)
+            if now >= progress_deadline:
+                if pending:
+                    # we had data for the successor all along and it took none: it is stuck,
+                    # whatever our predecessor did (which may only be waiting on us)
+                    culprit, what = successor, "stopped accepting data"
+                else:
+                    culprit, what = predecessor, "sent nothing"
+                raise PeerFailedError(f"{where}: {culprit} {what} for "
+                                      f"{self.progress_timeout:.1f} s "
+                                      f"({received}/{len(plan.receives)} segments received)",
+                                      peer=culprit, generation=view.generation,
+                                      collective=sequence)
+            if spin and not pending and now < last_progress + spin:
+                self.yield_and_look()  # the predecessor is on this host: its data is due now
+                continue
+            self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
+                          f"{predecessor}, {len(pending)} waiting for {successor}")
+            self.waiting = {"from": predecessor if received < len(plan.receives) else None,
+                            "to": successor if pending else None, "received": received,
+                            "expected": len(plan.receives), "unsent": len(pending)}
+            # a full lane frees up without a message telling us: look again soon
+            poll = LANE_POLL if lane_full else self.poll_interval
+            self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
+                              writable=successor if pending and not lane_full else None,
+                              links=self.links_due(now))
+        self._learn_gap(longest_gap)
+        # the caller may change the buffer once we return: wait until libzmq let go of it
+        for tracker in trackers:
+            remaining = deadline - time.monotonic()
+            try:
+                tracker.wait(max(remaining, 0.001))
+            except Exception as exc:  # zmq.NotDone: the successor never took the data
+                raise PeerFailedError(f"{where}: successor {successor} did not take the last "
+                                      f"segments", peer=successor, generation=view.generation,
+                                      collective=sequence) from exc
+
+    def take_turn(self) -> bool:
+        """Whether a membership turn is due (they come at most every ``SERVICE_INTERVAL``
+        while collectives flow, in the runner's waits and between collectives alike); if
+        so, the next one is due that much later."""
+        now = time.monotonic()
+        if now < self._service_due:
+            return False
+        self._service_due = now + SERVICE_INTERVAL
+        return True
+
+    def yield_and_look(self) -> None:
+        """Wait for data due within microseconds without sleeping: give the core to whoever
+        is runnable (the sender, typically), then take in what arrived
+        (``Settings.spin_seconds``: a sleep and its wake-up cost more)."""
+        os.sched_yield()
+        self.mailbox.pump(0.0, links=False)
+
+    def links_due(self, now: float) -> bool:
+        """Whether a wait should also watch the outgoing links: their traffic (replies to
+        membership) is only handled at a membership turn, so until one is due a wait
+        watches only where data comes in, which costs fewer system calls."""
+        return now >= self._service_due
+
+    def local(self, peer: str) -> bool:
+        """Whether ``peer`` is on this host (its door and lanes free up with no message
+        to wake us: a blocked send there is retried every ``LANE_POLL``)."""
+        return self.lanes is not None and self.lanes.reaches(peer)
+
+    def send(self, peer: str, frames: list, track: bool = False, door: bool = True) -> Any:
+        """Send a DATA message: through ``peer``'s door when ``door`` allows it, the peer is
+        on this host and the message fits a datagram, else over ZeroMQ (see
+        ``Transport.try_send``). A door and a ZeroMQ link do not keep order between them:
+        messages that must arrive in order go all through one (``door=False`` for a
+        stream whose larger messages take ZeroMQ)."""
+        lanes = self.lanes
+        if door and lanes is not None and lanes.reaches(peer) and lanes.door_takes(
+                peer, sum(memoryview(f).nbytes for f in frames)):
+            return lanes.send(peer, frames)
+        return self.transport.try_send(peer, frames, track=track)
+
+    def _learn_gap(self, gap: float) -> None:
+        """Adapt the progress deadline to the gaps this ring really has."""
+        smoothed = 0.8 * self._slowest_wait + 0.2 * gap
+        self._slowest_wait = gap if self._slowest_wait == 0 else smoothed
+        self.progress_timeout = min(self.progress_cap,
+                                    max(self.progress_floor, PROGRESS_FACTOR * self._slowest_wait))
+
+    def _accept(self, collective: Collective, view: View, sequence: int, message: Message,
+                expected: ring.Receive, predecessor: str, predecessor_rank: int) -> Any:
+        """Check a segment and take it into the buffer. Returns the payload to forward
+        unchanged, when the segment is compressed and only copied (all-gather), else None."""
+        self.check_digest(collective, view, sequence, message)
+        segments.check_from_predecessor(collective, view, sequence, message, expected,
+                                        predecessor, predecessor_rank)
+        transfer, where = expected.transfer, segments.where(collective, view, sequence)
+        if message.header.flags & FLAG_SHM:
+            try:
+                if collective.compressed is not None or self.lanes is None:
+                    raise ProtocolError("flags", "no shared-memory reference here",
+                                        "FLAG_SHM", predecessor)
+                shared, release = self.lanes.receive(predecessor, message.payload,
+                                                     message.header.nbytes)
+            except ProtocolError as exc:
+                raise PeerFailedError(f"{where}: {predecessor} sent a bad shared-memory "
+                                      f"reference: {exc}", peer=predecessor,
+                                      generation=view.generation, collective=sequence) from exc
+            segments.take_parts(collective, expected, [shared])
+            release()
+            return None
+        if collective.compressed is not None:
+            try:
+                return segments.decode(collective, expected, message.payload)
+            except ProtocolError as exc:
+                raise PeerFailedError(f"{where}: {predecessor} sent a bad compressed segment "
+                                      f"(hop {transfer.hop}, chunk {transfer.chunk}, segment "
+                                      f"{transfer.segment}): {exc}", peer=predecessor,
+                                      generation=view.generation, collective=sequence) from exc
+        segments.take_parts(collective, expected, message.payload_parts)
+        return None
+
+    def check_abandoned(self, view: View, sequence: int, where: str) -> None:
+        """Raise if a member aborted this collective, or the ring is changing under it."""
+        abort = self.mailbox.aborts.get((view.generation, sequence))
+        if abort is not None:
+            raise segments.error_from_abort(abort, where, view.generation, sequence)
+        if not self.take_turn():
+            return  # membership work between every two segments would cost more than it saves
+        failure = self.service(view)
+        if failure is not None:
+            why, suspect = failure
+            raise PeerFailedError(f"{where} abandoned: {why}", peer=suspect,
+                                  generation=view.generation, collective=sequence)
+
+    def check_digest(self, collective: Collective, view: View, sequence: int,
+                     message: Message) -> None:
+        """Raise MismatchError, naming both calls, if a member's segment belongs to another
+        collective. Checked before anything else in a message is trusted or used; a member's
+        segment is also a sign of life (``heard``)."""
+        if message.origin not in view.members:
+            return  # not a member: the caller rejects it
+        self.heard[message.origin] = time.monotonic()
+        self.messages_received += 1
+        self.bytes_in[message.origin] = self.bytes_in.get(message.origin, 0) + \
+            message.header.nbytes
+        if message.header.digest != collective.digest:
+            raise segments.mismatch(collective, view, sequence, self.node_id, message)
+
+    def abort_everyone(self, view: View, sequence: int, exc: CollectiveError,
+                       suspect: str | None) -> None:
+        """Tell every member that this collective failed here (and whom we blame), so
+        nobody waits for it."""
+        if (view.generation, sequence) in self.mailbox.aborts:
+            return  # somebody else's abort: they have told everyone already
+        frames = segments.abort_frames(view, self.job, self.node_id, sequence, exc, suspect)
+        for member in view.members:
+            if member == self.node_id:
+                continue
+            try:
+                self.transport.try_send(member, frames)
+            except TransportError:
+                pass  # best effort: that member will time out instead

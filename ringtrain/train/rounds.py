@@ -1,0 +1,410 @@
+"""Training in rounds for slow links: DiLoCo, local SGD and asynchronous rounds.
+
+A round: every member steps its own copy of the model with its inner optimizer on its own
+batches, without communicating; then the members all-reduce the *pseudo-gradient*, how far
+each moved from the round's starting point (the *anchor*, the shared model), weighted by the
+samples each consumed, and an outer optimizer steps the anchor with that mean (DiLoCo,
+Douillard et al. 2023: SGD with Nesterov momentum, lr 0.7, by default). Every member then
+starts the next round from the new anchor. One all-reduce per round instead of one per step.
+
+* Local SGD (``Trainer(average_every=k)``) is a round of k steps whose outer step is a plain
+  average: outer SGD with lr 1 and no momentum, and the inner optimizers' arrays averaged too.
+* The pseudo-gradient may be compressed with any codec of :mod:`ringtrain.ring.compression`
+  (``int4`` is meant for it): every member decodes the same bytes, so anchors stay identical.
+* ``overlap``: a member submits its pseudo-gradient and keeps stepping while it travels;
+  when the all-reduce is done, the outer step moves the anchor and the member keeps the
+  steps it made since (``params = new anchor + (params - params at submission)``): they go
+  into the next round. The link is busy while the processor computes.
+* Asynchronous rounds (``round_seconds``): a round closes on a time budget instead of a
+  step count; every member contributes the steps it made, weighted by its samples, and with
+  ``overlap`` (always on here) a member never waits for a slower one: it keeps stepping until
+  the slow member's contribution arrives. Each member draws its batches from its own
+  permutation of the data set (a stream per member, seeded by rank).
+
+What the rounds guarantee:
+
+* The anchor, the outer optimizer's state and the round count are identical on every member
+  after every completed round (they come from the same reduced bytes by elementwise IEEE
+  arithmetic); they are the model's version, what a checkpoint saves and what a joiner adopts.
+* Nothing a survivor computed is lost (the invariant the elastic tests check): every inner
+  step a member makes lands in exactly one completed round's pseudo-gradient, as long as that
+  member survives. When a member fails mid-round, the survivors keep their local progress,
+  re-form, and the round's all-reduce is redone over the survivors' pseudo-gradients. When
+  some member completed the round before the failure reached it, the others adopt its anchor
+  (their contributions are in it) and keep only the steps they made after submitting. Steps
+  of the failed member since its last completed round are lost: they existed only there.
+* Asynchronous rounds: the outer update of round r is the sample-weighted mean of what every
+  member did in round r, however many steps that was; a member that made no step contributes
+  weight 0. A stalled member delays the anchor's progress, not the others' stepping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..node.node import Node, Work
+from ..ring.compression import Codec, check_supported, get_codec
+from .optim import SGD, Optimizer
+from .sync import NonFiniteGradientError, array_names
+
+__all__ = ["DiLoCo", "Rounds", "local_sgd"]
+
+log = logging.getLogger(__name__)
+
+ROUND_CONTROL = 2  # exact values before the pseudo-gradient: weight, re-form flag
+
+
+@dataclass(frozen=True)
+class DiLoCo:
+    """How to train in rounds (module docstring).
+
+    Attributes:
+        inner_steps: steps per round (H); ignored with ``round_seconds``.
+        outer_lr: the outer optimizer's learning rate.
+        momentum: the outer optimizer's momentum, in [0, 1).
+        nesterov: Nesterov momentum for the outer step.
+        compression: codec of the pseudo-gradient all-reduce (``int4``, ``int8``, ``fp16``,
+            ``topk:R``; None: exact).
+        overlap: keep stepping while the round's all-reduce travels.
+        round_seconds: asynchronous rounds: close each round after this many seconds of
+            stepping, whatever the step count (implies ``overlap``).
+        average_inner_state: also average the inner optimizers' arrays at every round (local
+            SGD; not with ``overlap``).
+    """
+
+    inner_steps: int = 50
+    outer_lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+    compression: str | None = None
+    overlap: bool = False
+    round_seconds: float | None = None
+    average_inner_state: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) \
+                or self.inner_steps < 1:
+            raise ConfigError(f"inner_steps must be a positive integer, got "
+                              f"{self.inner_steps!r}")
+        for name in ("outer_lr", "round_seconds"):
+            value = getattr(self, name)
+            if value is None and name == "round_seconds":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if self.average_inner_state and self.overlapped:
+            raise ConfigError("average_inner_state (local SGD) needs rounds without overlap "
+                              "and without round_seconds")
+        get_codec(self.compression)  # an unknown codec fails here, naming it
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether members keep stepping while a round's all-reduce travels."""
+        return self.overlap or self.round_seconds is not None
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether rounds close on a time budget (members make different step counts)."""
+        return self.round_seconds is not None
+
+    def spec(self) -> str:
+        """The settings as members agree on them."""
+        return (f"inner_steps={self.inner_steps} outer=sgd(lr={self.outer_lr:g}, "
+                f"momentum={self.momentum:g}, nesterov={self.nesterov}) "
+                f"compression={self.compression} overlap={self.overlapped} "
+                f"round_seconds={self.round_seconds} "
+                f"average_inner_state={self.average_inner_state}")
+
+
+def local_sgd(every: int) -> DiLoCo:
+    """Local SGD: average parameters and inner optimizer arrays every ``every`` steps."""
+    return DiLoCo(inner_steps=every, outer_lr=1.0, momentum=0.0, nesterov=False,
+                  average_inner_state=True)
+
+
+@dataclass
+class _Pending:
+    """A round whose all-reduce was submitted and is not applied yet."""
+
+    works: list[Work]
+    snapshot: np.ndarray  # the parameters this member submitted (anchor - snapshot travels)
+    samples: int  # the samples in it
+    leaving: bool
+    inner: Work | None  # the inner optimizer arrays' average (local SGD)
+
+    def done(self) -> bool:
+        return all(work.done() for work in self.works) and \
+            (self.inner is None or self.inner.done())
+
+
+class Rounds:
+    """The round state of one member (module docstring): anchor, outer optimizer, progress.
+
+    Args:
+        node: this process's node.
+        params: the model's flat parameters (stepped by ``inner``).
+        inner: the inner optimizer, on ``params``.
+        settings: the rounds' settings.
+        timeout: seconds per collective (default: the node's).
+
+    Raises:
+        ConfigError: a codec the parameters' dtype cannot use.
+    """
+
+    def __init__(self, node: Node, params: np.ndarray, inner: Optimizer, settings: DiLoCo,
+                 timeout: float | None = None):
+        self.node = node
+        self.params = params
+        self.inner = inner
+        self.settings = settings
+        self.timeout = timeout
+        self.codec: Codec | None = get_codec(settings.compression)
+        if self.codec is not None:
+            check_supported(self.codec, params.dtype, "sum")
+        self.anchor = params.copy()
+        """The shared model: where every member's round starts."""
+        self.outer = SGD(self.anchor, lr=settings.outer_lr, momentum=settings.momentum,
+                         nesterov=settings.nesterov)
+        self.rounds_done = 0
+        """Completed rounds: equal on every member once they all applied the same round."""
+        self.samples_total = 0
+        """Samples in all completed rounds, every member's together."""
+        self.samples = 0  # samples in this member's steps not submitted yet
+        self.inner_steps = 0  # steps in this member's round so far
+        self.round_started = time.monotonic()
+        self._closes = 0  # asynchronous: rounds this member closed since the clock started
+        self._nonfinite = 0  # inner steps skipped in a row
+        self.reform_agreed = False
+        """Whether the last applied round carried a request to re-form (on every member)."""
+        self.leave_announced = False
+        """Whether an applied round told the others that this member leaves."""
+        self.leaving = False
+        """Set to ask the others, through the next round, to re-form without this node."""
+        self._buffer = np.empty(ROUND_CONTROL + params.size, dtype=params.dtype)
+        self._pending: _Pending | None = None
+
+    @property
+    def unapplied(self) -> int:
+        """Samples of this member's steps that no applied round holds yet."""
+        return self.samples + (0 if self._pending is None else self._pending.samples)
+
+    def round_due(self) -> bool:
+        """Whether this member's round is over (its steps, or its time budget)."""
+        if self.settings.round_seconds is not None:
+            # every member closes round k at the same time on its own clock, started at the
+            # same collective: their all-reduces start within one step of each other, so a
+            # member waits in none longer than a step of the slowest (the ring's progress
+            # deadline would evict a member that arrived rounds late)
+            close = self.round_started + (self._closes + 1) * self.settings.round_seconds
+            return self.inner_steps > 0 and time.monotonic() >= close
+        return self.inner_steps >= self.settings.inner_steps
+
+    def inner_step(self, grads: np.ndarray, samples: int, loss: float, step: int,
+                   max_nonfinite: int) -> bool:
+        """This member's own optimizer step on ``grads``; counts it into the round. A
+        non-finite gradient is skipped here alone. Returns whether the step was applied.
+
+        Raises:
+            NonFiniteGradientError: ``max_nonfinite`` skipped steps in a row.
+        """
+        applied = samples > 0 and math.isfinite(loss) and bool(np.isfinite(grads).all())
+        if applied:
+            self.inner.step(grads)
+            self._nonfinite = 0
+        elif samples:
+            self._nonfinite += 1
+            log.warning("rank %d: non-finite gradient at step %d, skipped locally",
+                        self.node.rank, step)
+            if self._nonfinite >= max_nonfinite:
+                raise NonFiniteGradientError(
+                    f"rank {self.node.rank}: gradients were not finite for {self._nonfinite} "
+                    f"local steps in a row, up to step {step} (generation "
+                    f"{self.node.generation})", step=step, generation=self.node.generation)
+        self.samples += samples
+        self.inner_steps += 1
+        return applied
+
+    def advance(self) -> bool:
+        """After an inner step: apply a round whose all-reduce arrived, close this member's
+        round when it is due. Returns whether a round was applied.
+
+        Raises:
+            PeerFailedError: a member failed during the round's all-reduce (the round stays
+                pending, so :meth:`adopt` after the re-form keeps every step in it).
+            NonFiniteGradientError: the mean pseudo-gradient is not finite.
+        """
+        if self._pending is not None and self._pending.done():
+            self._complete()
+            return True
+        if not self.round_due():
+            return False
+        if self._pending is not None:
+            if self.settings.asynchronous:
+                return False  # keep stepping until the last round is in: never wait
+            self._complete()
+            self._submit()
+            return True
+        self._submit()
+        if not self.settings.overlapped:
+            self._complete()
+            return True
+        return False
+
+    def finish(self) -> None:
+        """End of training: apply the round in flight, then one last round with the steps
+        made since (every member calls this after the same applied round)."""
+        if self._pending is not None:
+            self._complete()
+        if self.inner_steps or self.samples or self.settings.asynchronous:
+            self._submit()
+            self._complete()
+
+    def _submit(self) -> None:
+        """Start this round's all-reduce: weight, re-form flag and the weighted
+        pseudo-gradient ``samples x (anchor - params)``."""
+        weight = float(self.samples)
+        control, delta = self._buffer[:ROUND_CONTROL], self._buffer[ROUND_CONTROL:]
+        np.subtract(self.anchor, self.params, out=delta)
+        if not np.isfinite(delta).all():
+            log.warning("rank %d: parameters not finite after %d inner steps; this member's "
+                        "round is dropped and it restarts from the anchor", self.node.rank,
+                        self.inner_steps)
+            self.params[...] = self.anchor
+            delta[...] = 0
+            weight = 0.0
+        elif weight != 1.0:
+            delta *= weight
+        leaving = self.leaving  # read once: a signal may set it meanwhile
+        control[:] = (weight, 1 if (leaving or self.node.reform_due) else 0)
+        works = []
+        if self.codec is None:
+            works.append(self.node.all_reduce_async(self._buffer, op="sum",
+                                                    timeout=self.timeout, out=self._buffer))
+        else:
+            works.append(self.node.all_reduce_async(control, op="sum", timeout=self.timeout,
+                                                    out=control))
+            works.append(self.node.all_reduce_async(delta, op="sum", timeout=self.timeout,
+                                                    compression=self.codec, out=delta))
+        inner = None
+        if self.settings.average_inner_state:
+            state = self.inner.state_dict()
+            arrays = [state[name] for name in array_names(state)]
+            if arrays:  # a weight of 0 everywhere leaves them as they are (see _complete)
+                inner = self.node.all_reduce_many_async(
+                    [a * weight for a in arrays], op="sum", timeout=self.timeout)
+        self._pending = _Pending(works, self.params.copy(), self.samples, leaving, inner)
+        self.samples = 0
+        self.inner_steps = 0
+        self._closes += 1
+
+    def _complete(self) -> None:
+        """Wait for the pending round, step the anchor, keep the steps made since."""
+        pending = self._pending
+        assert pending is not None
+        for work in pending.works:
+            work.wait()  # a PeerFailedError leaves the round pending
+        inner = None if pending.inner is None else pending.inner.wait()
+        self._pending = None
+        control, delta = self._buffer[:ROUND_CONTROL], self._buffer[ROUND_CONTROL:]
+        total = float(control[0])
+        self.reform_agreed = bool(control[1] != 0)
+        self.leave_announced = pending.leaving
+        if total > 0:
+            np.divide(delta, total, out=delta)
+            if not np.isfinite(delta).all():
+                raise NonFiniteGradientError(
+                    f"the mean pseudo-gradient of round {self.rounds_done + 1} is not finite "
+                    f"(generation {self.node.generation}); lower the learning rates",
+                    step=self.rounds_done + 1, generation=self.node.generation)
+            self.outer.step(delta)
+            if inner is not None:
+                state = self.inner.state_dict()
+                state.update({name: summed / total for name, summed in
+                              zip(array_names(state), inner, strict=True)})
+                self.inner.load_state_dict(state)
+        # keep the steps made since submitting: params = new anchor + (params - snapshot)
+        drift = np.subtract(self.params, pending.snapshot, out=pending.snapshot)
+        np.add(self.anchor, drift, out=self.params)
+        self.rounds_done += 1
+        self.samples_total += int(round(total))
+
+    # elastic recovery and checkpoints ---------------------------------------------------------
+
+    def adopt(self, root: int, joined: bool) -> None:
+        """After a re-form (a collective): take the ``root`` member's anchor, outer state and
+        round count, keeping every inner step of this member that is not in them.
+
+        * ``joined`` (a joiner, or a resume from a checkpoint): start from the anchor, with
+          the root's inner optimizer state.
+        * The root completed a round this member had submitted (its all-reduce failed here):
+          that round holds this member's contribution, so only the steps made since
+          submitting stay: ``params = anchor + (params - submitted)``.
+        * Same round count: nothing of this member's landed; the pending round's samples
+          go back into the next round, and ``anchor - params`` still holds every step.
+        """
+        inner_state = self.inner.state_dict()
+        names = array_names(inner_state)
+        scalars = sorted(name for name in inner_state if name not in names)
+        size = self.anchor.size
+        flat = np.concatenate([self.anchor, self.outer.velocity,
+                               *(np.ravel(inner_state[name]) for name in names)])
+        flat = self.node.broadcast(flat, root, timeout=self.timeout)
+        numbers = np.array([self.rounds_done, self.samples_total,
+                            *(float(inner_state[name]) for name in scalars)], np.float64)
+        numbers = self.node.broadcast(numbers, root, timeout=self.timeout)
+        behind = int(numbers[0]) > self.rounds_done
+        self.round_started, self._closes = time.monotonic(), 0  # the clocks start again here
+        pending, self._pending = self._pending, None
+        self.anchor[...] = flat[:size]
+        self.outer.velocity[...] = flat[size:2 * size]
+        self.rounds_done, self.samples_total = int(numbers[0]), int(numbers[1])
+        if self.codec is not None:
+            self.codec.residuals.clear()  # they belong to an attempt that may not have landed
+        if joined:
+            self.params[...] = self.anchor
+            for index, name in enumerate(names):
+                inner_state[name] = flat[(2 + index) * size:(3 + index) * size]
+            for name, value in zip(scalars, numbers[2:], strict=True):
+                inner_state[name] = int(value) if isinstance(inner_state[name], (int, np.integer)) \
+                    else float(value)
+            self.inner.load_state_dict(inner_state)
+            self.samples = self.inner_steps = 0
+        elif behind and pending is not None:
+            drift = np.subtract(self.params, pending.snapshot, out=pending.snapshot)
+            np.add(self.anchor, drift, out=self.params)
+        elif pending is not None:
+            self.samples += pending.samples
+        log.info("rank %d: round state of rank %d adopted: %d rounds done%s", self.node.rank,
+                 root, self.rounds_done,
+                 "" if joined else f", {self.samples} samples of own steps kept for the next round")
+
+    def outer_state(self) -> dict[str, np.ndarray | int | float]:
+        """The shared round state: the outer optimizer's state and the round count."""
+        return {**self.outer.state_dict(), "rounds": self.rounds_done,
+                "samples": self.samples_total}
+
+    def load_outer(self, anchor: np.ndarray, state: Mapping[str, np.ndarray | int | float]
+                   ) -> None:
+        """Restore :meth:`outer_state` and the anchor (from a checkpoint).
+
+        Raises:
+            ConfigError: the state lacks the round count or the outer optimizer's keys.
+        """
+        state = dict(state)
+        try:
+            rounds, samples = int(state.pop("rounds")), int(state.pop("samples"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the checkpoint's round state is incomplete: {exc}") from exc
+        self.outer.load_state_dict(state)
+        self.anchor[...] = anchor
+        self.rounds_done, self.samples_total = rounds, samples

@@ -1,0 +1,188 @@
+"""Training in rounds (ringtrain.train.rounds) across real node processes: DiLoCo against the
+synchronous step, a SIGKILL in the middle of a round, asynchronous rounds with a stalled member.
+
+The invariant the SIGKILL tests check, "no survivor's step is lost": every sample a survivor
+stepped on lands in exactly one applied round. The rounds' total weight (``samples_total``,
+the sum of every applied round's sample weights, identical on every member) is therefore, at
+the end, the survivors' own stepped samples plus the victim's samples in the rounds applied
+before it died, and nothing else; and the survivors hold one model (the same anchor, bit for
+bit, and the same version hash). A survivor that dropped the steps it made in the round the
+failure hit (as local SGD did before rounds) would fall short by them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from ringtrain.config import Settings
+from ringtrain.node.node import Node
+from ringtrain.ring import collectives
+from ringtrain.testing import LocalCluster, node_id, run_local
+from ringtrain.train.datasets import load_digits
+from ringtrain.train.nn import Dense, Sequential, Tanh
+from ringtrain.train.optim import SGD, Adam
+from ringtrain.train.rounds import DiLoCo
+from ringtrain.train.trainer import Trainer
+
+SAMPLES = 200
+BATCH = 8
+INNER = 4  # steps per round in the SIGKILL tests
+SETTINGS = Settings(heartbeat_interval=0.25, heartbeat_timeout=1.0, reform_timeout=20.0,
+                    form_timeout=30.0, collective_timeout=30.0, direct_bytes=0)
+STALL = 0.2  # seconds one member stalls in every step in the asynchronous test
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    digits = load_digits()
+    return digits.x[:SAMPLES], digits.y[:SAMPLES]
+
+
+def _model() -> Sequential:
+    return Sequential(Dense(64, 16), Tanh(), Dense(16, 10), seed=1, dtype=np.float64)
+
+
+# --- DiLoCo with H = 1 is synchronous training ------------------------------------------------
+
+def _one_inner_step(node: Node, rounds: bool) -> dict:
+    x, y = _data()
+    model = _model()
+    trainer = Trainer(node, model, SGD(model.params, lr=0.1), x, y, batch_size=BATCH,
+                      adaptive=False, bucket_bytes=0,
+                      rounds=DiLoCo(inner_steps=1, outer_lr=1.0, momentum=0.0, nesterov=False)
+                      if rounds else None)
+    trainer.fit(10, max_steps=30)
+    return {"params": trainer.shared_params.copy(), "step": trainer.step_count,
+            "position": (trainer.position.epoch, trainer.position.position),
+            "hash": trainer.version.content_hash}
+
+
+def test_diloco_with_one_inner_step_and_plain_outer_sgd_equals_synchronous_training():
+    sync = run_local(_one_inner_step, 3, args=(False,), timeout=60)
+    diloco = run_local(_one_inner_step, 3, args=(True,), timeout=60)
+    for results in (sync, diloco):
+        for other in results[1:]:
+            np.testing.assert_array_equal(other["params"], results[0]["params"])
+            assert other["hash"] == results[0]["hash"]
+    assert diloco[0]["step"] == sync[0]["step"] == 30
+    assert diloco[0]["position"] == sync[0]["position"]
+    # the same update, computed as a mean of parameter changes instead of a mean of
+    # gradients: equal up to float64 rounding (each change carries its update's rounding)
+    difference = np.abs(diloco[0]["params"] - sync[0]["params"]).max()
+    print(f"\nmax |DiLoCo(H=1) - synchronous| after 30 steps: {difference:.2g}")
+    assert difference < 1e-12
+
+
+# --- a SIGKILL in the middle of a round ----------------------------------------------------
+
+def _arm_suicide_in_next_all_reduce() -> dict:
+    """SIGKILL this process half way through the receives of its next all_reduce."""
+    original = collectives.RingRunner._accept
+    armed = {"on": False, "count": 0}
+
+    def accept(self, collective, view, sequence, message, expected, *rest):
+        original(self, collective, view, sequence, message, expected, *rest)
+        if armed["on"] and collective.name == "all_reduce":
+            armed["count"] += 1
+            if armed["count"] >= max(1, len(collective.plan.receives) // 2):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    collectives.RingRunner._accept = accept
+    return armed
+
+
+def _round_with_a_kill(node: Node, victim: str, kill_step: int, where: str) -> dict:
+    x, y = _data()
+    model = _model()
+    trainer = Trainer(node, model, Adam(model.params, lr=0.01), x, y, batch_size=BATCH,
+                      adaptive=False, timeout=SETTINGS.collective_timeout, rejoin_timeout=40.0,
+                      rounds=DiLoCo(inner_steps=INNER))
+    armed = _arm_suicide_in_next_all_reduce() if node.node_id == victim else None
+    stepped = 0
+    while trainer.step_count < 4 * INNER:
+        if armed is not None and trainer.step_count == kill_step - 1:
+            if where == "inner steps":
+                os.kill(os.getpid(), signal.SIGKILL)
+            armed["on"] = True  # dies in the all-reduce that closes this round
+        stepped += len(trainer.step().indices)
+    trainer.rounds.finish()
+    return {"node": node.node_id, "stepped": stepped, "anchor": trainer.shared_params.copy(),
+            "hash": trainer.version.content_hash, "total": trainer.rounds.samples_total,
+            "rounds": trainer.rounds.rounds_done, "members": node.members,
+            "reforms": trainer.reforms}
+
+
+@pytest.mark.parametrize("where,kill_step", [("inner steps", INNER + 2),
+                                             ("all-reduce", 2 * INNER)])
+def test_sigkill_mid_round_loses_no_survivors_step(where, kill_step):
+    victim = 1
+    cluster = LocalCluster(_round_with_a_kill, 3, args=(node_id(victim), kill_step, where),
+                           timeout=90.0, job=f"rounds-kill-{kill_step}", settings=SETTINGS)
+    results = cluster.start().results(allow_failed=[victim])
+    assert results[victim] is None, "the victim was not killed"
+    survivors = [r for r in results if r is not None]
+    for other in survivors[1:]:
+        np.testing.assert_array_equal(other["anchor"], survivors[0]["anchor"])
+        assert (other["hash"], other["total"], other["rounds"]) == \
+            (survivors[0]["hash"], survivors[0]["total"], survivors[0]["rounds"])
+    assert all(r["reforms"] >= 1 and len(r["members"]) == 2 for r in survivors)
+    # the victim's steps that landed: its rounds applied before it died (one round of
+    # INNER steps; in the all-reduce case maybe the round it died in, if a survivor
+    # completed that round before the failure reached it)
+    landed = survivors[0]["total"] - sum(r["stepped"] for r in survivors)
+    allowed = {INNER * BATCH} if where == "inner steps" else {INNER * BATCH, 2 * INNER * BATCH}
+    print(f"\nSIGKILL in the {where} at step {kill_step}: survivors stepped "
+          f"{[r['stepped'] for r in survivors]} samples, rounds hold {survivors[0]['total']}; "
+          f"the victim's samples in them: {landed}")
+    assert landed in allowed, f"survivors' samples lost or counted twice: {landed}"
+
+
+# --- asynchronous rounds with a stalled member ---------------------------------------------
+
+class _Stalling(Trainer):
+    """Rank 2 stalls STALL seconds in every step (below the ring's progress deadline, so it
+    stays a member): a device far slower than the others."""
+
+    def compute_gradients(self, x, y):
+        if self.node.rank == 2:
+            time.sleep(STALL)
+        return super().compute_gradients(x, y)
+
+
+def _asynchronous(node: Node, rounds: DiLoCo) -> dict:
+    x, y = _data()
+    model = _model()
+    trainer = _Stalling(node, model, Adam(model.params, lr=0.01), x, y, batch_size=BATCH,
+                        adaptive=False, rounds=rounds)
+    stepped = [0]
+
+    def on_step(report) -> None:
+        stepped[0] += len(report.indices)
+
+    # lockstep: 18 steps each; asynchronous: 18 global batches of samples in all
+    trainer.fit(10, on_step=on_step, max_steps=6 * 3)
+    return {"steps": trainer.step_count, "stepped": stepped[0],
+            "anchor": trainer.shared_params.copy(), "total": trainer.rounds.samples_total,
+            "rounds": trainer.rounds.rounds_done}
+
+
+def test_asynchronous_rounds_keep_the_others_stepping_while_one_member_stalls():
+    lockstep = run_local(_asynchronous, 3, args=(DiLoCo(inner_steps=3),), timeout=90)
+    results = run_local(_asynchronous, 3, args=(DiLoCo(round_seconds=3 * STALL,
+                                                       compression="int4"),), timeout=90)
+    steps = [r["steps"] for r in results]
+    print(f"\nrank 2 stalls {STALL} s per step; steps per member: lockstep rounds "
+          f"{[r['steps'] for r in lockstep]}, asynchronous {steps} in {results[0]['rounds']} "
+          f"rounds")
+    assert [r["steps"] for r in lockstep] == [18, 18, 18]  # the others wait for rank 2
+    # asynchronous: the others step on while rank 2 stalls (about 3 steps per round)
+    assert min(steps[:2]) >= 4 * steps[2]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other["anchor"], results[0]["anchor"])
+        assert other["total"] == results[0]["total"]
+    # every member's steps, the stalled one's included, landed in the rounds
+    assert results[0]["total"] == sum(r["stepped"] for r in results)
