@@ -55,9 +55,9 @@ def main() -> None:
                 optimizer.step()
                 state.position += args.batch_size * dist.get_world_size()
                 state.step += 1
-                state.commit()
                 print(f"step {state.step}: loss {loss.item():.4f} (rank {dist.get_rank()} of "
                       f"{dist.get_world_size()})", flush=True)
+                state.commit()
             state.epoch, state.position = state.epoch + 1, 0
             state.commit()
 

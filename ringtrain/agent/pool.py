@@ -177,8 +177,9 @@ class AgentPool:
         self.say(f"agent {self.node.node_id}: running job {request.job} ({request.kind}) for "
                  f"{submitter} with {', '.join(peers)}; log {log_path}")
         with open(log_path, "w") as output:
+            # in the job's folder: whatever the job writes (run files, checkpoints) goes there
             process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL, cwd=job_dir)
         self._job = _Job(request, process, log_path)
 
     def _check_job(self) -> None:

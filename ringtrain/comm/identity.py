@@ -30,9 +30,9 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..config import env
 from ..errors import ConfigError, SecurityError

@@ -880,8 +880,8 @@ def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
     got: ``"ok"`` (the ZMTP and CURVE handshake completed: the peer holds the job key),
     ``"closed"`` (the connection was refused: nothing listens there), ``"refused"`` (TCP
     connected, the handshake failed: the peer holds another job key or is not a ringtrain
-    node), or ``"timeout"`` (no answer at all within ``timeout`` seconds: a firewall drops
-    the packets, the host is down, or the process is stopped)."""
+    node), or ``"timeout"`` (no handshake answer within ``timeout`` seconds: a firewall
+    drops the packets, the host is down, or the process is stopped or far too busy)."""
     context = zmq.Context()
     try:
         sock = context.socket(zmq.DEALER)
@@ -910,7 +910,7 @@ def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
                 return "refused"
             if event == zmq.EVENT_CONNECT_RETRIED and zmq.EVENT_CONNECTED not in seen:
                 return "closed"
-        return "refused" if zmq.EVENT_CONNECTED in seen else "timeout"
+        return "timeout"  # connected or not, no handshake answer: stopped, or far too busy
     except zmq.ZMQError as exc:
         raise TransportError(f"cannot probe {endpoint}: {exc}") from exc
     finally:

@@ -237,6 +237,7 @@ class Genesis:
     def __init__(self, membership: Membership):
         self.m = membership
         self.locked: tuple[str, str] | None = None  # (lineage, proposer) accepted, undecided
+        self.locked_until = 0.0
         self.proposal: FirstView | None = None
         self.round = 0
         self.next_attempt = 0.0
@@ -247,9 +248,11 @@ class Genesis:
 
     def tick(self, now: float) -> None:
         m = self.m
-        if self.locked is not None and self.locked[1] != m.node_id \
-                and not m.alive(self.locked[1], now):
-            self.locked = None  # its proposer went silent: free to accept another
+        if self.locked is not None and self.locked[1] != m.node_id and (
+                not m.alive(self.locked[1], now) or now >= self.locked_until):
+            # its proposer went silent, or its round is over (a Release may be lost): free
+            # to accept another (were it decided after all, its DECIDE still reaches us)
+            self.locked = None
         if self.proposal is not None and now >= self.proposal.deadline:
             self._release(now)
         if self.proposal is not None and now >= self.proposal.resend_at:
@@ -293,6 +296,8 @@ class Genesis:
                                           and self.locked != (msg.lineage, peer)):
             m.send(peer, Nack(msg.lineage, 0, msg.ballot, NO_BALLOT))
             return
+        if self.locked is None:
+            self.locked_until = now + 3 * m.config.round_timeout
         self.locked = (msg.lineage, peer)
         m.send(peer, Accepted(msg.lineage, 0, msg.ballot))
 

@@ -15,9 +15,10 @@ beacon (``comm.shm``): a receiver that can read it shares the host with the send
 
 Incarnations. ``incarnation`` is the device's boot counter on keyed rings (``comm.identity``:
 a clock step cannot fence a restart off), else the process's start time in nanoseconds: a
-restart has a higher one. A HELLO with a lower one than already seen is refused (a stopped old process that
-woke up); a higher one retires the old process at once (``protocol``), and the link to it is
-closed and dialled anew, so nothing is ever sent to a replaced process over an old connection.
+restart has a higher one. A HELLO with a lower one than already seen is refused (a stopped
+old process that woke up); a higher one retires the old process at once (``protocol``), and
+the link to it is closed and dialled anew, so nothing is ever sent to a replaced process over
+an old connection.
 
 Wire form. Heartbeats travel as HEARTBEAT, a leave as LEAVE, every agreement message as
 PROPOSE; the JSON body is ``messages.to_body`` of the message.

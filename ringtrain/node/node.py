@@ -554,12 +554,16 @@ class Node:
         """Return once every member has reached this barrier."""
         self.all_reduce(np.zeros(1, dtype=np.int8), timeout=timeout)
 
-    def reform(self, timeout: float | None = None) -> View:
+    def reform(self, timeout: float | None = None, since: int | None = None) -> View:
         """Agree on a new generation: drop suspected members, admit waiting joiners.
 
         Call it on every member after a collective raised :class:`PeerFailedError`, or when
         :attr:`reform_due` is true at a point every member agrees on. If the others already
         installed a newer generation meanwhile, this returns it at once.
+
+        ``since``: the generation that failed (default: the current one). A caller that
+        noticed a failure late passes the generation it failed in, so that a ring the others
+        already re-formed past it is taken as it is, not re-formed again.
 
         Raises:
             MembershipError: no new ring within ``timeout`` (default
@@ -571,7 +575,8 @@ class Node:
 
         def run() -> None:  # on the engine thread, which alone knows the views
             try:
-                outcome.append(self._reform(self._ran_in, time.monotonic() + limit))
+                failed = self._ran_in if since is None else since
+                outcome.append(self._reform(failed, time.monotonic() + limit))
             except RingtrainError as exc:
                 outcome.append(exc)
             done.set()

@@ -8,11 +8,10 @@ test can read every node's log and state.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np

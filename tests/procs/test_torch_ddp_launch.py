@@ -120,9 +120,9 @@ def test_killing_one_of_four_the_others_finish_identical_with_no_step_lost(tmp_p
         rank, _, commit, had = map(int, resumed.groups())
         assert commit >= had  # nobody goes back past its own last commit: no step lost
         steps = [int(s) for s in STEP.findall(log)]
-        # never a step twice; a member may skip printing the one it received from the member
-        # that completed it when the ring broke (the sync passes it on, it is not redone)
-        assert steps == sorted(set(steps)), steps
+        # a step is printed before its commit: one the ring broke in after it was printed and
+        # committed is kept (not redone); one it broke in before is redone, printed again
+        assert steps == sorted(steps), steps
         printed.update(steps)
         totals.update(int(n) for n in DONE.findall(log))
         survivors[rank] = parameters(tmp_path / "elastic", rank)

@@ -21,7 +21,8 @@ PACKAGE = Path(ringtrain.__file__).parent
 # -> layer. The table follows the folders: each subpackage is one concern.
 LAYERS: dict[str, int] = {
     # 0 pure: stdlib and numpy only
-    "errors": 0, "config": 0, "comm": 0, "comm.wire": 0, "comm.security": 0, "comm.identity": 0, "comm.ledger": 0, "ring": 0,
+    "errors": 0, "config": 0, "comm": 0, "comm.wire": 0, "comm.security": 0,
+    "comm.identity": 0, "comm.ledger": 0, "ring": 0,
     "ring.plan": 0, "ring.compression": 0, "train.nn": 0, "train.optim": 0,
     "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
     "lab": 0, "discovery.candidates": 0,

@@ -167,7 +167,7 @@ def run(train: Callable[[State], T], state: State) -> T:
     while True:
         try:
             if reason:
-                group = _reinitialise(reason)
+                group = _reinitialise(reason, group.generation)
                 state.restore()
             if first or reason:
                 donor = state.sync()  # a joiner's state, too, comes from the ring here
@@ -238,7 +238,7 @@ def _ring_changed(exc: BaseException, group: RingtrainProcessGroup) -> bool:
         or group.node.generation != group.generation
 
 
-def _reinitialise(reason: str) -> RingtrainProcessGroup:
+def _reinitialise(reason: str, failed: int) -> RingtrainProcessGroup:
     """Re-form the ring (drop the failed, admit the waiting), then a new default process
     group over it; torchrun's variables follow."""
     node = process_node()
@@ -246,7 +246,7 @@ def _reinitialise(reason: str) -> RingtrainProcessGroup:
     init_method = dist.distributed_c10d._default_pg_init_method
     dist.destroy_process_group()
     gc.collect()  # the old DDP's reducer and its autograd hooks go with it
-    node.reform()
+    node.reform(since=failed)  # a ring the others re-formed already is taken as it is
     os.environ.update(torchrun_environment(node))
     dist.init_process_group(BACKEND, init_method=init_method)
     return _group()
