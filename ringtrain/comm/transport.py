@@ -148,6 +148,7 @@ class ZapHandler:
         self.failure: BaseException | None = None
         self.listening_port = 0
         self._refusals_logged: set[str] = set()
+        self._shuts_logged: set[str] = set()
         self._errors_logged = 0
         self._monitor: zmq.Socket | None = None
         self._socket = context.socket(zmq.REP)
@@ -246,9 +247,9 @@ class ZapHandler:
                         or len(self._accepted) >= MAX_YOUNG_CONNECTIONS):
             if _shut_connection(fd, address, self.listening_port):
                 self.shut += 1
-                if address not in self._refusals_logged and \
-                        len(self._refusals_logged) < MAX_TRACKED_CONNECTIONS:
-                    self._refusals_logged.add(address)
+                if address not in self._shuts_logged and \
+                        len(self._shuts_logged) < MAX_TRACKED_CONNECTIONS:
+                    self._shuts_logged.add(address)
                     log.warning("shutting new connections from %s: %d of its connections are "
                                 "still in their handshake (limit %d per address, %d in all); "
                                 "further ones are not logged", address, young_here,

@@ -25,7 +25,8 @@ def _ringtrain_node(lan: EmulatedLan, i: int, key_file: Path, folder: Path, *ext
     argv = [sys.executable, "-m", "ringtrain", "node", "--job", "wrongkey", "--key-file",
             str(key_file), "--interface", lan.address(i), "--min-nodes", "2", "--epochs", "1",
             "--checkpoint-dir", str(folder / f"ckpt{i}"), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # namespaces share this host's files: each emulated device keeps its own device keys
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RINGTRAIN_DEVICE_DIR": str(folder / f"dev{i}")}
     return lan.popen(i, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                      env=env, cwd=str(folder))
 

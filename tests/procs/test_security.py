@@ -350,7 +350,11 @@ def test_strangers_intruders_and_garbage_never_disturb_a_training_ring(ring):
     assert sum(dropped.values()) >= sent // 2, dropped
     assert dropped.get("evicted", 0) > 0, dropped
     assert len(lines) <= 20, "\n".join(lines)
-    assert sum("refusing new connections from 127.0.0.1" in line for line in lines) == 1
+    # the crowd meets a budget, logged once: the cap on CURVE connections per address, or the
+    # one on connections still in their handshake (which may act first)
+    budgets = [sum(f"{what} new connections from 127.0.0.1" in line for line in lines)
+               for what in ("refusing", "shutting")]
+    assert 1 <= sum(budgets) and max(budgets) == 1, lines
 
 
 # join-time refusals, spoofed candidates, NaN ------------------------------------------------
