@@ -381,11 +381,13 @@ def normalize_endpoint(address: str) -> str:
     return f"tcp://{host}:{port}"
 
 
-def peer_endpoint(text: object) -> str:
+def peer_endpoint(text: object, allow_unspecified: bool = False) -> str:
     """An endpoint a peer (or an advert) gave us, checked: ``tcp://IP:PORT`` with a literal
     unicast IPv4 address (or a bracketed IPv6 one) and a port in 1..65535; ``IP:PORT`` is
     taken as tcp. Anything else (other schemes, host names, which would make us resolve
-    names a stranger picked, bad ports) is refused.
+    names a stranger picked, bad ports) is refused. ``allow_unspecified`` lets 0.0.0.0 (or
+    ``[::]``) through, for a peer that listens on every address and whose host part the
+    caller replaces by the address it saw the peer at.
 
     Raises:
         ConfigError: naming what was wrong.
@@ -408,7 +410,8 @@ def peer_endpoint(text: object) -> str:
         raise ConfigError(f"endpoint {text!r} does not name an IP address") from None
     if address.version == 6 and not bracketed:
         raise ConfigError(f"endpoint {text!r}: an IPv6 address goes in brackets")
-    if address.is_multicast or address.is_unspecified or str(address) == "255.255.255.255":
+    if address.is_multicast or (address.is_unspecified and not allow_unspecified) \
+            or str(address) == "255.255.255.255":
         raise ConfigError(f"endpoint {text!r} is not a unicast address")
     return f"tcp://{host}:{int(port)}"
 

@@ -294,13 +294,21 @@ class Links:
             self._welcomed.discard(peer_id)
 
     def _reachable_endpoint(self, declared: str, message: Message) -> str:
+        """Where to dial a peer: the port it declared, at the address it was seen at. A peer
+        listening on every address declares 0.0.0.0 (``ringtrain node`` with discovery), so
+        the unspecified address passes here; a message that came back over a link we
+        dialled was seen at that link's address."""
+        seen = message.peer_address
+        if not seen and message.on_link:
+            dialled = self.transport.links().get(message.origin, "")
+            seen = dialled.removeprefix("tcp://").rpartition(":")[0]
         try:
-            endpoint = peer_endpoint(declared)
+            endpoint = peer_endpoint(declared, allow_unspecified=True)
         except ConfigError as exc:
             raise ProtocolError("hello.endpoint", "tcp://IP:PORT", str(exc),
                                 message.origin) from None
-        if endpoint.startswith("tcp://") and message.peer_address:
-            return f"tcp://{message.peer_address}:{endpoint.rpartition(':')[2]}"
+        if endpoint.startswith("tcp://") and seen:
+            return f"tcp://{seen}:{endpoint.rpartition(':')[2]}"
         return endpoint
 
     def _on_welcome(self, message: Message) -> None:

@@ -98,3 +98,13 @@ def test_peer_endpoints_must_be_tcp_ip_port(text):
 def test_good_peer_endpoints_are_normalised():
     assert peer_endpoint("10.0.0.7:7077") == "tcp://10.0.0.7:7077"
     assert peer_endpoint("tcp://[::1]:5") == "tcp://[::1]:5"
+
+
+def test_an_unspecified_host_passes_only_where_the_caller_supplies_the_address():
+    """A peer listening on every address declares 0.0.0.0; the HELLO handler dials the port
+    it declared at the address it saw the peer at (``Links._reachable_endpoint``)."""
+    assert peer_endpoint("tcp://0.0.0.0:7411", allow_unspecified=True) == "tcp://0.0.0.0:7411"
+    with pytest.raises(ConfigError):
+        peer_endpoint("tcp://0.0.0.0:7411")
+    with pytest.raises(ConfigError):
+        peer_endpoint("tcp://224.0.0.251:7411", allow_unspecified=True)
