@@ -23,6 +23,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -75,8 +76,10 @@ class _Child:
 
 def _child_main(fn: Callable, index: int, endpoints: list[str], listen: str, args: tuple,
                 kwargs: dict, job: str, settings: Settings | None, node_options: dict,
-                key_hex: str, deadline: float, report_path: str, conn: Any) -> None:
+                key_hex: str, deadline: float, report_path: str, device_dir: str,
+                conn: Any) -> None:
     node_ref: list[Node] = []
+    os.environ["RINGTRAIN_DEVICE_DIR"] = device_dir  # this cluster's devices, not the user's
 
     def watchdog() -> None:
         # until the deadline, or until the parent asks for a report now (LocalCluster.fail)
@@ -123,6 +126,7 @@ class LocalCluster:
     settings_of: dict[int, Settings] = field(default_factory=dict)
     endpoints: list[str] = field(default_factory=list)
     key: JobKey | None = None
+    device_dir: str = ""  # the nodes' device keys and ledgers (a restarted node keeps its own)
     _children: list[_Child] = field(default_factory=list)
     _pipes: list[Any] = field(default_factory=list)
     _deadline: float = 0.0
@@ -131,6 +135,7 @@ class LocalCluster:
         """Start the processes; returns at once."""
         self.endpoints = [f"127.0.0.1:{p}" for p in free_ports(self.size)]
         self.key = JobKey.generate()  # a local run makes its own key: secure without asking
+        self.device_dir = self.device_dir or tempfile.mkdtemp(prefix="ringtrain-devices-")
         self._deadline = time.time() + self.timeout
         for index in range(self.size):
             self._spawn(index, self.endpoints, self.endpoints[index], self.fn, self.args,
@@ -170,7 +175,7 @@ class LocalCluster:
             args=(fn, index, endpoints, listen, args, kwargs, self.job,
                   self.settings_of.get(index, self.settings),
                   node_options, self.key.hex(), self._deadline - WATCHDOG_MARGIN, report.name,
-                  child))
+                  self.device_dir, child))
         process.start()
         child.close()
         self._children.append(_Child(index, process, report.name))
@@ -264,6 +269,8 @@ class LocalCluster:
                     os.unlink(path)
                 except OSError:
                     pass
+        if self.device_dir.startswith(tempfile.gettempdir()):
+            shutil.rmtree(self.device_dir, ignore_errors=True)
 
 
 def run_local(fn: Callable, size: int, *, args: tuple = (), kwargs: dict | None = None,

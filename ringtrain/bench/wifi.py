@@ -57,6 +57,10 @@ DEVICES = 4
 METHODS = ("ddp", "sync", "int8", "powersgd", "diloco", "async")
 RUNS = ("even", "slow")
 _THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# the ring's default progress floor (2 s) is shorter than the 8 MiB a send queue holds takes
+# at 20 Mbit/s (3.4 s): the start-up broadcast of parameters and Adam state (27 MB) then
+# reads as a stalled member. On slow links a member may wait longer for the next segment.
+SLOW_LINK_SETTINGS = {"RINGTRAIN_PROGRESS_FLOOR": "10", "RINGTRAIN_PROGRESS_TIMEOUT": "30"}
 
 METHOD = (__doc__ or "").partition("\n\n")[2].partition("\n\n")[2]
 
@@ -85,14 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "little, so more epochs cost them compute time only")
     parser.add_argument("--target", type=float, default=0.95,
                         help="test accuracy to reach (default 0.95)")
-    parser.add_argument("--inner-steps", type=int, default=10,
-                        help="diloco: steps per round (default 10)")
+    parser.add_argument("--inner-steps", type=int, default=5,
+                        help="diloco: steps per round (default 5)")
     parser.add_argument("--outer-lr", type=float, default=0.7,
                         help="diloco, async: outer learning rate (default 0.7)")
     parser.add_argument("--round-seconds", type=float, default=0.5,
                         help="async: seconds of stepping per round (default 0.5)")
-    parser.add_argument("--time-limit", type=float, default=150.0,
-                        help="seconds of training after which a run is stopped (default 150)")
+    parser.add_argument("--time-limit", type=float, default=100.0,
+                        help="seconds of training after which a run is stopped (default 100)")
     parser.add_argument("--png", default=None,
                         help="write accuracy against time per method to this PNG "
                              "(needs matplotlib)")
@@ -235,7 +239,8 @@ def measure(method: str, rate: float, run: str, devices: int, args: argparse.Nam
                       "batch", "lr", "epochs", "inner_steps", "outer_lr", "round_seconds")}}
         if method in ("diloco", "async") and args.round_epochs:
             config["epochs"] = args.round_epochs
-        env = {**os.environ, **_THREADS, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+        env = {**os.environ, **_THREADS, **SLOW_LINK_SETTINGS, "PYTHONUNBUFFERED": "1",
+               "GLOO_SOCKET_IFNAME": "eth0"}
         outputs: list[list[str]] = []
         popens = []
         for rank in range(devices):

@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
               "list the ringtrain nodes announcing themselves on the LAN"),
     "keygen": ("ringtrain.cli.keygen",
                "write a new job key to a file (mode 0600); print its fingerprint"),
+    "revoke": ("ringtrain.cli.revoke",
+               "expel a device from a job (every member refuses it), or admit a new one"),
     "bench": ("ringtrain.bench.allreduce",
               "all-reduce time and bandwidth per size, beside Gloo, on loopback or an emulated "
               "LAN"),
@@ -41,6 +43,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-scaling": ("ringtrain.bench.scaling",
                       "training throughput and weak-scaling efficiency for 1, 2, 4 devices on "
                       "an emulated LAN, each with its own CPU budget (root)"),
+    "bench-hostile": ("ringtrain.bench.hostile",
+                      "a keyless stranger floods a training ring with adverts and idle "
+                      "connections on an emulated LAN (root): stalls and descriptors"),
     "bench-cost-model": ("ringtrain.bench.cost_model",
                          "all-reduce time for 2, 4, 8, 16 devices on an emulated LAN beside "
                          "the ring's cost model, its constants measured on the same links "

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 MAX_OFFENCES = 20  # dropped messages before their sender is evicted
 EVICTION_SECONDS = 300.0  # how long an eviction lasts (a new process has a new key anyway)
 MAX_TRACKED = 4096  # bound on each table keyed by offenders
+MAX_ABORTS = 256  # aborts kept: a ring has one collective in flight, a few more in a reform
+# what one stashed message costs against the stash budget, whatever its payload: an empty
+# message still takes a header, frames and a table entry, so many of them cannot be free
+STASH_MESSAGE_BYTES = 1024
 
 
 @dataclass
@@ -181,17 +185,31 @@ class Mailbox:
             if key < self.floor:
                 self.dropped["stale"] += 1
                 return
-            if self._stash_bytes + header.nbytes > self.max_stash_bytes:
+            if self._stash_bytes + _stash_cost(header) > self.max_stash_bytes:
                 self.dropped["stash"] += 1
                 self._log_once(self._offender(incoming), f"data from {incoming.origin} for "
                                f"collective {key} exceeds the stash budget, dropped")
                 return
-            self._stash_bytes += header.nbytes
+            self._stash_bytes += _stash_cost(header)
             self._data[key].append(message)
         elif header.kind is MessageKind.ABORT:
-            self.aborts.setdefault((header.generation, header.sequence), message)
+            self._keep_abort(message)
         else:
             self.control.append(message)
+
+    def _keep_abort(self, message: Message) -> None:
+        """Remember an ABORT, in a bounded table: one for a collective already retired is
+        stale, and past ``MAX_ABORTS`` the oldest goes (a peer picks the keys)."""
+        key = (message.header.generation, message.header.sequence)
+        if key < self.floor:
+            self.dropped["stale"] += 1
+            return
+        if key in self.aborts:
+            return
+        if len(self.aborts) >= MAX_ABORTS:
+            self.aborts.pop(min(self.aborts))
+            self.dropped["aborts"] += 1
+        self.aborts[key] = message
 
     @staticmethod
     def _describe(exc: ProtocolError, incoming: Incoming) -> str:
@@ -279,7 +297,7 @@ class Mailbox:
         if not queue:
             return None
         message = queue.popleft()
-        self._stash_bytes -= message.header.nbytes
+        self._stash_bytes -= _stash_cost(message.header)
         return message
 
     def has_data(self, generation: int, sequence: int) -> bool:
@@ -292,6 +310,11 @@ class Mailbox:
         self.floor = max(self.floor, (generation, sequence + 1))
         for key in [k for k in self._data if k < self.floor]:
             for message in self._data.pop(key):
-                self._stash_bytes -= message.header.nbytes
+                self._stash_bytes -= _stash_cost(message.header)
         for key in [k for k in self.aborts if k[0] < generation]:
             del self.aborts[key]
+
+
+def _stash_cost(header: Header) -> int:
+    """Bytes a stashed message counts for against ``max_stash_bytes``."""
+    return header.nbytes + STASH_MESSAGE_BYTES

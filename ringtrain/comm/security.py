@@ -72,17 +72,43 @@ class JobKey:
 
 def write_key_file(path: str | os.PathLike, key: JobKey, overwrite: bool = False) -> Path:
     """Write ``key`` to ``path`` readable by its owner only."""
+    return write_private_file(path, KEY_FILE_HEADER + key.hex() + "\n", overwrite)
+
+
+def write_private_file(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Create ``path`` holding ``text``, mode 0600, never through a symlink planted there.
+
+    The file is created with ``O_EXCL | O_NOFOLLOW``: an existing file (or a symlink to
+    somewhere else, e.g. another user's file) is never written through. With ``overwrite``
+    the text goes to a new file beside it that then replaces ``path`` (``rename`` replaces a
+    symlink itself, not its target), so a reader never sees half a file either.
+
+    Raises:
+        ConfigError: ``path`` exists and ``overwrite`` is off, or it cannot be written.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise ConfigError(f"{path} exists; pass --force to overwrite it")
+    target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") if overwrite else path
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(target, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it") from None
     except OSError as exc:
         raise ConfigError(f"cannot write key file {path}: {exc.strerror}") from None
-    if os.name == "posix":
-        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
-    with os.fdopen(fd, "w") as handle:
-        handle.write(KEY_FILE_HEADER + key.hex() + "\n")
+    try:
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if target != path:
+            os.replace(target, path)
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write key file {path}: {exc.strerror}") from None
     return path
 
 

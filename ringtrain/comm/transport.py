@@ -59,6 +59,7 @@ import zmq.utils.z85
 
 from ..config import Settings
 from ..errors import ConfigError, SecurityError, TransportError
+from .identity import DeviceKey, device_fingerprint
 from .security import JobKey
 from .wire import HEADER_SIZE, MAX_CONTROL_BYTES, split_payload
 
@@ -69,6 +70,16 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"ringtrain"
 MAX_CONNECTIONS_PER_ADDRESS = 64  # a ring has at most 64 members by default, one link each
 MAX_TRACKED_CONNECTIONS = 4096  # bound on the connection table (and on logged refusals)
+# Connections that may still be in their handshake (accepted less than handshake_timeout
+# ago): per remote address, and in all. Beyond either, a new connection is shut at once:
+# a stranger's idle or slow connections cannot eat the descriptors members need.
+MAX_YOUNG_PER_ADDRESS = 16
+MAX_YOUNG_CONNECTIONS = 256
+FD_LIMIT_WANTED = 8192  # the soft limit on open files a node asks for (see raise_fd_limit)
+MAX_ENDPOINT_LENGTH = 64
+# a dialled connection that fails its key handshake this soon after it connected was refused
+# (the server could not open our CURVE HELLO: it holds another key), not timed out
+REFUSED_WITHIN_S = 1.0
 ROUTE_SEPARATOR = b"\0"
 POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: enum flags' & is slow
 # CURVE payloads go in frames of this size (see try_send): 1 MiB segments in 4 pieces made a
@@ -84,35 +95,60 @@ def curve_keypair(key: JobKey, purpose: str) -> tuple[bytes, bytes]:
 
 
 class ZapHandler:
-    """Answers ZAP requests for the node's listening socket, and counts its connections.
+    """Answers ZAP requests for the node's listening socket, and keeps its connections within
+    budgets.
 
     CURVE clients are let through with their public key (Z85) as ``User-Id``; anything else is
-    refused. Whether that key belongs to a member is decided later, from the HELLO it sends
-    (see ``membership``). A client whose address already holds ``max_per_address`` open
-    connections is refused, unless its key is in ``admitted`` (a member reconnecting).
+    refused, and so is a key whose device fingerprint is in ``revoked``. Whether a key belongs to a
+    member is decided later, from the HELLO it sends (see ``membership``). A client whose
+    address already holds ``max_per_address`` open connections is refused, unless its key is
+    in ``admitted`` (a member reconnecting).
 
     Open connections are counted from a monitor on the ROUTER: ``EVENT_ACCEPTED`` carries the
     new connection's file descriptor, whose peer address is read at once, and
-    ``EVENT_DISCONNECTED`` the descriptor of one that closed. What this bounds: connections
-    that completed a CURVE handshake (so their owner knows the server public key, i.e. holds
-    or leaked the job key) and were not admitted, to ``max_per_address`` per source address.
-    What it does not: a client with many addresses (IPv6 privacy addresses) gets that many per
-    address; connections that never finish the handshake never reach ZAP and are bounded by
-    ``HANDSHAKE_IVL`` instead. A refused client is told so by libzmq and does not reconnect on
-    that socket.
+    ``EVENT_DISCONNECTED`` the descriptor of one that closed. Budgets:
+
+    * *young* connections (accepted less than ``handshake_timeout`` ago and not through
+      their key handshake, which is all a keyless stranger can open): at most
+      ``MAX_YOUNG_PER_ADDRESS`` per remote address and ``MAX_YOUNG_CONNECTIONS`` in all. A
+      connection beyond either is shut at once (``shutdown`` on a duplicate of its
+      descriptor, after checking it is still that connection: libzmq then closes it as a
+      peer that hung up). Idle, slow or garbage connections therefore hold a bounded number
+      of descriptors, whatever the connect rate;
+    * connections that completed a CURVE handshake (their owner holds the job key) and were
+      not admitted: ``max_per_address`` per source address, refused by ZAP.
+
+    Key handshakes that fail for want of the right key (``HANDSHAKE_FAILED_PROTOCOL``, a
+    cryptographic error) are blamed on the address of the connection that closes next, and
+    counted per address in :attr:`wrong_key` (one log line per address).
+
+    Nothing a client sends can stop this thread: an exception while answering is logged once
+    and the request refused. If the thread stops anyway, :attr:`failure` says why (the node
+    stops with that cause rather than refusing every connection in silence).
 
     Args:
         context: the transport's context (the ZAP endpoint is per context).
         admitted: node id -> admitted CURVE key, shared with the mailbox (read here only).
         max_per_address: open connections allowed per remote address before refusing.
+        handshake_timeout: seconds a connection may take to finish its handshake.
     """
 
-    def __init__(self, context: zmq.Context, admitted: dict[str, str], max_per_address: int):
+    def __init__(self, context: zmq.Context, admitted: dict[str, str], max_per_address: int,
+                 handshake_timeout: float = 5.0):
         self.refused = 0
+        self.shut = 0  # young connections shut for being over budget
         self.admitted = admitted
+        self.revoked: set[str] = set()  # device fingerprints refused outright
         self.max_per_address = max_per_address
+        self.handshake_timeout = handshake_timeout
         self.connections: dict[int, str] = {}  # file descriptor -> remote address
+        self._accepted: dict[int, float] = {}  # file descriptor -> monotonic time accepted
+        self.wrong_key: dict[str, int] = {}  # remote address -> failed key handshakes
+        self._crypto_failures = 0  # failed key handshakes not yet blamed on an address
+        self.failure: BaseException | None = None
+        self.listening_port = 0
         self._refusals_logged: set[str] = set()
+        self._errors_logged = 0
         self._monitor: zmq.Socket | None = None
         self._socket = context.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -120,16 +156,31 @@ class ZapHandler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="ringtrain-zap", daemon=True)
 
-    def start(self, router: zmq.Socket) -> None:
+    def start(self, router: zmq.Socket, listening_port: int = 0) -> None:
         """Watch ``router``'s connections and start answering."""
-        self._monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.listening_port = listening_port
+        self._monitor = router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self._thread.start()
 
     def open_connections(self, address: str) -> int:
         """How many connections from ``address`` are open now."""
         return sum(1 for a in list(self.connections.values()) if a == address)
 
+    def alive(self) -> bool:
+        """Whether the thread is answering (False once it stopped on an error)."""
+        return self.failure is None
+
     def _serve(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported: the node stops with the cause
+            if not self._stop.is_set():
+                self.failure = exc
+                log.critical("the key check (ZAP) thread stopped: %r; this node can admit "
+                             "no one from now on", exc, exc_info=True)
+
+    def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         if self._monitor is not None:
@@ -140,34 +191,98 @@ class ZapHandler:
                 # connection events first: a client is accepted long before it asks ZAP
                 if self._monitor is not None and self._monitor in events:
                     while self._monitor.poll(0):
-                        self._on_event(self._monitor.recv_multipart())
+                        self._guarded(self._on_event, self._monitor.recv_multipart())
                 if self._socket in events:
                     request = self._socket.recv_multipart()
-                    self._socket.send_multipart(self._answer(request))
+                    answer = self._guarded(self._answer, request)
+                    self._socket.send_multipart(answer or _zap_refusal(request, b"500",
+                                                                       b"internal error"))
             except zmq.ZMQError:
                 return  # context terminated: we are closing
+
+    def _guarded(self, handle, frames: list[bytes]):
+        """``handle(frames)``; an exception (a bug, or input we did not foresee) is logged, the
+        first few times, and never stops the thread."""
+        try:
+            return handle(frames)
+        except zmq.ZMQError:
+            raise
+        except Exception:  # noqa: BLE001 - see the class docstring
+            self._errors_logged += 1
+            if self._errors_logged <= 3:
+                log.exception("the key check (ZAP) thread failed on %r; carrying on",
+                              [f[:64] for f in frames])
+            return None
 
     def _on_event(self, frames: list[bytes]) -> None:
         if len(frames) < 1 or len(frames[0]) < 6:
             return
-        event, fd = struct.unpack("=hi", frames[0][:6])
+        event, value = struct.unpack("=hi", frames[0][:6])
         if event == zmq.EVENT_ACCEPTED:
-            self.connections[fd] = _peer_address_of(fd)
-            if len(self.connections) > MAX_TRACKED_CONNECTIONS:
-                # a descriptor whose DISCONNECTED we missed: forget the oldest
-                self.connections.pop(next(iter(self.connections)))
+            self._on_accepted(value)
         elif event == zmq.EVENT_DISCONNECTED:
-            self.connections.pop(fd, None)
+            address = self.connections.pop(value, None)
+            self._accepted.pop(value, None)
+            if self._crypto_failures and address:
+                self._crypto_failures -= 1
+                count = self.wrong_key[address] = self.wrong_key.get(address, 0) + 1
+                if count == 1 and len(self.wrong_key) <= MAX_TRACKED_CONNECTIONS:
+                    log.warning("a node at %s fails the key handshake: it holds another job "
+                                "key (a wrong key file, or another job's); it cannot join",
+                                address)
+                if len(self.wrong_key) > MAX_TRACKED_CONNECTIONS:
+                    self.wrong_key.pop(next(iter(self.wrong_key)))
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+                value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", 0x11000001):
+            self._crypto_failures = min(self._crypto_failures + 1, MAX_YOUNG_CONNECTIONS)
+
+    def _on_accepted(self, fd: int) -> None:
+        address = _peer_address_of(fd)
+        now = time.monotonic()
+        for old in [f for f, t in self._accepted.items() if now - t > self.handshake_timeout]:
+            del self._accepted[old]  # past its handshake: libzmq closed it or it authenticated
+        young_here = sum(1 for f in self._accepted if self.connections.get(f) == address)
+        if address and (young_here >= MAX_YOUNG_PER_ADDRESS
+                        or len(self._accepted) >= MAX_YOUNG_CONNECTIONS):
+            if _shut_connection(fd, address, self.listening_port):
+                self.shut += 1
+                if address not in self._refusals_logged and \
+                        len(self._refusals_logged) < MAX_TRACKED_CONNECTIONS:
+                    self._refusals_logged.add(address)
+                    log.warning("shutting new connections from %s: %d of its connections are "
+                                "still in their handshake (limit %d per address, %d in all); "
+                                "further ones are not logged", address, young_here,
+                                MAX_YOUNG_PER_ADDRESS, MAX_YOUNG_CONNECTIONS)
+        self.connections[fd] = address
+        self._accepted[fd] = now
+        if len(self.connections) > MAX_TRACKED_CONNECTIONS:
+            # a descriptor whose DISCONNECTED we missed: forget the oldest
+            oldest = next(iter(self.connections))
+            self.connections.pop(oldest)
+            self._accepted.pop(oldest, None)
+
+    def _handshaken(self, address: str) -> None:
+        """A connection from ``address`` finished its CURVE handshake (it asks ZAP now): it
+        is no longer young. Which one is not said; the oldest young one from there is
+        counted out (the first to connect is the first to finish, near enough)."""
+        for fd in self._accepted:
+            if self.connections.get(fd) == address:
+                del self._accepted[fd]
+                return
 
     def _answer(self, request: list[bytes]) -> list[bytes]:
-        version, request_id = (request + [b"1.0", b""])[:2]
         if not (len(request) == 7 and request[2] == ZAP_DOMAIN and request[5] == b"CURVE"
                 and len(request[6]) == 32):
             self.refused += 1
-            return [version, request_id, b"400", b"CURVE required", b"", b""]
+            return _zap_refusal(request, b"400", b"CURVE required")
         key = zmq.utils.z85.encode(request[6])
         address = request[3].decode("utf-8", "replace")
-        if key.decode() not in frozenset(self.admitted.values()):
+        self._handshaken(address)
+        text = key.decode()
+        if self.revoked and device_fingerprint(text) in self.revoked:
+            self.refused += 1
+            return _zap_refusal(request, b"400", b"revoked")
+        if text not in frozenset(self.admitted.values()):
             open_now = self.open_connections(address)
             if open_now > self.max_per_address:
                 self.refused += 1
@@ -177,7 +292,8 @@ class ZapHandler:
                     log.warning("refusing new connections from %s: it holds %d open connections, "
                                 "the limit is %d (further refusals are not logged)", address,
                                 open_now, self.max_per_address)
-                return [version, request_id, b"400", b"too many connections", b"", b""]
+                return _zap_refusal(request, b"400", b"too many connections")
+        version, request_id = request[:2]
         return [version, request_id, b"200", b"OK", key, b""]
 
     def close(self) -> None:
@@ -188,6 +304,25 @@ class ZapHandler:
         self._socket.close(linger=0)
         if self._monitor is not None:
             self._monitor.close(linger=0)
+
+
+def _zap_refusal(request: list[bytes], status: bytes, text: bytes) -> list[bytes]:
+    version, request_id = (list(request) + [b"1.0", b""])[:2]
+    return [version, request_id, status, text, b"", b""]
+
+
+def _shut_connection(fd: int, address: str, port: int) -> bool:
+    """Shut the accepted connection on descriptor ``fd``, if it still is one from ``address``
+    to our listening ``port`` (the number may have been reused since the event)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            peer, local = sock.getpeername(), sock.getsockname()
+            if peer[0] != address or (port and local[1] != port):
+                return False
+            sock.shutdown(socket.SHUT_RDWR)
+            return True
+    except OSError:
+        return False
 
 
 def _peer_address_of(fd: int) -> str:
@@ -221,6 +356,12 @@ def split_route(route: bytes) -> tuple[str, str]:
     return node_id.decode("utf-8", "replace"), tag.decode("utf-8", "replace")
 
 
+def new_curve_keypair() -> tuple[str, str]:
+    """A fresh CURVE key pair, (public, secret) as Z85 text: a new device's key."""
+    public, secret = zmq.curve_keypair()
+    return public.decode(), secret.decode()
+
+
 def check_libzmq() -> None:
     """Refuse to run on a libzmq with known security bugs (CVE-2019-13132, CVE-2020-15166)."""
     version = zmq.zmq_version_info()
@@ -237,6 +378,65 @@ def normalize_endpoint(address: str) -> str:
     if not sep or not host or not port.isdigit():
         raise ConfigError(f"address {address!r} is not host:port")
     return f"tcp://{host}:{port}"
+
+
+def peer_endpoint(text: object) -> str:
+    """An endpoint a peer (or an advert) gave us, checked: ``tcp://IP:PORT`` with a literal
+    unicast IPv4 address (or a bracketed IPv6 one) and a port in 1..65535; ``IP:PORT`` is
+    taken as tcp. Anything else (other schemes, host names, which would make us resolve
+    names a stranger picked, bad ports) is refused.
+
+    Raises:
+        ConfigError: naming what was wrong.
+    """
+    if not isinstance(text, str) or len(text) > MAX_ENDPOINT_LENGTH:
+        raise ConfigError(f"endpoint {str(text)[:80]!r} is not text of at most "
+                          f"{MAX_ENDPOINT_LENGTH} characters")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    host, sep, port = rest.rpartition(":")
+    if scheme != "tcp" or not sep:
+        raise ConfigError(f"endpoint {text!r} is not tcp://IP:PORT")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"endpoint {text!r} has no port in 1..65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ConfigError(f"endpoint {text!r} does not name an IP address") from None
+    if address.version == 6 and not bracketed:
+        raise ConfigError(f"endpoint {text!r}: an IPv6 address goes in brackets")
+    if address.is_multicast or address.is_unspecified or str(address) == "255.255.255.255":
+        raise ConfigError(f"endpoint {text!r} is not a unicast address")
+    return f"tcp://{host}:{int(port)}"
+
+
+def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
+    """Raise this process's soft limit on open files towards ``wanted`` (never above the
+    hard limit), so that connections a stranger opens meet our budgets (see
+    :class:`ZapHandler`) long before the process limit. Returns the soft limit now."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def open_fds() -> int:
+    """How many file descriptors this process holds (Linux; -1 elsewhere)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself opened
+    except OSError:
+        return -1
 
 
 def is_loopback(address: str) -> bool:
@@ -262,6 +462,8 @@ class Transport:
         settings: limits and timeouts.
         key: the job key; None runs without authentication or encryption (loopback only,
             enforced by the caller).
+        device: this device's key pair, which every link we dial authenticates with (a
+            random pair for this process if None).
 
     Attributes:
         admitted: node id -> the CURVE key membership admitted for it. The mailbox shares this
@@ -269,7 +471,8 @@ class Transport:
             the connection cap.
     """
 
-    def __init__(self, identity: str, listen: str, settings: Settings, key: JobKey | None):
+    def __init__(self, identity: str, listen: str, settings: Settings, key: JobKey | None,
+                 device: DeviceKey | None = None):
         check_libzmq()
         if key is not None and not zmq.has("curve"):
             raise SecurityError("this libzmq has no CURVE support; pip install -U pyzmq")
@@ -284,10 +487,17 @@ class Transport:
         self._wake_lock = threading.Lock()
         self.admitted: dict[str, str] = {}
         self._routes: dict[str, bytes] = {}  # insecure rings: node id -> its last routing id
-        self._zap = (ZapHandler(self._context, self.admitted, MAX_CONNECTIONS_PER_ADDRESS)
-                     if key is not None else None)
+        self._zap = (ZapHandler(self._context, self.admitted, MAX_CONNECTIONS_PER_ADDRESS,
+                                settings.handshake_timeout) if key is not None else None)
+        self._watches: dict[str, tuple[zmq.Socket, list[float]]] = {}  # link -> its monitor
         if key is not None:
-            self.public_key, self._secret_key = zmq.curve_keypair()
+            if device is not None:  # the device's own key: it is who dials
+                self.public_key, self._secret_key = device.public.encode(), device.secret.encode()
+                if zmq.curve_public(self._secret_key) != self.public_key:
+                    raise SecurityError("the device key's public half does not match its "
+                                        "secret half: delete the device key file")
+            else:
+                self.public_key, self._secret_key = zmq.curve_keypair()
             tag = self.public_key
         else:
             self.public_key, self._secret_key = b"", b""
@@ -309,7 +519,8 @@ class Transport:
                 self._router.bind(endpoint)
             self.endpoint = endpoint
             if self._zap is not None:
-                self._zap.start(self._router)
+                port = endpoint.rpartition(":")[2]
+                self._zap.start(self._router, int(port) if port.isdigit() else 0)
             # a plain socket pair: one write wakes the poll, cheaper than a zmq send
             self._wake_in, self._wake_out = socket.socketpair()
             self._wake_in.setblocking(False)
@@ -348,8 +559,9 @@ class Transport:
 
     # links ---------------------------------------------------------------------------------
 
-    def connect(self, link: str, endpoint: str) -> None:
-        """Open (or keep) the outgoing link named ``link`` to ``endpoint``."""
+    def connect(self, link: str, endpoint: str, watch: bool = False) -> None:
+        """Open (or keep) the outgoing link named ``link`` to ``endpoint``. ``watch``: follow
+        its key handshakes, for :meth:`refused_links` (a probe of a node we have not met)."""
         endpoint = normalize_endpoint(endpoint)
         if self._link_endpoints.get(link) == endpoint:
             return
@@ -368,6 +580,54 @@ class Transport:
         self._links[link] = sock
         self._link_endpoints[link] = endpoint
         self._poller.register(sock, zmq.POLLIN)
+        if watch and self.key is not None:
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            self._watches[link] = (monitor, [0.0, 0, 0])
+
+    def refused_links(self) -> dict[str, tuple[int, int]]:
+        """Watched links whose peer refused our key handshake: endpoint -> (handshakes that failed
+        within ``REFUSED_WITHIN_S`` of connecting: the peer could not open our CURVE HELLO,
+        so it holds another job key; handshakes its key check refused, e.g. a revoked
+        device). Links with neither are left out. Reads the watches' events, never blocks.
+
+        Call it often (every turn or so): libzmq blocks its I/O thread once a monitor's
+        queue is full, so watched links' events must be read."""
+        refused = {}
+        for link, (monitor, state) in list(self._watches.items()):
+            try:
+                while monitor.poll(0):
+                    frames = monitor.recv_multipart(zmq.NOBLOCK)
+                    if len(frames[0]) < 6:
+                        continue
+                    event, value = struct.unpack("=hi", frames[0][:6])
+                    now = time.monotonic()
+                    if event == zmq.EVENT_CONNECTED:
+                        state[0] = now
+                    elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                        state[2] += 1
+                    elif state[0] and now - state[0] < REFUSED_WITHIN_S:
+                        state[1] += 1
+            except zmq.ZMQError:
+                continue
+            if state[1] or state[2]:
+                refused[self._link_endpoints.get(link, link)] = (int(state[1]), int(state[2]))
+        return refused
+
+    def _unwatch(self, link: str) -> None:
+        watch = self._watches.pop(link, None)
+        if watch is None:
+            return
+        sock = self._links.get(link)
+        if sock is not None:
+            # first stop the events: libzmq's I/O thread blocks, and with it every socket of
+            # the context, on a monitor whose reader is gone (seen here)
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        watch[0].close(linger=0)
 
     def rename_link(self, old: str, new: str) -> None:
         """Give an outgoing link a new name (e.g. its endpoint → the peer's node id)."""
@@ -375,11 +635,14 @@ class Transport:
             return
         if new in self._links:
             self.disconnect(new)
+        if old in self._watches:
+            self._watches[new] = self._watches.pop(old)
         self._links[new] = self._links.pop(old)
         self._link_endpoints[new] = self._link_endpoints.pop(old)
 
     def disconnect(self, link: str) -> None:
         """Close an outgoing link, dropping whatever it still queues."""
+        self._unwatch(link)
         sock = self._links.pop(link, None)
         self._link_endpoints.pop(link, None)
         if sock is not None:
@@ -547,6 +810,35 @@ class Transport:
         otherwise)."""
         return self._zap.open_connections(address) if self._zap is not None else 0
 
+    @property
+    def wrong_key_addresses(self) -> dict[str, int]:
+        """Remote addresses whose connections to us failed the key handshake (they hold
+        another job key) -> how many times."""
+        return dict(self._zap.wrong_key) if self._zap is not None else {}
+
+    @property
+    def revoked_fingerprints(self) -> set[str]:
+        """Device fingerprints refused at the handshake (keyed rings; add to it)."""
+        return self._zap.revoked if self._zap is not None else set()
+
+    def check_health(self) -> None:
+        """Raise if a thread the transport relies on has stopped.
+
+        Raises:
+            TransportError: the key check (ZAP) thread died, naming why.
+        """
+        if self._zap is not None and self._zap.failure is not None:
+            raise TransportError(f"the key check (ZAP) thread stopped: {self._zap.failure!r}; "
+                                 f"restart the node") from self._zap.failure
+
+    def budget(self) -> dict[str, int]:
+        """Connection budgets at work, for diagnostics: connections open on the listening
+        socket, shut for being over budget, refused at the key check, descriptors open."""
+        zap = self._zap
+        return {"connections": len(zap.connections) if zap else 0,
+                "shut": zap.shut if zap else 0, "refused": zap.refused if zap else 0,
+                "fds": open_fds()}
+
     def wake(self) -> None:
         """Interrupt a :meth:`wait` in progress. Safe from any thread."""
         with self._wake_lock:
@@ -558,6 +850,8 @@ class Transport:
     def close(self, linger: float | None = None) -> None:
         """Close every socket, letting queued messages drain for at most ``linger`` seconds."""
         linger_ms = int((self.settings.linger if linger is None else linger) * 1000)
+        for link in list(self._watches):
+            self._unwatch(link)
         for link in list(self._links):
             sock = self._links.pop(link)
             sock.close(linger=linger_ms)
@@ -585,8 +879,8 @@ def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
     got: ``"ok"`` (the ZMTP and CURVE handshake completed: the peer holds the job key),
     ``"closed"`` (the connection was refused: nothing listens there), ``"refused"`` (TCP
     connected, the handshake failed: the peer holds another job key or is not a ringtrain
-    node), or ``"timeout"`` (no answer at all within ``timeout`` seconds: a firewall drops
-    the packets, the host is down, or the process is stopped)."""
+    node), or ``"timeout"`` (no handshake answer within ``timeout`` seconds: a firewall
+    drops the packets, the host is down, or the process is stopped or far too busy)."""
     context = zmq.Context()
     try:
         sock = context.socket(zmq.DEALER)
@@ -615,7 +909,7 @@ def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
                 return "refused"
             if event == zmq.EVENT_CONNECT_RETRIED and zmq.EVENT_CONNECTED not in seen:
                 return "closed"
-        return "refused" if zmq.EVENT_CONNECTED in seen else "timeout"
+        return "timeout"  # connected or not, no handshake answer: stopped, or far too busy
     except zmq.ZMQError as exc:
         raise TransportError(f"cannot probe {endpoint}: {exc}") from exc
     finally:

@@ -66,6 +66,7 @@ SHM_REF = struct.Struct(f"<{SHM_NAME_BYTES}sIIQ")  # lane name (hex), slot, rese
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_DESCRIPTOR_BYTES = 16 * 1024
 MAX_PAYLOAD_FRAMES = 16
+MAX_CONTROL_INT = 2**63 - 1  # integers in control bodies fit the header's u64 fields
 
 
 class MessageKind(enum.IntEnum):
@@ -78,6 +79,7 @@ class MessageKind(enum.IntEnum):
     PROPOSE = 5  # a membership proposal (JSON: generation, members)
     HEARTBEAT = 6  # application liveness and progress (JSON: state)
     LEAVE = 7  # the sender leaves the ring gracefully
+    LEDGER = 16  # revoked and admitted devices (JSON: fingerprints), see node.gate
 
 
 DTYPE_CODES: dict[int, np.dtype] = {
@@ -256,6 +258,8 @@ def decode_control(payload: bytes | memoryview, fields: dict[str, type | tuple[t
                    peer: str | None = None, what: str = "control body") -> dict[str, Any]:
     """Parse a control payload and check that it holds the given fields with the given types.
 
+    Integer fields must lie in 0..``MAX_CONTROL_INT``.
+
     Raises:
         ProtocolError: for bytes that are not a JSON object, or a missing or mistyped field.
     """
@@ -275,6 +279,11 @@ def decode_control(payload: bytes | memoryview, fields: dict[str, type | tuple[t
             raise ProtocolError(f"{what}.{name}", _type_names(kind), "bool", peer)
         if not isinstance(value, kind):
             raise ProtocolError(f"{what}.{name}", _type_names(kind), type(value).__name__, peer)
+        if isinstance(value, int) and not 0 <= value <= MAX_CONTROL_INT:
+            # every number in a control body is a count, a generation or a sequence: one
+            # out of range would only fail later, where packing it into a header cannot
+            raise ProtocolError(f"{what}.{name}", f"an integer in 0..{MAX_CONTROL_INT}",
+                                str(value)[:40], peer)
     return body
 
 

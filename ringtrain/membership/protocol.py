@@ -1,65 +1,64 @@
-"""Membership: who is in the ring, agreed with no leader, numbered by generation.
+"""Membership: who is in the ring, agreed with no leader, as a pure state machine.
 
-Every message here is a control message (see ``wire.MessageKind``).
+:class:`Membership` never touches a socket, a thread or a clock. It is driven by
 
-Links. A node dials every candidate endpoint it learns (static ``--peer`` list or mDNS adverts)
-and sends HELLO {id, job, protocol, endpoint, key, proof}. On a keyed ring ``key`` is the CURVE
-public key of that connection and ``proof`` an HMAC of (job, id, key) under the job key; the
-receiver admits the key for that id only if the proof holds and CURVE authenticated that key.
-The receiver answers WELCOME on the same connection and dials back the address the HELLO came
-from (so a multi-homed peer is reached on the interface that works, whatever it advertised).
-HELLO also carries ``schema``, ``incarnation`` and ``host``, the name of the sender's
-shared-memory beacon (``shm.py``): a receiver that can read it shares the host with the sender.
-A peer is *linked* once we have its HELLO (it reaches us) and its WELCOME (we reach it).
+* :meth:`Membership.hello`: a peer introduced itself (the node checked its HELLO: job key
+  proof, job, protocol) as incarnation ``i`` of node id ``p`` at an endpoint;
+* :meth:`Membership.receive`: a membership message (``messages``) from a peer;
+* :meth:`Membership.tick`: time passed (the caller passes the time, in seconds);
+* local events: :meth:`suspect` (a collective blamed a member), :meth:`start_reform` (the
+  application asks for a view change), :meth:`prepare_leave`, :meth:`heard`;
 
-Liveness. Linked nodes send each other HEARTBEAT {generation, sequence, members} every
-``heartbeat_interval``; any message counts as a sign of life. A peer silent for
-``suspect_timeout`` is suspected; so is a peer a collective blamed for a failure.
+and hands back messages to send (:meth:`take_sends`), the installed :attr:`view` (a new one
+each time :attr:`installs` grows) and when it next needs a tick (:meth:`next_tick`). The node
+wires it to ZeroMQ (``membership.links``); the simulator in ``tests/sim`` runs the same code
+over a virtual network.
 
-Agreement. A node proposes ``(generation, members)`` to every proposed member:
+Identity. A member is a node id *and* an incarnation (a number drawn when the process
+starts; a restart draws a higher one). A HELLO with a higher incarnation retires the old one
+at once: its messages are dropped, it is suspected (so the next view leaves it out) and the
+new process is a joiner. A HELLO from another node id at the endpoint of a known peer retires
+that peer the same way (a device restarted under a new id).
 
-* while forming (no view yet): itself and every live linked peer that has no view either,
-  once there are at least ``min_size`` of them and the set has been stable for ``settle``
-  seconds (or reached ``max_size``);
-* to change a view (``reform``): the members it does not suspect, plus live joiners.
+Views and agreement. Views are named (lineage, generation). What follows view ``V_g`` is
+decided by one Paxos instance whose acceptors are the members of ``V_g`` (``agreement``);
+a first view by its proposer with every proposed node accepting. A node installs a view only
+on a quorum of ACCEPTED messages it received (or a DECIDE from one who did): a message
+queued is not a message delivered. Members send DECIDE to whoever they see behind.
 
-The generation is one more than any it has seen, unless a peer already proposed the same set
-(then it takes that number, so everyone settles on one). It never proposes two different sets
-under one number. Receiving a proposal from a member that leaves out some members, a node
-adopts those suspicions (the intersection), so all survivors converge on one set. A node
-installs ``(g, M)`` once it has delivered its own proposal of ``(g, M)`` to every member of
-M and received exactly ``(g, M)`` from each. Hence two nodes that run collectives in
-generation g run them over the same members: each saw the other propose that very set.
-
-Quorum. A change from view V to M needs a strict majority of V in M, or exactly half of V
-including V's lowest-ranked member. Two disjoint halves of a partition cannot both qualify,
-so at most one side goes on; the other waits and, once healed, joins the survivors' ring as new
-members (a node that sees a higher generation it is not part of knows it was evicted).
-
-Ring order inside a view is ``ring.ring_order``: sorted node ids.
+Merging. Two lineages of one job that meet (a split start): the lower lineage id (its first
+proposer started earlier) wins. Its members admit the other lineage's nodes as joiners; such
+a node installs the winner's view when a DECIDE including it comes, and says so loudly. The
+training layer then gives every member the state of the member furthest ahead.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import math
+import random
+from dataclasses import dataclass
+from typing import NamedTuple
 
-from ..comm.mailbox import Mailbox, Message
-from ..comm.shm import SharedMemoryLanes
-from ..comm.transport import Transport, normalize_endpoint
-from ..comm.wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
-from ..errors import ProtocolError, TransportError
-from ..ring import plan as ring
+from .agreement import Genesis, Instance, has_quorum
+from .messages import (
+    Accept,
+    Accepted,
+    Decide,
+    Decision,
+    Heartbeat,
+    Leave,
+    Message,
+    Nack,
+    Prepare,
+    Promise,
+    Release,
+)
+from .peers import Peers, PeerState
 
 log = logging.getLogger(__name__)
 
-RESEND_INTERVAL = 0.1  # seconds between repeated HELLO / PROPOSE while unanswered
-MAX_ID_LENGTH = 64
-MAX_MEMBERS = 256
-BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0  # seconds a repeatedly evicted node waits to rejoin
+__all__ = ["Membership", "MembershipConfig", "Send", "View", "has_quorum"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,8 @@ class View:
     generation: int
     members: tuple[str, ...]
     rank: int  # this node's rank in ``members``
+    lineage: str = ""
+    incarnations: tuple[int, ...] = ()
 
     @property
     def world_size(self) -> int:
@@ -76,598 +77,500 @@ class View:
         return len(self.members)
 
 
-@dataclass
-class PeerState:
-    """What this node knows about one peer."""
+@dataclass(frozen=True)
+class MembershipConfig:
+    """Sizes and timing of one node's membership (seconds)."""
 
-    endpoint: str = ""
-    heard: bool = False  # we received its HELLO
-    welcomed: bool = False  # it answered our HELLO
-    last_heard: float = 0.0  # time.monotonic() of its last message
-    generation: int = 0  # the generation it last reported having installed (0: none)
-    sequence: int = 0  # the collective it last reported being at
-    members: tuple[str, ...] = ()  # the members of its installed view
-    proposal: tuple[int, tuple[str, ...]] | None = None
-    left: bool = False  # it said LEAVE
-    evictions: int = 0
-    backoff_until: float = 0.0
+    form_size: int = 1  # how many nodes a first view needs
+    min_size: int = 1  # fewer and the job waits
+    max_size: int = 64
+    settle: float = 0.0  # the candidate set must stay unchanged this long before a first view
+    heartbeat_interval: float = 0.25
+    suspect_timeout: float = 2.0  # a silent member is suspected after this long
+    round_timeout: float = 0.5  # a proposal without a quorum by then is tried again
+    stagger: float = 0.1  # per rank: the lowest live member proposes first
 
 
-@dataclass
+class Send(NamedTuple):
+    """A message for one peer (by node id)."""
+
+    to: str
+    message: Message
+
+
 class Membership:
-    """Links, liveness and agreement for one node. Driven by the node's engine thread: call
-    :meth:`tick` often and :meth:`handle` for every control message.
+    """Links, liveness and agreement of one node (module docstring)."""
 
-    Args:
-        node_id, job_name, job: who we are and which job.
-        transport, mailbox: the node's sockets and message sorting.
-        form_size: how many nodes the first ring waits for.
-        min_size, max_size: bounds on the ring size later.
-        settle: seconds the forming set must stay unchanged before it is proposed (0: propose
-            as soon as ``form_size`` nodes are linked).
-        heartbeat_interval, suspect_timeout: liveness timing.
-        schema: what members must share (e.g. a hash of model and data); a node with another
-            schema is refused at HELLO, and told why.
-        lanes: this node's shared-memory lanes, or None: HELLO names its beacon, and a peer's
-            beacon is checked to learn whether segments to it can go through shared memory.
-    """
+    def __init__(self, node_id: str, incarnation: int, config: MembershipConfig):
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.config = config
+        self.peers = Peers()
+        self.view: View | None = None
+        self.decision: Decision | None = None
+        self.installs = 0  # grows with every view installed
+        self.evicted = False  # a newer view of our lineage left us out: we join anew
+        self.joined = False  # the installed view admitted us into a running ring
+        self.leaving = False  # we leave after the current step: no part in view changes
+        self.reforming = False  # a view change is under way (we may propose)
+        self.reform_due = False  # a suspect to drop, a joiner to admit (refreshed by tick)
+        self.suspects: dict[str, str] = {}  # member -> why
+        self.sequence = 0  # the collective we are at (told in heartbeats)
+        self.waiting = ""  # why no view can be proposed now ("" if it can)
+        # (lineage, generation, ballot, voters) of the instance whose decision installed our
+        # view, if this node decided it (None: a DECIDE told us)
+        self.evidence: tuple | None = None
+        self._sends: list[Send] = []
+        self._retired: list[str] = []
+        self._instance = Instance(self)
+        self._genesis = Genesis(self)
+        self._random = random.Random(f"{node_id}/{incarnation}")
+        self._last_heartbeat = -math.inf
+        self._last_tick = -math.inf
+        self._installed_at = 0.0
+        self._silent: set[str] = set()  # suspects charged with silence only
+        self._forming: tuple[str, ...] = ()
+        self._forming_since = 0.0
 
-    node_id: str
-    job_name: str
-    job: int
-    transport: Transport
-    mailbox: Mailbox
-    form_size: int
-    min_size: int
-    max_size: int
-    settle: float
-    heartbeat_interval: float
-    suspect_timeout: float
-    schema: str = ""
-    lanes: SharedMemoryLanes | None = None
-    refusal: str = ""  # why a peer refused us (a schema mismatch): joining cannot succeed
-    peers: dict[str, PeerState] = field(default_factory=dict)
-    view: View | None = None
-    sequence: int = 0  # the collective this node is at (reported in heartbeats)
-    reform_due: bool = False  # a suspect to drop or a joiner to admit (refreshed by tick)
-    reforming: bool = False  # a view change is under way
-    evicted: bool = False  # the others moved on without us: we must join as a new member
-    joined: bool = False  # the installed view admitted us into a ring that was running
-    leaving: bool = False  # we leave after the current step: take part in no view change
-    suspects: set[str] = field(default_factory=set)
-    reborn: set[str] = field(default_factory=set)  # members that restarted: joiners again
-    _probes: set[str] = field(default_factory=set)  # links named by endpoint, not identified
-    _proposal: tuple[int, tuple[str, ...]] | None = None
-    _proposed: dict[int, tuple[str, ...]] = field(default_factory=dict)
-    _delivered: set[str] = field(default_factory=set)
-    _highest_generation: int = 0
-    _forming_set: tuple[str, ...] = ()
-    _forming_since: float = 0.0
-    _last_resend: float = 0.0
-    _last_heartbeat: float = 0.0
-    _waiting_logged: str = ""
-    _joining: bool = False  # our proposal is a running ring's offer to admit us
-    incarnation: int = field(default_factory=time.time_ns)  # a restart has a higher one
-    _incarnations: dict[str, int] = field(default_factory=dict)  # highest seen per peer id
+    # outputs -------------------------------------------------------------------------------
 
-    # inputs ---------------------------------------------------------------------------------
+    def take_retired(self) -> list[str]:
+        """Peers whose endpoint another process took since the last call: their links are
+        to be closed."""
+        retired, self._retired = self._retired, []
+        return retired
 
-    def add_candidates(self, endpoints: Iterable[str]) -> None:
-        """Dial these endpoints and introduce ourselves there."""
-        known = set(self.transport.links().values())
-        for endpoint in endpoints:
-            endpoint = normalize_endpoint(endpoint)
-            if endpoint == self.transport.endpoint or endpoint in known:
-                continue
-            self.transport.connect(endpoint, endpoint)
-            self._probes.add(endpoint)
-            known.add(endpoint)
+    def start_alone(self, now: float) -> None:
+        """Install a first view of this node alone (a job of one, no agreement needed)."""
+        lineage = f"{self.incarnation:020d}.0.{self.node_id}"
+        self._install(Decision(1, lineage, ((self.node_id, self.incarnation),)), now,
+                      joined=False)
 
-    def suspect(self, peer: str | None, reason: str) -> None:
-        """Treat ``peer`` as failed from now on (until the ring has re-formed without it)."""
-        if peer and peer != self.node_id and peer not in self.suspects:
-            self.suspects.add(peer)
-            log.warning("node %s suspects %s: %s", self.node_id, peer, reason)
+    def take_sends(self) -> list[Send]:
+        """The messages to send since the last call, oldest first."""
+        sends, self._sends = self._sends, []
+        return sends
 
-    def start_reform(self) -> None:
-        """Begin changing the view: drop suspects, admit live joiners."""
-        self.reforming = True
-        self._proposal = None
+    def send(self, to: str, message: Message) -> None:
+        """Queue ``message`` for peer ``to`` (used by ``agreement``)."""
+        self._sends.append(Send(to, message))
 
-    def _reform_due(self) -> bool:
-        if self.view is None:
-            return False
-        if self.evicted or (self.suspects | self.reborn) & set(self.view.members):
-            return True
-        return bool(self._joiners())
+    def next_tick(self) -> float:
+        """When :meth:`tick` next has work, at the latest (a time on the caller's clock)."""
+        times = [self._last_heartbeat + self.config.heartbeat_interval]
+        if self.forming:
+            times += [self._genesis.next_attempt, self._forming_since + self.config.settle]
+            if self._genesis.proposal is not None:
+                times += [self._genesis.proposal.deadline, self._genesis.proposal.resend_at]
+        elif self.reforming:
+            times.append(self._instance.next_attempt)
+            if self._instance.round is not None:
+                times += [self._instance.round.deadline, self._instance.round.resend_at]
+        # a time already past is due now, but only once: the heartbeat bounds the rest
+        future = [t for t in times[1:] if t > self._last_tick]
+        return min([times[0], *future])
+
+    @property
+    def fenced(self) -> bool:
+        """Whether this node promised to change its view: a collective of it must not start
+        (``pending_members`` tells whether one under way may finish)."""
+        return self._instance.fenced
+
+    @property
+    def forming(self) -> bool:
+        """Whether this node is outside any ring (no view, or left out of its lineage)."""
+        return self.view is None or self.evicted
 
     def pending_members(self) -> tuple[str, ...] | None:
-        """The member set of the view change under way: our proposal, else the newest one
-        proposed to us; None if there is none yet."""
-        if self._proposal is not None:
-            return self._proposal[1]
-        current = self.view.generation if self.view else 0
-        offers = [p.proposal for p in self.peers.values()
-                  if p.proposal is not None and p.proposal[0] > current]
-        return max(offers)[1] if offers else None
+        """The member set of the change under way, if known."""
+        return self._instance.pending() if self.reforming else None
 
     def newer_generation_seen(self) -> bool:
-        """Whether some peer runs a generation above ours (installed, as its heartbeats say).
-        A proposal above ours that includes us starts a reform instead (``_on_propose``); the
-        numbers of proposals that lost to others must not abort anything."""
-        current = self.view.generation if self.view else 0
-        return any(peer.generation > current for peer in self.peers.values())
-
-    def state(self) -> dict[str, object]:
-        """A printable summary, for hang diagnostics and ``ringtrain peers``."""
-        now = time.monotonic()
-        return {"view": None if self.view is None else
-                {"generation": self.view.generation, "members": list(self.view.members)},
-                "reforming": self.reforming, "evicted": self.evicted,
-                "suspects": sorted(self.suspects), "reborn": sorted(self.reborn),
-                "proposal": self._proposal,
-                "probes": sorted(self._probes),
-                "peers": {pid: {"endpoint": p.endpoint, "heard": p.heard, "welcomed": p.welcomed,
-                                "silent_s": round(now - p.last_heard, 2) if p.last_heard else None,
-                                "generation": p.generation, "proposal": p.proposal,
-                                "evictions": p.evictions,
-                                "backoff_s": round(max(0.0, p.backoff_until - now), 2)}
-                          for pid, p in sorted(self.peers.items())}}
-
-    # periodic work --------------------------------------------------------------------------
-
-    def tick(self) -> None:
-        """Heartbeats, resends, suspicion by silence, proposals (which may install a view)."""
-        now = time.monotonic()
-        if now - self._last_heartbeat >= self.heartbeat_interval:
-            self._last_heartbeat = now
-            self._heartbeat()
-        self._suspect_silent(now)
-        self.reform_due = self._reform_due()
-        if now - self._last_resend < RESEND_INTERVAL:
-            return
-        self._last_resend = now
-        self._hello_unlinked()
-        if (self.view is None or self.reforming or self.evicted) and not self.leaving:
-            self._agree()
-
-    def _heartbeat(self) -> None:
+        """Whether a member of our lineage runs a newer generation (we are behind)."""
         view = self.view
-        body = {"generation": view.generation if view else 0, "sequence": self.sequence,
-                "members": list(view.members) if view else []}
-        frames = self._control(MessageKind.HEARTBEAT, body)
-        for peer_id, peer in self.peers.items():
-            if peer.heard and peer.welcomed and not peer.left:
-                self._send(peer_id, frames)
+        return view is not None and any(
+            s.lineage == view.lineage and s.in_view and s.generation > view.generation
+            for _, s in self.peers.items())
 
-    def _suspect_silent(self, now: float) -> None:
-        if self.view is None or self.evicted:
-            return  # an evicted node has no members to suspect: it is joining anew
-        for member in self.view.members:
-            peer = self.peers.get(member)
-            if member != self.node_id and peer is not None and peer.last_heard \
-                    and now - peer.last_heard > self.suspect_timeout:
-                self.suspect(member, f"silent for {now - peer.last_heard:.1f} s")
+    # inputs --------------------------------------------------------------------------------
 
-    def _hello_unlinked(self) -> None:
-        public_key = self.transport.public_key.decode()
-        hello = self._control(MessageKind.HELLO, {
-            "id": self.node_id, "job": self.job_name, "protocol": PROTOCOL_VERSION,
-            "endpoint": self.transport.endpoint, "key": public_key,
-            "proof": self._proof(self.node_id, public_key, self.incarnation),
-            "schema": self.schema, "incarnation": self.incarnation,
-            "host": self.lanes.beacon if self.lanes is not None else ""})
-        links = self.transport.links()
-        for link in list(self._probes) + [p for p, s in self.peers.items() if not s.welcomed]:
-            if link in links:
-                self._send(link, hello)
-
-    def _alive(self, peer_id: str) -> bool:
-        # a restarted member is suspected as the member it was, not as the joiner it is now
-        peer = self.peers.get(peer_id)
-        return (peer is not None and peer.heard and peer.welcomed and not peer.left
-                and (peer_id not in self.suspects or peer_id in self.reborn)
-                and time.monotonic() - peer.last_heard <= self.suspect_timeout)
-
-    def _joiners(self) -> list[str]:
-        """Live linked peers that are not members (or restarted since) and may join now."""
-        if self.view is None:
-            return []
-        now = time.monotonic()
-        return sorted(p for p, s in self.peers.items()
-                      if (p not in self.view.members or p in self.reborn) and self._alive(p)
-                      and now >= s.backoff_until and s.generation < self.view.generation)
-
-    def _wanted(self) -> tuple[str, ...] | None:
-        """The member set this node wants to propose now, or None to wait."""
-        if self.view is None or self.evicted:
-            return self._wanted_forming()
-        survivors = [m for m in self.view.members if m == self.node_id or (
-            m not in self.suspects and m not in self.reborn and self._alive(m))]
-        room = max(0, self.max_size - len(survivors))
-        wanted = tuple(ring.ring_order([*survivors, *self._joiners()[:room]]))
-        if len(wanted) < self.min_size:
-            self._log_waiting(f"waiting for nodes: {len(wanted)} alive, the job needs at least "
-                              f"{self.min_size}")
-            return None
-        if not has_quorum(self.view.members, tuple(survivors)):
-            # a restarted member is not its old incarnation: only survivors make a majority
-            # (else a stopped old incarnation, woken, could form a second ring)
-            self._log_waiting(f"waiting for a majority: {len(survivors)} of the "
-                              f"{self.view.world_size} members of generation "
-                              f"{self.view.generation} reachable")
-            return None
-        return wanted
-
-    def _wanted_forming(self) -> tuple[str, ...] | None:
-        """Forming a first ring: ourselves and the live peers not in a ring, once stable."""
-        if self.evicted or any(self._alive(p) and s.generation > 0 for p, s in self.peers.items()):
-            self._log_waiting("a ring of this job is running: waiting to be admitted")
-            return None
-        now = time.monotonic()
-        candidates = [p for p in self.peers if self._alive(p)]
-        wanted = tuple(ring.ring_order([self.node_id, *candidates])[: self.max_size])
-        if wanted != self._forming_set:
-            self._forming_set, self._forming_since = wanted, now
-        if len(wanted) < self.form_size:
-            self._log_waiting(f"waiting for nodes: {len(wanted)} of {self.form_size} found")
-            return None
-        if len(wanted) < self.max_size and now - self._forming_since < self.settle:
-            return None
-        return wanted
-
-    def _agree(self) -> None:
-        if (self.view is None or self.evicted) and not self._joining and not self.leaving:
-            offer = self._pending_offer()
-            if offer is not None:
-                self._consider_offer(*offer, from_ring=True)
-        if self._proposal is not None:
-            members = self._proposal[1]
-            if any(m != self.node_id and ((m in self.suspects and m not in self.reborn)
-                                          or not self._alive(m)) for m in members):
-                self._proposal = None  # someone in it failed meanwhile: propose again
-            elif (self.view is None and not self._joining
-                  and self._wanted_forming() not in (None, members)):
-                self._proposal = None  # more nodes showed up before the ring formed
-        if self._proposal is None:
-            wanted = self._wanted()
-            if wanted is None:
-                return
-            same = [p.proposal[0] for p in self.peers.values()
-                    if p.proposal is not None and p.proposal[1] == wanted
-                    and p.proposal[0] > (self.view.generation if self.view else 0)]
-            generation = max(same) if same else self._highest_generation + 1
-            if self._proposed.get(generation, wanted) != wanted:
-                generation = self._highest_generation + 1
-            self._set_proposal(generation, wanted)
-        self._send_proposal()
-
-    def _set_proposal(self, generation: int, members: tuple[str, ...]) -> None:
-        self._proposal = (generation, members)
-        self._proposed[generation] = members
-        self._highest_generation = max(self._highest_generation, generation)
-        self._delivered = set()
-
-    def _send_proposal(self) -> None:
-        """Send our proposal to every member that has not queued it yet, then try to install."""
-        if self._proposal is None:
-            return
-        generation, members = self._proposal
-        propose = self._control(MessageKind.PROPOSE, {
-            "generation": generation,
-            "members": [[m, self.peers[m].endpoint if m in self.peers else
-                         self.transport.endpoint] for m in members]})
-        for member in members:
-            if member != self.node_id and member not in self._delivered:
-                if self._send(member, propose):
-                    self._delivered.add(member)
-        self._maybe_install()
-
-    def _maybe_install(self) -> None:
-        generation, members = self._proposal
-        for member in members:
-            if member != self.node_id:
-                peer = self.peers.get(member)
-                if member not in self._delivered or peer is None or peer.proposal != self._proposal:
-                    return
-        old = self.view
-        self.view = View(generation, members, members.index(self.node_id))
-        self.joined = self._joining
-        self.reforming = self.evicted = self._joining = False
-        self._proposal = None
-        self._waiting_logged = ""
-        self.sequence = 0
-        for member in old.members if old else ():
-            if member not in members and member in self.peers and member not in self.reborn:
-                self._back_off(self.peers[member])
-        # every member proposed this view as the incarnation it is now (a restart forgets
-        # the peer's proposal): whoever restarted before it is a member like the others
-        self.suspects -= self.reborn
-        self.reborn.clear()
-        if self.joined:
-            self.suspects.clear()  # suspicions from before we joined are void
-        self.suspects -= set(old.members if old else ()) - set(members)
-        self.suspects &= set(members)
-        log.info("node %s installed generation %d: %s", self.node_id, generation,
-                 ", ".join(members))
-
-    # messages -------------------------------------------------------------------------------
-
-    def handle(self, message: Message) -> None:
-        """Act on one control message; bad ones raise ProtocolError (the caller drops them)."""
-        kind = message.header.kind
-        if kind is MessageKind.HELLO:
-            self._on_hello(message)
-            return
-        if kind is MessageKind.WELCOME:
-            self._on_welcome(message)
-            return
-        peer = self.peers.get(message.origin)
-        if peer is None or not peer.heard:
-            raise ProtocolError("sender", "a peer that said HELLO first", message.origin,
-                                message.origin)
-        peer.last_heard = time.monotonic()
-        if kind is MessageKind.PROPOSE:
-            self._on_propose(message, peer)
-        elif kind is MessageKind.HEARTBEAT:
-            self._on_heartbeat(message, peer)
-        elif kind is MessageKind.LEAVE:
-            peer.left = True
-            self.suspect(message.origin, "it left the ring")
-
-    def _on_hello(self, message: Message) -> None:
-        body = decode_control(message.payload, {"id": str, "job": str, "protocol": int,
-                                                "endpoint": str, "key": str, "proof": str,
-                                                "schema": str, "incarnation": int,
-                                                "host": str},
-                              message.origin, "hello")
-        peer_id = body["id"]
-        if peer_id != message.origin or not 0 < len(peer_id) <= MAX_ID_LENGTH:
-            raise ProtocolError("hello.id", f"the sender's routing id {message.origin!r}",
-                                peer_id, message.origin)
-        if body["job"] != self.job_name:
-            raise ProtocolError("hello.job", self.job_name, body["job"], message.origin)
-        if body["protocol"] != PROTOCOL_VERSION:
-            raise ProtocolError("hello.protocol", PROTOCOL_VERSION, body["protocol"],
-                                message.origin)
-        incarnation = body["incarnation"]
-        if self.transport.key is not None and (body["key"] != message.user or not
-                                               hmac.compare_digest(body["proof"], self._proof(
-                                                   peer_id, body["key"], incarnation))):
-            raise ProtocolError("hello.proof", "proof of the job key for the connection's "
-                                "CURVE key", "a proof that does not verify", message.origin)
-        known = self._incarnations.get(peer_id, 0)
-        if incarnation < known:
-            # an older process under a live id (say, one that was stopped and woke up)
-            raise ProtocolError("hello.incarnation", f"at least {known}: {peer_id} restarted "
-                                f"and its old incarnation is fenced off", incarnation,
-                                message.origin)
-        previous = self.mailbox.admitted.get(peer_id)
-        if (known and incarnation > known) or previous not in (None, message.user):
-            log.info("%s came back as a new incarnation; the old one is fenced off", peer_id)
-            self._forget_incarnation(peer_id)
-        self._incarnations[peer_id] = incarnation
-        if self.lanes is not None:
-            self.lanes.verify(peer_id, body["host"])
-        if self.transport.key is not None:
-            self.mailbox.admitted[peer_id] = message.user
-        if body["schema"] != self.schema:
-            refusal = (f"node {self.node_id} refuses {peer_id}: it trains schema "
-                       f"{body['schema'] or '(none)'}, this ring trains "
-                       f"{self.schema or '(none)'} (different model, data or settings)")
-            self.transport.reply(message.origin, self._control(MessageKind.WELCOME, {
-                "id": self.node_id, "generation": 0, "members": [], "refused": refusal}))
-            raise ProtocolError("hello.schema", self.schema or "(none)",
-                                body["schema"] or "(none)", message.origin)
-        peer = self.peers.setdefault(peer_id, PeerState())
-        peer.heard = True
-        peer.left = False
-        peer.last_heard = time.monotonic()
-        peer.endpoint = self._reachable_endpoint(body["endpoint"], message)
-        view = self.view
-        self.transport.reply(message.origin, self._control(MessageKind.WELCOME, {
-            "id": self.node_id, "generation": view.generation if view else 0,
-            "members": list(view.members) if view else []}))
-        links = self.transport.links()
-        if links.get(peer_id) != peer.endpoint:
-            probe = next((p for p in self._probes if links.get(p) == peer.endpoint), None)
-            if probe is not None:
-                self._probes.discard(probe)
-                self.transport.rename_link(probe, peer_id)
-            else:
-                self.transport.connect(peer_id, peer.endpoint)
-                peer.welcomed = False
-
-    def _forget_incarnation(self, peer_id: str) -> None:
-        """A peer restarted under the same id: its old state (and membership) is void, but
-        not its record of failures, so a node that keeps crashing is backed off."""
-        old = self.peers.pop(peer_id, None)
-        fresh = self.peers[peer_id] = PeerState()
-        if self.lanes is not None:
-            self.lanes.forget(peer_id)
-        if old is not None:
-            fresh.evictions, fresh.backoff_until = old.evictions, old.backoff_until
-        if self.view is not None and peer_id in self.view.members and not self.evicted:
-            # The old incarnation failed as a member: drop it and admit the new one as a
-            # joiner, in one view change (and even if the ring could not change without it,
-            # e.g. below min_size). Its crash counts as an eviction.
-            self.suspect(peer_id, "it restarted (a new incarnation)")
-            if peer_id not in self.reborn:
-                self.reborn.add(peer_id)
-                self._back_off(fresh)
-
-    @staticmethod
-    def _back_off(peer: PeerState) -> None:
-        """One more failure of ``peer``: it may join again only after a doubling wait."""
-        peer.evictions += 1
-        peer.backoff_until = time.monotonic() + min(
-            BACKOFF_CAP, BACKOFF_FIRST * 2 ** (peer.evictions - 1))
-
-    def _reachable_endpoint(self, declared: str, message: Message) -> str:
-        endpoint = normalize_endpoint(declared)
-        if endpoint.startswith("tcp://") and message.peer_address:
-            return f"tcp://{message.peer_address}:{endpoint.rpartition(':')[2]}"
-        return endpoint
-
-    def _on_welcome(self, message: Message) -> None:
-        body = decode_control(message.payload, {"id": str, "generation": int, "members": list},
-                              message.origin, "welcome")
-        peer_id = body["id"]
-        if not message.on_link or not 0 < len(peer_id) <= MAX_ID_LENGTH:
-            raise ProtocolError("welcome", "a reply on one of our links", message.origin)
-        if peer_id == self.node_id:  # we dialled ourselves under another address
-            self._probes.discard(message.origin)
-            self.transport.disconnect(message.origin)
-            return
-        refused = body.get("refused")
-        if isinstance(refused, str) and refused:
-            if self.refusal != refused:
-                log.error("%s", refused)
-            self.refusal = refused[:500]
-            return
-        if message.origin in self._probes:
-            self._probes.discard(message.origin)
-            if self.peers.get(peer_id, PeerState()).welcomed and peer_id in self.transport.links():
-                # another of its addresses answered first: keep that one
-                self.transport.disconnect(message.origin)
-                return
-            self.transport.rename_link(message.origin, peer_id)
-        elif message.origin != peer_id:
-            return  # a reply on a link that has since been renamed or replaced
-        peer = self.peers.setdefault(peer_id, PeerState())
-        peer.welcomed = True
-        self._note_view(peer_id, peer, body["generation"], body["members"])
-
-    def _on_heartbeat(self, message: Message, peer: PeerState) -> None:
-        body = decode_control(message.payload, {"generation": int, "sequence": int,
-                                                "members": list}, message.origin, "heartbeat")
-        peer.sequence = body["sequence"]
-        self._note_view(message.origin, peer, body["generation"], body["members"])
-
-    def _note_view(self, peer_id: str, peer: PeerState, generation: int, members: list) -> None:
-        if not all(isinstance(m, str) for m in members) or len(members) > MAX_MEMBERS:
-            raise ProtocolError("members", "a list of node ids", members, peer_id)
-        peer.generation, peer.members = generation, tuple(members)
-        self._highest_generation = max(self._highest_generation, generation)
-        mine = self.view
-        if mine is not None and generation > mine.generation and self.node_id not in members:
-            if not self.evicted:
-                log.warning("node %s was left out of generation %d by %s: it will rejoin as a "
-                            "new member", self.node_id, generation, peer_id)
-                # Suspicions belong to the view we were evicted from. Kept, they would make
-                # the running ring's members look dead to us (a node that was stopped
-                # suspects everyone on waking up) and we would refuse every offer to admit us.
-                self.suspects.clear()
-                self._proposal = None
-            self.evicted = True
-
-    def _on_propose(self, message: Message, peer: PeerState) -> None:
-        body = decode_control(message.payload, {"generation": int, "members": list},
-                              message.origin, "propose")
-        entries = body["members"]
-        if (len(entries) > MAX_MEMBERS or not all(
-                isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e)
-                for e in entries)):
-            raise ProtocolError("propose.members", "a list of [id, endpoint] pairs", entries,
-                                message.origin)
-        members = tuple(e[0] for e in entries)
-        generation = body["generation"]
-        if message.origin not in members or members != tuple(ring.ring_order(members)):
-            raise ProtocolError("propose.members", "ids in ring order including the sender",
-                                members, message.origin)
-        self._highest_generation = max(self._highest_generation, generation)
-        peer.proposal = (generation, members)
-        if self.leaving:
-            # Agreeing now would put us in a view we are about to leave: the others would
-            # install it and fail their next collective. Unanswered, they wait for our
-            # LEAVE (or our silence) and propose again without us.
-            return
-        current = self.view.generation if self.view else 0
-        if generation <= current or self.node_id not in members:
-            return  # stale, or a ring without us (we learn of it by heartbeats)
-        # dial members we have not met (a joiner learns the ring this way)
-        self.add_candidates(endpoint for member_id, endpoint in entries
-                            if member_id != self.node_id and member_id not in self.peers
-                            and endpoint)
-        mine = self._proposal
-        if self.view is None or self.evicted:
-            self._consider_offer(generation, members, from_ring=peer.generation > 0)
-        else:
-            if not self.reforming:
-                self.start_reform()
-            if mine is not None and mine[1] == members and generation > mine[0]:
-                self._set_proposal(generation, members)  # same ring, higher number: adopt it
-            elif mine is not None and mine[1] != members:
-                # the proposer cannot see some members we include: adopt its suspicions
-                for member in set(mine[1]) - set(members):
-                    if member in self.view.members:
-                        self.suspect(member, f"{message.origin} left it out of its proposal")
-                self._proposal = None
-        self._send_proposal()
-
-    def _consider_offer(self, generation: int, members: tuple[str, ...], from_ring: bool
-                        ) -> None:
-        """Not in a ring: a running ring's offer to admit us is taken as it is, if we reach
-        all of its members; among forming nodes only the number of an equal set is taken."""
-        mine = self._proposal
-        if (from_ring and all(m == self.node_id or self._alive(m) for m in members)) \
-                or (mine is not None and mine[1] == members and generation > mine[0]):
-            self.reforming = True
-            self._joining = from_ring
-            if self._proposed.get(generation, members) != members:
-                generation = self._highest_generation + 1
-            if mine != (generation, members):
-                self._set_proposal(generation, members)
-
-    def _pending_offer(self) -> tuple[int, tuple[str, ...]] | None:
-        """The newest offer to admit us that a running ring made: it may have come before we
-        could take it (before its members' WELCOMEs), and it is not sent twice."""
-        current = self.view.generation if self.view else 0
-        offers = [p.proposal for p in self.peers.values()
-                  if p.generation > 0 and p.proposal is not None
-                  and p.proposal[0] > current and self.node_id in p.proposal[1]]
-        return max(offers) if offers else None
-
-    # helpers --------------------------------------------------------------------------------
-
-    def _log_waiting(self, text: str) -> None:
-        if text != self._waiting_logged:
-            self._waiting_logged = text
-            # waiting is expected while a first ring forms; a running ring stuck is news
-            log.log(logging.WARNING if self.view else logging.INFO, "node %s: %s",
-                    self.node_id, text)
-
-    def _control(self, kind: MessageKind, body: dict) -> list[bytes]:
-        payload = encode_control(body)
-        header = Header(kind=kind, job=self.job, generation=self._highest_generation,
-                        sequence=0, nbytes=len(payload))
-        return [header.pack(), payload]
-
-    def _proof(self, node_id: str, public_key: str, incarnation: int) -> str:
-        if self.transport.key is None:
-            return ""
-        return self.transport.key.derive(
-            f"hello:{self.job_name}:{node_id}:{public_key}:{incarnation}").hex()
-
-    def _send(self, link: str, frames: list[bytes]) -> bool:
-        try:
-            return self.transport.try_send(link, frames) is not False
-        except TransportError as exc:
-            log.debug("send to %s failed: %s", link, exc)
+    def hello(self, peer: str, incarnation: int, endpoint: str, now: float) -> bool:
+        """A verified HELLO from incarnation ``incarnation`` of ``peer`` at ``endpoint``.
+        Returns False (refuse it) if it is older than one already seen."""
+        known = self.peers.get(peer)
+        if peer == self.node_id or (known is not None and incarnation < known.incarnation):
             return False
+        for other in self.peers.at_endpoint(endpoint, peer):
+            log.warning("node %s: %s's endpoint %s now answers as %s: %s is gone",
+                        self.node_id, other, endpoint, peer, other)
+            self._retire(other, f"its endpoint {endpoint} now answers as {peer}", now)
+            gone = self._peer(other)
+            gone.left, gone.endpoint = True, ""  # never alive again
+            self._retired.append(other)
+        state, replaced = self.peers.introduce(peer, incarnation, endpoint, now,
+                                               self._is_member)
+        if replaced:
+            log.warning("node %s: %s restarted (new incarnation); its old process is fenced "
+                        "off and the new one joins", self.node_id, peer)
+            self._retire(peer, "it restarted (a new incarnation)", now)
+        return True
+
+    def receive(self, peer: str, incarnation: int, message: Message, now: float) -> None:
+        """A membership message from incarnation ``incarnation`` of ``peer``; messages of
+        an unknown or retired incarnation are ignored."""
+        state = self.peers.get(peer)
+        if state is None or state.incarnation != incarnation:
+            return
+        state.last_heard = max(state.last_heard, now)
+        if isinstance(message, Heartbeat):
+            self._on_heartbeat(peer, state, message, now)
+        elif isinstance(message, Decide):
+            self._on_decide(peer, message, now)
+        elif isinstance(message, Leave):
+            state.left = True
+            self.suspect(peer, "it left the ring")
+        elif isinstance(message, Release):
+            self._genesis.on_release(peer, message)
+        elif isinstance(message, (Accept, Accepted, Nack)) and message.generation == 0:
+            getattr(self._genesis, _HANDLERS[type(message)])(peer, message, now)
+        elif isinstance(message, (Prepare, Accept, Promise, Accepted, Nack)):
+            if self._in_instance(peer, message.lineage, message.generation):
+                getattr(self._instance, _HANDLERS[type(message)])(peer, message, now)
+            elif isinstance(message, (Prepare, Accept)):
+                self._catch_up(peer)
+
+    def heard(self, peer: str, now: float) -> None:
+        """A sign of life from ``peer`` outside membership (its data)."""
+        state = self.peers.get(peer)
+        if state is not None:
+            state.last_heard = max(state.last_heard, now)
+
+    def suspect(self, peer: str | None, reason: str) -> None:
+        """Treat member ``peer`` as failed: the next view leaves it out."""
+        view = self.view
+        if view is None or peer is None or peer == self.node_id or peer not in view.members \
+                or peer in self.suspects:
+            return
+        self.suspects[peer] = reason
+        log.warning("node %s suspects %s: %s", self.node_id, peer, reason)
+
+    def start_reform(self, now: float) -> None:
+        """The application asks for a view change (after a failure, or ``reform_due``)."""
+        self.begin_reform(now)
+
+    def begin_reform(self, now: float) -> None:
+        """Take part as a proposer in changing the view: the lowest live member first."""
+        if self.reforming or self.forming:
+            return
+        self.reforming = True
+        live = [m for m in self.view.members if m == self.node_id or self._survives(m, now)]
+        rank = live.index(self.node_id) if self.node_id in live else len(live)
+        self._instance.next_attempt = now + self.config.stagger * rank
+
+    def prepare_leave(self) -> None:
+        """Take part in no view change from now on (we leave after this step)."""
+        self.leaving = True
 
     def leave(self) -> None:
-        """Tell every linked peer that we leave (best effort, before closing)."""
-        frames = self._control(MessageKind.LEAVE, {"id": self.node_id})
-        for peer_id, peer in self.peers.items():
-            if peer.heard and peer.welcomed:
-                self._send(peer_id, frames)
+        """Tell every peer we leave."""
+        for peer, state in self.peers.items():
+            if not state.left:
+                self.send(peer, Leave())
+
+    def tick(self, now: float) -> None:
+        """Heartbeats, suspicion by silence, proposals and their timeouts."""
+        self._last_tick = now
+        if now - self._last_heartbeat >= self.config.heartbeat_interval:
+            self._last_heartbeat = now
+            self._heartbeat(now)
+        self._abandon_dead_view()
+        view = self.view
+        if view is not None and not self.evicted:
+            for member in view.members:
+                state = self.peers.get(member)
+                last = max(state.last_heard if state else 0.0, self._installed_at)
+                if member == self.node_id:
+                    continue
+                if now - last > self.config.suspect_timeout:
+                    if member not in self.suspects:
+                        self._silent.add(member)
+                    self.suspect(member, f"silent for {now - last:.1f} s")
+                elif member in self._silent:
+                    # heard again (a partition healed, a pause ended): silence was the only
+                    # charge, so it is lifted (else two healed halves could suspect each
+                    # other for ever, and neither would find a majority)
+                    self._silent.discard(member)
+                    self.suspects.pop(member, None)
+        if self.forming:
+            self._genesis.tick(now)
+        else:
+            self._instance.tick(now)
+        self.reform_due = not self.forming and (
+            bool(self.suspects) or bool(self._joiners(now))
+            or any(m != self.node_id and not self._survives(m, now) for m in self.view.members))
+
+    # helpers for agreement -----------------------------------------------------------------
+
+    def alive(self, peer: str, now: float) -> bool:
+        """Whether ``peer`` was heard from within the suspicion timeout and has not left."""
+        state = self.peers.get(peer)
+        return (state is not None and not state.left and state.last_heard > 0
+                and now - state.last_heard <= self.config.suspect_timeout)
+
+    def retry_delay(self) -> float:
+        """How long to wait before proposing again: a round, plus jitter against duels."""
+        return self.config.round_timeout * (1.0 + self._random.random())
+
+    def wanted(self, now: float) -> Decision | None:
+        """The view this node would propose to follow its own, or None to wait."""
+        view = self.view
+        assert view is not None
+        survivors = [m for m in view.members if m == self.node_id or self._survives(m, now)]
+        if not has_quorum(view.members, survivors):
+            return self._wait(f"waiting for a majority: {len(survivors)} of the "
+                              f"{view.world_size} members of generation {view.generation} "
+                              f"reachable")
+        joiners = self._joiners(now)[:max(0, self.config.max_size - len(survivors))]
+        ids = sorted(survivors + joiners)
+        if len(ids) < self.config.min_size:
+            return self._wait(f"waiting for nodes: {len(ids)} alive, the job needs at least "
+                              f"{self.config.min_size}")
+        generation = max([view.generation] + [self._peer(j).generation for j in joiners]) + 1
+        self.waiting = ""
+        return Decision(generation, view.lineage, self._pairs(ids))
+
+    def first_view(self, now: float, round_: int) -> Decision | None:
+        """A first view to propose (we are the lowest of enough settled candidates)."""
+        if any(self.alive(p, now) and s.in_ring for p, s in self.peers.items()):
+            return self._wait("a ring of this job is running: waiting to be admitted")
+        candidates = tuple(sorted([self.node_id] + [
+            p for p, s in self.peers.items() if self.alive(p, now) and not s.in_ring
+        ])[:self.config.max_size])
+        if candidates != self._forming:
+            self._forming, self._forming_since = candidates, now
+        if len(candidates) < self.config.form_size:
+            return self._wait(f"waiting for nodes: {len(candidates)} of "
+                              f"{self.config.form_size} found")
+        if len(candidates) < self.config.max_size and \
+                now - self._forming_since < self.config.settle:
+            return None
+        if candidates[0] != self.node_id:
+            return None  # the lowest candidate proposes
+        generation = max([self.view.generation if self.view else 0] + [
+            self._peer(p).generation for p in candidates if p != self.node_id]) + 1
+        self.waiting = ""
+        lineage = f"{self.incarnation:020d}.{round_}.{self.node_id}"
+        return Decision(generation, lineage, self._pairs(candidates))
+
+    def decided(self, value: Decision, voters: set[str], ballot: tuple[int, str],
+                now: float) -> None:
+        """An instance this node ran decided ``value``: install it, tell everyone in it."""
+        view = self.view
+        old = view.members if view is not None and not self.evicted else ()
+        evidence = (view.lineage if old else value.lineage, view.generation if old else 0,
+                    ballot, frozenset(voters))
+        for peer in sorted(set(old) | set(value.ids)):
+            if peer != self.node_id:
+                self.send(peer, Decide(value))
+        if value.includes(self.node_id, self.incarnation):
+            self._install(value, now, joined=False, evidence=evidence)
+        else:  # a value another proposer chose, bound on us by Paxos: it leaves us out
+            self.decision = value
+            self._left_out(f"the view decided for generation {value.generation} leaves it out")
+
+    def _abandon_dead_view(self) -> None:
+        """Leave a view whose lost members (restarted, or their endpoint taken by another
+        process: they will never vote again) leave no quorum: it can neither train nor change,
+        so this node forms a new ring with the others (never on mere silence: a silent
+        majority may be alive across a partition, and moving on)."""
+        view = self.view
+        if view is None or self.evicted:
+            return
+        gone = [m for m in view.members if m != self.node_id and self._lost(m)]
+        if gone and not has_quorum(view.members, [m for m in view.members if m not in gone]):
+            log.warning("node %s: %s of the %d members of generation %d restarted, were "
+                        "replaced or run another ring: this ring can no longer change; "
+                        "forming a new one",
+                        self.node_id, ", ".join(gone), view.world_size, view.generation)
+            self.evicted = True
+            self.suspects.clear()
+            self.reforming = False
+            self._instance.reset()
+
+    # internals -----------------------------------------------------------------------------
+
+    def _peer(self, peer: str) -> PeerState:
+        state = self.peers.get(peer)
+        assert state is not None
+        return state
+
+    def _pairs(self, ids: list[str] | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+        return tuple((i, self.incarnation if i == self.node_id else self._peer(i).incarnation)
+                     for i in ids)
+
+    def _wait(self, why: str) -> None:
+        if why != self.waiting:
+            self.waiting = why
+            log.log(logging.WARNING if self.view else logging.INFO, "node %s: %s",
+                    self.node_id, why)
+        return None
+
+    def _is_member(self, peer: str) -> bool:
+        return self.view is not None and peer in self.view.members
+
+    def _lost(self, member: str) -> bool:
+        """Whether a member of our view will never vote in our instance: its process
+        restarted or was replaced, or it runs another lineage's view that it cannot leave
+        for ours (the winning lineage, or a generation no lower than ours)."""
+        view = self.view
+        state = self.peers.get(member)
+        if view is None or state is None:
+            return True
+        if state.incarnation != view.incarnations[view.members.index(member)] or (
+                state.left and not state.endpoint):
+            return True
+        return state.lineage not in ("", view.lineage) and (
+            (state.in_view and state.lineage < view.lineage)
+            or state.generation >= view.generation)
+
+    def _survives(self, member: str, now: float) -> bool:
+        """A member of our view that is still itself, alive, not suspected and able to
+        take part in our next view."""
+        return member not in self.suspects and self.alive(member, now) \
+            and not self._lost(member)
+
+    def _joiners(self, now: float) -> list[str]:
+        """Live peers that are not (or no longer) members and may join: nodes outside any
+        ring, and the nodes of a lineage ours wins over."""
+        view = self.view
+        if view is None:
+            return []
+        members = set(zip(view.members, view.incarnations, strict=True))
+        return sorted(p for p, s in self.peers.items()
+                      if (p, s.incarnation) not in members and self.alive(p, now)
+                      and now >= s.backoff_until
+                      and (not s.in_ring or (s.lineage != view.lineage
+                                             and s.lineage > view.lineage)))
+
+    def _in_instance(self, peer: str, lineage: str, generation: int) -> bool:
+        """Whether ``peer`` is an acceptor of the instance (lineage, generation) we run."""
+        view = self.view
+        if self.forming or view is None or lineage != view.lineage \
+                or generation != view.generation or peer not in view.members:
+            return False
+        return view.incarnations[view.members.index(peer)] == self._peer(peer).incarnation
+
+    def _catch_up(self, peer: str) -> None:
+        """``peer`` speaks of an older view than ours: send it ours if it is a member."""
+        view, decision = self.view, self.decision
+        if view is not None and decision is not None and \
+                decision.includes(peer, self._peer(peer).incarnation):
+            self.send(peer, Decide(decision))
+
+    def _retire(self, peer: str, why: str, now: float) -> None:
+        if self._is_member(peer) and not self.evicted:
+            self.suspect(peer, why)
+            self._peer(peer).back_off(now)
+
+    def _heartbeat(self, now: float) -> None:
+        view = self.view
+        beat = Heartbeat(view.lineage if view else "", view.generation if view else 0,
+                         view.members if view else (), view is not None and not self.evicted,
+                         self.sequence)
+        recent = 10 * self.config.suspect_timeout
+        for peer, state in self.peers.items():
+            if not state.left and (now - state.last_heard <= recent or self._is_member(peer)):
+                self.send(peer, beat)
+
+    def _on_heartbeat(self, peer: str, state: PeerState, beat: Heartbeat, now: float) -> None:
+        state.lineage, state.generation, state.members = beat.lineage, beat.generation, \
+            beat.members
+        state.in_view, state.sequence = beat.in_view, beat.sequence
+        view = self.view
+        if view is None or self.evicted:
+            return
+        if (beat.lineage == view.lineage and beat.in_view and beat.generation > view.generation
+                and self.node_id not in beat.members):
+            self._left_out(f"{peer} runs generation {beat.generation} without it")
+        elif beat.lineage != view.lineage or beat.generation < view.generation:
+            self._catch_up(peer)
+
+    def _left_out(self, why: str) -> None:
+        """A newer view of our lineage leaves us out: we join anew."""
+        log.warning("node %s was left out of its ring (%s): it will rejoin as a new member",
+                    self.node_id, why)
+        self.evicted = True
+        self.suspects.clear()
+        self._silent.clear()
+        self.reforming = False
+        self._instance.reset()
+
+    def _on_decide(self, peer: str, msg: Decide, now: float) -> None:
+        value, view = msg.value, self.view
+        current = view.generation if view else 0
+        if not value.includes(self.node_id, self.incarnation):
+            if view is not None and not self.evicted and value.lineage == view.lineage \
+                    and value.generation > view.generation:
+                self._left_out(f"{peer} sent generation {value.generation} without it")
+            return
+        if value.generation <= current:
+            return
+        if self.forming:
+            accepted = self._genesis.locked is not None and \
+                self._genesis.locked[0] == value.lineage
+            self._install(value, now, joined=not accepted)
+        elif value.lineage == view.lineage:
+            self._install(value, now, joined=False)
+        elif value.lineage < view.lineage:
+            log.warning("node %s: two rings of this job met; ring %s (generation %d) joins "
+                        "ring %s (generation %d, %d members), whose first view is older; the "
+                        "merged ring continues from the state of the member furthest ahead",
+                        self.node_id, view.lineage, view.generation, value.lineage,
+                        value.generation, len(value.members))
+            self._install(value, now, joined=True)
+
+    def _install(self, value: Decision, now: float, joined: bool,
+                 evidence: tuple | None = None) -> None:
+        old = self.view
+        self.evidence = evidence
+        ids = value.ids
+        self.view = View(value.generation, ids, ids.index(self.node_id), value.lineage,
+                         tuple(i for _, i in value.members))
+        self.decision = value
+        self.installs += 1
+        self.joined = joined
+        self.evicted = self.reforming = False
+        self._instance.reset()
+        self._genesis.clear()
+        self.waiting = ""
+        self.sequence = 0
+        self._installed_at = now
+        if old is not None:
+            for member, incarnation in zip(old.members, old.incarnations, strict=True):
+                state = self.peers.get(member)
+                if member not in ids and state is not None and state.incarnation == incarnation:
+                    state.back_off(now)
+        self.suspects = {s: why for s, why in self.suspects.items()
+                         if s in ids and not self.alive(s, now)}
+        self._silent &= set(self.suspects)
+        log.info("node %s installed generation %d: %s", self.node_id, value.generation,
+                 ", ".join(ids))
+
+    def state(self, now: float) -> dict[str, object]:
+        """A printable summary (plain data: safe to hand to another thread)."""
+        view = self.view
+        return {"view": None if view is None else
+                {"lineage": view.lineage, "generation": view.generation,
+                 "members": list(view.members)},
+                "reforming": self.reforming, "evicted": self.evicted, "fenced": self.fenced,
+                "suspects": dict(self.suspects), "waiting": self.waiting,
+                "peers": {p: {"endpoint": s.endpoint, "incarnation": s.incarnation,
+                              "silent_s": round(now - s.last_heard, 2) if s.last_heard else None,
+                              "lineage": s.lineage, "generation": s.generation,
+                              "in_view": s.in_view, "left": s.left, "removals": s.removals,
+                              "backoff_s": round(max(0.0, s.backoff_until - now), 2)}
+                          for p, s in sorted(self.peers.items())}}
 
 
-def has_quorum(previous: tuple[str, ...], proposed: tuple[str, ...]) -> bool:
-    """Whether ``proposed`` may succeed ``previous``: a strict majority of the previous
-    members, or exactly half of them including the previous lowest-ranked member."""
-    kept = len(set(previous) & set(proposed))
-    if 2 * kept > len(previous):
-        return True
-    return 2 * kept == len(previous) and min(previous) in proposed
+_HANDLERS = {Prepare: "on_prepare", Accept: "on_accept", Promise: "on_promise",
+             Accepted: "on_accepted", Nack: "on_nack"}

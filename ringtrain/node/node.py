@@ -33,10 +33,18 @@ from typing import Any
 
 import numpy as np
 
+from ..comm.identity import DeviceIdentity, derived_node_id, open_device
+from ..comm.ledger import Ledger, ledger_file
 from ..comm.mailbox import Mailbox
 from ..comm.security import JobKey, key_from_environment
 from ..comm.shm import open_lanes
-from ..comm.transport import Transport, is_loopback, normalize_endpoint
+from ..comm.transport import (
+    Transport,
+    is_loopback,
+    new_curve_keypair,
+    normalize_endpoint,
+    raise_fd_limit,
+)
 from ..comm.wire import PROTOCOL_VERSION, job_id
 from ..config import Settings
 from ..discovery.dns import DnsPeers
@@ -51,17 +59,23 @@ from ..errors import (
     ProtocolError,
     RingtrainError,
 )
-from ..membership.protocol import Membership, View
+from ..membership.links import Links
+from ..membership.protocol import MembershipConfig, View
 from ..ring import collectives
 from ..ring import plan as ring
 from ..ring.collectives import Collective
 from ..ring.compression import Codec
 from ..ring.link_probe import measure_link
 from ..ring.runner import RingRunner
+from .gate import Gate, is_ledger
+from .wrong_key import WrongKeyDetector
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_INTERVAL = 0.5  # seconds between the engine's snapshots of state()
+
 Builder = Callable[[int, int], Collective]  # (rank, world_size) -> collective
+KEY_CHECK_INTERVAL = 0.5  # seconds between looks for evidence of a wrong key while forming
 
 
 class Work:
@@ -125,9 +139,11 @@ class Node:
         min_size, max_size: bounds on the ring size as it shrinks and grows (elastic).
             Below ``min_size`` the job waits for nodes to come back; nodes beyond
             ``max_size`` are not admitted. Defaults 1 and 64.
-        node_id: this node's unique id (default: derived from the host name plus random
-            digits). Ring order sorts by id, unless links are measured
-            (``Settings.link_probe_bytes``): then ranks follow the measured order.
+        node_id: this node's unique id. Default with a key: the host name plus the
+            device key's fingerprint (``comm.identity``), which nobody else can claim; a
+            chosen id is bound to this device by every member that admits it. Without a
+            key: the host name plus random digits. Ring order sorts by id, unless links are
+            measured (``Settings.link_probe_bytes``): then ranks follow the measured order.
         settings: timeouts and limits (default: :meth:`Settings.from_env`).
         key: the job key (default: from ``RINGTRAIN_KEY_FILE`` or ``RINGTRAIN_KEY``). Every
             link is then authenticated and encrypted with CURVE.
@@ -144,6 +160,8 @@ class Node:
         peers_dns: a DNS name that lists the peers (a Kubernetes headless Service; its A
             records with this node's port, or SRV records for a ``_port._tcp.`` name), looked
             up again every few seconds as peers come and go (:mod:`ringtrain.discovery.dns`).
+        device: this device's identity (default with a key: the device key file of this
+            node's name in ``RINGTRAIN_DEVICE_DIR``, made on first use; ``comm.identity``).
 
     Raises:
         ConfigError: bad arguments; no key and not ``insecure``; ``insecure`` off loopback.
@@ -157,10 +175,11 @@ class Node:
                  key: JobKey | None = None, insecure: bool = False,
                  candidates: Callable[[Callable[[list[str]], None]], None] | None = None,
                  schema: str = "", discover: bool = False, interface: str | None = None,
-                 peers_dns: str | None = None):
+                 peers_dns: str | None = None, device: DeviceIdentity | None = None):
         self.settings = settings or Settings.from_env()
-        self.node_id = node_id or default_node_id()
-        check_name("node id", self.node_id, MAX_NODE_ID)
+        raise_fd_limit()  # budgets on strangers' connections stay far below the limit
+        if node_id is not None:
+            check_name("node id", node_id, MAX_NODE_ID)
         check_name("job", job, MAX_JOB)
         self.job = job
         self._job_id = job_id(job)
@@ -172,7 +191,19 @@ class Node:
         if key is None:
             _check_insecure_allowed(insecure, [listen, *peers])
         self.key = key
-        self._transport = Transport(self.node_id, listen, self.settings, key)
+        self._device = None if key is None else \
+            device or open_device(node_id or default_name(), new_curve_keypair)
+        if node_id is None:
+            node_id = default_node_id() if self._device is None else \
+                derived_node_id(default_name(), self._device.key.public)
+        self.node_id = node_id
+        try:
+            self._transport = Transport(self.node_id, listen, self.settings, key,
+                                        self._device.key if self._device else None)
+        except BaseException:
+            if self._device is not None and device is None:
+                self._device.close()
+            raise
         self.endpoint = self._transport.endpoint
         peer_endpoints = {normalize_endpoint(p) for p in peers} - {self.endpoint}
         min_size = 1 if min_size is None else min_size
@@ -189,11 +220,26 @@ class Node:
         if self._lanes is not None:
             self._mailbox.doors = self._lanes
             self._transport.watch(self._lanes.fileno())
-        self._membership = Membership(
-            self.node_id, job, self._job_id, self._transport, self._mailbox, world_size,
-            min_size, max_size, self.settings.settle if elastic_start else 0.0,
-            self.settings.heartbeat_interval, self.settings.heartbeat_timeout, schema,
-            lanes=self._lanes)
+        self._membership = Links(
+            self.node_id, job, self._job_id, self._transport, self._mailbox, MembershipConfig(
+                form_size=world_size, min_size=min_size, max_size=max_size,
+                settle=self.settings.settle if elastic_start else 0.0,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                suspect_timeout=self.settings.heartbeat_timeout,
+                round_timeout=max(0.5, 2 * self.settings.heartbeat_interval)),
+            schema, lanes=self._lanes,
+            # a device counts its boots: a restart is recognised however the clock moved
+            incarnation=self._device.incarnation if self._device is not None else None)
+        self._gate: Gate | None = None
+        self._key_error: RingtrainError | None = None  # why forming cannot succeed
+        if self._device is not None:
+            directory = self._device.path.parent if self._device.path is not None else None
+            ledger = Ledger.open(ledger_file(directory, key.fingerprint) if directory else None)
+            self._gate = Gate(self._device, ledger, self._transport, self._mailbox,
+                              self._membership, job)
+            self._membership.admit = self._gate.admit
+            if self._device.fingerprint in ledger.revoked:  # told so before it stopped
+                self._key_error = self._gate.revoked_error()
         self._membership.add_candidates(peer_endpoints)
         self._runner = RingRunner(self._transport, self._mailbox, self.node_id, self._job_id,
                                   self.settings.progress_floor, self.settings.progress_timeout,
@@ -205,10 +251,14 @@ class Node:
         self._slow_links: tuple[bool, ...] | None = None  # by ring rank; None: not measured
         self._order_error: CollectiveError | None = None  # why this generation has no ring
         if world_size == 1 and not elastic_start:
-            self._view = self._installed = self._membership.view = View(1, (self.node_id,), 0)
+            self._membership.alone()
+            self._view = self._installed = self._membership.view
         self._sequence = 0
+        self._ran_in = 0  # the generation of the last collective the engine ran
+        self._snapshot: dict[str, Any] = {}  # state() as the engine last wrote it
+        self._snapshot_at = 0.0
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
-        self._new_candidates: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
+        self._new_candidates: queue.SimpleQueue[tuple[list[str], str]] = queue.SimpleQueue()
         self._view_listeners: list[Callable[[View], None]] = []
         # observe: the flight recorder (ringtrain.observe.recorder): the runner records each
         # collective, the views installed become formed / re-formed / joined / left events
@@ -219,6 +269,9 @@ class Node:
         if self._view is not None:
             self._formed.set()  # a ring of one, formed at once
         self._fatal: BaseException | None = None
+        self._wrong_key = (WrongKeyDetector(job, key.fingerprint, time.monotonic())
+                           if key is not None else None)
+        self._last_key_check = 0.0
         self._dns_peers: DnsPeers | None = None
         self._thread = threading.Thread(target=self._engine, name=f"ringtrain-{self.node_id}",
                                         daemon=True)
@@ -257,10 +310,15 @@ class Node:
         self._discovery = Discovery(addresses)
 
         def on_change(event: str, advert: Advert) -> None:
+            if (event != "removed" and self._wrong_key is not None and advert.job == self.job
+                    and advert.protocol == PROTOCOL_VERSION and advert.node_id != self.node_id):
+                self._wrong_key.saw_advert(advert.node_id, advert.addresses, advert.port,
+                                           advert.key_fingerprint, time.monotonic())
             if (event != "removed" and advert.node_id != self.node_id
                     and advert.key_fingerprint == fingerprint
                     and advert.protocol == PROTOCOL_VERSION):
-                self.add_candidates([f"{address}:{advert.port}" for address in advert.addresses])
+                self.add_candidates([f"{address}:{advert.port}" for address in advert.addresses],
+                                    source=f"advert:{advert.node_id}")
 
         self._browser = self._discovery.browse(job=self.job, on_change=on_change)
         self._announcer = self._discovery.announce(Advert(
@@ -276,6 +334,10 @@ class Node:
     def _wait_formed(self) -> bool:
         deadline = time.monotonic() + self.settings.form_timeout
         while not self._formed.wait(0.1):
+            if self._key_error is not None:
+                error = self._key_error
+                self.close()
+                raise error
             if self._membership.refusal:
                 refusal = self._membership.refusal
                 self.close()
@@ -284,9 +346,11 @@ class Node:
                 return False
         return True
 
-    def add_candidates(self, endpoints: list[str]) -> None:
-        """Dial these ``host:port`` endpoints (safe from any thread, e.g. mDNS callbacks)."""
-        self._new_candidates.put(list(endpoints))
+    def add_candidates(self, endpoints: list[str], source: str = "extra") -> None:
+        """Dial these ``IP:port`` endpoints (safe from any thread, e.g. mDNS callbacks), within
+        the budgets of ``discovery.candidates``: ``source`` names who told us of them (an
+        advert, say), for the per-source limits."""
+        self._new_candidates.put((list(endpoints), source))
         self._transport.wake()
 
     def on_view_change(self, listener: Callable[[View], None]) -> None:
@@ -327,13 +391,13 @@ class Node:
     def joined_running_ring(self) -> bool:
         """Whether the current view admitted this node into a ring that was already running
         (its state must come from the members, not from a fresh start)."""
-        return self._membership.joined
+        return self._membership.protocol.joined
 
     @property
     def reform_due(self) -> bool:
         """Whether the ring should re-form: a member is suspected, or a node waits to join.
         Every member must then call :meth:`reform` at the same point of its collectives."""
-        return self._membership.reform_due
+        return self._membership.protocol.reform_due
 
     def peer_endpoints(self) -> dict[str, str]:
         """The endpoint (``tcp://host:port``) this node dials each peer at, by node id
@@ -352,20 +416,32 @@ class Node:
         return self._runner.bytes_sent
 
     def state(self) -> dict[str, Any]:
-        """What this node is doing, for hang diagnostics and ``ringtrain peers``."""
-        return {"node": self.node_id, "endpoint": self.endpoint, "job": self.job,
-                "view": None if self._view is None else
-                {"generation": self._view.generation, "members": list(self._view.members),
-                 "rank": self._view.rank},
-                "link_rates_mbit": self._link_rates_mbit(),
-                "slow_links": self._slow_link_names(),
-                "sequence": self._sequence, "stage": self._runner.stage,
-                "membership": self._membership.state(),
-                "dropped": {**self._mailbox.dropped, **(
-                    {"door": self._lanes.dropped} if self._lanes and self._lanes.dropped else {})},
-                "shared_memory_peers": [] if self._lanes is None else self._lanes.peers(),
-                "peers_dns": None if self._dns_peers is None else list(self._dns_peers.endpoints),
-                "fatal": None if self._fatal is None else repr(self._fatal)}
+        """What this node is doing, for hang diagnostics and ``ringtrain peers``: the engine's
+        last snapshot (written every ``SNAPSHOT_INTERVAL`` and at every view change; safe to
+        read from any thread, never iterating what the engine changes)."""
+        snapshot = dict(self._snapshot) or {"node": self.node_id, "endpoint": self.endpoint,
+                                            "job": self.job, "view": None}
+        snapshot["fatal"] = None if self._fatal is None else repr(self._fatal)
+        snapshot["stage"] = self._runner.stage
+        return snapshot
+
+    def _take_snapshot(self) -> None:
+        """Write :meth:`state`'s answer (engine thread only)."""
+        self._snapshot_at = time.monotonic()
+        view, lanes = self._view, self._lanes
+        self._snapshot = {
+            "node": self.node_id, "endpoint": self.endpoint, "job": self.job,
+            "view": None if view is None else {"generation": view.generation,
+                                               "members": list(view.members), "rank": view.rank},
+            "link_rates_mbit": self._link_rates_mbit(), "slow_links": self._slow_link_names(),
+            "sequence": self._sequence, "membership": self._membership.state(),
+            "dropped": {**self._mailbox.dropped,
+                        **({"door": lanes.dropped} if lanes and lanes.dropped else {})},
+            "shared_memory_peers": [] if lanes is None else lanes.peers(),
+            "candidates": self._membership.candidates.state(),
+            "identity": None if self._gate is None else self._gate.state(),
+            "connections": self._transport.budget(),
+            "peers_dns": None if self._dns_peers is None else list(self._dns_peers.endpoints)}
 
     def _slow_link_names(self) -> list[str] | None:
         """The ring's slow links ("a -> b"), which compressed all-reduces encode, if the
@@ -404,7 +480,11 @@ class Node:
                 must pass the same; error-feedback state is kept per codec name and shapes.
             out: where to put the result: a writeable, C-contiguous numpy array of the
                 same shape and dtype (``array`` itself reduces in place). Saves allocating
-                (and the kernel zeroing) a new result array on every call.
+                (and the kernel zeroing) a new result array on every call. ``out`` is the
+                collective's working buffer: when the call raises, it holds neither the
+                input nor a result but partial sums (keep a copy, or recompute, before a
+                retry). Compression state (the error-feedback residual) is restored on
+                failure, so a retry counts nothing twice.
         """
         return self.all_reduce_async(array, op, weight, timeout, compression, out).wait()
 
@@ -412,7 +492,9 @@ class Node:
                          timeout: float | None = None, compression: str | Codec | None = None,
                          out: np.ndarray | None = None) -> Work:
         """Start :meth:`all_reduce`; ``wait()`` on the returned handle gives the result.
-        With ``out``, leave that array alone until then."""
+        With ``out``, leave that array alone until then: after
+        ``wait`` raised :class:`CollectiveTimeout` the collective may still be writing to it,
+        until :meth:`Work.done`; after any other error it holds partial sums."""
         array = np.array(array, copy=True) if out is None else _into(array, out)
         codec = self._runner.codec(compression)
         return self._submit(lambda rank, size: _single(
@@ -490,12 +572,11 @@ class Node:
         limit = self.settings.reform_timeout if timeout is None else timeout
         done = threading.Event()
         outcome: list[Any] = []
-        if since is None:
-            since = self._view.generation if self._view else 0
 
-        def run() -> None:
+        def run() -> None:  # on the engine thread, which alone knows the views
             try:
-                outcome.append(self._reform(since, time.monotonic() + limit))
+                failed = self._ran_in if since is None else since
+                outcome.append(self._reform(failed, time.monotonic() + limit))
             except RingtrainError as exc:
                 outcome.append(exc)
             done.set()
@@ -514,7 +595,7 @@ class Node:
         """Take no part in view changes from now on: this node leaves once the others know
         (the training layer calls this before the step that tells them), so no view they
         agree on can still include it."""
-        self._membership.leaving = True
+        self._membership.protocol.prepare_leave()
 
     def leave(self) -> None:
         """Leave the ring on purpose: tell the members (so they re-form at once rather than
@@ -582,27 +663,68 @@ class Node:
             self._transport.close(linger=0 if self._fatal else self.settings.linger)
             if self._lanes is not None:
                 self._lanes.close()
+            if self._device is not None:
+                self._device.close()
 
     def _serve_membership(self) -> None:
         """Membership work on the engine thread: new candidates, control messages, ticks."""
+        self._transport.check_health()
         while True:
             try:
-                self._membership.add_candidates(self._new_candidates.get_nowait())
+                endpoints, source = self._new_candidates.get_nowait()
             except queue.Empty:
                 break
+            try:
+                self._membership.add_candidates(endpoints, source)
+            except RingtrainError as exc:  # e.g. out of sockets: the next turn tries again
+                log.warning("node %s: cannot dial candidates from %s: %s", self.node_id,
+                            source, exc)
         self._mailbox.drain()
         while self._mailbox.control:
             message = self._mailbox.control.popleft()
             try:
+                if self._gate is not None and is_ledger(message):
+                    self._gate.handle(message)
+                    continue
                 self._membership.handle(message)
             except ProtocolError as exc:
                 self._mailbox.reject(message, exc)  # counted, logged once per sender
+            except Exception as exc:  # noqa: BLE001 - a peer's message must not stop us
+                # whatever a peer's message made membership raise is that peer's offence: it
+                # is counted like a malformed message (and evicts it when repeated)
+                log.debug("node %s: control message from %s raised", self.node_id,
+                          message.origin, exc_info=True)
+                self._mailbox.reject(message, ProtocolError(
+                    f"{message.header.kind.name.lower()} (handling raised)",
+                    "a message this node can act on", f"{type(exc).__name__}: {exc}"[:200],
+                    message.origin))
         for peer, reason in self._mailbox.take_offenders().items():
-            self._membership.suspect(peer, reason)  # a member that keeps sending garbage
+            self._membership.protocol.suspect(peer, reason)  # keeps sending garbage
         self._membership.tick()
+        if self._gate is not None:
+            self._gate.tick()
+        if self._wrong_key is not None:
+            self._check_key()
         installed = self._membership.view
         if installed is not None and installed != self._installed:
             self._install(installed)
+            self._take_snapshot()
+        elif time.monotonic() - self._snapshot_at >= SNAPSHOT_INTERVAL:
+            self._take_snapshot()
+
+    def _check_key(self) -> None:
+        """Read the probes' handshake events (always: see ``Transport.refused_links``) and,
+        while forming, weigh the evidence of a wrong job key (see ``wrong_key``)."""
+        now = time.monotonic()
+        if now - self._last_key_check < KEY_CHECK_INTERVAL:
+            return
+        self._last_key_check = now
+        self._wrong_key.saw_refusals(self._transport.refused_links(), now)
+        if self._view is None:
+            # linked: some peer answered us (hearing from peers is not enough: a revoked
+            # device still hears the members that dial it)
+            linked = bool(self._membership.welcomed)
+            self._key_error = self._key_error or self._wrong_key.verdict(now, linked)
 
     def _install(self, view: View) -> None:
         self._installed = view
@@ -698,13 +820,11 @@ class Node:
     def _service(self, view: View) -> tuple[str, str | None] | None:
         """Runs between segments of a collective: keep membership alive, and abandon the
         collective if the ring is changing under it."""
+        membership = self._membership.protocol
         for peer_id, when in self._runner.heard.items():  # data is a sign of life too
-            peer = self._membership.peers.get(peer_id)
-            if peer is not None and when > peer.last_heard:
-                peer.last_heard = when
+            membership.heard(peer_id, when)
         self._serve_membership()
-        membership = self._membership
-        suspects = membership.suspects & set(view.members)
+        suspects = set(membership.suspects) & set(view.members)
         if suspects:
             suspect = sorted(suspects)[0]
             return f"member {suspect} is suspected to have failed", suspect
@@ -721,18 +841,19 @@ class Node:
         return None
 
     def _reform(self, since: int, deadline: float) -> View:
-        membership = self._membership
+        membership = self._membership.protocol
 
         def formed() -> bool:
             view = self._installed
             return view is not None and view.generation > since and not membership.reforming
 
         if not formed() and not membership.reforming:
-            membership.start_reform()
+            membership.start_reform(time.monotonic())
         while not formed():
             if time.monotonic() >= deadline or self._closing:
                 raise MembershipError(f"node {self.node_id} could not re-form the ring since "
-                                      f"generation {since}; membership: {membership.state()}")
+                                      f"generation {since}; membership: "
+                                      f"{self._membership.state()}")
             self._serve_membership()
             if not formed():
                 self._mailbox.pump(self.settings.heartbeat_interval / 2)
@@ -745,9 +866,19 @@ class Node:
 
         def run(sequence: int, deadline: float) -> Any:
             collective = work.build(view.rank, view.world_size)
-            if self._slow_links is not None:
-                collective.compress_slow_links(self._slow_links, view.rank)
-            return self._runner.run(collective, view, sequence, deadline, work.step)
+            compressed = collective.compressed
+            residual = None if compressed is None else compressed.residual
+            # the error-feedback residual changes as segments are encoded: a failed
+            # collective puts back what it held, so a retry counts nothing twice
+            saved = None if residual is None else residual.copy()
+            try:
+                if self._slow_links is not None:
+                    collective.compress_slow_links(self._slow_links, view.rank)
+                return self._runner.run(collective, view, sequence, deadline, work.step)
+            except BaseException:
+                if residual is not None and saved is not None:
+                    residual[...] = saved
+                raise
 
         try:
             result = self._collect(view, work.timeout, run)
@@ -761,7 +892,8 @@ class Node:
         suspect whom it blames and abort it on every member."""
         sequence = self._sequence
         self._sequence += 1
-        self._membership.sequence = sequence
+        self._ran_in = view.generation
+        self._membership.protocol.sequence = sequence
         try:
             if self._order_error is not None:
                 raise self._no_ring(view, sequence)
@@ -777,10 +909,10 @@ class Node:
             # Blaming it evicted healthy nodes when a joiner was admitted or a node left.
             aborted = (view.generation, sequence) in self._mailbox.aborts
             if isinstance(exc, PeerFailedError) and suspect is not None and not aborted \
-                    and suspect not in self._membership.suspects:
+                    and suspect not in self._membership.protocol.suspects:
                 suspect = self._laggard(view) or suspect
             if suspect is not None:
-                self._membership.suspect(suspect, str(exc))
+                self._membership.protocol.suspect(suspect, str(exc))
                 self.recorder.suspected(suspect, str(exc))  # observe
             self._runner.abort_everyone(view, sequence, exc, suspect)
             raise
@@ -801,7 +933,8 @@ class Node:
         """The member furthest behind in collectives, if one is behind us: a live process
         that stopped calling collectives is the one holding the ring up."""
         behind = [(p.sequence, m) for m in view.members
-                  if m != self.node_id and (p := self._membership.peers.get(m)) is not None
+                  if m != self.node_id and (p := self._membership.protocol.peers.get(m))
+                  is not None
                   and p.generation == view.generation and p.sequence < self._sequence - 1]
         return min(behind)[1] if behind else None
 
@@ -854,9 +987,15 @@ def check_name(what: str, value: str, limit: int) -> None:
 
 
 def default_node_id() -> str:
-    """This host's name (cleaned up) plus random digits, e.g. ``laptop-3f9a1c``."""
+    """This host's name (cleaned up) plus random digits, e.g. ``laptop-3f9a1c`` (rings with
+    no key; with a key a node's id derives from its device key, see ``comm.identity``)."""
+    return f"{default_name()[:MAX_NODE_ID - 7]}-{secrets.token_hex(3)}"
+
+
+def default_name() -> str:
+    """This host's name, cleaned up to letters, digits, '-' and '_'."""
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]).strip("-_")
-    return f"{host[:MAX_NODE_ID - 7] or 'node'}-{secrets.token_hex(3)}"
+    return host or "node"
 
 
 def _is_loopback_name(interface: str | None) -> bool:

@@ -230,7 +230,7 @@ def diagnose(job: str, key: JobKey | None, interface: str | None = None,
         for peer in peers:
             host = peer.rpartition(":")[0]
             try:
-                if unicast_query(host, min(timeout, 2.0)):
+                if unicast_query(host, timeout):
                     multicast_dropped.append(host)
             except RingtrainError:
                 pass

@@ -243,22 +243,25 @@ class Rounds:
                 pending, so :meth:`adopt` after the re-form keeps every step in it).
             NonFiniteGradientError: the mean pseudo-gradient is not finite.
         """
+        applied = False
         if self._pending is not None and self._pending.done():
             self._complete()
-            return True
+            if self.settings.asynchronous:
+                return True  # the caller decides whether to stop before the next round
+            applied = True
         if not self.round_due():
-            return False
+            return applied
         if self._pending is not None:
             if self.settings.asynchronous:
                 return False  # keep stepping until the last round is in: never wait
             self._complete()
-            self._submit()
-            return True
+            applied = True
+        # lockstep rounds close after the same steps on every member, overlapped or not
         self._submit()
         if not self.settings.overlapped:
             self._complete()
-            return True
-        return False
+            applied = True
+        return applied
 
     def finish(self) -> None:
         """End of training: apply the round in flight, then one last round with the steps

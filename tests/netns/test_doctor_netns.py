@@ -29,7 +29,7 @@ CLOSED_PORT = 7999
 
 def doctor(lan: EmulatedLan, key: Path, *extra: str) -> dict:
     done = lan.run(0, [sys.executable, "-m", "ringtrain", "doctor", "--job", JOB,
-                       "--key-file", str(key), "--listen", "2", "--timeout", "2", "--json",
+                       "--key-file", str(key), "--listen", "3", "--timeout", "5", "--json",
                        *extra], timeout=60)
     assert done.stdout.strip(), f"doctor printed nothing: {done.stderr}"
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -34,7 +34,7 @@ from ringtrain.train.sharding import DataPosition, Sampler
 
 # Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
 # a failure is retried twice before it counts (each attempt is fully bounded).
-pytestmark = pytest.mark.flaky(reruns=2)
+
 
 NODE = Path(__file__).with_name("elastic_node.py")
 PORT = 7311

@@ -40,7 +40,7 @@ from ringtrain.train.trainer import BUCKET_BYTES, Trainer
 
 # Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
 # a failure is retried twice before it counts (each attempt is fully bounded).
-pytestmark = pytest.mark.flaky(reruns=2)
+
 
 N = 4
 STEPS = 30
@@ -501,7 +501,7 @@ def test_a_node_that_keeps_failing_is_backed_off_longer_each_time(tmp_path):
     print(f"\n{node_id(flaky)} crashed twice: re-admitted {waits[0]:.2f} s and {waits[1]:.2f} s "
           f"after each kill; node-00's record of it: {record}; max |param diff| vs one "
           f"process {difference:.2g}")
-    assert record["evictions"] == 2, record
+    assert record["removals"] == 2, record
     assert waits[0] >= 1.0 and waits[1] >= 2.0, waits
 
 

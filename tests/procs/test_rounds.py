@@ -21,7 +21,7 @@ import pytest
 
 from ringtrain.config import Settings
 from ringtrain.node.node import Node
-from ringtrain.ring import collectives
+from ringtrain.ring import runner
 from ringtrain.testing import LocalCluster, node_id, run_local
 from ringtrain.train.datasets import load_digits
 from ringtrain.train.nn import Dense, Sequential, Tanh
@@ -81,7 +81,7 @@ def test_diloco_with_one_inner_step_and_plain_outer_sgd_equals_synchronous_train
 
 def _arm_suicide_in_next_all_reduce() -> dict:
     """SIGKILL this process half way through the receives of its next all_reduce."""
-    original = collectives.RingRunner._accept
+    original = runner.RingRunner._accept
     armed = {"on": False, "count": 0}
 
     def accept(self, collective, view, sequence, message, expected, *rest):
@@ -91,7 +91,7 @@ def _arm_suicide_in_next_all_reduce() -> dict:
             if armed["count"] >= max(1, len(collective.plan.receives) // 2):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    collectives.RingRunner._accept = accept
+    runner.RingRunner._accept = accept
     return armed
 
 
@@ -171,18 +171,21 @@ def _asynchronous(node: Node, rounds: DiLoCo) -> dict:
 
 
 def test_asynchronous_rounds_keep_the_others_stepping_while_one_member_stalls():
-    lockstep = run_local(_asynchronous, 3, args=(DiLoCo(inner_steps=3),), timeout=90)
+    lockstep = run_local(_asynchronous, 3, args=(DiLoCo(inner_steps=3, overlap=True),),
+                         timeout=90)
     results = run_local(_asynchronous, 3, args=(DiLoCo(round_seconds=3 * STALL,
                                                        compression="int4"),), timeout=90)
     steps = [r["steps"] for r in results]
     print(f"\nrank 2 stalls {STALL} s per step; steps per member: lockstep rounds "
           f"{[r['steps'] for r in lockstep]}, asynchronous {steps} in {results[0]['rounds']} "
           f"rounds")
-    assert [r["steps"] for r in lockstep] == [18, 18, 18]  # the others wait for rank 2
+    # lockstep (overlapped: one round in flight): the others wait for rank 2 every round
+    assert [r["steps"] for r in lockstep] == [18, 18, 18]
     # asynchronous: the others step on while rank 2 stalls (about 3 steps per round)
     assert min(steps[:2]) >= 4 * steps[2]
-    for other in results[1:]:
-        np.testing.assert_array_equal(other["anchor"], results[0]["anchor"])
-        assert other["total"] == results[0]["total"]
-    # every member's steps, the stalled one's included, landed in the rounds
-    assert results[0]["total"] == sum(r["stepped"] for r in results)
+    for run in (lockstep, results):
+        for other in run[1:]:
+            np.testing.assert_array_equal(other["anchor"], run[0]["anchor"])
+            assert other["total"] == run[0]["total"]
+        # every member's steps, the stalled one's included, landed in the rounds
+        assert run[0]["total"] == sum(r["stepped"] for r in run)

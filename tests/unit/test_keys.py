@@ -12,7 +12,8 @@ import pytest
 
 from ringtrain.cli import main as cli
 from ringtrain.comm.security import JobKey, read_key_file, write_key_file
-from ringtrain.errors import SecurityError
+from ringtrain.comm.transport import peer_endpoint
+from ringtrain.errors import ConfigError, SecurityError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,3 +71,30 @@ def test_ruff_flags_pickle_in_the_package(tmp_path):
                            "--output-format", "concise", str(probe)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)
     assert "TID251" in done.stdout and "S301" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_planted_symlink_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "job.key"
+    link.symlink_to(victim)
+    with pytest.raises(ConfigError):
+        write_key_file(link, JobKey.generate())
+    assert victim.read_text() == "precious\n"
+    write_key_file(link, JobKey.generate(), overwrite=True)  # replaces the link itself
+    assert victim.read_text() == "precious\n" and not link.is_symlink()
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("text", ["bogus://x", "tcp://h:abc", "inproc://ring", "tcp://host:7077",
+                                  "tcp://10.0.0.1:0", "tcp://10.0.0.1:70000", "tcp://::1:5",
+                                  "tcp://224.0.0.251:5353", "tcp://0.0.0.0:7", "", "x" * 500,
+                                  "tcp://10.0.0.1:+5", "tcp://10.0.0.1:٣"])
+def test_peer_endpoints_must_be_tcp_ip_port(text):
+    with pytest.raises(ConfigError):
+        peer_endpoint(text)
+
+
+def test_good_peer_endpoints_are_normalised():
+    assert peer_endpoint("10.0.0.7:7077") == "tcp://10.0.0.7:7077"
+    assert peer_endpoint("tcp://[::1]:5") == "tcp://[::1]:5"

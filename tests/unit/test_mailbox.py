@@ -14,7 +14,13 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringtrain.comm.mailbox import MAX_OFFENCES, MAX_TRACKED, Mailbox
+from ringtrain.comm.mailbox import (
+    MAX_ABORTS,
+    MAX_OFFENCES,
+    MAX_TRACKED,
+    STASH_MESSAGE_BYTES,
+    Mailbox,
+)
 from ringtrain.comm.security import JobKey
 from ringtrain.comm.transport import Incoming, Transport
 from ringtrain.comm.wire import (
@@ -177,3 +183,31 @@ def test_a_payload_in_too_many_pieces_is_dropped_as_malformed(transport):
     two = Header(kind=MessageKind.DATA, job=JOB, generation=1, sequence=2, dtype=2, nbytes=8)
     mailbox._sort(_incoming([two.pack(), b"\1" * 4, b"\2" * 4]))
     assert bytes(mailbox.next_data(1, 2).payload) == b"\1" * 4 + b"\2" * 4
+
+
+def test_empty_data_messages_still_count_against_the_stash(transport):
+    """Zero-byte DATA from a member costs stash budget too: a flood of them is bounded."""
+    mailbox = _mailbox(transport)
+    for sequence in range(1000):
+        frames = [Header(kind=MessageKind.DATA, job=JOB, generation=1, sequence=sequence,
+                         dtype=2, nbytes=0).pack(), b""]
+        mailbox._sort(_incoming(frames))
+    kept = sum(len(q) for q in mailbox._data.values())
+    assert kept == (1 << 16) // STASH_MESSAGE_BYTES
+    assert mailbox.dropped["stash"] == 1000 - kept
+
+
+def test_aborts_a_member_sends_are_bounded_and_stale_ones_dropped(transport):
+    mailbox = _mailbox(transport)
+    payload = encode_control({"kind": "failure", "message": "x", "node": "node-01", "peer": ""})
+    for sequence in range(3 * MAX_ABORTS):
+        header = Header(kind=MessageKind.ABORT, job=JOB, generation=5, sequence=sequence,
+                        nbytes=len(payload)).pack()
+        mailbox._sort(_incoming([header, payload]))
+    assert len(mailbox.aborts) == MAX_ABORTS
+    assert max(mailbox.aborts) == (5, 3 * MAX_ABORTS - 1)  # the newest are kept
+    mailbox.retire(6, -1)
+    header = Header(kind=MessageKind.ABORT, job=JOB, generation=5, sequence=10 ** 6,
+                    nbytes=len(payload)).pack()
+    mailbox._sort(_incoming([header, payload]))
+    assert (5, 10 ** 6) not in mailbox.aborts and mailbox.dropped["stale"] >= 1

@@ -1,0 +1,138 @@
+"""A keyless stranger on the LAN, for ``ringtrain bench-hostile``: lying adverts and idle
+connections, run inside a namespace of an emulated LAN (``lab.netns``), never elsewhere.
+
+    python -m ringtrain.lab.hostile --interface 10.77.5.250 --job J --fingerprint FP \\
+        --dead-prefix 10.77.5 --target 10.77.5.2:7077 --connections 2000 --seconds 60
+
+* ``--adverts`` adverts of job J under the real key fingerprint (public: every advert
+  carries it), each listing ``--addresses`` dead addresses of the LAN (``<dead-prefix>.100``
+  upwards: nobody answers there), re-announced every ``--refresh`` seconds with new ports;
+* ``--connections`` TCP connections to every ``--target``, opened and left idle (never a
+  byte sent); each one the node closes is opened again.
+
+Prints one JSON line per second: connections open, reopened, adverts announced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import random
+import resource
+import select
+import socket
+import sys
+import time
+
+from ..comm.wire import PROTOCOL_VERSION
+from ..discovery.mdns import Advert, Announcer, Discovery
+
+
+def _connect(target: tuple[str, int]) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    code = sock.connect_ex(target)
+    if code not in (0, errno.EINPROGRESS):
+        sock.close()
+        return None
+    return sock
+
+
+class IdleConnections:
+    """``count`` idle connections to each target, kept open: closed ones are opened again."""
+
+    def __init__(self, targets: list[tuple[str, int]], count: int):
+        self.targets, self.count = targets, count
+        self.open: dict[socket.socket, tuple[str, int]] = {}
+        self.reopened = 0
+
+    def established(self) -> int:
+        """Connections whose TCP handshake completed (the rest are still connecting)."""
+        socks = list(self.open)
+        done = 0
+        for start in range(0, len(socks), 512):
+            _, writable, _ = select.select([], socks[start:start + 512], [], 0)
+            done += len(writable)
+        return done
+
+    def fill(self, budget: int = 500) -> None:
+        """Open up to ``budget`` connections that are missing."""
+        for target in self.targets:
+            have = sum(1 for t in self.open.values() if t == target)
+            for _ in range(min(budget, self.count - have)):
+                sock = _connect(target)
+                if sock is not None:
+                    self.open[sock] = target
+                budget -= 1
+
+    def reap(self) -> None:
+        """Forget the connections the other end closed (they are opened again by fill)."""
+        socks = list(self.open)
+        for start in range(0, len(socks), 512):
+            chunk = socks[start:start + 512]
+            readable, _, failed = select.select(chunk, [], chunk, 0)
+            for sock in set(readable) | set(failed):
+                try:
+                    if sock.recv(1, socket.MSG_PEEK) == b"" or sock in failed:
+                        raise OSError
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                self.open.pop(sock, None)
+                sock.close()
+                self.reopened += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--interface", required=True)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--fingerprint", required=True)
+    parser.add_argument("--dead-prefix", required=True, help="first three octets, e.g. 10.77.5")
+    parser.add_argument("--adverts", type=int, default=64)
+    parser.add_argument("--addresses", type=int, default=16)
+    parser.add_argument("--refresh", type=float, default=5.0)
+    parser.add_argument("--target", action="append", default=[], metavar="HOST:PORT")
+    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    targets = [(h, int(p)) for h, _, p in (t.rpartition(":") for t in args.target)]
+    idle = IdleConnections(targets, args.connections)
+    dead = tuple(f"{args.dead_prefix}.{100 + i}" for i in range(args.addresses))
+    announcers: list[Announcer] = []
+    rounds = 0
+    end = time.monotonic() + args.seconds
+    next_refresh = 0.0
+    next_report = time.monotonic() + 1.0
+    with Discovery([args.interface]) as discovery:
+        while time.monotonic() < end:
+            if time.monotonic() >= next_refresh:
+                for announcer in announcers:
+                    announcer.close()
+                port = random.randint(20000, 60000)
+                announcers = [discovery.announce(Advert(
+                    f"ghost{rounds % 100:02d}-{a:02d}", args.job, dead, port + a,
+                    PROTOCOL_VERSION, args.fingerprint, 0, "forming"))
+                    for a in range(args.adverts)]
+                rounds += 1
+                next_refresh = time.monotonic() + args.refresh
+            idle.reap()
+            idle.fill()
+            if time.monotonic() >= next_report:
+                next_report += 1.0
+                print(json.dumps({"open": len(idle.open), "established": idle.established(),
+                                  "reopened": idle.reopened,
+                                  "advert_rounds": rounds, "adverts": len(announcers)}),
+                      flush=True)
+            time.sleep(0.05)
+        for announcer in announcers:
+            announcer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
