@@ -9,12 +9,10 @@ the same bytes, so all hold the same averaged gradient. Needs the ``ringtrain`` 
 hook talks to the group's node); float buckets only (DDP's are).
 """
 
-from __future__ import annotations
-
 from typing import Any
 
+import torch
 import torch.distributed as dist
-from torch.futures import Future
 
 from ...errors import ConfigError
 from ...ring.compression import Codec, get_codec
@@ -43,7 +41,9 @@ class RingCodecState:
         return self.codecs[bucket]
 
 
-def ring_codec_hook(state: RingCodecState, bucket: dist.GradBucket) -> Future:
+# real annotations, not strings: DDP's register_comm_hook checks them
+def ring_codec_hook(state: RingCodecState, bucket: dist.GradBucket
+                    ) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` over the ring with the state's codec (a DDP communication hook)."""
     group = state.group or dist.distributed_c10d._get_default_group()
     if not isinstance(group, RingtrainProcessGroup):
