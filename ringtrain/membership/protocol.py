@@ -426,9 +426,8 @@ class Membership:
         state = self.peers.get(member)
         if view is None or state is None:
             return True
-        if state.incarnation != view.incarnations[view.members.index(member)] or (
-                state.left and not state.endpoint):
-            return True
+        if state.incarnation != view.incarnations[view.members.index(member)] or state.left:
+            return True  # restarted, replaced, or it said Leave (a leaving node never votes)
         return state.lineage not in ("", view.lineage) and (
             (state.in_view and state.lineage < view.lineage)
             or state.generation >= view.generation)
