@@ -52,8 +52,9 @@ def test_idle_agents_train_a_submitted_job_and_a_stranger_is_refused(tmp_path):
                              for i in range(2))
 
         refused = _submit(lan, stranger, timeout=120)
-        assert refused.returncode == 1, (refused.stdout, refused.stderr, outputs())
-        assert "let this node in" in refused.stderr and "key" in refused.stderr, refused.stderr
+        # a wrong key is a configuration error, named within seconds (exit 2, issue 14)
+        assert refused.returncode == 2, (refused.stdout, refused.stderr, outputs())
+        assert "refused our key" in refused.stderr, refused.stderr
         assert "running job" not in outputs()
 
         done = _submit(lan, key, timeout=BOUND + 30)

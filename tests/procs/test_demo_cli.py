@@ -34,7 +34,7 @@ def test_demo_with_int8_compression_reports_the_accuracy_cost():
 
 def test_demo_refuses_an_unknown_codec_before_starting_nodes():
     done = subprocess.run([sys.executable, "-m", "ringtrain.cli.main", "demo", "--compression",
-                           "int4"], capture_output=True, text=True, timeout=60)
+                           "zip9"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "unknown compression 'int4'" in done.stderr
+    assert "unknown compression 'zip9'" in done.stderr
     assert "summary" not in done.stdout
