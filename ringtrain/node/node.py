@@ -808,8 +808,10 @@ class Node:
 
     def _announce(self, view: View) -> None:
         """``view`` is the one collectives run in from now on: release waiters, tell the
-        listeners."""
+        listeners. The snapshot is taken first, so that :meth:`state` shows this view (and
+        its measured links) to whoever the announcement wakes."""
         self._view = view
+        self._take_snapshot()
         self._formed.set()
         for listener in self._view_listeners:
             try:
