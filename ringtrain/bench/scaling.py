@@ -71,6 +71,7 @@ PORT = 7077
 CLASSES = 10
 STARVED = 0.9  # a device computing on less than this fraction of its budget was starved
 REPORT_MARGIN_S = 5.0  # a stuck worker reports this long before the parent's deadline
+START_GRACE_S = 5.0  # past the deadline, a worker still starting up may yet report
 WIRE_COUNTER = Path("/sys/class/net/eth0/statistics/tx_bytes")  # in the device's namespace
 _RESULT = "RESULT "
 _STUCK = "device did not finish in time"
@@ -369,7 +370,7 @@ def _wait(devices: list[_Device], deadline: float) -> None:
     """Until every device exited with a report; raise naming the failed or stuck ones."""
     while any(device.popen.poll() is None for device in devices):
         failed = [d for d in devices if d.popen.poll() not in (None, 0)]
-        if failed or time.time() > deadline:
+        if failed or time.time() > deadline + START_GRACE_S:
             break
         time.sleep(0.05)
     stuck = False
