@@ -49,7 +49,6 @@ def exchange(runner: RingRunner, collective: Collective, view: View, sequence: i
                                       collective=sequence) from exc
             if sent is not False:
                 unsent.remove(member)
-                runner.bytes_sent += buffer.nbytes
                 runner.messages_sent += 1
                 runner.bytes_out[member] = runner.bytes_out.get(member, 0) + buffer.nbytes
                 progress_deadline = time.monotonic() + runner.progress_timeout

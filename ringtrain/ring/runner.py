@@ -76,7 +76,6 @@ class RingRunner:
         self.lanes = lanes
         self.progress_timeout = progress_cap
         self._slowest_wait = 0.0  # smoothed longest gap between segments, seconds
-        self.bytes_sent = 0
         self.messages_sent = 0
         self.stage = "idle"  # for hang diagnostics: what the runner is waiting for
         # observe: counters and the flight recorder (ringtrain.observe.recorder)
@@ -139,6 +138,11 @@ class RingRunner:
             self.mailbox.retire(view.generation, sequence)
         self.recorder.collective_finished(record)
         return collective.finish(collective.buffer)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this runner has sent in collectives, to all peers."""
+        return sum(self.bytes_out.values())
 
     def _counters(self) -> tuple[int, int, dict[str, int], dict[str, int], dict[str, Any]]:
         """What the flight recorder reads when a collective starts, ends, or is looked at."""
@@ -210,7 +214,6 @@ class RingRunner:
                     trackers.append(sent)
                 described = True
                 pending.popleft()
-                self.bytes_sent += header.nbytes
                 self.messages_sent += 1
                 self.bytes_out[successor] = self.bytes_out.get(successor, 0) + header.nbytes
                 now = time.monotonic()
