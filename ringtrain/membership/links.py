@@ -10,7 +10,9 @@ keyed ring ``key`` is the CURVE public key of that connection and ``proof`` an H
 id, key, incarnation) under the job key; the receiver admits the key for that id only if the
 proof holds and CURVE authenticated that key. The receiver answers WELCOME on the same
 connection and dials back the address the HELLO came from (so a multi-homed peer is reached on
-the interface that works, whatever it advertised). ``host`` names the sender's shared-memory
+the interface that works, whatever it advertised); the WELCOME lists where the live peers it
+knows listen, and the newcomer dials them too (candidates from that peer, within the same
+budgets), so a node given one ``--peer`` reaches every member. ``host`` names the sender's shared-memory
 beacon (``comm.shm``): a receiver that can read it shares the host with the sender.
 
 Incarnations. ``incarnation`` is the device's boot counter on keyed rings (``comm.identity``:
@@ -280,7 +282,8 @@ class Links:
         view = self.protocol.view
         self.transport.reply(message.origin, self._control(MessageKind.WELCOME, {
             "id": self.node_id, "generation": view.generation if view else 0,
-            "members": list(view.members) if view else []}))
+            "members": list(view.members) if view else [],
+            "peers": self._peer_endpoints(peer_id)}))
         links = self.transport.links()
         if restarted or links.get(peer_id) != endpoint:
             probe = next((p for p in self._probes if links.get(p) == endpoint), None)
@@ -292,6 +295,15 @@ class Links:
                 self.transport.disconnect(peer_id)
                 self.transport.connect(peer_id, endpoint)
             self._welcomed.discard(peer_id)
+
+    def _peer_endpoints(self, other_than: str) -> list[str]:
+        """Where the live peers we know listen (for a newcomer that knows only us: it dials
+        them too, so that a ring whose members were given one ``--peer`` each is still a
+        full mesh)."""
+        now = time.monotonic()
+        return [state.endpoint for peer, state in sorted(self.protocol.peers.items())
+                if peer != other_than and state.endpoint
+                and self.protocol.alive(peer, now)][:MAX_MEMBERS]
 
     def _reachable_endpoint(self, declared: str, message: Message) -> str:
         """Where to dial a peer: the port it declared, at the address it was seen at. A peer
@@ -340,6 +352,13 @@ class Links:
         elif message.origin != peer_id:
             return  # a reply on a link that has since been renamed or replaced
         self._welcomed.add(peer_id)
+        peers = body.get("peers", [])
+        if not isinstance(peers, list) or len(peers) > MAX_MEMBERS \
+                or not all(isinstance(p, str) for p in peers):
+            raise ProtocolError("welcome.peers", f"at most {MAX_MEMBERS} endpoints",
+                                repr(peers)[:100], message.origin)
+        if peers:
+            self.add_candidates(peers, source=f"welcome from {peer_id}")
 
     def _control(self, kind: MessageKind, body: dict) -> list[bytes]:
         payload = encode_control(body)
