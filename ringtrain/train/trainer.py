@@ -237,7 +237,7 @@ class Trainer:
         joining = node.joined_running_ring
         self.optimizer = DistributedOptimizer(
             node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout, joining=joining,
-            compression=compressor,
+            defer_start=True, compression=compressor,
             agree_on=training_facts(model, x, y, batch_size=batch_size, seed=seed,
                                     adaptive=adaptive, share_every=share_every,
                                     rounds=None if rounds is None else rounds.spec(), loss=loss,
@@ -251,8 +251,15 @@ class Trainer:
             except PeerFailedError as exc:  # the ring changed again while admitting us
                 log.warning("state sync after joining failed (%s); re-forming", exc)
                 self.recovery.reform()
-        elif self.checkpoint_dir is not None:
-            self.recovery.resume(self.checkpoint_dir)
+        else:
+            try:
+                self.optimizer.start()
+            except PeerFailedError as exc:  # a member failed (or was starved) at the start
+                log.warning("rank %d: the start failed (%s); re-forming the ring",
+                            node.rank, exc)
+                self.recovery.reform()
+            if self.checkpoint_dir is not None:
+                self.recovery.resume(self.checkpoint_dir)
         self.fresh = False
 
     @property
