@@ -32,9 +32,6 @@ from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
 from ringtrain.train.optim import SGD
 from ringtrain.train.sharding import DataPosition, Sampler
 
-# Killing, stopping and partitioning processes on 2 shared cores races with the scheduler;
-# a failure is retried twice before it counts (each attempt is fully bounded).
-
 
 NODE = Path(__file__).with_name("elastic_node.py")
 PORT = 7311
