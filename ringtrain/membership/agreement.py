@@ -296,6 +296,11 @@ class Genesis:
                                           and self.locked != (msg.lineage, peer)):
             m.send(peer, Nack(msg.lineage, 0, msg.ballot, NO_BALLOT))
             return
+        if any(member != m.node_id and not m.alive(member, now) for member in value.ids):
+            # not yet: a member we have not heard from has not admitted us either (or we it),
+            # so its data to us would be dropped and the first collective would stall; the
+            # proposer repeats its Accept until its round ends, and we may hear it by then
+            return
         if self.locked is None:
             self.locked_until = now + 3 * m.config.round_timeout
         self.locked = (msg.lineage, peer)
