@@ -12,8 +12,9 @@ proof holds and CURVE authenticated that key. The receiver answers WELCOME on th
 connection and dials back the address the HELLO came from (so a multi-homed peer is reached on
 the interface that works, whatever it advertised); the WELCOME lists where the live peers it
 knows listen, and the newcomer dials them too (candidates from that peer, within the same
-budgets), so a node given one ``--peer`` reaches every member. ``host`` names the sender's shared-memory
-beacon (``comm.shm``): a receiver that can read it shares the host with the sender.
+budgets), so a node given one ``--peer`` reaches every member. ``host`` names the sender's
+shared-memory beacon (``comm.shm``): a receiver that can read it shares the host with the
+sender.
 
 Incarnations. ``incarnation`` is the device's boot counter on keyed rings (``comm.identity``:
 a clock step cannot fence a restart off), else the process's start time in nanoseconds: a

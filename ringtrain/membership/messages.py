@@ -46,7 +46,9 @@ class Decision:
 class Heartbeat:
     """Liveness, and the sender's view: ``lineage`` "" when it has none; ``in_view`` False
     when it learnt it was left out of its lineage's newer views (it waits to be admitted);
-    ``leaving`` True once it will leave after its current step (no next view includes it)."""
+    ``leaving`` True once it will leave after its current step (no next view includes it);
+    ``hears`` the peers it heard from lately (a joiner is admitted once it hears every
+    member: then each admitted the other's HELLO, and their data is not dropped)."""
 
     lineage: str
     generation: int
@@ -54,6 +56,7 @@ class Heartbeat:
     in_view: bool
     sequence: int  # the collective the sender is at (a stalled member lags)
     leaving: bool = False
+    hears: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def from_body(body: dict, peer: str) -> Message:
     if kind is Heartbeat:
         return Heartbeat(get.lineage("lineage"), get.count("generation"),
                          get.ids("members"), get.flag("in_view"), get.count("sequence"),
-                         get.flag("leaving"))
+                         get.flag("leaving"), get.ids("hears"))
     if kind is Prepare:
         return Prepare(get.lineage("lineage"), get.count("generation"), get.ballot("ballot"),
                        get.ids("wanted"))

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 from .agreement import Genesis, Instance, has_quorum
 from .messages import (
+    MAX_MEMBERS,
     Accept,
     Accepted,
     Decide,
@@ -443,14 +444,17 @@ class Membership:
 
     def _joiners(self, now: float) -> list[str]:
         """Live peers that are not (or no longer) members and may join: nodes outside any
-        ring, and the nodes of a lineage ours wins over."""
+        ring, and the nodes of a lineage ours wins over; each once it hears every member
+        that stays (so each of them admitted its HELLO and it theirs: a joiner only we know
+        would stall the new view's first collective)."""
         view = self.view
         if view is None:
             return []
         members = set(zip(view.members, view.incarnations, strict=True))
+        staying = {m for m in view.members if m == self.node_id or self._survives(m, now)}
         return sorted(p for p, s in self.peers.items()
                       if (p, s.incarnation) not in members and self.alive(p, now)
-                      and now >= s.backoff_until
+                      and now >= s.backoff_until and staying - {p} <= s.hears
                       and (not s.in_ring or (s.lineage != view.lineage
                                              and s.lineage > view.lineage)))
 
@@ -478,7 +482,9 @@ class Membership:
         view = self.view
         beat = Heartbeat(view.lineage if view else "", view.generation if view else 0,
                          view.members if view else (), view is not None and not self.evicted,
-                         self.sequence, self.leaving)
+                         self.sequence, self.leaving,
+                         tuple(sorted(p for p, s in self.peers.items()
+                                      if self.alive(p, now)))[:MAX_MEMBERS])
         recent = 10 * self.config.suspect_timeout
         for peer, state in self.peers.items():
             if not state.left and (now - state.last_heard <= recent or self._is_member(peer)):
@@ -489,6 +495,7 @@ class Membership:
             beat.members
         state.in_view, state.sequence, state.leaving = beat.in_view, beat.sequence, \
             beat.leaving
+        state.hears = frozenset(beat.hears)
         view = self.view
         if view is None or self.evicted:
             return

@@ -32,7 +32,6 @@ from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
 from ringtrain.train.optim import SGD
 from ringtrain.train.sharding import DataPosition, Sampler
 
-
 NODE = Path(__file__).with_name("elastic_node.py")
 PORT = 7311
 GLOBAL_BATCH = 64
