@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..comm.endpoints import normalize_endpoint
 from ..comm.security import JobKey, key_from_environment, read_key_file
-from ..comm.transport import normalize_endpoint
 from ..errors import ConfigError
 from ..observe.analysis import live_holdup
 from ..observe.status import query, status_endpoint

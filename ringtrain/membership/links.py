@@ -31,9 +31,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+from ..comm.endpoints import normalize_endpoint, peer_endpoint
 from ..comm.mailbox import Mailbox, Message
 from ..comm.shm import SharedMemoryLanes
-from ..comm.transport import Transport, normalize_endpoint, peer_endpoint
+from ..comm.transport import Transport
 from ..comm.wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
 from ..discovery.candidates import STATIC, CandidateBook
 from ..errors import ConfigError, ProtocolError, TransportError

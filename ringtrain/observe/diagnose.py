@@ -33,8 +33,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..comm.handshakes import handshake_probe
 from ..comm.security import JobKey
-from ..comm.transport import handshake_probe
 from ..discovery.mdns import Advert, Discovery, interface_table, unicast_query
 from ..errors import RingtrainError
 
