@@ -44,8 +44,10 @@ from ..comm.transport import Transport
 from ..comm.wire import PROTOCOL_VERSION, job_id
 from ..comm.zap import raise_fd_limit
 from ..config import Settings
+from ..discovery.advert import Advert
 from ..discovery.dns import DnsPeers
-from ..discovery.mdns import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
+from ..discovery.interfaces import usable_ipv4_addresses
+from ..discovery.mdns import Announcer, Browser, Discovery
 from ..errors import (
     CollectiveError,
     CollectiveTimeout,

@@ -35,7 +35,10 @@ from dataclasses import dataclass
 
 from ..comm.handshakes import handshake_probe
 from ..comm.security import JobKey
-from ..discovery.mdns import Advert, Discovery, interface_table, unicast_query
+from ..discovery.advert import Advert
+from ..discovery.interfaces import interface_table
+from ..discovery.mdns import Discovery
+from ..discovery.mdns_unicast import unicast_query
 from ..errors import RingtrainError
 
 # interface names of container and VM bridges: no other device of the LAN is there
