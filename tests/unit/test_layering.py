@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "train.checkpoint": 1,
     "lab.netns": 1, "lab.cpu_budget": 1, "models": 1, "discovery.dns": 1,
     # 2 protocols
-    "comm.mailbox": 2, "membership.links": 2, "ring.collectives": 2,
+    "comm.mailbox": 2, "membership.links": 2, "membership.dialling": 2, "ring.collectives": 2,
     "ring.segments": 2,
     "ring.runner": 2, "ring.plan_run": 2, "ring.one_round": 2, "ring.link_probe": 2,
     # the membership protocol itself is pure (sans-I/O): no socket, thread or clock
