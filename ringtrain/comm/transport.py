@@ -1,4 +1,5 @@
-"""The ZeroMQ transport: the only module that imports zmq.
+"""The ZeroMQ transport: the sockets of one node (with ``zap``, ``handshakes`` and ``curve``, the
+only modules that import zmq).
 
 A node listens on one ROUTER socket; every peer it talks to gets one DEALER socket connected to
 that peer's ROUTER. Messages arrive on the ROUTER tagged with the sender's routing id, which
@@ -220,8 +221,8 @@ class Transport:
 
     def refused_links(self) -> dict[str, tuple[int, int]]:
         """Watched links whose peer refused our key handshake: endpoint -> (handshakes that failed
-        within ``REFUSED_WITHIN_S`` of connecting: the peer could not open our CURVE HELLO,
-        so it holds another job key; handshakes its key check refused, e.g. a revoked
+        within ``handshakes.REFUSED_WITHIN_S`` of connecting: the peer could not open our CURVE
+        HELLO, so it holds another job key; handshakes its key check refused, e.g. a revoked
         device). Links with neither are left out. Reads the watches' events, never blocks.
 
         Call it often (every turn or so): libzmq blocks its I/O thread once a monitor's

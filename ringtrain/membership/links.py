@@ -2,10 +2,11 @@
 
 :class:`Links` owns everything of membership that touches I/O, so that ``protocol`` stays a
 pure state machine. Driven by the node's engine thread: call :meth:`Links.tick` often and
-:meth:`Links.handle` for every control message.
+:meth:`Links.handle` for every control message. Dialling the candidates it learns is
+:mod:`.dialling`'s.
 
-Links. A node dials every candidate endpoint it learns (static ``--peer`` list or mDNS adverts;
-:mod:`.dialling`) and sends HELLO {id, job, protocol, endpoint, key, proof, schema, incarnation, host}. On a
+Links. A node dials every candidate endpoint it learns (static ``--peer`` list or mDNS adverts)
+and sends HELLO {id, job, protocol, endpoint, key, proof, schema, incarnation, host}. On a
 keyed ring ``key`` is the CURVE public key of that connection and ``proof`` an HMAC of (job,
 id, key, incarnation) under the job key; the receiver admits the key for that id only if the
 proof holds and CURVE authenticated that key. The receiver answers WELCOME on the same
