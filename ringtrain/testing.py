@@ -144,14 +144,15 @@ class LocalCluster:
 
     def start_extra(self, index: int, *, listen: str | None = None, fn: Callable | None = None,
                     args: tuple | None = None, kwargs: dict | None = None,
-                    node_options: dict | None = None) -> Any:
+                    node_options: dict | None = None, device_dir: str | None = None) -> Any:
         """Start one more node process into the running cluster; returns its process.
 
         It gets node id ``node_id(index)``: ``index`` below ``size`` restarts that node (a new
         incarnation, by default on its old address), a higher one is a new node (by default
         on a fresh port). It dials the cluster's endpoints. Its result follows the others in
         :meth:`results`, in the order started. The defaults are the cluster's ``fn``,
-        ``args``, ``kwargs`` and ``node_options``.
+        ``args``, ``kwargs`` and ``node_options``; ``device_dir``: where its device key is
+        (default: the cluster's, where a restarted node finds its own key).
         """
         if not self.endpoints:
             raise RingtrainError("start the cluster before starting extra nodes")
@@ -161,10 +162,11 @@ class LocalCluster:
         return self._spawn(index, [*self.endpoints, listen], listen, fn or self.fn,
                            self.args if args is None else args,
                            self.kwargs if kwargs is None else kwargs,
-                           self.node_options if node_options is None else node_options)
+                           self.node_options if node_options is None else node_options,
+                           device_dir or self.device_dir)
 
     def _spawn(self, index: int, endpoints: list[str], listen: str, fn: Callable, args: tuple,
-               kwargs: dict, node_options: dict) -> Any:
+               kwargs: dict, node_options: dict, device_dir: str = "") -> Any:
         context = mp.get_context("spawn")
         parent, child = context.Pipe(duplex=False)
         report = tempfile.NamedTemporaryFile(prefix=f"ringtrain-{index}-", suffix=".txt",
@@ -175,7 +177,7 @@ class LocalCluster:
             args=(fn, index, endpoints, listen, args, kwargs, self.job,
                   self.settings_of.get(index, self.settings),
                   node_options, self.key.hex(), self._deadline - WATCHDOG_MARGIN, report.name,
-                  self.device_dir, child))
+                  device_dir or self.device_dir, child))
         process.start()
         child.close()
         self._children.append(_Child(index, process, report.name))

@@ -159,7 +159,8 @@ class AgentPool:
         argv = [sys.executable, "-m", "ringtrain", "node", "--job", request.job,
                 "--min-nodes", str(request.nodes), "--max-nodes", str(request.nodes),
                 "--no-discovery", "--interface", host, "--port", port,
-                "--node-id", self.node.node_id, "--key-file", self.key_file,
+                # its own name: the agent's node holds the agent's device key (locked)
+                "--node-id", f"{self.node.node_id}-job", "--key-file", self.key_file,
                 *(a for peer in peers for a in ("--peer", peer))]
         if request.kind == "builtin":
             argv += ["--epochs", str(request.epochs), "--checkpoint-dir", str(job_dir)]

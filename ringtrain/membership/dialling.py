@@ -3,7 +3,8 @@ budgets a stranger cannot exceed (:class:`~ringtrain.discovery.candidates.Candid
 
 A link dialled to a candidate is named by its endpoint, *unidentified*, until the node behind
 it answers (its HELLO or WELCOME): then membership renames it to the peer's id or hangs it up.
-A candidate unanswered for too long is hung up and backs off.
+A candidate unanswered for too long is hung up and backs off. A peer that said HELLO is dialled
+back at the address it was seen at (:meth:`CandidateDialler.reachable_endpoint`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import time
 from collections.abc import Iterable
 
 from ..comm.endpoints import normalize_endpoint, peer_endpoint
+from ..comm.mailbox import Message
 from ..comm.transport import Transport
 from ..discovery.candidates import STATIC, CandidateBook
-from ..errors import ConfigError
+from ..errors import ConfigError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +80,25 @@ class CandidateDialler:
         """The unidentified link dialled to ``endpoint``, if there is one."""
         links = self.transport.links()
         return next((link for link in self.unidentified if links.get(link) == endpoint), None)
+
+    def reachable_endpoint(self, declared: str, message: Message) -> str:
+        """Where to dial a peer that said HELLO: the port it declared, at the address it was
+        seen at. A peer listening on every address declares 0.0.0.0 (``ringtrain node`` with
+        discovery), so the unspecified address passes here; a message that came back over a
+        link we dialled was seen at that link's address.
+
+        Raises:
+            ProtocolError: the declared endpoint is not ``tcp://IP:PORT``.
+        """
+        seen = message.peer_address
+        if not seen and message.on_link:
+            dialled = self.transport.links().get(message.origin, "")
+            seen = dialled.removeprefix("tcp://").rpartition(":")[0]
+        try:
+            endpoint = peer_endpoint(declared, allow_unspecified=True)
+        except ConfigError as exc:
+            raise ProtocolError("hello.endpoint", "tcp://IP:PORT", str(exc),
+                                message.origin) from None
+        if endpoint.startswith("tcp://") and seen:
+            return f"tcp://{seen}:{endpoint.rpartition(':')[2]}"
+        return endpoint

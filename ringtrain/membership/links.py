@@ -11,8 +11,11 @@ keyed ring ``key`` is the CURVE public key of that connection and ``proof`` an H
 id, key, incarnation) under the job key; the receiver admits the key for that id only if the
 proof holds and CURVE authenticated that key. The receiver answers WELCOME on the same
 connection and dials back the address the HELLO came from (so a multi-homed peer is reached on
-the interface that works, whatever it advertised). ``host`` names the sender's shared-memory
-beacon (``comm.shm``): a receiver that can read it shares the host with the sender.
+the interface that works, whatever it advertised); the WELCOME lists where the live peers it
+knows listen, and the newcomer dials them too (candidates from that peer, within the same
+budgets), so a node given one ``--peer`` reaches every member. ``host`` names the sender's
+shared-memory beacon (``comm.shm``): a receiver that can read it shares the host with the
+sender.
 
 Incarnations. ``incarnation`` is the device's boot counter on keyed rings (``comm.identity``:
 a clock step cannot fence a restart off), else the process's start time in nanoseconds: a
@@ -32,13 +35,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from ..comm.endpoints import peer_endpoint
 from ..comm.mailbox import Mailbox, Message
 from ..comm.shm import SharedMemoryLanes
 from ..comm.transport import Transport
 from ..comm.wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
 from ..discovery.candidates import STATIC, CandidateBook
-from ..errors import ConfigError, ProtocolError, TransportError
+from ..errors import ProtocolError, TransportError
 from .dialling import CandidateDialler
 from .messages import MAX_ID_LENGTH, MAX_MEMBERS, Heartbeat, Leave, from_body, to_body
 from .protocol import Membership, MembershipConfig, View
@@ -248,12 +250,13 @@ class Links:
             self.lanes.verify(peer_id, body["host"])
         if self.transport.key is not None:
             self.mailbox.admitted[peer_id] = message.user
-        endpoint = self._reachable_endpoint(body["endpoint"], message)
+        endpoint = self.dialler.reachable_endpoint(body["endpoint"], message)
         self.protocol.hello(peer_id, incarnation, endpoint, time.monotonic())
         view = self.protocol.view
         self.transport.reply(message.origin, self._control(MessageKind.WELCOME, {
             "id": self.node_id, "generation": view.generation if view else 0,
-            "members": list(view.members) if view else []}))
+            "members": list(view.members) if view else [],
+            "peers": self._peer_endpoints(peer_id)}))
         links = self.transport.links()
         if restarted or links.get(peer_id) != endpoint:
             probe = self.dialler.link_to(endpoint)
@@ -266,23 +269,14 @@ class Links:
                 self.transport.connect(peer_id, endpoint)
             self._welcomed.discard(peer_id)
 
-    def _reachable_endpoint(self, declared: str, message: Message) -> str:
-        """Where to dial a peer: the port it declared, at the address it was seen at. A peer
-        listening on every address declares 0.0.0.0 (``ringtrain node`` with discovery), so
-        the unspecified address passes here; a message that came back over a link we
-        dialled was seen at that link's address."""
-        seen = message.peer_address
-        if not seen and message.on_link:
-            dialled = self.transport.links().get(message.origin, "")
-            seen = dialled.removeprefix("tcp://").rpartition(":")[0]
-        try:
-            endpoint = peer_endpoint(declared, allow_unspecified=True)
-        except ConfigError as exc:
-            raise ProtocolError("hello.endpoint", "tcp://IP:PORT", str(exc),
-                                message.origin) from None
-        if endpoint.startswith("tcp://") and seen:
-            return f"tcp://{seen}:{endpoint.rpartition(':')[2]}"
-        return endpoint
+    def _peer_endpoints(self, other_than: str) -> list[str]:
+        """Where the live peers we know listen (for a newcomer that knows only us: it dials
+        them too, so that a ring whose members were given one ``--peer`` each is still a
+        full mesh)."""
+        now = time.monotonic()
+        return [state.endpoint for peer, state in sorted(self.protocol.peers.items())
+                if peer != other_than and state.endpoint
+                and self.protocol.alive(peer, now)][:MAX_MEMBERS]
 
     def _on_welcome(self, message: Message) -> None:
         body = decode_control(message.payload, {"id": str, "generation": int, "members": list},
@@ -313,6 +307,13 @@ class Links:
         elif message.origin != peer_id:
             return  # a reply on a link that has since been renamed or replaced
         self._welcomed.add(peer_id)
+        peers = body.get("peers", [])
+        if not isinstance(peers, list) or len(peers) > MAX_MEMBERS \
+                or not all(isinstance(p, str) for p in peers):
+            raise ProtocolError("welcome.peers", f"at most {MAX_MEMBERS} endpoints",
+                                repr(peers)[:100], message.origin)
+        if peers:
+            self.add_candidates(peers, source=f"welcome from {peer_id}")
 
     def _control(self, kind: MessageKind, body: dict) -> list[bytes]:
         payload = encode_control(body)

@@ -45,13 +45,15 @@ class Decision:
 @dataclass(frozen=True)
 class Heartbeat:
     """Liveness, and the sender's view: ``lineage`` "" when it has none; ``in_view`` False
-    when it learnt it was left out of its lineage's newer views (it waits to be admitted)."""
+    when it learnt it was left out of its lineage's newer views (it waits to be admitted);
+    ``leaving`` True once it will leave after its current step (no next view includes it)."""
 
     lineage: str
     generation: int
     members: tuple[str, ...]
     in_view: bool
     sequence: int  # the collective the sender is at (a stalled member lags)
+    leaving: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ def from_body(body: dict, peer: str) -> Message:
     get = _Fields(body, peer, _NAMES[kind])
     if kind is Heartbeat:
         return Heartbeat(get.lineage("lineage"), get.count("generation"),
-                         get.ids("members"), get.flag("in_view"), get.count("sequence"))
+                         get.ids("members"), get.flag("in_view"), get.count("sequence"),
+                         get.flag("leaving"))
     if kind is Prepare:
         return Prepare(get.lineage("lineage"), get.count("generation"), get.ballot("ballot"),
                        get.ids("wanted"))

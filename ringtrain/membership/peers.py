@@ -27,6 +27,7 @@ class PeerState:
     in_view: bool = False  # it is a member of its view (not left out of a newer one)
     sequence: int = 0  # the collective it is at
     left: bool = False  # it said Leave
+    leaving: bool = False  # it leaves after its current step (its heartbeat says so)
     removals: int = 0  # how often a view change removed it
     backoff_until: float = 0.0  # it may join again from then on
 
@@ -79,7 +80,7 @@ class Peers:
                               backoff_until=peer.backoff_until)
             peer = self._peers[node_id] = fresh
         peer.endpoint = endpoint or peer.endpoint
-        peer.left = False
+        peer.left = peer.leaving = False
         peer.last_heard = now
         return peer, replaced
 

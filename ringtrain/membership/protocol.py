@@ -268,8 +268,11 @@ class Membership:
         self._instance.next_attempt = now + self.config.stagger * rank
 
     def prepare_leave(self) -> None:
-        """Take part in no view change from now on (we leave after this step)."""
+        """Take part in no view change from now on (we leave after this step), and say so
+        in a heartbeat at the next tick: the view the others agree on after that step then
+        leaves us out, rather than including us and failing when we are gone."""
         self.leaving = True
+        self._last_heartbeat = -math.inf
 
     def leave(self) -> None:
         """Tell every peer we leave."""
@@ -436,7 +439,7 @@ class Membership:
         """A member of our view that is still itself, alive, not suspected and able to
         take part in our next view."""
         return member not in self.suspects and self.alive(member, now) \
-            and not self._lost(member)
+            and not self._lost(member) and not self._peer(member).leaving
 
     def _joiners(self, now: float) -> list[str]:
         """Live peers that are not (or no longer) members and may join: nodes outside any
@@ -475,7 +478,7 @@ class Membership:
         view = self.view
         beat = Heartbeat(view.lineage if view else "", view.generation if view else 0,
                          view.members if view else (), view is not None and not self.evicted,
-                         self.sequence)
+                         self.sequence, self.leaving)
         recent = 10 * self.config.suspect_timeout
         for peer, state in self.peers.items():
             if not state.left and (now - state.last_heard <= recent or self._is_member(peer)):
@@ -484,7 +487,8 @@ class Membership:
     def _on_heartbeat(self, peer: str, state: PeerState, beat: Heartbeat, now: float) -> None:
         state.lineage, state.generation, state.members = beat.lineage, beat.generation, \
             beat.members
-        state.in_view, state.sequence = beat.in_view, beat.sequence
+        state.in_view, state.sequence, state.leaving = beat.in_view, beat.sequence, \
+            beat.leaving
         view = self.view
         if view is None or self.evicted:
             return

@@ -76,8 +76,10 @@ class Recovery:
         """The generation of the last state sync (or of the start)."""
 
     def start(self, joining: bool) -> None:
-        """The state training starts from (a collective): a joiner adopts the ring's; a new
-        ring resumes from the newest checkpoint any member holds, if it keeps checkpoints."""
+        """The state training starts from (collectives): a joiner adopts the ring's; a new
+        ring runs the start-up agreement and takes rank 0's state, then resumes from the
+        newest checkpoint any member holds, if it keeps checkpoints. A member failing
+        meanwhile re-forms the ring and syncs state, as after a failed step."""
         trainer = self.trainer
         if joining:
             try:
@@ -85,7 +87,14 @@ class Recovery:
             except PeerFailedError as exc:  # the ring changed again while admitting us
                 log.warning("state sync after joining failed (%s); re-forming", exc)
                 self.reform()
-        elif trainer.checkpoint_dir is not None:
+            return
+        try:
+            trainer.optimizer.start()
+        except PeerFailedError as exc:  # a member failed (or was starved) at the start
+            log.warning("rank %d: the start failed (%s); re-forming the ring",
+                        trainer.node.rank, exc)
+            self.reform()
+        if trainer.checkpoint_dir is not None:
             self.resume(trainer.checkpoint_dir)
 
     def reform(self) -> None:

@@ -153,6 +153,8 @@ class DistributedOptimizer:
         timeout: seconds for each collective (default: the node's setting).
         joining: this node joins a ring that is already training: skip the start-up
             agreement (the members are not running it); the caller syncs state instead.
+        defer_start: do not run :meth:`start` here: the caller does (to recover from a
+            failure during it).
         compression: None, a codec name (``fp16``, ``int8``, ``int4``, ``topk[:RATIO]``), a
             :class:`~ringtrain.ring.compression.Codec` or a
             :class:`~ringtrain.ring.powersgd.PowerSGD` for the gradient all-reduce of
@@ -166,6 +168,7 @@ class DistributedOptimizer:
     def __init__(self, node: Node, optimizer: Optimizer, *,
                  agree_on: Mapping[str, object] | None = None, max_nonfinite: int = 10,
                  timeout: float | None = None, joining: bool = False,
+                 defer_start: bool = False,
                  compression: str | Codec | PowerSGD | None = None):
         if isinstance(max_nonfinite, bool) or not isinstance(max_nonfinite, int) \
                 or max_nonfinite < 1:
@@ -210,14 +213,26 @@ class DistributedOptimizer:
             if self.powersgd is None else \
             (np.empty(CONTROL + self.powersgd.first_size, self.params.dtype),
              np.empty(self.powersgd.second_size, self.params.dtype))
-        if not joining:
-            facts = {"optimizer": optimizer_kind(optimizer),
-                     "parameters": f"{self.params.size} {self.params.dtype}"}
-            if self.codec is not None or self.powersgd is not None:
-                facts["compression"] = (self.codec or self.powersgd).spec()
-            facts.update({name: str(value) for name, value in (agree_on or {}).items()})
-            check_agreement(node, facts, timeout)
-            self.broadcast_state(0)
+        self.facts = {"optimizer": optimizer_kind(optimizer),
+                      "parameters": f"{self.params.size} {self.params.dtype}"}
+        """What every member must share (checked by :meth:`start`)."""
+        if self.codec is not None or self.powersgd is not None:
+            self.facts["compression"] = (self.codec or self.powersgd).spec()
+        self.facts.update({name: str(value) for name, value in (agree_on or {}).items()})
+        if not (joining or defer_start):
+            self.start()
+
+    def start(self) -> None:
+        """The start-up collectives, on every member at once: check that every member
+        trains the same thing (:attr:`facts`), then take rank 0's state.
+
+        Raises:
+            ConfigError: a member's fact differs (named).
+            PeerFailedError: a member failed meanwhile: re-form and sync state as after any
+                failed step (``Trainer`` does).
+        """
+        check_agreement(self.node, self.facts, self.timeout)
+        self.broadcast_state(0)
 
     def begin_step(self, weight: float, buckets: Sequence[tuple[int, int]]
                    ) -> Callable[[np.ndarray, int], None]:

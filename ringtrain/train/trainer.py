@@ -255,7 +255,7 @@ class Trainer:
         joining = node.joined_running_ring
         self.optimizer = DistributedOptimizer(
             node, optimizer, max_nonfinite=max_nonfinite, timeout=timeout, joining=joining,
-            compression=compressor,
+            defer_start=True, compression=compressor,
             agree_on=training_facts(model, x, y, batch_size=batch_size, seed=seed,
                                     adaptive=adaptive, share_every=share_every,
                                     rounds=None if rounds is None else rounds.spec(), loss=loss,

@@ -32,7 +32,7 @@ from ringtrain.train.trainer import Trainer
 SAMPLES = 200
 BATCH = 8
 INNER = 4  # steps per round in the SIGKILL tests
-SETTINGS = Settings(heartbeat_interval=0.25, heartbeat_timeout=1.0, reform_timeout=20.0,
+SETTINGS = Settings(heartbeat_interval=0.25, heartbeat_timeout=2.0, reform_timeout=20.0,
                     form_timeout=30.0, collective_timeout=30.0, direct_bytes=0)
 STALL = 0.2  # seconds one member stalls in every step in the asynchronous test
 
