@@ -16,7 +16,7 @@ import threading
 import time
 
 from ringtrain.cli.demo import demo_model
-from ringtrain.comm.transport import open_fds
+from ringtrain.comm.zap import open_fds
 from ringtrain.node.launch import join
 from ringtrain.train import Trainer, schema_of, training_facts
 

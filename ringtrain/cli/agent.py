@@ -15,7 +15,7 @@ from pathlib import Path
 from ..agent import AgentPool
 from ..agent.pool import pool_settings
 from ..comm.security import read_key_file
-from ..discovery.mdns import usable_ipv4_addresses
+from ..discovery.interfaces import usable_ipv4_addresses
 from ..errors import ConfigError
 from ..node.node import Node
 

@@ -20,8 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..comm.endpoints import normalize_endpoint
 from ..comm.security import key_from_environment, read_key_file
-from ..comm.transport import normalize_endpoint
 from ..errors import ConfigError
 from ..observe.analysis import dump_holdup
 from ..observe.diagnose import diagnose

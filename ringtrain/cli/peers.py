@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..discovery.mdns import Browser, Discovery, usable_ipv4_addresses
+from ..discovery.interfaces import usable_ipv4_addresses
+from ..discovery.mdns import Browser, Discovery
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..comm.endpoints import normalize_endpoint
 from ..comm.security import JobKey, key_from_environment, read_key_file
-from ..comm.transport import normalize_endpoint
 from ..errors import ConfigError
 from ..observe.analysis import live_holdup
 from ..observe.status import query, status_endpoint
@@ -73,7 +73,8 @@ def _seed_endpoints(args: argparse.Namespace) -> dict[str, str | None]:
                 endpoint = str(data["status"]).replace("0.0.0.0", "127.0.0.1")
                 found[endpoint] = str(data.get("node"))
     if not found or args.interface:
-        from ..discovery.mdns import Discovery, usable_ipv4_addresses  # only when browsing
+        from ..discovery.interfaces import usable_ipv4_addresses  # only when browsing
+        from ..discovery.mdns import Discovery
         with Discovery(usable_ipv4_addresses(args.interface)) as discovery:
             browser = discovery.browse(job=args.job)
             time.sleep(max(0.0, args.listen))

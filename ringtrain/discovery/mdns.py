@@ -1,13 +1,12 @@
 """Find the other nodes of a job on the LAN with mDNS / DNS-SD (python-zeroconf).
 
 Each node announces one service of type ``_ringtrain._tcp.local.`` whose TXT record
-carries the job, node id, protocol version, key fingerprint, generation and state,
-and browses for the others. An advert is only a *candidate*: mDNS has no
-authentication, so any device on the LAN can claim anything. Identity is proven
-later, by the key handshake; this module only validates that received records
-are well formed and bounded.
+carries its :class:`~ringtrain.discovery.advert.Advert` (job, node id, protocol version, key
+fingerprint, generation and state), and browses for the others. An advert is only a
+*candidate* (see :mod:`ringtrain.discovery.advert`); received records are checked to be well
+formed and bounded.
 
-This is the only module that imports zeroconf; its errors become
+This module and ``mdns_unicast`` are the only ones that import zeroconf; its errors become
 :class:`~ringtrain.errors.TransportError` or :class:`~ringtrain.errors.ConfigError` here.
 
     with Discovery(["127.0.0.1"]) as discovery:
@@ -22,21 +21,14 @@ import concurrent.futures
 import dataclasses
 import ipaddress
 import logging
-import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-import ifaddr
 from zeroconf import (
     BadTypeInNameException,
-    DNSIncoming,
-    DNSOutgoing,
-    DNSPointer,
-    DNSQuestion,
     IPVersion,
     NamePartTooLongException,
     ServiceBrowser,
@@ -46,10 +38,10 @@ from zeroconf import (
     current_time_millis,
 )
 from zeroconf import Error as ZeroconfError
-from zeroconf.const import _CLASS_IN as _DNS_CLASS_IN
-from zeroconf.const import _FLAGS_QR_QUERY, _TYPE_PTR
 
-from ringtrain.errors import ConfigError, MembershipError, TransportError
+from ..errors import ConfigError, MembershipError, TransportError
+from .advert import Advert, advert_from_txt, check_job
+from .interfaces import interface_networks, usable_ipv4_addresses
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +61,8 @@ _CLASS_IN = 1
 
 # A hostile LAN can announce any number of services; keep at most this many.
 MAX_ADVERTS = 64
-MAX_ADDRESSES = 16
 # Remember this many malformed sources to log each only once.
 _MAX_LOGGED_SOURCES = 256
-
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,29}")  # job-node_id fits 63 bytes
-_JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
-_STATE_RE = re.compile(r"[a-z][a-z_]{0,15}")
-_FINGERPRINT_RE = re.compile(r"[\x21-\x7e]{0,64}")  # printable ASCII, no spaces
-_UINT_RE = re.compile(r"[0-9]{1,19}")
-_MAX_GENERATION = 2**63 - 1
-_MAX_PROTOCOL = 65535
 
 # zeroconf's own defaults, in seconds, plus headroom: register with probing takes
 # ~1.3 s, announcements and goodbyes 0.25-0.45 s.
@@ -91,93 +74,6 @@ _UNREGISTER_TIMEOUT_S = 2.0
 _RESOLVE_TIMEOUT_MS = 1000
 
 Event = Literal["added", "updated", "removed"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Advert:
-    """What one node tells the LAN about itself.
-
-    Attributes:
-        node_id: id of the node, unique within its job, 1-30 characters ``[A-Za-z0-9_-]``.
-        job: the training job it belongs to, 1-32 characters ``[A-Za-z0-9_-]``.
-        addresses: IPv4 addresses (text) where its transport listens.
-        port: TCP port of its transport.
-        protocol: ringtrain wire-protocol version.
-        key_fingerprint: fingerprint of its public key, or "" when it has none.
-        generation: the membership generation it is in.
-        state: its lifecycle state, e.g. "forming" or "training".
-        instance_name: the full DNS-SD service name; "" until announced.
-
-    Raises:
-        ConfigError: a field is out of range or malformed.
-    """
-
-    node_id: str
-    job: str
-    addresses: tuple[str, ...]
-    port: int
-    protocol: int
-    key_fingerprint: str
-    generation: int
-    state: str
-    instance_name: str = ""
-
-    def __post_init__(self) -> None:
-        _check_text("node_id", self.node_id, _NODE_ID_RE)
-        _check_text("job", self.job, _JOB_RE)
-        _check_text("key_fingerprint", self.key_fingerprint, _FINGERPRINT_RE)
-        _check_text("state", self.state, _STATE_RE)
-        _check_int("port", self.port, 1, 65535)
-        _check_int("protocol", self.protocol, 0, _MAX_PROTOCOL)
-        _check_int("generation", self.generation, 0, _MAX_GENERATION)
-        if not isinstance(self.addresses, tuple) or not 1 <= len(self.addresses) <= MAX_ADDRESSES:
-            raise ConfigError(
-                f"addresses must be a tuple of 1 to {MAX_ADDRESSES} IPv4 addresses, "
-                f"got {self.addresses!r}"
-            )
-        for address in self.addresses:
-            _check_ipv4(address)
-        if not isinstance(self.instance_name, str) or len(self.instance_name) > 255:
-            raise ConfigError(f"instance_name must be text of at most 255 characters, "
-                              f"got {self.instance_name!r}")
-
-    def txt(self) -> dict[str, str]:
-        """The TXT properties that carry this advert."""
-        return {
-            "job": self.job,
-            "id": self.node_id,
-            "proto": str(self.protocol),
-            "fp": self.key_fingerprint,
-            "gen": str(self.generation),
-            "state": self.state,
-        }
-
-
-def _check_text(name: str, value: object, pattern: re.Pattern[str]) -> None:
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ConfigError(f"{name} must match {pattern.pattern!r}, got {value!r}")
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def _check_ipv4(address: object) -> None:
-    try:
-        parsed = ipaddress.IPv4Address(address)
-    except (ipaddress.AddressValueError, TypeError, ValueError) as exc:
-        raise ConfigError(f"not an IPv4 address: {address!r}") from exc
-    if parsed.is_unspecified or parsed.is_multicast or parsed == ipaddress.IPv4Address(
-        "255.255.255.255"
-    ):
-        raise ConfigError(f"not a unicast IPv4 address: {address!r}")
-
-
-def _parse_uint(name: str, raw: str) -> int:
-    if not _UINT_RE.fullmatch(raw):
-        raise ConfigError(f"{name} must be decimal digits, got {raw!r}")
-    return int(raw)
 
 
 def parse_service_info(info: ServiceInfo) -> Advert:
@@ -194,56 +90,9 @@ def parse_service_info(info: ServiceInfo) -> Advert:
             txt[key.decode("ascii")] = value.decode("ascii")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"TXT key {key!r} is not ASCII") from exc
-    missing = [k for k in ("job", "id", "proto", "fp", "gen", "state") if k not in txt]
-    if missing:
-        raise ConfigError(f"TXT record lacks {', '.join(missing)}")
-    if info.port is None:
-        raise ConfigError("no SRV port")
-    addresses = tuple(info.parsed_addresses(IPVersion.V4Only))
-    return Advert(
-        node_id=txt["id"],
-        job=txt["job"],
-        addresses=addresses[:MAX_ADDRESSES],
-        port=info.port,
-        protocol=_parse_uint("proto", txt["proto"]),
-        key_fingerprint=txt["fp"],
-        generation=_parse_uint("gen", txt["gen"]),
-        state=txt["state"],
-        instance_name=info.name,
-    )
+    return advert_from_txt(txt, info.port, tuple(info.parsed_addresses(IPVersion.V4Only)),
+                           info.name)
 
-
-def usable_ipv4_addresses(interface: str | None = None) -> list[str]:
-    """IPv4 addresses discovery should use on this host.
-
-    Args:
-        interface: None for every interface except loopback (loopback only when it is
-            all there is); otherwise an interface name ("eth0") or one of the host's
-            IPv4 addresses, which pins discovery to it (loopback included).
-
-    Returns:
-        The addresses as text, in interface order.
-
-    Raises:
-        ConfigError: ``interface`` names no interface or address of this host.
-    """
-    adapters = ifaddr.get_adapters()
-    by_adapter = [
-        (adapter.nice_name, [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)])
-        for adapter in adapters
-    ]
-    if interface is not None:
-        for name, ips in by_adapter:
-            if interface == name and ips:
-                return ips
-            if interface in ips:
-                return [interface]
-        known = ", ".join(f"{name} {ips}" for name, ips in by_adapter if ips)
-        raise ConfigError(f"no IPv4 interface or address {interface!r} on this host; "
-                          f"have: {known}")
-    every = [ip for _, ips in by_adapter for ip in ips]
-    usable = [ip for ip in every if not ipaddress.IPv4Address(ip).is_loopback]
-    return usable or [ip for ip in every if ipaddress.IPv4Address(ip).is_loopback]
 
 
 class Discovery:
@@ -269,11 +118,7 @@ class Discovery:
                 raise ConfigError(f"discovery interface must be IPv4 text, got {address!r}") \
                     from exc
         self.interfaces: tuple[str, ...] = tuple(chosen)
-        self._networks = [
-            ipaddress.IPv4Network(f"{ip.ip}/{ip.network_prefix}", strict=False)
-            for adapter in ifaddr.get_adapters() for ip in adapter.ips
-            if isinstance(ip.ip, str) and ip.ip in chosen
-        ]
+        self._networks = interface_networks(chosen)
         try:
             self._zc = Zeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
         except (OSError, ZeroconfError) as exc:
@@ -514,7 +359,7 @@ class Browser:
                  discovery: Discovery | None = None,
                  on_change: Callable[[Event, Advert], None] | None = None) -> None:
         if job is not None:
-            _check_text("job", job, _JOB_RE)
+            check_job(job)
         self.job = job
         self._on_change = on_change
         self._discovery, self._owned = _owned_or_shared(discovery, interfaces)
@@ -683,47 +528,3 @@ class Browser:
         if len(self._logged_sources) < _MAX_LOGGED_SOURCES:
             self._logged_sources.add(source)
             log.warning("%s", message)
-
-
-
-# observe: "why can't I see my peer" (ringtrain doctor) --------------------------------------
-
-def unicast_query(address: str, timeout: float, port: int = 5353) -> list[str]:
-    """Ask the mDNS responder at ``address`` directly, by unicast (a "legacy unicast" query
-    from an ephemeral port, RFC 6762 section 6.7), which ringtrain services it has: their
-    instance names. An answer here while multicast brings nothing means multicast is
-    dropped on the way (a firewall, or a Wi-Fi access point isolating its clients).
-
-    Raises:
-        TransportError: the query could not be sent (no route to ``address``).
-    """
-    query = DNSOutgoing(_FLAGS_QR_QUERY)
-    query.add_question(DNSQuestion(SERVICE_TYPE, _TYPE_PTR, _DNS_CLASS_IN))
-    names: list[str] = []
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(query.packets()[0], (address, port))
-        except OSError as exc:
-            raise TransportError(f"cannot send an mDNS query to {address}:{port}: {exc}") \
-                from exc
-        while time.monotonic() < deadline and not names:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data, _ = sock.recvfrom(9000)
-            except (TimeoutError, OSError):
-                break
-            try:
-                message = DNSIncoming(data)
-            except Exception:  # noqa: BLE001 - hostile input: ignore what does not parse
-                continue
-            names += [r.alias for r in message.answers()
-                      if isinstance(r, DNSPointer) and r.name.lower() == SERVICE_TYPE.lower()]
-    return names[:MAX_ADVERTS]
-
-
-def interface_table() -> list[tuple[str, list[str]]]:
-    """(interface name, its IPv4 addresses) for every interface of this host with one."""
-    table = [(adapter.nice_name, [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)])
-             for adapter in ifaddr.get_adapters()]
-    return [(name, ips) for name, ips in table if ips]

@@ -26,7 +26,8 @@ import sys
 import time
 
 from ..comm.wire import PROTOCOL_VERSION
-from ..discovery.mdns import Advert, Announcer, Discovery
+from ..discovery.advert import Advert
+from ..discovery.mdns import Announcer, Discovery
 
 
 def _connect(target: tuple[str, int]) -> socket.socket | None:

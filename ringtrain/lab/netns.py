@@ -157,6 +157,61 @@ def _shape(namespace: str, device: str, mbit: float) -> None:
          "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "20ms"])
 
 
+def _build_layout(bridge: str, nodes: list[tuple[str, str]], sites: list[int],
+                  prefixlen: int, uplink_mbit: float | None) -> None:
+    """Create the namespaces, bridges and links of the module docstring's layout.
+
+    Args:
+        bridge: the namespace that holds the bridges.
+        nodes: every node's (namespace, address), by index.
+        sites: every node's site; one bridge per site, joined by uplinks if more than one.
+        prefixlen: the LAN's prefix length.
+        uplink_mbit: the rate of every site's uplink, both ways (None: unshaped).
+    """
+    _add_namespace(bridge)
+    distinct = sorted(set(sites))
+    for site in distinct:
+        _add_bridge(bridge, f"br{site}")
+    if len(distinct) > 1:
+        _add_bridge(bridge, "brc")
+        for site in distinct:  # uplink u<site> in the site's bridge, c<site> in the core
+            _sh(["ip", "-n", bridge, "link", "add", f"u{site}", "type", "veth",
+                 "peer", "name", f"c{site}"])
+            _sh(["ip", "-n", bridge, "link", "set", f"u{site}", "master", f"br{site}", "up"])
+            _sh(["ip", "-n", bridge, "link", "set", f"c{site}", "master", "brc", "up"])
+            if uplink_mbit is not None:
+                for device in (f"u{site}", f"c{site}"):
+                    _shape(bridge, device, uplink_mbit)
+    lines = ["127.0.0.1 localhost"] + [f"{address} {node}" for node, address in nodes]
+    for i, (node, address) in enumerate(nodes):
+        _add_namespace(node)
+        etc = _NETNS_ETC / node
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text("\n".join(lines) + "\n")
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        _sh(["ip", "-n", bridge, "link", "add", f"p{i}", "type", "veth",
+             "peer", "name", "eth0", "netns", node])
+        _sh(["ip", "-n", bridge, "link", "set", f"p{i}", "master", f"br{sites[i]}", "up"])
+        _sh(["ip", "-n", node, "addr", "add", f"{address}/{prefixlen}", "dev", "eth0"])
+        _sh(["ip", "-n", node, "link", "set", "eth0", "up"])
+        # No default route: only the LAN is reachable. mDNS needs a multicast route.
+        _sh(["ip", "-n", node, "route", "add", "224.0.0.0/4", "dev", "eth0"])
+
+
+def _add_bridge(namespace: str, name: str) -> None:
+    # snooping off: mDNS must reach every port
+    _sh(["ip", "-n", namespace, "link", "add", name, "type", "bridge", "mcast_snooping", "0"])
+    _sh(["ip", "-n", namespace, "link", "set", name, "up"])
+
+
+def _add_namespace(name: str) -> None:
+    _sh(["ip", "netns", "add", name])
+    _sh(["ip", "-n", name, "link", "set", "lo", "up"])
+    # IPv6 off before any interface exists, so none gets a link-local address.
+    _sh(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+         "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+
+
 class EmulatedLan:
     """``n`` node namespaces on one bridge; see the module docstring for the layout.
 
@@ -223,7 +278,9 @@ class EmulatedLan:
             raise ConfigError(f"namespaces {taken} already exist; pick another prefix or run "
                               f"`python -m ringtrain.lab.netns down {self.prefix}`")
         try:
-            self._build()
+            _build_layout(self.bridge_namespace,
+                          [(self.namespace(i), self.address(i)) for i in range(n)], self.sites,
+                          self.network.prefixlen, uplink_mbit)
             if rate_mbit is not None:
                 for i in range(n):
                     self.set_rate(i, rate_mbit)
@@ -239,55 +296,6 @@ class EmulatedLan:
         except BaseException:
             self.close()
             raise
-
-    def _build(self) -> None:
-        bridge = self.bridge_namespace
-        self._add_namespace(bridge)
-        sites = sorted(set(self.sites))
-        for site in sites:
-            self._add_bridge(f"br{site}")
-        if len(sites) > 1:
-            self._add_bridge("brc")
-            for site in sites:  # uplink u<site> in the site's bridge, c<site> in the core
-                _sh(["ip", "-n", bridge, "link", "add", f"u{site}", "type", "veth",
-                     "peer", "name", f"c{site}"])
-                _sh(["ip", "-n", bridge, "link", "set", f"u{site}", "master", f"br{site}", "up"])
-                _sh(["ip", "-n", bridge, "link", "set", f"c{site}", "master", "brc", "up"])
-                if self.uplink_mbit is not None:
-                    for device in (f"u{site}", f"c{site}"):
-                        _shape(bridge, device, self.uplink_mbit)
-        lines = ["127.0.0.1 localhost"] + [
-            f"{self.address(i)} {self.namespace(i)}" for i in range(self.n)
-        ]
-        for i in range(self.n):
-            node = self.namespace(i)
-            self._add_namespace(node)
-            etc = _NETNS_ETC / node
-            etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text("\n".join(lines) + "\n")
-            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-            _sh(["ip", "-n", bridge, "link", "add", f"p{i}", "type", "veth",
-                 "peer", "name", "eth0", "netns", node])
-            _sh(["ip", "-n", bridge, "link", "set", f"p{i}", "master", f"br{self.sites[i]}",
-                 "up"])
-            _sh(["ip", "-n", node, "addr", "add", f"{self.address(i)}/{self.network.prefixlen}",
-                 "dev", "eth0"])
-            _sh(["ip", "-n", node, "link", "set", "eth0", "up"])
-            # No default route: only the LAN is reachable. mDNS needs a multicast route.
-            _sh(["ip", "-n", node, "route", "add", "224.0.0.0/4", "dev", "eth0"])
-
-    def _add_bridge(self, name: str) -> None:
-        # snooping off: mDNS must reach every port
-        _sh(["ip", "-n", self.bridge_namespace, "link", "add", name, "type", "bridge",
-             "mcast_snooping", "0"])
-        _sh(["ip", "-n", self.bridge_namespace, "link", "set", name, "up"])
-
-    def _add_namespace(self, name: str) -> None:
-        _sh(["ip", "netns", "add", name])
-        _sh(["ip", "-n", name, "link", "set", "lo", "up"])
-        # IPv6 off before any interface exists, so none gets a link-local address.
-        _sh(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
-             "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
 
     def _node(self, i: int) -> int:
         if self._closed:

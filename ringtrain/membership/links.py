@@ -2,7 +2,8 @@
 
 :class:`Links` owns everything of membership that touches I/O, so that ``protocol`` stays a
 pure state machine. Driven by the node's engine thread: call :meth:`Links.tick` often and
-:meth:`Links.handle` for every control message.
+:meth:`Links.handle` for every control message. Dialling the candidates it learns is
+:mod:`.dialling`'s.
 
 Links. A node dials every candidate endpoint it learns (static ``--peer`` list or mDNS adverts)
 and sends HELLO {id, job, protocol, endpoint, key, proof, schema, incarnation, host}. On a
@@ -36,10 +37,11 @@ from collections.abc import Callable, Iterable
 
 from ..comm.mailbox import Mailbox, Message
 from ..comm.shm import SharedMemoryLanes
-from ..comm.transport import Transport, normalize_endpoint, peer_endpoint
+from ..comm.transport import Transport
 from ..comm.wire import PROTOCOL_VERSION, Header, MessageKind, decode_control, encode_control
 from ..discovery.candidates import STATIC, CandidateBook
-from ..errors import ConfigError, ProtocolError, TransportError
+from ..errors import ProtocolError, TransportError
+from .dialling import CandidateDialler
 from .messages import MAX_ID_LENGTH, MAX_MEMBERS, Heartbeat, Leave, from_body, to_body
 from .protocol import Membership, MembershipConfig, View
 
@@ -74,13 +76,11 @@ class Links:
         self.incarnation = time.time_ns() if incarnation is None else incarnation
         self.protocol = Membership(node_id, self.incarnation, config)
         # candidates to dial, within budgets a stranger cannot exceed (discovery.candidates)
-        self.candidates = CandidateBook()
-        self.refused_candidates = 0  # candidate endpoints refused as malformed
+        self.dialler = CandidateDialler(node_id, transport)
         # the device check (``node.gate``): (node id, proven CURVE key) -> None, or why it
         # is refused; called for every HELLO whose job-key proof holds
         self.admit: Callable[[str, str], str | None] | None = None
         self.refusal = ""  # why a peer refused us (a schema mismatch): joining cannot succeed
-        self._probes: set[str] = set()  # links named by endpoint, not identified yet
         self._welcomed: set[str] = set()  # peers that answered our HELLO on our link
         self._last_resend = 0.0
 
@@ -99,7 +99,7 @@ class Links:
     def state(self) -> dict[str, object]:
         """A printable summary (plain data), for hang diagnostics and ``ringtrain peers``."""
         summary = self.protocol.state(time.monotonic())
-        summary["probes"] = sorted(self._probes)
+        summary["probes"] = sorted(self.dialler.unidentified)
         summary["incarnation"] = self.incarnation
         return summary
 
@@ -111,42 +111,14 @@ class Links:
         return self._welcomed
 
     def add_candidates(self, endpoints: Iterable[str], source: str = STATIC) -> None:
-        """Dial these endpoints and introduce ourselves there, within the candidate book's
-        budgets (see ``discovery.candidates``). ``source``: who told us of them (an advert,
-        say); the user's own list by default. Endpoints that are not ``tcp://IP:PORT`` are
-        refused, unless the user gave them."""
-        valid = []
-        for endpoint in list(endpoints)[: 4 * self.candidates.max_per_source]:
-            try:
-                valid.append(normalize_endpoint(endpoint) if source == STATIC
-                             else peer_endpoint(endpoint))
-            except ConfigError as exc:
-                self.refused_candidates += 1
-                if self.refused_candidates <= 3:
-                    log.warning("node %s: ignoring a candidate from %s: %s", self.node_id,
-                                source, exc)
-        self.candidates.offer(valid, source, time.monotonic())
-        self._dial_due()
+        """Dial these endpoints and introduce ourselves there (see
+        :meth:`CandidateDialler.add`)."""
+        self.dialler.add(endpoints, source)
 
-    def _dial_due(self) -> None:
-        """Hang up expired probes; dial the candidates whose turn it is."""
-        now = time.monotonic()
-        for endpoint in self.candidates.expire(now):
-            if endpoint in self._probes:
-                self._probes.discard(endpoint)
-                self.transport.disconnect(endpoint)
-        known = set(self.transport.links().values())
-        for endpoint in self.candidates.due(now):
-            if endpoint == self.transport.endpoint or endpoint in known:
-                self.candidates.answered(endpoint)
-                continue
-            self.transport.connect(endpoint, endpoint, watch=True)
-            self._probes.add(endpoint)
-            known.add(endpoint)
-
-    def _probe_answered(self, probe: str) -> None:
-        self._probes.discard(probe)
-        self.candidates.answered(probe)
+    @property
+    def candidates(self) -> CandidateBook:
+        """The candidates to dial and their budgets."""
+        return self.dialler.book
 
     def alone(self) -> None:
         """Install a ring of this node alone (a job of one)."""
@@ -159,7 +131,7 @@ class Links:
         self._flush()
         if now - self._last_resend >= RESEND_INTERVAL:
             self._last_resend = now
-            self._dial_due()
+            self.dialler.dial_due()
             self._hello_unlinked()
 
     def handle(self, message: Message) -> None:
@@ -225,7 +197,7 @@ class Links:
             "schema": self.schema, "incarnation": self.incarnation,
             "host": self.lanes.beacon if self.lanes is not None else ""})
         for link in self.transport.links():
-            if link in self._probes or link not in self._welcomed:
+            if link in self.dialler.unidentified or link not in self._welcomed:
                 self._send(link, hello)
 
     def _on_hello(self, message: Message) -> None:
@@ -278,7 +250,7 @@ class Links:
             self.lanes.verify(peer_id, body["host"])
         if self.transport.key is not None:
             self.mailbox.admitted[peer_id] = message.user
-        endpoint = self._reachable_endpoint(body["endpoint"], message)
+        endpoint = self.dialler.reachable_endpoint(body["endpoint"], message)
         self.protocol.hello(peer_id, incarnation, endpoint, time.monotonic())
         view = self.protocol.view
         self.transport.reply(message.origin, self._control(MessageKind.WELCOME, {
@@ -287,9 +259,9 @@ class Links:
             "peers": self._peer_endpoints(peer_id)}))
         links = self.transport.links()
         if restarted or links.get(peer_id) != endpoint:
-            probe = next((p for p in self._probes if links.get(p) == endpoint), None)
+            probe = self.dialler.link_to(endpoint)
             if probe is not None:
-                self._probe_answered(probe)
+                self.dialler.answered(probe)
                 self.transport.rename_link(probe, peer_id)
             else:
                 # a fresh link for a fresh process: never reuse one that knew the old one
@@ -306,24 +278,6 @@ class Links:
                 if peer != other_than and state.endpoint
                 and self.protocol.alive(peer, now)][:MAX_MEMBERS]
 
-    def _reachable_endpoint(self, declared: str, message: Message) -> str:
-        """Where to dial a peer: the port it declared, at the address it was seen at. A peer
-        listening on every address declares 0.0.0.0 (``ringtrain node`` with discovery), so
-        the unspecified address passes here; a message that came back over a link we
-        dialled was seen at that link's address."""
-        seen = message.peer_address
-        if not seen and message.on_link:
-            dialled = self.transport.links().get(message.origin, "")
-            seen = dialled.removeprefix("tcp://").rpartition(":")[0]
-        try:
-            endpoint = peer_endpoint(declared, allow_unspecified=True)
-        except ConfigError as exc:
-            raise ProtocolError("hello.endpoint", "tcp://IP:PORT", str(exc),
-                                message.origin) from None
-        if endpoint.startswith("tcp://") and seen:
-            return f"tcp://{seen}:{endpoint.rpartition(':')[2]}"
-        return endpoint
-
     def _on_welcome(self, message: Message) -> None:
         body = decode_control(message.payload, {"id": str, "generation": int, "members": list},
                               message.origin, "welcome")
@@ -334,7 +288,7 @@ class Links:
             raise ProtocolError("welcome.members", f"at most {MAX_MEMBERS}",
                                 len(body["members"]), message.origin)
         if peer_id == self.node_id:  # we dialled ourselves under another address
-            self._probe_answered(message.origin)
+            self.dialler.answered(message.origin)
             self.transport.disconnect(message.origin)
             return
         refused = body.get("refused")
@@ -343,8 +297,8 @@ class Links:
                 log.error("%s", refused)
             self.refusal = refused[:500]
             return
-        if message.origin in self._probes:
-            self._probe_answered(message.origin)
+        if message.origin in self.dialler.unidentified:
+            self.dialler.answered(message.origin)
             if peer_id in self._welcomed and peer_id in self.transport.links():
                 # another of its addresses answered first: keep that one
                 self.transport.disconnect(message.origin)

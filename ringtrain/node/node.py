@@ -33,22 +33,21 @@ from typing import Any
 
 import numpy as np
 
+from ..comm.curve import new_curve_keypair
+from ..comm.endpoints import is_loopback, normalize_endpoint
 from ..comm.identity import DeviceIdentity, derived_node_id, open_device
 from ..comm.ledger import Ledger, ledger_file
 from ..comm.mailbox import Mailbox
 from ..comm.security import JobKey, key_from_environment
 from ..comm.shm import open_lanes
-from ..comm.transport import (
-    Transport,
-    is_loopback,
-    new_curve_keypair,
-    normalize_endpoint,
-    raise_fd_limit,
-)
+from ..comm.transport import Transport
 from ..comm.wire import PROTOCOL_VERSION, job_id
+from ..comm.zap import raise_fd_limit
 from ..config import Settings
+from ..discovery.advert import Advert
 from ..discovery.dns import DnsPeers
-from ..discovery.mdns import Advert, Announcer, Browser, Discovery, usable_ipv4_addresses
+from ..discovery.interfaces import usable_ipv4_addresses
+from ..discovery.mdns import Announcer, Browser, Discovery
 from ..errors import (
     CollectiveError,
     CollectiveTimeout,

@@ -33,9 +33,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..comm.handshakes import handshake_probe
 from ..comm.security import JobKey
-from ..comm.transport import handshake_probe
-from ..discovery.mdns import Advert, Discovery, interface_table, unicast_query
+from ..discovery.advert import Advert
+from ..discovery.interfaces import interface_table
+from ..discovery.mdns import Discovery
+from ..discovery.mdns_unicast import unicast_query
 from ..errors import RingtrainError
 
 # interface names of container and VM bridges: no other device of the LAN is there

@@ -28,8 +28,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..comm.endpoints import normalize_endpoint
 from ..comm.security import JobKey
-from ..comm.transport import Transport, normalize_endpoint
+from ..comm.transport import Transport
 from ..config import Settings
 from ..errors import ProtocolError, RingtrainError
 

@@ -3,28 +3,28 @@
 For every segment that arrives from the predecessor the runner checks it
 (:mod:`~ringtrain.ring.segments`), reduces or copies the payload into the buffer with a numpy
 ufunc (``out=``, in place, no per-element Python) and forwards the same region to the
-successor. Small all-reduces take one round instead (:mod:`~ringtrain.ring.one_round`), and
-link probes measure a ring's links (:mod:`~ringtrain.ring.link_probe`); both use the runner's
-sends and waits.
+successor. The runner holds what lasts from collective to collective (counters, codecs, the
+adaptive progress deadline, membership turns) and the segment I/O; the plan of one collective
+is executed by a :class:`~ringtrain.ring.plan_run.PlanRun`. Small all-reduces take one round
+instead (:mod:`~ringtrain.ring.one_round`), and link probes measure a ring's links
+(:mod:`~ringtrain.ring.link_probe`); both use the runner's sends and waits.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..comm.mailbox import Mailbox, Message
-from ..comm.shm import LANE_POLL, SharedMemoryLanes
+from ..comm.shm import SharedMemoryLanes
 from ..comm.transport import Transport
-from ..comm.wire import FLAG_SHM, HEADER_SIZE
+from ..comm.wire import FLAG_SHM
 from ..errors import (
     CollectiveError,
-    CollectiveTimeout,
     PeerFailedError,
     ProtocolError,
     TransportError,
@@ -35,9 +35,9 @@ from . import one_round, segments
 from . import plan as ring
 from .collectives import Collective
 from .compression import Codec, get_codec
+from .plan_run import PlanRun
 
 PROGRESS_FACTOR = 8.0  # progress deadline = this x the smoothed longest gap between segments
-TRACK_BYTES = 64 * 1024  # smaller segments are copied by pyzmq anyway; larger ones are tracked
 SERVICE_INTERVAL = 0.005  # seconds between membership turns while a collective moves data
 
 
@@ -151,136 +151,9 @@ class RingRunner:
 
     def _move(self, collective: Collective, view: View, sequence: int, deadline: float,
               step: int) -> None:
-        plan, buffer = collective.plan, collective.buffer
-        successor = view.members[ring.successor(view.rank, view.world_size)]
-        predecessor = view.members[ring.predecessor(view.rank, view.world_size)]
-        predecessor_rank = ring.predecessor(view.rank, view.world_size)
-        descriptor_frame = collective.descriptor_frame
-        # what to send next, with the payload to forward unchanged (compressed all-gather)
-        pending: deque[tuple[ring.Transfer, Any]] = deque((t, None) for t in plan.first_sends)
-        trackers = []
-        described = False
-        received = 0
-        last_progress = time.monotonic()
-        longest_gap = 0.0
-        progress_deadline = last_progress + self.progress_timeout
-        where = f"{collective.name} #{sequence} of generation {view.generation}"
-        # a successor on this host reads our segments from shared memory (see shm.py)
-        lane = self.lanes.outbound(successor, view.generation) if (
-            collective.compressed is None and self.lanes is not None
-            and self.lanes.reaches(successor)) else None
-        # segments arrive in plan order only if all take one path: the door (lane references,
-        # or every message fits a datagram) or all ZeroMQ
-        spin = self.transport.settings.spin_seconds if self.local(predecessor) else 0.0
-        largest = max((r.transfer.stop - r.transfer.start for r in plan.receives), default=0)
-        door = lane is not None or (self.lanes is not None and self.lanes.door_takes(
-            successor, HEADER_SIZE + largest * buffer.itemsize + len(descriptor_frame)))
-        while received < len(plan.receives) or pending:
-            # 1. send as much as the successor's queue (or lane) takes
-            lane_full = False
-            while pending:
-                transfer, forward = pending[0]
-                header = segments.data_header(collective, view, self.job, sequence, step,
-                                              transfer, not described, shared=lane is not None)
-                if lane is not None:
-                    payload = lane.write(buffer[transfer.start:transfer.stop])
-                    if payload is None:
-                        lane_full = True
-                        break
-                    big = False
-                elif collective.compressed is None:
-                    payload = buffer[transfer.start:transfer.stop]
-                    big = header.nbytes >= TRACK_BYTES
-                else:
-                    # a fresh array or a received frame, never our buffer: no need to track
-                    payload = forward if forward is not None else \
-                        segments.encode(collective, transfer)
-                    big = False
-                frames = [header.pack(), payload]
-                if not described:
-                    frames.append(descriptor_frame)
-                try:
-                    sent = self.send(successor, frames, big, door)
-                except TransportError as exc:
-                    raise PeerFailedError(f"{where}: cannot send to successor {successor}: {exc}",
-                                          peer=successor, generation=view.generation,
-                                          collective=sequence) from exc
-                if sent is False:
-                    lane_full = door and self.local(successor)
-                    break
-                if lane is not None:
-                    lane.commit()
-                if big:
-                    trackers.append(sent)
-                described = True
-                pending.popleft()
-                self.messages_sent += 1
-                self.bytes_out[successor] = self.bytes_out.get(successor, 0) + header.nbytes
-                now = time.monotonic()
-                longest_gap = max(longest_gap, now - last_progress)
-                last_progress, progress_deadline = now, now + self.progress_timeout
-            # 2. take in every segment that has arrived
-            while received < len(plan.receives):
-                message = self.mailbox.next_data(view.generation, sequence)
-                if message is None:
-                    break
-                expected = plan.receives[received]
-                forward = self._accept(collective, view, sequence, message, expected,
-                                       predecessor, predecessor_rank)
-                received += 1
-                if expected.then is not None:
-                    pending.append((expected.then, forward))
-                now = time.monotonic()
-                longest_gap = max(longest_gap, now - last_progress)
-                last_progress, progress_deadline = now, now + self.progress_timeout
-            if received == len(plan.receives) and not pending:
-                break
-            self.check_abandoned(view, sequence, where)
-            if received < len(plan.receives) and self.mailbox.has_data(view.generation,
-                                                                        sequence):
-                continue  # membership work took in our data: use it before waiting
-            # 3. wait for traffic, bounded by both deadlines
-            now = time.monotonic()
-            if now >= deadline:
-                raise CollectiveTimeout(f"{where} missed its deadline "
-                                        f"({received}/{len(plan.receives)} segments received, "
-                                        f"{len(pending)} waiting to be sent)",
-                                        generation=view.generation, collective=sequence)
-            if now >= progress_deadline:
-                if pending:
-                    # we had data for the successor all along and it took none: it is stuck,
-                    # whatever our predecessor did (which may only be waiting on us)
-                    culprit, what = successor, "stopped accepting data"
-                else:
-                    culprit, what = predecessor, "sent nothing"
-                raise PeerFailedError(f"{where}: {culprit} {what} for "
-                                      f"{self.progress_timeout:.1f} s "
-                                      f"({received}/{len(plan.receives)} segments received)",
-                                      peer=culprit, generation=view.generation,
-                                      collective=sequence)
-            if spin and not pending and now < last_progress + spin:
-                self.yield_and_look()  # the predecessor is on this host: its data is due now
-                continue
-            self.stage = (f"{where}: {received}/{len(plan.receives)} segments received from "
-                          f"{predecessor}, {len(pending)} waiting for {successor}")
-            self.waiting = {"from": predecessor if received < len(plan.receives) else None,
-                            "to": successor if pending else None, "received": received,
-                            "expected": len(plan.receives), "unsent": len(pending)}
-            # a full lane frees up without a message telling us: look again soon
-            poll = LANE_POLL if lane_full else self.poll_interval
-            self.mailbox.pump(min(deadline, progress_deadline, now + poll) - now,
-                              writable=successor if pending and not lane_full else None,
-                              links=self.links_due(now))
-        self._learn_gap(longest_gap)
-        # the caller may change the buffer once we return: wait until libzmq let go of it
-        for tracker in trackers:
-            remaining = deadline - time.monotonic()
-            try:
-                tracker.wait(max(remaining, 0.001))
-            except Exception as exc:  # zmq.NotDone: the successor never took the data
-                raise PeerFailedError(f"{where}: successor {successor} did not take the last "
-                                      f"segments", peer=successor, generation=view.generation,
-                                      collective=sequence) from exc
+        run = PlanRun(self, collective, view, sequence, deadline, step)
+        self._learn_gap(run.move_segments())
+        run.wait_until_sent()  # the caller may change the buffer once we return
 
     def take_turn(self) -> bool:
         """Whether a membership turn is due (they come at most every ``SERVICE_INTERVAL``
@@ -329,8 +202,8 @@ class RingRunner:
         self.progress_timeout = min(self.progress_cap,
                                     max(self.progress_floor, PROGRESS_FACTOR * self._slowest_wait))
 
-    def _accept(self, collective: Collective, view: View, sequence: int, message: Message,
-                expected: ring.Receive, predecessor: str, predecessor_rank: int) -> Any:
+    def take_segment(self, collective: Collective, view: View, sequence: int, message: Message,
+                     expected: ring.Receive, predecessor: str, predecessor_rank: int) -> Any:
         """Check a segment and take it into the buffer. Returns the payload to forward
         unchanged, when the segment is compressed and only copied (all-gather), else None."""
         self.check_digest(collective, view, sequence, message)

@@ -24,9 +24,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from . import checkpoint
 from .sharding import DataPosition
 
 if TYPE_CHECKING:
+    from .rounds import Rounds
     from .trainer import Trainer
 
 __all__ = ["LeftRing", "PROGRESS_FILE", "REFORM_ROUND", "Recovery"]
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
 REFORM_ROUND = 2.0  # seconds per attempt to re-form; attempts repeat until rejoin_timeout
 OUTER_PREFIX = "outer."  # checkpoint keys of the round state beside the inner optimizer's
+R = TypeVar("R")
 
 
 class LeftRing(RingtrainError):
@@ -72,6 +74,28 @@ class Recovery:
         next one (``ringtrain models``)."""
         self.generation = trainer.node.generation
         """The generation of the last state sync (or of the start)."""
+
+    def start(self, joining: bool) -> None:
+        """The state training starts from (collectives): a joiner adopts the ring's; a new
+        ring runs the start-up agreement and takes rank 0's state, then resumes from the
+        newest checkpoint any member holds, if it keeps checkpoints. A member failing
+        meanwhile re-forms the ring and syncs state, as after a failed step."""
+        trainer = self.trainer
+        if joining:
+            try:
+                self.sync_state()
+            except PeerFailedError as exc:  # the ring changed again while admitting us
+                log.warning("state sync after joining failed (%s); re-forming", exc)
+                self.reform()
+            return
+        try:
+            trainer.optimizer.start()
+        except PeerFailedError as exc:  # a member failed (or was starved) at the start
+            log.warning("rank %d: the start failed (%s); re-forming the ring",
+                        trainer.node.rank, exc)
+            self.reform()
+        if trainer.checkpoint_dir is not None:
+            self.resume(trainer.checkpoint_dir)
 
     def reform(self) -> None:
         """Re-form the ring, then make every member's state that of the most advanced one.
@@ -106,6 +130,60 @@ class Recovery:
             if trainer.leaving:  # asked to leave while no ring could form: just go
                 raise LeftRing(f"left the ring on request at step {trainer.step_count}, "
                                f"while it was re-forming")
+
+    def step_until_done(self, run_step: Callable[[], R]) -> R:
+        """Run a synchronous step until it is done. If a member fails during it, the ring
+        re-forms without it and the survivors do the step again (nothing partial was
+        applied); if members asked for a change (a joiner, a leave), the ring re-forms after
+        the step, at the same point on every member. Returns what ``run_step`` returned."""
+        trainer = self.trainer
+        while True:
+            try:
+                report = run_step()
+            except PeerFailedError as exc:
+                log.warning("rank %d: step %d failed (%s); re-forming the ring and redoing it",
+                            trainer.node.rank, trainer.step_count + 1, exc)
+                self.reform()
+                self._event("step-redone", f"step {trainer.step_count + 1} redone on "
+                            f"generation {trainer.node.generation} ({trainer.node.world_size} "
+                            f"members) after: {exc}", step=trainer.step_count + 1,
+                            cause=str(exc), suspect=exc.peer)
+                continue
+            if trainer.optimizer.reform_agreed and not trainer.optimizer.leave_announced:
+                self.reform()
+            return report
+
+    def advance_round(self, rounds: Rounds) -> None:
+        """After an inner step: the round's all-reduce and outer step when it is due. If a
+        member fails, the ring re-forms and the all-reduce is redone over the survivors,
+        keeping this member's inner steps; an agreed change re-forms after the round."""
+        trainer = self.trainer
+        while True:
+            try:
+                if trainer.node.generation != self.generation:
+                    # the others re-formed while this member stepped alone (overlapped
+                    # rounds): join them before the next collective
+                    raise PeerFailedError(f"the ring re-formed as generation "
+                                          f"{trainer.node.generation} meanwhile")
+                if rounds.advance() and rounds.reform_agreed and not rounds.leave_announced:
+                    self.reform()
+                return
+            except PeerFailedError as exc:
+                log.warning("rank %d: round %d failed (%s); re-forming the ring, keeping this "
+                            "member's steps (%d samples not in an applied round)",
+                            trainer.node.rank, rounds.rounds_done + 1, exc, rounds.unapplied)
+                self.reform()
+
+    def share_speeds(self) -> None:
+        """Exchange the members' throughputs (the speed policy); if a member fails, the step
+        itself is done: just re-form."""
+        trainer = self.trainer
+        try:
+            trainer.speed.share(trainer.node, trainer.optimizer.timeout)
+        except PeerFailedError as exc:
+            log.warning("rank %d: sharing speeds failed (%s); re-forming", trainer.node.rank,
+                        exc)
+            self.reform()
 
     def sync_state(self) -> None:
         """After a membership change: every member adopts the state of the member furthest
@@ -175,7 +253,25 @@ class Recovery:
                       "parent": self.parent_version, **architecture.describe(trainer.model)})
         path = checkpoint.save(trainer.checkpoint_dir, state)
         self.parent_version = checkpoint.content_hash(state.params, state.optimizer_state)
+        self._event("checkpoint", f"checkpoint written: step {trainer.step_count} to {path}",
+                    step=trainer.step_count, path=str(path))
         return path
+
+    def checkpoint_if_due(self) -> None:
+        """After a step, at a point every member reaches alike: rank 0 saves a checkpoint
+        every ``checkpoint_every`` steps (the others note its hash, the parent of the next)
+        and records its progress."""
+        trainer = self.trainer
+        if trainer.checkpoint_dir is None:
+            return
+        due = trainer.step_count % trainer.checkpoint_every == 0
+        if trainer.node.rank != 0:
+            if due:
+                self.parent_version = trainer.version.content_hash  # what rank 0 saves now
+            return
+        if due:
+            self.save_checkpoint()
+        self.write_progress(trainer.checkpoint_dir)
 
     def resume(self, directory: Path) -> None:
         """Every member resumes from the newest checkpoint any member holds (a collective).
@@ -224,6 +320,12 @@ class Recovery:
             os.replace(temporary, directory / PROGRESS_FILE)
         except OSError as exc:
             log.warning("could not record progress in %s: %s", directory, exc)
+
+    def _event(self, kind: str, message: str, **fields: object) -> None:
+        """One line for people (the node's flight recorder logs it as an event; observe)."""
+        recorder = getattr(self.trainer.node, "recorder", None)
+        if recorder is not None:
+            recorder.event(kind, message, **fields)
 
     @staticmethod
     def _read_progress(directory: Path) -> int:

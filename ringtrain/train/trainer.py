@@ -8,7 +8,8 @@ The :class:`Trainer` runs the loop; its seams are modules of their own:
   gradients;
 * :mod:`.rounds`: training in rounds for slow links: DiLoCo, local SGD, asynchronous rounds;
 * :mod:`.speed`: the speed policy (batches cut by measured member speed);
-* :mod:`.elastic`: re-forming after failures, joins and leaves; checkpoints;
+* :mod:`.elastic`: re-forming after failures, joins and leaves (a failed step or round is
+  redone over the survivors); checkpoints;
 * :mod:`.agreement`: the check that every member trains the same thing.
 
 Sharding. Every epoch has one permutation of the data set (:mod:`ringtrain.train.sharding`),
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, PeerFailedError
+from ..errors import ConfigError
 from ..node.node import Node
 from ..ring.compression import Codec, get_codec
 from ..ring.powersgd import PowerSGD, parse_powersgd
@@ -113,6 +114,43 @@ def _positive(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _training_mode(model: Sequential, rounds: DiLoCo | None, average_every: int,
+                   compression: str | Codec | None, bucket_bytes: int, adaptive: bool,
+                   checkpoint_every: int | None) -> tuple[DiLoCo | None, Codec | PowerSGD | None,
+                                                          bool]:
+    """Check the arguments that decide how members train together (see :class:`Trainer`).
+
+    Returns:
+        (rounds, compressor, adaptive) as training uses them: local SGD becomes rounds,
+        overlapped rounds do not exchange speeds.
+
+    Raises:
+        ConfigError: a bad or conflicting argument.
+    """
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
+        raise ConfigError(f"bucket_bytes must be a non-negative integer, got {bucket_bytes!r}")
+    if rounds is not None and average_every > 1:
+        raise ConfigError("pass either average_every (local SGD) or rounds, not both")
+    if average_every > 1:
+        rounds = local_sgd(average_every)
+    compressor = _compressor(compression, model)
+    if compressor is not None and rounds is not None:
+        raise ConfigError(f"compression {compressor.spec()} applies to the gradient "
+                          f"all-reduce of every step; rounds average parameters: compress "
+                          f"their pseudo-gradient with DiLoCo(compression=...)"
+                          + (f" (local SGD, average_every={average_every}, averages "
+                             f"parameters, which must not be quantized)"
+                             if average_every > 1 else ""))
+    if rounds is not None and rounds.overlapped and adaptive:
+        adaptive = False  # overlapped rounds do not step in lockstep: no speed exchange
+    if checkpoint_every is not None and rounds is not None and not rounds.asynchronous \
+            and checkpoint_every % rounds.inner_steps:
+        raise ConfigError(f"checkpoint_every ({checkpoint_every}) must be a multiple of "
+                          f"the round's steps ({rounds.inner_steps}): members differ in "
+                          f"between")
+    return rounds, compressor, adaptive
+
+
 def _compressor(spec: str | Codec | None, model: Sequential) -> Codec | PowerSGD | None:
     if isinstance(spec, str):
         rank = parse_powersgd(spec)
@@ -182,29 +220,9 @@ class Trainer:
                             ("average_every", average_every),
                             ("checkpoint_every", checkpoint_every)):
             _positive(name, value)
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) \
-                or bucket_bytes < 0:
-            raise ConfigError(f"bucket_bytes must be a non-negative integer, got "
-                              f"{bucket_bytes!r}")
-        if rounds is not None and average_every > 1:
-            raise ConfigError("pass either average_every (local SGD) or rounds, not both")
-        if average_every > 1:
-            rounds = local_sgd(average_every)
-        compressor = _compressor(compression, model)
-        if compressor is not None and rounds is not None:
-            raise ConfigError(f"compression {compressor.spec()} applies to the gradient "
-                              f"all-reduce of every step; rounds average parameters: compress "
-                              f"their pseudo-gradient with DiLoCo(compression=...)"
-                              + (f" (local SGD, average_every={average_every}, averages "
-                                 f"parameters, which must not be quantized)"
-                                 if average_every > 1 else ""))
-        if rounds is not None and rounds.overlapped and adaptive:
-            adaptive = False  # overlapped rounds do not step in lockstep: no speed exchange
-        if checkpoint_dir is not None and rounds is not None and not rounds.asynchronous \
-                and checkpoint_every % rounds.inner_steps:
-            raise ConfigError(f"checkpoint_every ({checkpoint_every}) must be a multiple of "
-                              f"the round's steps ({rounds.inner_steps}): members differ in "
-                              f"between")
+        rounds, compressor, adaptive = _training_mode(
+            model, rounds, average_every, compression, bucket_bytes, adaptive,
+            checkpoint_every if checkpoint_dir is not None else None)
         if optimizer.params is not model.params:
             raise ConfigError("the optimizer must be built on model.params")
         if len(x) != len(y):
@@ -245,21 +263,7 @@ class Trainer:
                                     bucket_bytes=bucket_bytes if self.early_buckets else 0))
         self.rounds = None if rounds is None else Rounds(node, model.params, optimizer, rounds,
                                                          timeout)
-        if joining:
-            try:
-                self.recovery.sync_state()
-            except PeerFailedError as exc:  # the ring changed again while admitting us
-                log.warning("state sync after joining failed (%s); re-forming", exc)
-                self.recovery.reform()
-        else:
-            try:
-                self.optimizer.start()
-            except PeerFailedError as exc:  # a member failed (or was starved) at the start
-                log.warning("rank %d: the start failed (%s); re-forming the ring",
-                            node.rank, exc)
-                self.recovery.reform()
-            if self.checkpoint_dir is not None:
-                self.recovery.resume(self.checkpoint_dir)
+        self.recovery.start(joining)
         self.fresh = False
 
     @property
@@ -330,22 +334,8 @@ class Trainer:
         re-forms after the step, at the same point on every member.
         """
         if self.rounds is not None:
-            return self._round_step()
-        while True:
-            try:
-                report = self._sync_step()
-            except PeerFailedError as exc:
-                log.warning("rank %d: step %d failed (%s); re-forming the ring and redoing it",
-                            self.node.rank, self.step_count + 1, exc)
-                self.recovery.reform()
-                self._event("step-redone", f"step {self.step_count + 1} redone on generation "
-                            f"{self.node.generation} ({self.node.world_size} members) after: "
-                            f"{exc}", step=self.step_count + 1, cause=str(exc),
-                            suspect=exc.peer)
-                continue
-            if self.optimizer.reform_agreed and not self.optimizer.leave_announced:
-                self.recovery.reform()
-            return report
+            return self._round_step(self.rounds)
+        return self.recovery.step_until_done(self._sync_step)
 
     def _batch(self) -> tuple[list[int], int, np.ndarray, DataPosition]:
         if self.rounds is not None and self.rounds.settings.asynchronous:
@@ -388,9 +378,7 @@ class Trainer:
                           applied, indices, tuple(sizes), compute_seconds,
                           time.perf_counter() - started, self.throughput)
 
-    def _round_step(self) -> StepReport:
-        rounds = self.rounds
-        assert rounds is not None
+    def _round_step(self, rounds: Rounds) -> StepReport:
         started = time.perf_counter()
         sizes, epoch, indices, after = self._batch()
         loss, compute_seconds = self._compute(indices)
@@ -398,21 +386,7 @@ class Trainer:
                                     self.optimizer.max_nonfinite)
         self.position = after
         self.step_count += 1
-        while True:
-            try:
-                if self.node.generation != self.generation:
-                    # the others re-formed while this member stepped alone (overlapped
-                    # rounds): join them before the next collective
-                    raise PeerFailedError(f"the ring re-formed as generation "
-                                          f"{self.node.generation} meanwhile")
-                if rounds.advance() and rounds.reform_agreed and not rounds.leave_announced:
-                    self.recovery.reform()
-                break
-            except PeerFailedError as exc:
-                log.warning("rank %d: round %d failed (%s); re-forming the ring, keeping this "
-                            "member's steps (%d samples not in an applied round)",
-                            self.node.rank, rounds.rounds_done + 1, exc, rounds.unapplied)
-                self.recovery.reform()
+        self.recovery.advance_round(rounds)
         if not rounds.settings.overlapped:
             self._after_step()
         return StepReport(self.step_count, epoch, after.epoch != epoch, loss, applied,
@@ -422,19 +396,8 @@ class Trainer:
     def _after_step(self) -> None:
         """Speed exchange and checkpoints, at points every member reaches alike."""
         if self.speed.share_due(self.step_count):
-            try:
-                self.speed.share(self.node, self.optimizer.timeout)
-            except PeerFailedError as exc:  # the step itself is done: just re-form
-                log.warning("rank %d: sharing speeds failed (%s); re-forming", self.node.rank,
-                            exc)
-                self.recovery.reform()
-        if self.checkpoint_dir is not None and self.node.rank != 0 \
-                and self.step_count % self.checkpoint_every == 0:
-            self.recovery.parent_version = self.version.content_hash  # what rank 0 saves now
-        if self.checkpoint_dir is not None and self.node.rank == 0:
-            if self.step_count % self.checkpoint_every == 0:
-                self.save_checkpoint()
-            self.recovery.write_progress(self.checkpoint_dir)
+            self.recovery.share_speeds()
+        self.recovery.checkpoint_if_due()
 
     def request_leave(self) -> None:
         """Leave after the next step (with rounds: the next round): the others learn it
@@ -446,10 +409,9 @@ class Trainer:
         self.node.prepare_leave()
 
     def _done(self, epochs: int, max_steps: int | None) -> bool:
-        rounds = self.rounds
-        if rounds is not None and rounds.settings.asynchronous:
+        if self.rounds is not None and self.rounds.settings.asynchronous:
             # stop on what every member agrees on: the samples of the completed rounds
-            done = rounds.samples_total
+            done = self.rounds.samples_total
             total = self.global_batch_size or self.batch_size * self.node.world_size
             return done >= epochs * len(self.x) or (max_steps is not None
                                                     and done >= max_steps * total)
@@ -497,13 +459,4 @@ class Trainer:
             ConfigError: the trainer has no ``checkpoint_dir``.
             CheckpointError: the file could not be written.
         """
-        path = self.recovery.save_checkpoint()
-        self._event("checkpoint", f"checkpoint written: step {self.step_count} to {path}",
-                    step=self.step_count, path=str(path))
-        return path
-
-    def _event(self, kind: str, message: str, **fields: object) -> None:
-        """One line for people (the node's flight recorder logs it as an event; observe)."""
-        recorder = getattr(self.node, "recorder", None)
-        if recorder is not None:
-            recorder.event(kind, message, **fields)
+        return self.recovery.save_checkpoint()

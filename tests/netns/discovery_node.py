@@ -15,7 +15,9 @@ import select
 import sys
 import time
 
-from ringtrain.discovery.mdns import Advert, Discovery, usable_ipv4_addresses
+from ringtrain.discovery.advert import Advert
+from ringtrain.discovery.interfaces import usable_ipv4_addresses
+from ringtrain.discovery.mdns import Discovery
 from ringtrain.errors import RingtrainError
 
 MAX_LIFETIME_S = 60.0

@@ -21,7 +21,8 @@ import threading
 
 from ringtrain.comm.security import read_key_file
 from ringtrain.comm.wire import PROTOCOL_VERSION
-from ringtrain.discovery.mdns import Advert, Discovery
+from ringtrain.discovery.advert import Advert
+from ringtrain.discovery.mdns import Discovery
 
 MAX_LIFETIME_S = 120.0
 

@@ -102,7 +102,7 @@ class _Recorder(logging.Handler):
 def _arm_suicide(fraction: float, stamp: Path) -> dict:
     """Make this process SIGKILL itself once it has received ``fraction`` of the receives of
     the next all_reduce after arming (the victim's own runner; nothing else is changed)."""
-    original = runner.RingRunner._accept
+    original = runner.RingRunner.take_segment
     armed = {"on": False, "count": 0}
 
     def accept(self, collective, view, sequence, message, expected, *rest):
@@ -117,7 +117,7 @@ def _arm_suicide(fraction: float, stamp: Path) -> dict:
                                              "elements": collective.buffer.size}))
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    runner.RingRunner._accept = accept
+    runner.RingRunner.take_segment = accept
     return armed
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ringtrain.comm.curve import new_curve_keypair
 from ringtrain.comm.identity import derived_node_id, ephemeral_device, open_device
 from ringtrain.comm.security import JobKey, write_key_file
-from ringtrain.comm.transport import new_curve_keypair
 from ringtrain.config import Settings
 from ringtrain.errors import MembershipError, PeerFailedError, SecurityError
 from ringtrain.node.node import Node

@@ -81,7 +81,7 @@ def test_diloco_with_one_inner_step_and_plain_outer_sgd_equals_synchronous_train
 
 def _arm_suicide_in_next_all_reduce() -> dict:
     """SIGKILL this process half way through the receives of its next all_reduce."""
-    original = runner.RingRunner._accept
+    original = runner.RingRunner.take_segment
     armed = {"on": False, "count": 0}
 
     def accept(self, collective, view, sequence, message, expected, *rest):
@@ -91,7 +91,7 @@ def _arm_suicide_in_next_all_reduce() -> dict:
             if armed["count"] >= max(1, len(collective.plan.receives) // 2):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    runner.RingRunner._accept = accept
+    runner.RingRunner.take_segment = accept
     return armed
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import zmq
 
+from ringtrain.comm.curve import curve_keypair
 from ringtrain.comm.security import JobKey
-from ringtrain.comm.transport import MAX_CONNECTIONS_PER_ADDRESS, curve_keypair
 from ringtrain.comm.wire import (
     HEADER,
     PROTOCOL_VERSION,
@@ -35,6 +35,7 @@ from ringtrain.comm.wire import (
     encode_control,
     job_id,
 )
+from ringtrain.comm.zap import MAX_CONNECTIONS_PER_ADDRESS
 from ringtrain.config import Settings
 from ringtrain.errors import MembershipError
 from ringtrain.node.node import Node

@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterator
 import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
+from ringtrain.discovery.advert import Advert
+from ringtrain.discovery.interfaces import usable_ipv4_addresses
 from ringtrain.discovery.mdns import (
     SERVICE_TYPE,
-    Advert,
     Announcer,
     Browser,
     Discovery,
     parse_service_info,
-    usable_ipv4_addresses,
 )
 from ringtrain.errors import ConfigError, MembershipError, TransportError
 

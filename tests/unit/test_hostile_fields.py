@@ -15,11 +15,12 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ringtrain.comm.curve import new_curve_keypair
 from ringtrain.comm.identity import derived_node_id
 from ringtrain.comm.ledger import Ledger
 from ringtrain.comm.mailbox import Mailbox, Message
 from ringtrain.comm.security import JobKey
-from ringtrain.comm.transport import Transport, new_curve_keypair
+from ringtrain.comm.transport import Transport
 from ringtrain.comm.wire import PROTOCOL_VERSION, Header, MessageKind, job_id
 from ringtrain.config import Settings
 from ringtrain.errors import ProtocolError

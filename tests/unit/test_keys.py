@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ringtrain.cli import main as cli
+from ringtrain.comm.endpoints import peer_endpoint
 from ringtrain.comm.security import JobKey, read_key_file, write_key_file
-from ringtrain.comm.transport import peer_endpoint
 from ringtrain.errors import ConfigError, SecurityError
 
 ROOT = Path(__file__).resolve().parents[2]

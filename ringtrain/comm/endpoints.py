@@ -1,0 +1,73 @@
+"""Endpoints as text: normalising ``host:port``, checking an endpoint a peer gave us, telling
+loopback apart. Pure (no sockets): what the transport, membership, discovery and the commands
+that take addresses agree on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ..errors import ConfigError
+
+MAX_ENDPOINT_LENGTH = 64
+
+
+def normalize_endpoint(address: str) -> str:
+    """``host:port`` or ``tcp://host:port`` → ``tcp://host:port``; other schemes pass through."""
+    if "://" in address:
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"address {address!r} is not host:port")
+    return f"tcp://{host}:{port}"
+
+
+def peer_endpoint(text: object, allow_unspecified: bool = False) -> str:
+    """An endpoint a peer (or an advert) gave us, checked: ``tcp://IP:PORT`` with a literal
+    unicast IPv4 address (or a bracketed IPv6 one) and a port in 1..65535; ``IP:PORT`` is
+    taken as tcp. Anything else (other schemes, host names, which would make us resolve
+    names a stranger picked, bad ports) is refused. ``allow_unspecified`` lets 0.0.0.0 (or
+    ``[::]``) through, for a peer that listens on every address and whose host part the
+    caller replaces by the address it saw the peer at.
+
+    Raises:
+        ConfigError: naming what was wrong.
+    """
+    if not isinstance(text, str) or len(text) > MAX_ENDPOINT_LENGTH:
+        raise ConfigError(f"endpoint {str(text)[:80]!r} is not text of at most "
+                          f"{MAX_ENDPOINT_LENGTH} characters")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    host, sep, port = rest.rpartition(":")
+    if scheme != "tcp" or not sep:
+        raise ConfigError(f"endpoint {text!r} is not tcp://IP:PORT")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"endpoint {text!r} has no port in 1..65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ConfigError(f"endpoint {text!r} does not name an IP address") from None
+    if address.version == 6 and not bracketed:
+        raise ConfigError(f"endpoint {text!r}: an IPv6 address goes in brackets")
+    if address.is_multicast or (address.is_unspecified and not allow_unspecified) \
+            or str(address) == "255.255.255.255":
+        raise ConfigError(f"endpoint {text!r} is not a unicast address")
+    return f"tcp://{host}:{int(port)}"
+
+
+
+def is_loopback(address: str) -> bool:
+    """Whether an address (``host:port`` or a zmq endpoint) stays on this machine."""
+    endpoint = normalize_endpoint(address)
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[1].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
