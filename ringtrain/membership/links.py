@@ -217,8 +217,10 @@ class Links:
                                 message.origin)
         incarnation = body["incarnation"]
         if self.transport.key is not None and (body["key"] != message.user or not
-                                               hmac.compare_digest(body["proof"], self._proof(
-                                                   peer_id, body["key"], incarnation))):
+                                               hmac.compare_digest(  # as bytes: any text
+                                                   body["proof"].encode(), self._proof(
+                                                       peer_id, body["key"],
+                                                       incarnation).encode())):
             raise ProtocolError("hello.proof", "proof of the job key for the connection's "
                                 "CURVE key", "a proof that does not verify", message.origin)
         # the device check, before anything of the peer's state changes (an impostor's HELLO
