@@ -130,7 +130,8 @@ class StatusServer:
             request = decode_request([bytes(f) for f in message.frames], sender)
             if self._key is not None:
                 if message.tag != message.user or not hmac.compare_digest(
-                        request["proof"], status_proof(self._key, message.user)):
+                        request["proof"].encode(),
+                        status_proof(self._key, message.user).encode()):
                     raise ProtocolError("proof", "HMAC of the job key", "a wrong proof", sender)
         except ProtocolError as exc:
             self.refused += 1
