@@ -443,13 +443,17 @@ class Membership:
 
     def _joiners(self, now: float) -> list[str]:
         """Live peers that are not (or no longer) members and may join: nodes outside any
-        ring, and the nodes of a lineage ours wins over."""
+        ring, and the nodes of a lineage ours wins over. Only peers whose heartbeat said
+        which view they run: a peer known by its HELLO alone may run a ring that wins over
+        ours (two halves of a split start meeting), and proposing it would make each ring
+        admit a node of the other."""
         view = self.view
         if view is None:
             return []
         members = set(zip(view.members, view.incarnations, strict=True))
         return sorted(p for p, s in self.peers.items()
                       if (p, s.incarnation) not in members and self.alive(p, now)
+                      and s.heard_view
                       and now >= s.backoff_until
                       and (not s.in_ring or (s.lineage != view.lineage
                                              and s.lineage > view.lineage)))
@@ -485,6 +489,7 @@ class Membership:
                 self.send(peer, beat)
 
     def _on_heartbeat(self, peer: str, state: PeerState, beat: Heartbeat, now: float) -> None:
+        state.heard_view = True
         state.lineage, state.generation, state.members = beat.lineage, beat.generation, \
             beat.members
         state.in_view, state.sequence, state.leaving = beat.in_view, beat.sequence, \

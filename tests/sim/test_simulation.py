@@ -25,7 +25,6 @@ SCHEDULES = int(os.environ.get("RINGTRAIN_SIM_SCHEDULES", "600"))
 KNOWN_LIVENESS_BUGS = {
     364: "2 devices: a crashed member restarts with a new id at its endpoint while partitioned; "
          "the survivor stays evicted, waiting for 1 of 2",
-    523: "6 devices: a member of generation 3 never leaves it",
 }
 
 
