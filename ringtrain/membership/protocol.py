@@ -70,6 +70,7 @@ class View:
     rank: int  # this node's rank in ``members``
     lineage: str = ""
     incarnations: tuple[int, ...] = ()
+    met: tuple[str, ...] = ()  # members that ran another ring of this job just before
 
     @property
     def world_size(self) -> int:
@@ -542,8 +543,14 @@ class Membership:
         old = self.view
         self.evidence = evidence
         ids = value.ids
+        if old is not None and old.lineage and old.lineage != value.lineage:
+            met = tuple(i for i in ids if i not in old.members)  # we joined their ring
+        else:  # joiners that last said they run another ring: ours wins over theirs
+            met = tuple(i for i in ids if i != self.node_id and (old is None or i not in
+                        old.members) and (s := self.peers.get(i)) is not None
+                        and s.in_view and s.lineage not in ("", value.lineage))
         self.view = View(value.generation, ids, ids.index(self.node_id), value.lineage,
-                         tuple(i for _, i in value.members))
+                         tuple(i for _, i in value.members), met)
         self.decision = value
         self.installs += 1
         self.joined = joined

@@ -782,7 +782,8 @@ class Node:
         self._links = matrix
         log.info("node %s: generation %d ring %s from link rates (Mbit/s) %s", self.node_id,
                  view.generation, " -> ".join(order), self._link_rates_mbit())
-        self._announce(View(view.generation, tuple(order), order.index(self.node_id)))
+        self._announce(View(view.generation, tuple(order), order.index(self.node_id),
+                            met=view.met))
 
     def _agree_on_probe(self, view: View, timeout: float, shift: int) -> None:
         """A barrier before probing the links ``shift`` ranks on, which also checks that every
