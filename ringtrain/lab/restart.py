@@ -257,7 +257,9 @@ class Lab:
     def start_all(self, timeout: float) -> None:
         for device in self.devices:
             device.start()
-        say(f"started {NODES} nodes, each in its own namespace: {self.command_line(0)}")
+        say(f"started {NODES} nodes, one per namespace {self.lan.prefix}-0..{NODES - 1} "
+            f"({self.lan.address(0)}..{self.lan.address(NODES - 1)}), each from its own "
+            f"folder as its device: {self.command_line(0)}")
 
     def form(self, timeout: float) -> float:
         started = time.time()
@@ -326,7 +328,7 @@ class Lab:
         """Wait for every node to finish training; their final hashes."""
         say(f"{scenario}: waiting for every node to finish its {self.args.epochs} epochs")
         self.wait(lambda: all(not d.alive() for d in self.devices), timeout,
-                  "every node to finish training")
+                  "every node to finish training", allow_dead=tuple(range(len(self.devices))))
         hashes = {}
         for device in self.devices:
             code = device.process.returncode  # type: ignore[union-attr]
@@ -446,8 +448,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the subcommand."""
     parser.add_argument("--scenario", choices=("A", "B", "C"), action="append", default=None,
                         help="run only this scenario (repeatable; default A, B and C)")
-    parser.add_argument("--epochs", type=int, default=80,
-                        help="the nodes' --epochs: enough to last the scenario (default 80; "
+    parser.add_argument("--epochs", type=int, default=120,
+                        help="the nodes' --epochs: enough to last the scenario (default 120; "
                              "4 nodes train about an epoch a second on 2 shared cores)")
     parser.add_argument("--heartbeat-timeout", type=float, default=None,
                         help="the nodes' --heartbeat-timeout, also the bound on a step gap "
@@ -470,9 +472,14 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs < 1 or not args.timeout > 0:
         raise ConfigError("need --epochs >= 1 and --timeout > 0")
 
-    def stop(_number: int, _frame: object) -> None:  # SIGTERM cleans up like Ctrl-C
+    def stop(_number: int, _frame: object) -> None:
+        # Ctrl-C or SIGTERM: clean up (namespaces, processes), and let no second signal
+        # interrupt the cleaning
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     results = []
     with tempfile.TemporaryDirectory(prefix="ringtrain-lab-restart-") as tmp:
