@@ -563,7 +563,10 @@ class Membership:
         if old is not None:
             for member, incarnation in zip(old.members, old.incarnations, strict=True):
                 state = self.peers.get(member)
-                if member not in ids and state is not None and state.incarnation == incarnation:
+                # a member that said it leaves (Ctrl-C) is not flapping: no back-off, so
+                # the device restarted after a graceful leave rejoins at once
+                if member not in ids and state is not None and state.incarnation == incarnation \
+                        and not (state.left or state.leaving):
                     state.back_off(now)
         self.suspects = {s: why for s, why in self.suspects.items()
                          if s in ids and not self.alive(s, now)}
