@@ -59,6 +59,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-wifi": ("ringtrain.bench.wifi",
                    "time to a target accuracy on slow links (1000, 100, 20 Mbit/s): DiLoCo, "
                    "PowerSGD, int8, async beside DDP + Gloo, on an emulated LAN (root)"),
+    "lab-restart": ("ringtrain.lab.restart",
+                    "restart a device's node (SIGKILL, Ctrl-C) and split the LAN 2|2 at start, "
+                    "on an emulated LAN of 4 real nodes: time back to full size, step gaps, "
+                    "final models (root)"),
     "bench-security": ("ringtrain.bench.security",
                        "time all_reduce with and without encryption (CURVE) on loopback"),
     "models": ("ringtrain.cli.models",

@@ -21,7 +21,8 @@ class PeerState:
     incarnation: int
     endpoint: str = ""
     last_heard: float = 0.0
-    lineage: str = ""  # of its view ("" none)
+    heard_view: bool = False  # a heartbeat of this incarnation said which view it runs
+    lineage: str = ""  # of its view ("" none, or not yet heard: see heard_view)
     generation: int = 0  # of its view
     members: tuple[str, ...] = ()  # of its view
     in_view: bool = False  # it is a member of its view (not left out of a newer one)

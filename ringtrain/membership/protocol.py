@@ -71,6 +71,7 @@ class View:
     rank: int  # this node's rank in ``members``
     lineage: str = ""
     incarnations: tuple[int, ...] = ()
+    met: tuple[str, ...] = ()  # members that ran another ring of this job just before
 
     @property
     def world_size(self) -> int:
@@ -444,9 +445,12 @@ class Membership:
 
     def _joiners(self, now: float) -> list[str]:
         """Live peers that are not (or no longer) members and may join: nodes outside any
-        ring, and the nodes of a lineage ours wins over; each once it hears every member
-        that stays (so each of them admitted its HELLO and it theirs: a joiner only we know
-        would stall the new view's first collective)."""
+        ring, and the nodes of a lineage ours wins over. Only peers whose heartbeat said
+        which view they run: a peer known by its HELLO alone may run a ring that wins over
+        ours (two halves of a split start meeting), and proposing it would make each ring
+        admit a node of the other. And only once it hears every member that stays (so each
+        of them admitted its HELLO and it theirs: a joiner only we know would stall the new
+        view's first collective)."""
         view = self.view
         if view is None:
             return []
@@ -454,7 +458,8 @@ class Membership:
         staying = {m for m in view.members if m == self.node_id or self._survives(m, now)}
         return sorted(p for p, s in self.peers.items()
                       if (p, s.incarnation) not in members and self.alive(p, now)
-                      and now >= s.backoff_until and staying - {p} <= s.hears
+                      and s.heard_view and staying - {p} <= s.hears
+                      and now >= s.backoff_until
                       and (not s.in_ring or (s.lineage != view.lineage
                                              and s.lineage > view.lineage)))
 
@@ -491,6 +496,7 @@ class Membership:
                 self.send(peer, beat)
 
     def _on_heartbeat(self, peer: str, state: PeerState, beat: Heartbeat, now: float) -> None:
+        state.heard_view = True
         state.lineage, state.generation, state.members = beat.lineage, beat.generation, \
             beat.members
         state.in_view, state.sequence, state.leaving = beat.in_view, beat.sequence, \
@@ -544,8 +550,14 @@ class Membership:
         old = self.view
         self.evidence = evidence
         ids = value.ids
+        if old is not None and old.lineage and old.lineage != value.lineage:
+            met = tuple(i for i in ids if i not in old.members)  # we joined their ring
+        else:  # joiners that last said they run another ring: ours wins over theirs
+            met = tuple(i for i in ids if i != self.node_id and (old is None or i not in
+                        old.members) and (s := self.peers.get(i)) is not None
+                        and s.in_view and s.lineage not in ("", value.lineage))
         self.view = View(value.generation, ids, ids.index(self.node_id), value.lineage,
-                         tuple(i for _, i in value.members))
+                         tuple(i for _, i in value.members), met)
         self.decision = value
         self.installs += 1
         self.joined = joined
@@ -558,7 +570,10 @@ class Membership:
         if old is not None:
             for member, incarnation in zip(old.members, old.incarnations, strict=True):
                 state = self.peers.get(member)
-                if member not in ids and state is not None and state.incarnation == incarnation:
+                # a member that said it leaves (Ctrl-C) is not flapping: no back-off, so
+                # the device restarted after a graceful leave rejoins at once
+                if member not in ids and state is not None and state.incarnation == incarnation \
+                        and not (state.left or state.leaving):
                     state.back_off(now)
         self.suspects = {s: why for s, why in self.suspects.items()
                          if s in ids and not self.alive(s, now)}

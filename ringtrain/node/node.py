@@ -254,6 +254,9 @@ class Node:
             self._view = self._installed = self._membership.view
         self._sequence = 0
         self._ran_in = 0  # the generation of the last collective the engine ran
+        # a view of another lineage installed under a running ring (two rings of the job
+        # merged): no collective of it runs until the caller re-forms (and syncs state)
+        self._merged_into: int | None = None
         self._snapshot: dict[str, Any] = {}  # state() as the engine last wrote it
         self._snapshot_at = 0.0
         self._queue: queue.SimpleQueue[Work | Callable[[], None] | None] = queue.SimpleQueue()
@@ -726,6 +729,9 @@ class Node:
             self._key_error = self._key_error or self._wrong_key.verdict(now, linked)
 
     def _install(self, view: View) -> None:
+        old = self._installed
+        if old is not None and old.lineage and view.lineage != old.lineage:
+            self._merged_into = view.generation
         self._installed = view
         self._sequence = 0
         self._mailbox.retire(view.generation, -1)
@@ -781,7 +787,8 @@ class Node:
         self._links = matrix
         log.info("node %s: generation %d ring %s from link rates (Mbit/s) %s", self.node_id,
                  view.generation, " -> ".join(order), self._link_rates_mbit())
-        self._announce(View(view.generation, tuple(order), order.index(self.node_id)))
+        self._announce(View(view.generation, tuple(order), order.index(self.node_id),
+                            met=view.met))
 
     def _agree_on_probe(self, view: View, timeout: float, shift: int) -> None:
         """A barrier before probing the links ``shift`` ranks on, which also checks that every
@@ -858,6 +865,7 @@ class Node:
             self._serve_membership()
             if not formed():
                 self._mailbox.pump(self.settings.heartbeat_interval / 2)
+        self._merged_into = None
         if self._order_due:
             self._order_ring()
         return self.view
@@ -891,6 +899,16 @@ class Node:
     def _collect(self, view: View, timeout: float, run: Callable[[int, float], Any]) -> Any:
         """``run(sequence, deadline)`` as the next collective of ``view``; when it fails,
         suspect whom it blames and abort it on every member."""
+        if self._merged_into == view.generation:
+            # The DECIDE of the ring ours joined arrived between two of our collectives: the
+            # winning ring's members re-formed at a step boundary and sync state now, while
+            # our caller would run its next collective (a gradient) in their view: they
+            # mismatched, and every node exited. Fail it here, before it takes a sequence
+            # number or aborts anything, so that the caller re-forms (taking this view as it
+            # is) and syncs like the others.
+            raise PeerFailedError(f"two rings of this job merged into generation "
+                                  f"{view.generation}: re-form and sync state first",
+                                  generation=view.generation, collective=self._sequence)
         sequence = self._sequence
         self._sequence += 1
         self._ran_in = view.generation

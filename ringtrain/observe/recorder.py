@@ -178,9 +178,13 @@ class FlightRecorder:
         changes = "; ".join(part for part in (
             f"joined: {', '.join(joined)}" if joined else "",
             f"left: {', '.join(left)}" if left else "") if part)
+        met = tuple(getattr(view, "met", ()))
+        merged = f"; two rings of this job met and merged, from the other ring: " \
+            f"{', '.join(met)}; all go on from the model of the member furthest ahead" \
+            if met else ""
         self.event("re-formed", f"ring re-formed: {len(members)} members, generation "
-                   f"{view.generation} ({changes or 'same members'})",
-                   joined=joined, left=left, **fields)
+                   f"{view.generation} ({changes or 'same members'}){merged}",
+                   joined=joined, left=left, met=list(met), **fields)
 
     def suspected(self, peer: str, reason: str) -> None:
         """This node suspects ``peer`` of having failed (when a collective just failed, the

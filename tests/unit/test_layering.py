@@ -50,7 +50,7 @@ LAYERS: dict[str, int] = {
     # observe: the recorder sits low (the runner feeds it); the rest is tooling
     "observe": 0, "observe.analysis": 0, "observe.recorder": 1, "observe.timeline": 1,
     "observe.metrics": 1, "observe.status": 2, "observe.diagnose": 2, "observe.observer": 4,
-    "lab.hostile": 5,
+    "lab.hostile": 5, "lab.restart": 5,
 }
 # benchmarks and lab tools: only entry points and other tools may import them
 TOOLING = ("bench", "lab")
