@@ -63,9 +63,12 @@ def test_a_peer_known_by_its_hello_alone_is_no_joiner_until_its_heartbeat():
     assert not newer.reform_due  # HELLO only: which ring "a" runs is not known yet
     older_lineage = f"{1:020d}.0.a"  # "a" started first: its ring wins
     assert older_lineage < newer.view.lineage
-    newer.receive("a", 1, Heartbeat(older_lineage, 1, ("a",), True, 0), 0.3)
+    newer.receive("a", 1, Heartbeat(older_lineage, 1, ("a",), True, 0, hears=("b",)), 0.3)
     newer.tick(0.4)
     assert not newer.reform_due  # a node of the winning ring never joins ours
     newer.receive("a", 1, Heartbeat("", 0, (), False, 0), 0.5)
     newer.tick(0.6)
-    assert newer.reform_due  # a node in no ring does
+    assert not newer.reform_due  # in no ring, but it does not hear us yet
+    newer.receive("a", 1, Heartbeat("", 0, (), False, 0, hears=("b",)), 0.7)
+    newer.tick(0.8)
+    assert newer.reform_due  # a node in no ring that hears every member does
