@@ -420,15 +420,20 @@ class Membership:
 
     def _lost(self, member: str) -> bool:
         """Whether a member of our view will never vote in our instance: its process
-        restarted or was replaced, or it runs another lineage's view that it cannot leave
-        for ours (the winning lineage, or a generation no lower than ours)."""
+        restarted or was replaced, it left our view (evicted, or it abandoned it as dead),
+        or it runs another lineage's view that it cannot leave for ours (the winning
+        lineage, or a generation no lower than ours)."""
         view = self.view
         state = self.peers.get(member)
         if view is None or state is None:
             return True
         if state.incarnation != view.incarnations[view.members.index(member)] or state.left:
             return True  # restarted, replaced, or it said Leave (a leaving node never votes)
-        return state.lineage not in ("", view.lineage) and (
+        if state.lineage == view.lineage:
+            # out of this very view: it reset its instance and installs only newer views,
+            # so it never votes in ours again; counting it would wait for it for ever
+            return state.generation == view.generation and not state.in_view
+        return state.lineage != "" and (
             (state.in_view and state.lineage < view.lineage)
             or state.generation >= view.generation)
 
