@@ -88,6 +88,7 @@ class World:
         self.accepted_seen: dict[tuple, set[str]] = {}  # (to, lineage, gen, ballot) -> from
         self.log: list[str] = []
         self._changed = False
+        self.calm = False  # the faults stopped
         for k in range(n):
             endpoint = f"e{k}"
             self._start(endpoint, f"n{k}")
@@ -206,6 +207,8 @@ class World:
             self._flush(process)
             self._note(f"{process.node_id} leaves")
             process.alive = False
+            if self.calm:  # a leave begun in the fault phase (a stall delayed it): faults
+                self._on_restart(process.endpoint)  # are over, so its device starts again
             return
         m.tick(self.now)
         if m.reform_due and not m.reforming and not m.leaving:
@@ -330,7 +333,9 @@ class World:
         self._note("heal")
 
     def _on_calm(self, _: Any) -> None:
-        """Faults stop: heal, wake, restart every crashed device, no more message faults."""
+        """Faults stop: heal, wake, restart every crashed device (and any device whose
+        graceful leave completes later), no more message faults."""
+        self.calm = True
         self.groups = {}
         self.drop = self.duplicate = 0.0
         self.events = [e for e in self.events if e.kind in ("tick", "dial", "deliver",
