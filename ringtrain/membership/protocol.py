@@ -445,13 +445,16 @@ class Membership:
 
     def _joiners(self, now: float) -> list[str]:
         """Live peers that are not (or no longer) members and may join: nodes outside any
-        ring, and the nodes of a lineage ours wins over."""
+        ring, and the nodes of a lineage ours wins over. A member that is lost to our view
+        but alive and in no ring (it left our view, or never installed it) joins too: the
+        next view names it again, at a generation it can install."""
         view = self.view
         if view is None:
             return []
         members = set(zip(view.members, view.incarnations, strict=True))
         return sorted(p for p, s in self.peers.items()
-                      if (p, s.incarnation) not in members and self.alive(p, now)
+                      if ((p, s.incarnation) not in members or self._lost(p))
+                      and self.alive(p, now)
                       and now >= s.backoff_until
                       and (not s.in_ring or (s.lineage != view.lineage
                                              and s.lineage > view.lineage)))
@@ -493,9 +496,12 @@ class Membership:
         view = self.view
         if view is None or self.evicted:
             return
-        if (beat.lineage == view.lineage and beat.in_view and beat.generation > view.generation
+        # a newer view of our lineage without us: we are left out, whether or not its sender
+        # still runs it (a view was decided to get there; it may have abandoned it since, and
+        # then nobody else may be left to tell us)
+        if (beat.lineage == view.lineage and beat.generation > view.generation
                 and self.node_id not in beat.members):
-            self._left_out(f"{peer} runs generation {beat.generation} without it")
+            self._left_out(f"{peer} installed generation {beat.generation} without it")
         elif beat.lineage != view.lineage or beat.generation < view.generation:
             self._catch_up(peer)
 
