@@ -7,7 +7,7 @@ the one heard from longest ago that is not protected (a member) is forgotten.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, ItemsView, Iterator
 from dataclasses import dataclass
 
 MAX_PEERS = 512
@@ -63,6 +63,11 @@ class Peers:
     def items(self) -> list[tuple[str, PeerState]]:
         """(node id, state) pairs, a copy."""
         return list(self._peers.items())
+
+    def scan(self) -> ItemsView[str, PeerState]:
+        """(node id, state) pairs, not a copy: for a loop that adds and forgets no peer
+        (the protocol's hot paths; another thread must use :meth:`items`)."""
+        return self._peers.items()
 
     def introduce(self, node_id: str, incarnation: int, endpoint: str, now: float,
                   protected: Callable[[str], bool]) -> tuple[PeerState, str | None]:

@@ -130,6 +130,7 @@ class Membership:
         self._installed_at = 0.0
         self._silent: set[str] = set()  # suspects charged with silence only
         self._forming: tuple[str, ...] = ()
+        self._incarnations: dict[str, int] = {}  # of the view's members
         self._forming_since = 0.0
 
     # outputs -------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class Membership:
         view = self.view
         return view is not None and any(
             s.lineage == view.lineage and s.in_view and s.generation > view.generation
-            for _, s in self.peers.items())
+            for _, s in self.peers.scan())
 
     # inputs --------------------------------------------------------------------------------
 
@@ -200,6 +201,13 @@ class Membership:
         known = self.peers.get(peer)
         if peer == self.node_id or (known is not None and incarnation < known.incarnation):
             return False
+        if known is not None and incarnation == known.incarnation and endpoint \
+                and endpoint == known.endpoint:
+            # a HELLO again (the usual case): nobody else holds this endpoint (claiming one
+            # clears it from every other peer), so only the liveness changes
+            known.left = False
+            known.last_heard = now
+            return True
         for other in self.peers.at_endpoint(endpoint, peer):
             log.warning("node %s: %s's endpoint %s now answers as %s: %s is gone",
                         self.node_id, other, endpoint, peer, other)
@@ -283,31 +291,42 @@ class Membership:
         if now - self._last_heartbeat >= self.config.heartbeat_interval:
             self._last_heartbeat = now
             self._heartbeat(now)
-        self._abandon_dead_view()
+        # who is lost depends on the view and on what peers last said, neither of which
+        # changes in this call but by an install: computed once (this runs for every tick)
+        lost = self._lost_members()
+        self._abandon_dead_view(lost)
         view = self.view
         if view is not None and not self.evicted:
+            timeout = self.config.suspect_timeout
             for member in view.members:
-                state = self.peers.get(member)
-                last = max(state.last_heard if state else 0.0, self._installed_at)
                 if member == self.node_id:
                     continue
-                if now - last > self.config.suspect_timeout:
+                state = self.peers.get(member)
+                last = max(state.last_heard if state else 0.0, self._installed_at)
+                if now - last > timeout:
                     if member not in self.suspects:
                         self._silent.add(member)
-                    self.suspect(member, f"silent for {now - last:.1f} s")
+                        self.suspect(member, f"silent for {now - last:.1f} s")
                 elif member in self._silent:
                     # heard again (a partition healed, a pause ended): silence was the only
                     # charge, so it is lifted (else two healed halves could suspect each
                     # other for ever, and neither would find a majority)
                     self._silent.discard(member)
                     self.suspects.pop(member, None)
+        installs = self.installs
         if self.forming:
             self._genesis.tick(now)
         else:
             self._instance.tick(now)
-        self.reform_due = not self.forming and (
-            bool(self.suspects) or bool(self._joiners(now))
-            or any(m != self.node_id and not self._survives(m, now) for m in self.view.members))
+        if self.forming:
+            self.reform_due = False
+            return
+        if installs != self.installs:
+            lost = self._lost_members()
+        # a suspect, a member that does not survive (_survives, with lost known), a joiner
+        self.reform_due = bool(self.suspects) or any(
+            m != self.node_id and (m in lost or not self.alive(m, now))
+            for m in self.view.members) or bool(self._joiners(now, lost))
 
     # helpers for agreement -----------------------------------------------------------------
 
@@ -341,10 +360,10 @@ class Membership:
 
     def first_view(self, now: float, round_: int) -> Decision | None:
         """A first view to propose (we are the lowest of enough settled candidates)."""
-        if any(self.alive(p, now) and s.in_ring for p, s in self.peers.items()):
+        if any(s.in_ring and self.alive(p, now) for p, s in self.peers.scan()):
             return self._wait("a ring of this job is running: waiting to be admitted")
         candidates = tuple(sorted([self.node_id] + [
-            p for p, s in self.peers.items() if self.alive(p, now) and not s.in_ring
+            p for p, s in self.peers.scan() if not s.in_ring and self.alive(p, now)
         ])[:self.config.max_size])
         if candidates != self._forming:
             self._forming, self._forming_since = candidates, now
@@ -378,7 +397,7 @@ class Membership:
             self.decision = value
             self._left_out(f"the view decided for generation {value.generation} leaves it out")
 
-    def _abandon_dead_view(self) -> None:
+    def _abandon_dead_view(self, lost: set[str]) -> None:
         """Leave a view whose lost members (restarted, or their endpoint taken by another
         process: they will never vote again) leave no quorum: it can neither train nor change,
         so this node forms a new ring with the others (never on mere silence: a silent
@@ -386,7 +405,7 @@ class Membership:
         view = self.view
         if view is None or self.evicted:
             return
-        gone = [m for m in view.members if m != self.node_id and self._lost(m)]
+        gone = [m for m in view.members if m in lost]
         if gone and not has_quorum(view.members, [m for m in view.members if m not in gone]):
             log.warning("node %s: %s of the %d members of generation %d restarted, were "
                         "replaced or run another ring: this ring can no longer change; "
@@ -427,7 +446,7 @@ class Membership:
         state = self.peers.get(member)
         if view is None or state is None:
             return True
-        if state.incarnation != view.incarnations[view.members.index(member)] or state.left:
+        if state.incarnation != self._incarnations.get(member) or state.left:
             return True  # restarted, replaced, or it said Leave (a leaving node never votes)
         if state.lineage == view.lineage:
             # out of this very view: it reset its instance and installs only newer views,
@@ -437,25 +456,36 @@ class Membership:
             (state.in_view and state.lineage < view.lineage)
             or state.generation >= view.generation)
 
+    def _lost_members(self) -> set[str]:
+        """The members of our view (but us) that will never vote in our instance."""
+        view = self.view
+        if view is None:
+            return set()
+        return {m for m in view.members if m != self.node_id and self._lost(m)}
+
     def _survives(self, member: str, now: float) -> bool:
         """A member of our view that is still itself, alive, not suspected and able to
         take part in our next view."""
         return member not in self.suspects and self.alive(member, now) \
             and not self._lost(member)
 
-    def _joiners(self, now: float) -> list[str]:
+    def _joiners(self, now: float, lost: set[str] | None = None) -> list[str]:
         """Live peers that are not (or no longer) members and may join: nodes outside any
         ring, and the nodes of a lineage ours wins over. A member that is lost to our view
         but alive and in no ring (it left our view, or never installed it) joins too: the
-        next view names it again, at a generation it can install."""
+        next view names it again, at a generation it can install. (``lost``: the lost
+        members, if the caller has them.)"""
         view = self.view
         if view is None:
             return []
-        members = set(zip(view.members, view.incarnations, strict=True))
-        return sorted(p for p, s in self.peers.items()
-                      if ((p, s.incarnation) not in members or self._lost(p))
-                      and self.alive(p, now)
+        if lost is None:
+            lost = self._lost_members()
+        members, timeout = self._incarnations, self.config.suspect_timeout
+        # (alive() inlined: this runs on every tick, for every peer)
+        return sorted(p for p, s in self.peers.scan()
+                      if not s.left and s.last_heard > 0 and now - s.last_heard <= timeout
                       and now >= s.backoff_until
+                      and (members.get(p) != s.incarnation or p in lost)
                       and (not s.in_ring or (s.lineage != view.lineage
                                              and s.lineage > view.lineage)))
 
@@ -465,7 +495,7 @@ class Membership:
         if self.forming or view is None or lineage != view.lineage \
                 or generation != view.generation or peer not in view.members:
             return False
-        return view.incarnations[view.members.index(peer)] == self._peer(peer).incarnation
+        return self._incarnations[peer] == self._peer(peer).incarnation
 
     def _catch_up(self, peer: str) -> None:
         """``peer`` speaks of an older view than ours: send it ours if it is a member."""
@@ -485,7 +515,7 @@ class Membership:
                          view.members if view else (), view is not None and not self.evicted,
                          self.sequence)
         recent = 10 * self.config.suspect_timeout
-        for peer, state in self.peers.items():
+        for peer, state in self.peers.scan():
             if not state.left and (now - state.last_heard <= recent or self._is_member(peer)):
                 self.send(peer, beat)
 
@@ -546,6 +576,7 @@ class Membership:
         ids = value.ids
         self.view = View(value.generation, ids, ids.index(self.node_id), value.lineage,
                          tuple(i for _, i in value.members))
+        self._incarnations = dict(value.members)  # member -> incarnation, for lookups
         self.decision = value
         self.installs += 1
         self.joined = joined
