@@ -14,7 +14,7 @@ MAX_PEERS = 512
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0  # seconds a repeatedly removed node waits to rejoin
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerState:
     """One peer, as this node last heard of it."""
 
@@ -46,6 +46,8 @@ class Peers:
 
     def __init__(self) -> None:
         self._peers: dict[str, PeerState] = {}
+        # get(node_id): the peer's state, or None (the dict's own get: the hottest call)
+        self.get: Callable[[str], PeerState | None] = self._peers.get
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._peers
@@ -55,10 +57,6 @@ class Peers:
 
     def __len__(self) -> int:
         return len(self._peers)
-
-    def get(self, node_id: str) -> PeerState | None:
-        """The peer's state, or None."""
-        return self._peers.get(node_id)
 
     def items(self) -> list[tuple[str, PeerState]]:
         """(node id, state) pairs, a copy."""

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 from .agreement import Genesis, Instance, has_quorum
 from .messages import (
+    NO_BALLOT,
     Accept,
     Accepted,
     Decide,
@@ -158,24 +159,27 @@ class Membership:
 
     def next_tick(self) -> float:
         """When :meth:`tick` next has work, at the latest (a time on the caller's clock)."""
-        times = [self._last_heartbeat + self.config.heartbeat_interval]
+        heartbeat = self._last_heartbeat + self.config.heartbeat_interval
         if self.forming:
-            times += [self._genesis.next_attempt, self._forming_since + self.config.settle]
+            times: tuple[float, ...] = (self._genesis.next_attempt,
+                                        self._forming_since + self.config.settle)
             if self._genesis.proposal is not None:
-                times += [self._genesis.proposal.deadline, self._genesis.proposal.resend_at]
+                times += (self._genesis.proposal.deadline, self._genesis.proposal.resend_at)
         elif self.reforming:
-            times.append(self._instance.next_attempt)
+            times = (self._instance.next_attempt,)
             if self._instance.round is not None:
-                times += [self._instance.round.deadline, self._instance.round.resend_at]
+                times += (self._instance.round.deadline, self._instance.round.resend_at)
+        else:
+            return heartbeat
         # a time already past is due now, but only once: the heartbeat bounds the rest
-        future = [t for t in times[1:] if t > self._last_tick]
-        return min([times[0], *future])
+        last = self._last_tick
+        return min([heartbeat, *[t for t in times if t > last]])
 
     @property
     def fenced(self) -> bool:
         """Whether this node promised to change its view: a collective of it must not start
         (``pending_members`` tells whether one under way may finish)."""
-        return self._instance.fenced
+        return self._instance.promised != NO_BALLOT  # Instance.fenced, one call fewer
 
     @property
     def forming(self) -> bool:
@@ -229,7 +233,8 @@ class Membership:
         state = self.peers.get(peer)
         if state is None or state.incarnation != incarnation:
             return
-        state.last_heard = max(state.last_heard, now)
+        if now > state.last_heard:
+            state.last_heard = now
         if isinstance(message, Heartbeat):
             self._on_heartbeat(peer, state, message, now)
         elif isinstance(message, Decide):
@@ -515,9 +520,10 @@ class Membership:
                          view.members if view else (), view is not None and not self.evicted,
                          self.sequence)
         recent = 10 * self.config.suspect_timeout
+        members, sends = view.members if view else (), self._sends
         for peer, state in self.peers.scan():
-            if not state.left and (now - state.last_heard <= recent or self._is_member(peer)):
-                self.send(peer, beat)
+            if not state.left and (now - state.last_heard <= recent or peer in members):
+                sends.append(Send(peer, beat))
 
     def _on_heartbeat(self, peer: str, state: PeerState, beat: Heartbeat, now: float) -> None:
         state.lineage, state.generation, state.members = beat.lineage, beat.generation, \

@@ -34,7 +34,7 @@ class Violation(AssertionError):
     """An invariant failed; the message names it, the seed and how to replay."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Process:
     """One running process of a device."""
 
