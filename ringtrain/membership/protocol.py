@@ -56,26 +56,11 @@ from .messages import (
     Release,
 )
 from .peers import Peers, PeerState
+from .views import View, joiners, lost, lost_members
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Membership", "MembershipConfig", "Send", "View", "has_quorum"]
-
-
-@dataclass(frozen=True)
-class View:
-    """One installed membership: a generation and its members in ring order."""
-
-    generation: int
-    members: tuple[str, ...]
-    rank: int  # this node's rank in ``members``
-    lineage: str = ""
-    incarnations: tuple[int, ...] = ()
-
-    @property
-    def world_size(self) -> int:
-        """Number of members."""
-        return len(self.members)
 
 
 @dataclass(frozen=True)
@@ -298,8 +283,8 @@ class Membership:
             self._heartbeat(now)
         # who is lost depends on the view and on what peers last said, neither of which
         # changes in this call but by an install: computed once (this runs for every tick)
-        lost = self._lost_members()
-        self._abandon_dead_view(lost)
+        gone = self._lost_members()
+        self._abandon_dead_view(gone)
         view = self.view
         if view is not None and not self.evicted:
             timeout = self.config.suspect_timeout
@@ -327,11 +312,11 @@ class Membership:
             self.reform_due = False
             return
         if installs != self.installs:
-            lost = self._lost_members()
-        # a suspect, a member that does not survive (_survives, with lost known), a joiner
+            gone = self._lost_members()
+        # a suspect, a member that does not survive (_survives, gone known), a joiner
         self.reform_due = bool(self.suspects) or any(
-            m != self.node_id and (m in lost or not self.alive(m, now))
-            for m in self.view.members) or bool(self._joiners(now, lost))
+            m != self.node_id and (m in gone or not self.alive(m, now))
+            for m in self.view.members) or bool(self._joiners(now, gone))
 
     # helpers for agreement -----------------------------------------------------------------
 
@@ -402,7 +387,7 @@ class Membership:
             self.decision = value
             self._left_out(f"the view decided for generation {value.generation} leaves it out")
 
-    def _abandon_dead_view(self, lost: set[str]) -> None:
+    def _abandon_dead_view(self, lost_to_view: set[str]) -> None:
         """Leave a view whose lost members (restarted, or their endpoint taken by another
         process: they will never vote again) leave no quorum: it can neither train nor change,
         so this node forms a new ring with the others (never on mere silence: a silent
@@ -410,7 +395,7 @@ class Membership:
         view = self.view
         if view is None or self.evicted:
             return
-        gone = [m for m in view.members if m in lost]
+        gone = [m for m in view.members if m in lost_to_view]
         if gone and not has_quorum(view.members, [m for m in view.members if m not in gone]):
             log.warning("node %s: %s of the %d members of generation %d restarted, were "
                         "replaced or run another ring: this ring can no longer change; "
@@ -442,57 +427,29 @@ class Membership:
     def _is_member(self, peer: str) -> bool:
         return self.view is not None and peer in self.view.members
 
-    def _lost(self, member: str) -> bool:
-        """Whether a member of our view will never vote in our instance: its process
-        restarted or was replaced, it left our view (evicted, or it abandoned it as dead),
-        or it runs another lineage's view that it cannot leave for ours (the winning
-        lineage, or a generation no lower than ours)."""
-        view = self.view
-        state = self.peers.get(member)
-        if view is None or state is None:
-            return True
-        if state.incarnation != self._incarnations.get(member) or state.left:
-            return True  # restarted, replaced, or it said Leave (a leaving node never votes)
-        if state.lineage == view.lineage:
-            # out of this very view: it reset its instance and installs only newer views,
-            # so it never votes in ours again; counting it would wait for it for ever
-            return state.generation == view.generation and not state.in_view
-        return state.lineage != "" and (
-            (state.in_view and state.lineage < view.lineage)
-            or state.generation >= view.generation)
-
     def _lost_members(self) -> set[str]:
         """The members of our view (but us) that will never vote in our instance."""
         view = self.view
         if view is None:
             return set()
-        return {m for m in view.members if m != self.node_id and self._lost(m)}
+        return lost_members(view, self.node_id, self._incarnations, self.peers.get)
 
     def _survives(self, member: str, now: float) -> bool:
         """A member of our view that is still itself, alive, not suspected and able to
         take part in our next view."""
-        return member not in self.suspects and self.alive(member, now) \
-            and not self._lost(member)
+        return member not in self.suspects and self.alive(member, now) and not lost(
+            self.view, self._incarnations.get(member), self.peers.get(member))
 
-    def _joiners(self, now: float, lost: set[str] | None = None) -> list[str]:
-        """Live peers that are not (or no longer) members and may join: nodes outside any
-        ring, and the nodes of a lineage ours wins over. A member that is lost to our view
-        but alive and in no ring (it left our view, or never installed it) joins too: the
-        next view names it again, at a generation it can install. (``lost``: the lost
-        members, if the caller has them.)"""
+    def _joiners(self, now: float, lost_to_view: set[str] | None = None) -> list[str]:
+        """Live peers the next view should name besides the survivors (``views.joiners``;
+        ``lost_to_view``: the lost members, if the caller has them)."""
         view = self.view
         if view is None:
             return []
-        if lost is None:
-            lost = self._lost_members()
-        members, timeout = self._incarnations, self.config.suspect_timeout
-        # (alive() inlined: this runs on every tick, for every peer)
-        return sorted(p for p, s in self.peers.scan()
-                      if not s.left and s.last_heard > 0 and now - s.last_heard <= timeout
-                      and now >= s.backoff_until
-                      and (members.get(p) != s.incarnation or p in lost)
-                      and (not s.in_ring or (s.lineage != view.lineage
-                                             and s.lineage > view.lineage)))
+        if lost_to_view is None:
+            lost_to_view = self._lost_members()
+        return joiners(view, self._incarnations, lost_to_view, self.peers.scan(), now,
+                       self.config.suspect_timeout)
 
     def _in_instance(self, peer: str, lineage: str, generation: int) -> bool:
         """Whether ``peer`` is an acceptor of the instance (lineage, generation) we run."""
