@@ -56,7 +56,7 @@ from .messages import (
     Release,
 )
 from .peers import Peers, PeerState
-from .views import View, joiners, lost, lost_members
+from .views import View, joiners, lost, lost_members, other_ring
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,7 @@ class Membership:
                     # other for ever, and neither would find a majority)
                     self._silent.discard(member)
                     self.suspects.pop(member, None)
+            self._leave_for_running_ring(gone, now)
         installs = self.installs
         if self.forming:
             self._genesis.tick(now)
@@ -401,10 +402,33 @@ class Membership:
                         "replaced or run another ring: this ring can no longer change; "
                         "forming a new one",
                         self.node_id, ", ".join(gone), view.world_size, view.generation)
-            self.evicted = True
-            self.suspects.clear()
-            self.reforming = False
-            self._instance.reset()
+            self._leave_view()
+
+    def _leave_for_running_ring(self, lost_to_view: set[str], now: float) -> None:
+        """Leave a view that cannot change now for another ring of this job within reach
+        (``views.other_ring``: why this is safe, and needed)."""
+        view = self.view
+        assert view is not None
+        if not self.suspects and not lost_to_view:
+            return  # (the usual case, on every tick: a member silent long enough is suspected)
+        live = [m for m in view.members if m == self.node_id or (
+            m not in lost_to_view and m not in self.suspects and self.alive(m, now))]
+        ring = None if has_quorum(view.members, live) else other_ring(
+            view, self.peers.scan(), lambda p: self.alive(p, now))
+        if ring is None:
+            return
+        log.warning("node %s: generation %d has no quorum within reach (%d of %d members) "
+                    "while %s runs another ring of this job: leaving it to join that one",
+                    self.node_id, view.generation, len(live), view.world_size, ring)
+        self._leave_view()
+
+    def _leave_view(self) -> None:
+        """Stop running our view (evicted): no votes in it; we join or form a ring anew."""
+        self.evicted = True
+        self.suspects.clear()
+        self._silent.clear()
+        self.reforming = False
+        self._instance.reset()
 
     # internals -----------------------------------------------------------------------------
 
@@ -502,11 +526,7 @@ class Membership:
         """A newer view of our lineage leaves us out: we join anew."""
         log.warning("node %s was left out of its ring (%s): it will rejoin as a new member",
                     self.node_id, why)
-        self.evicted = True
-        self.suspects.clear()
-        self._silent.clear()
-        self.reforming = False
-        self._instance.reset()
+        self._leave_view()
 
     def _on_decide(self, peer: str, msg: Decide, now: float) -> None:
         value, view = msg.value, self.view

@@ -88,3 +88,22 @@ def joiners(view: View, incarnations: dict[str, int], lost_to_view: set[str],
                   and (incarnations.get(p) != s.incarnation or p in lost_to_view)
                   and (not s.in_ring or (s.lineage != view.lineage
                                          and s.lineage > view.lineage)))
+
+
+def other_ring(view: View, peers: Iterable[tuple[str, PeerState]],
+               alive: Callable[[str], bool]) -> str | None:
+    """A live peer running a ring of another lineage of this job, if any: called when the
+    members of ``view`` within reach (alive, not suspected, not lost) are no quorum, so the
+    view cannot change now. The caller then leaves ``view`` and joins that ring.
+
+    Safe: leaving a view only ends this node's votes in it (Paxos is safe whoever stops
+    voting), and joining a ring that already runs adds no group that trains (every ring is
+    at least ``min_size``, so the strict per-job rule is untouched). Needed: a member that
+    vanished without a trace (its Leave lost in a partition, its device back under another
+    id and endpoint) is silent for ever but never lost, and it held the last member of the
+    winning lineage, which no other ring joins (seed 24730). Not done without another ring
+    in sight: forming a new one on silence alone would split a job whose silent majority
+    is alive across a partition and moving on (seed 11118 waits for that reason).
+    """
+    return next((p for p, s in peers
+                 if s.in_ring and s.lineage != view.lineage and alive(p)), None)
