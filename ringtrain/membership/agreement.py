@@ -292,8 +292,12 @@ class Genesis:
         if self.locked is not None and self.locked[1] == peer and msg.ballot[0] > int(
                 self.locked[0].split(".")[1]):
             self.locked = None  # its proposer moved on to a newer proposal (a lost Release)
-        if m.leaving or not m.forming or (self.locked is not None
-                                          and self.locked != (msg.lineage, peer)):
+        # a view we could not install (its generation is not above ours: a node's generations
+        # only grow) must not be accepted: its proposer would run it without us, for ever.
+        # The refusal frees the proposer; our heartbeats tell it our generation meanwhile.
+        behind = m.view is not None and value.generation <= m.view.generation
+        if m.leaving or not m.forming or behind or (self.locked is not None
+                                                    and self.locked != (msg.lineage, peer)):
             m.send(peer, Nack(msg.lineage, 0, msg.ballot, NO_BALLOT))
             return
         if any(member != m.node_id and not m.alive(member, now) for member in value.ids):

@@ -7,14 +7,14 @@ the one heard from longest ago that is not protected (a member) is forgotten.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, ItemsView, Iterator
 from dataclasses import dataclass
 
 MAX_PEERS = 512
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0  # seconds a repeatedly removed node waits to rejoin
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerState:
     """One peer, as this node last heard of it."""
 
@@ -49,6 +49,8 @@ class Peers:
 
     def __init__(self) -> None:
         self._peers: dict[str, PeerState] = {}
+        # get(node_id): the peer's state, or None (the dict's own get: the hottest call)
+        self.get: Callable[[str], PeerState | None] = self._peers.get
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._peers
@@ -59,13 +61,14 @@ class Peers:
     def __len__(self) -> int:
         return len(self._peers)
 
-    def get(self, node_id: str) -> PeerState | None:
-        """The peer's state, or None."""
-        return self._peers.get(node_id)
-
     def items(self) -> list[tuple[str, PeerState]]:
         """(node id, state) pairs, a copy."""
         return list(self._peers.items())
+
+    def scan(self) -> ItemsView[str, PeerState]:
+        """(node id, state) pairs, not a copy: for a loop that adds and forgets no peer
+        (the protocol's hot paths; another thread must use :meth:`items`)."""
+        return self._peers.items()
 
     def introduce(self, node_id: str, incarnation: int, endpoint: str, now: float,
                   protected: Callable[[str], bool]) -> tuple[PeerState, str | None]:

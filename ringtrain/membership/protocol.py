@@ -43,6 +43,7 @@ from typing import NamedTuple
 from .agreement import Genesis, Instance, has_quorum
 from .messages import (
     MAX_MEMBERS,
+    NO_BALLOT,
     Accept,
     Accepted,
     Decide,
@@ -56,27 +57,11 @@ from .messages import (
     Release,
 )
 from .peers import Peers, PeerState
+from .views import View, joiners, lost, lost_members, other_ring
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Membership", "MembershipConfig", "Send", "View", "has_quorum"]
-
-
-@dataclass(frozen=True)
-class View:
-    """One installed membership: a generation and its members in ring order."""
-
-    generation: int
-    members: tuple[str, ...]
-    rank: int  # this node's rank in ``members``
-    lineage: str = ""
-    incarnations: tuple[int, ...] = ()
-    met: tuple[str, ...] = ()  # members that ran another ring of this job just before
-
-    @property
-    def world_size(self) -> int:
-        """Number of members."""
-        return len(self.members)
 
 
 @dataclass(frozen=True)
@@ -132,6 +117,7 @@ class Membership:
         self._installed_at = 0.0
         self._silent: set[str] = set()  # suspects charged with silence only
         self._forming: tuple[str, ...] = ()
+        self._incarnations: dict[str, int] = {}  # of the view's members
         self._forming_since = 0.0
 
     # outputs -------------------------------------------------------------------------------
@@ -159,24 +145,27 @@ class Membership:
 
     def next_tick(self) -> float:
         """When :meth:`tick` next has work, at the latest (a time on the caller's clock)."""
-        times = [self._last_heartbeat + self.config.heartbeat_interval]
+        heartbeat = self._last_heartbeat + self.config.heartbeat_interval
         if self.forming:
-            times += [self._genesis.next_attempt, self._forming_since + self.config.settle]
+            times: tuple[float, ...] = (self._genesis.next_attempt,
+                                        self._forming_since + self.config.settle)
             if self._genesis.proposal is not None:
-                times += [self._genesis.proposal.deadline, self._genesis.proposal.resend_at]
+                times += (self._genesis.proposal.deadline, self._genesis.proposal.resend_at)
         elif self.reforming:
-            times.append(self._instance.next_attempt)
+            times = (self._instance.next_attempt,)
             if self._instance.round is not None:
-                times += [self._instance.round.deadline, self._instance.round.resend_at]
+                times += (self._instance.round.deadline, self._instance.round.resend_at)
+        else:
+            return heartbeat
         # a time already past is due now, but only once: the heartbeat bounds the rest
-        future = [t for t in times[1:] if t > self._last_tick]
-        return min([times[0], *future])
+        last = self._last_tick
+        return min([heartbeat, *[t for t in times if t > last]])
 
     @property
     def fenced(self) -> bool:
         """Whether this node promised to change its view: a collective of it must not start
         (``pending_members`` tells whether one under way may finish)."""
-        return self._instance.fenced
+        return self._instance.promised != NO_BALLOT  # Instance.fenced, one call fewer
 
     @property
     def forming(self) -> bool:
@@ -192,7 +181,7 @@ class Membership:
         view = self.view
         return view is not None and any(
             s.lineage == view.lineage and s.in_view and s.generation > view.generation
-            for _, s in self.peers.items())
+            for _, s in self.peers.scan())
 
     # inputs --------------------------------------------------------------------------------
 
@@ -202,6 +191,13 @@ class Membership:
         known = self.peers.get(peer)
         if peer == self.node_id or (known is not None and incarnation < known.incarnation):
             return False
+        if known is not None and incarnation == known.incarnation and endpoint \
+                and endpoint == known.endpoint:
+            # a HELLO again (the usual case): nobody else holds this endpoint (claiming one
+            # clears it from every other peer), so only the liveness changes
+            known.left = False
+            known.last_heard = now
+            return True
         for other in self.peers.at_endpoint(endpoint, peer):
             log.warning("node %s: %s's endpoint %s now answers as %s: %s is gone",
                         self.node_id, other, endpoint, peer, other)
@@ -223,7 +219,8 @@ class Membership:
         state = self.peers.get(peer)
         if state is None or state.incarnation != incarnation:
             return
-        state.last_heard = max(state.last_heard, now)
+        if now > state.last_heard:
+            state.last_heard = now
         if isinstance(message, Heartbeat):
             self._on_heartbeat(peer, state, message, now)
         elif isinstance(message, Decide):
@@ -288,31 +285,43 @@ class Membership:
         if now - self._last_heartbeat >= self.config.heartbeat_interval:
             self._last_heartbeat = now
             self._heartbeat(now)
-        self._abandon_dead_view()
+        # who is lost depends on the view and on what peers last said, neither of which
+        # changes in this call but by an install: computed once (this runs for every tick)
+        gone = self._lost_members()
+        self._abandon_dead_view(gone)
         view = self.view
         if view is not None and not self.evicted:
+            timeout = self.config.suspect_timeout
             for member in view.members:
-                state = self.peers.get(member)
-                last = max(state.last_heard if state else 0.0, self._installed_at)
                 if member == self.node_id:
                     continue
-                if now - last > self.config.suspect_timeout:
+                state = self.peers.get(member)
+                last = max(state.last_heard if state else 0.0, self._installed_at)
+                if now - last > timeout:
                     if member not in self.suspects:
                         self._silent.add(member)
-                    self.suspect(member, f"silent for {now - last:.1f} s")
+                        self.suspect(member, f"silent for {now - last:.1f} s")
                 elif member in self._silent:
                     # heard again (a partition healed, a pause ended): silence was the only
                     # charge, so it is lifted (else two healed halves could suspect each
                     # other for ever, and neither would find a majority)
                     self._silent.discard(member)
                     self.suspects.pop(member, None)
+            self._leave_for_running_ring(gone, now)
+        installs = self.installs
         if self.forming:
             self._genesis.tick(now)
         else:
             self._instance.tick(now)
-        self.reform_due = not self.forming and (
-            bool(self.suspects) or bool(self._joiners(now))
-            or any(m != self.node_id and not self._survives(m, now) for m in self.view.members))
+        if self.forming:
+            self.reform_due = False
+            return
+        if installs != self.installs:
+            gone = self._lost_members()
+        # a suspect, a member that does not survive (_survives, gone known), a joiner
+        self.reform_due = bool(self.suspects) or any(
+            m != self.node_id and (m in gone or not self.alive(m, now))
+            for m in self.view.members) or bool(self._joiners(now, gone))
 
     # helpers for agreement -----------------------------------------------------------------
 
@@ -346,10 +355,10 @@ class Membership:
 
     def first_view(self, now: float, round_: int) -> Decision | None:
         """A first view to propose (we are the lowest of enough settled candidates)."""
-        if any(self.alive(p, now) and s.in_ring for p, s in self.peers.items()):
+        if any(s.in_ring and self.alive(p, now) for p, s in self.peers.scan()):
             return self._wait("a ring of this job is running: waiting to be admitted")
         candidates = tuple(sorted([self.node_id] + [
-            p for p, s in self.peers.items() if self.alive(p, now) and not s.in_ring
+            p for p, s in self.peers.scan() if not s.in_ring and self.alive(p, now)
         ])[:self.config.max_size])
         if candidates != self._forming:
             self._forming, self._forming_since = candidates, now
@@ -383,7 +392,7 @@ class Membership:
             self.decision = value
             self._left_out(f"the view decided for generation {value.generation} leaves it out")
 
-    def _abandon_dead_view(self) -> None:
+    def _abandon_dead_view(self, lost_to_view: set[str]) -> None:
         """Leave a view whose lost members (restarted, or their endpoint taken by another
         process: they will never vote again) leave no quorum: it can neither train nor change,
         so this node forms a new ring with the others (never on mere silence: a silent
@@ -391,16 +400,39 @@ class Membership:
         view = self.view
         if view is None or self.evicted:
             return
-        gone = [m for m in view.members if m != self.node_id and self._lost(m)]
+        gone = [m for m in view.members if m in lost_to_view]
         if gone and not has_quorum(view.members, [m for m in view.members if m not in gone]):
             log.warning("node %s: %s of the %d members of generation %d restarted, were "
                         "replaced or run another ring: this ring can no longer change; "
                         "forming a new one",
                         self.node_id, ", ".join(gone), view.world_size, view.generation)
-            self.evicted = True
-            self.suspects.clear()
-            self.reforming = False
-            self._instance.reset()
+            self._leave_view()
+
+    def _leave_for_running_ring(self, lost_to_view: set[str], now: float) -> None:
+        """Leave a view that cannot change now for another ring of this job within reach
+        (``views.other_ring``: why this is safe, and needed)."""
+        view = self.view
+        assert view is not None
+        if not self.suspects and not lost_to_view:
+            return  # (the usual case, on every tick: a member silent long enough is suspected)
+        live = [m for m in view.members if m == self.node_id or (
+            m not in lost_to_view and m not in self.suspects and self.alive(m, now))]
+        ring = None if has_quorum(view.members, live) else other_ring(
+            view, self.peers.scan(), lambda p: self.alive(p, now))
+        if ring is None:
+            return
+        log.warning("node %s: generation %d has no quorum within reach (%d of %d members) "
+                    "while %s runs another ring of this job: leaving it to join that one",
+                    self.node_id, view.generation, len(live), view.world_size, ring)
+        self._leave_view()
+
+    def _leave_view(self) -> None:
+        """Stop running our view (evicted): no votes in it; we join or form a ring anew."""
+        self.evicted = True
+        self.suspects.clear()
+        self._silent.clear()
+        self.reforming = False
+        self._instance.reset()
 
     # internals -----------------------------------------------------------------------------
 
@@ -423,45 +455,31 @@ class Membership:
     def _is_member(self, peer: str) -> bool:
         return self.view is not None and peer in self.view.members
 
-    def _lost(self, member: str) -> bool:
-        """Whether a member of our view will never vote in our instance: its process
-        restarted or was replaced, or it runs another lineage's view that it cannot leave
-        for ours (the winning lineage, or a generation no lower than ours)."""
+    def _lost_members(self) -> set[str]:
+        """The members of our view (but us) that will never vote in our instance."""
         view = self.view
-        state = self.peers.get(member)
-        if view is None or state is None:
-            return True
-        if state.incarnation != view.incarnations[view.members.index(member)] or state.left:
-            return True  # restarted, replaced, or it said Leave (a leaving node never votes)
-        return state.lineage not in ("", view.lineage) and (
-            (state.in_view and state.lineage < view.lineage)
-            or state.generation >= view.generation)
+        if view is None:
+            return set()
+        return lost_members(view, self.node_id, self._incarnations, self.peers.get)
 
     def _survives(self, member: str, now: float) -> bool:
         """A member of our view that is still itself, alive, not suspected and able to
         take part in our next view."""
-        return member not in self.suspects and self.alive(member, now) \
-            and not self._lost(member) and not self._peer(member).leaving
+        return member not in self.suspects and self.alive(member, now) and not lost(
+            self.view, self._incarnations.get(member), self.peers.get(member)) \
+            and not self._peer(member).leaving
 
-    def _joiners(self, now: float) -> list[str]:
-        """Live peers that are not (or no longer) members and may join: nodes outside any
-        ring, and the nodes of a lineage ours wins over. Only peers whose heartbeat said
-        which view they run: a peer known by its HELLO alone may run a ring that wins over
-        ours (two halves of a split start meeting), and proposing it would make each ring
-        admit a node of the other. And only once it hears every member that stays (so each
-        of them admitted its HELLO and it theirs: a joiner only we know would stall the new
-        view's first collective)."""
+    def _joiners(self, now: float, lost_to_view: set[str] | None = None) -> list[str]:
+        """Live peers the next view should name besides the survivors (``views.joiners``;
+        ``lost_to_view``: the lost members, if the caller has them)."""
         view = self.view
         if view is None:
             return []
-        members = set(zip(view.members, view.incarnations, strict=True))
+        if lost_to_view is None:
+            lost_to_view = self._lost_members()
         staying = {m for m in view.members if m == self.node_id or self._survives(m, now)}
-        return sorted(p for p, s in self.peers.items()
-                      if (p, s.incarnation) not in members and self.alive(p, now)
-                      and s.heard_view and staying - {p} <= s.hears
-                      and now >= s.backoff_until
-                      and (not s.in_ring or (s.lineage != view.lineage
-                                             and s.lineage > view.lineage)))
+        return joiners(view, self._incarnations, lost_to_view, staying, self.peers.scan(),
+                       now, self.config.suspect_timeout)
 
     def _in_instance(self, peer: str, lineage: str, generation: int) -> bool:
         """Whether ``peer`` is an acceptor of the instance (lineage, generation) we run."""
@@ -469,7 +487,7 @@ class Membership:
         if self.forming or view is None or lineage != view.lineage \
                 or generation != view.generation or peer not in view.members:
             return False
-        return view.incarnations[view.members.index(peer)] == self._peer(peer).incarnation
+        return self._incarnations[peer] == self._peer(peer).incarnation
 
     def _catch_up(self, peer: str) -> None:
         """``peer`` speaks of an older view than ours: send it ours if it is a member."""
@@ -491,9 +509,10 @@ class Membership:
                          tuple(sorted(p for p, s in self.peers.items()
                                       if self.alive(p, now)))[:MAX_MEMBERS])
         recent = 10 * self.config.suspect_timeout
-        for peer, state in self.peers.items():
-            if not state.left and (now - state.last_heard <= recent or self._is_member(peer)):
-                self.send(peer, beat)
+        members, sends = view.members if view else (), self._sends
+        for peer, state in self.peers.scan():
+            if not state.left and (now - state.last_heard <= recent or peer in members):
+                sends.append(Send(peer, beat))
 
     def _on_heartbeat(self, peer: str, state: PeerState, beat: Heartbeat, now: float) -> None:
         state.heard_view = True
@@ -505,9 +524,12 @@ class Membership:
         view = self.view
         if view is None or self.evicted:
             return
-        if (beat.lineage == view.lineage and beat.in_view and beat.generation > view.generation
+        # a newer view of our lineage without us: we are left out, whether or not its sender
+        # still runs it (a view was decided to get there; it may have abandoned it since, and
+        # then nobody else may be left to tell us)
+        if (beat.lineage == view.lineage and beat.generation > view.generation
                 and self.node_id not in beat.members):
-            self._left_out(f"{peer} runs generation {beat.generation} without it")
+            self._left_out(f"{peer} installed generation {beat.generation} without it")
         elif beat.lineage != view.lineage or beat.generation < view.generation:
             self._catch_up(peer)
 
@@ -515,11 +537,7 @@ class Membership:
         """A newer view of our lineage leaves us out: we join anew."""
         log.warning("node %s was left out of its ring (%s): it will rejoin as a new member",
                     self.node_id, why)
-        self.evicted = True
-        self.suspects.clear()
-        self._silent.clear()
-        self.reforming = False
-        self._instance.reset()
+        self._leave_view()
 
     def _on_decide(self, peer: str, msg: Decide, now: float) -> None:
         value, view = msg.value, self.view
@@ -558,6 +576,7 @@ class Membership:
                         and s.in_view and s.lineage not in ("", value.lineage))
         self.view = View(value.generation, ids, ids.index(self.node_id), value.lineage,
                          tuple(i for _, i in value.members), met)
+        self._incarnations = dict(value.members)  # member -> incarnation, for lookups
         self.decision = value
         self.installs += 1
         self.joined = joined

@@ -87,6 +87,8 @@ def main() -> int:
     elapsed = time.monotonic() - started
     for seed, failure in failures[:20]:
         print(f"--- seed {seed}\n{failure}\n")
+    if failures:
+        print("failed seeds:", " ".join(str(seed) for seed, _ in failures))
     print(f"{args.schedules} schedules, {len(failures)} failed, {elapsed:.1f} s "
           f"({args.workers} workers)")
     return 1 if failures else 0

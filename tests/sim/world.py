@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ class Violation(AssertionError):
     """An invariant failed; the message names it, the seed and how to replay."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Process:
     """One running process of a device."""
 
@@ -48,14 +49,13 @@ class Process:
     installs: int = 0
     leaving_at: float | None = None
     fenced: bool = False
+    evicted: bool = False
 
 
-@dataclass(order=True)
-class Event:
-    time: float
-    order: int
-    kind: str = field(compare=False)
-    data: Any = field(compare=False, default=None)
+# An event is a tuple (time, order, kind, data): tuples compare in C, and ``order`` (unique,
+# growing) breaks ties so that kind and data are never compared.
+Event = tuple[float, int, str, Any]
+KEPT_AFTER_CALM = frozenset({"tick", "dial", "deliver", "hello", "resume"})
 
 
 class World:
@@ -68,10 +68,13 @@ class World:
         self.trace = trace
         rng = self.rng
         n = self.devices
-        # strict genesis (first view needs a majority of the devices) in some schedules
+        # strict (every ring needs a majority of the devices) in some schedules: what
+        # `ringtrain node --min-nodes M` runs with M > devices / 2 (it sets the first view's
+        # size and the least ring size both to M); the others let rings shrink to one node
         self.strict = rng.random() < 0.3
         form = n // 2 + 1 if self.strict else rng.randint(1, max(1, min(2, n)))
-        self.config = MembershipConfig(form_size=form, min_size=1, max_size=64,
+        self.config = MembershipConfig(form_size=form, min_size=form if self.strict else 1,
+                                       max_size=64,
                                        settle=rng.choice([0.0, 0.3]), **CONFIG)
         self.drop = rng.choice([0.0, 0.01, 0.05, 0.15])
         self.duplicate = rng.choice([0.0, 0.02, 0.1])
@@ -88,6 +91,8 @@ class World:
         self.accepted_seen: dict[tuple, set[str]] = {}  # (to, lineage, gen, ballot) -> from
         self.log: list[str] = []
         self._changed = False
+        self._epoch = 0  # grows whenever _converged() may change its answer
+        self.calm = False  # the faults stopped
         for k in range(n):
             endpoint = f"e{k}"
             self._start(endpoint, f"n{k}")
@@ -102,7 +107,7 @@ class World:
 
     def _at(self, time: float, kind: str, data: Any = None) -> None:
         self._order += 1
-        heapq.heappush(self.events, Event(time, self._order, kind, data))
+        heapq.heappush(self.events, (time, self._order, kind, data))
 
     def _start(self, endpoint: str, node_id: str) -> Process:
         incarnation = self.next_incarnation
@@ -114,6 +119,7 @@ class World:
             raise AssertionError("two live processes with one id")
         self.processes[endpoint] = process
         self.by_id[node_id] = process
+        self._epoch += 1
         self._at(self.now + self.rng.uniform(0, 0.05), "tick", process)
         self._at(self.now + self.rng.uniform(0, 0.05), "dial", process)
         self._note(f"start {node_id}#{incarnation} at {endpoint}")
@@ -140,16 +146,22 @@ class World:
         return self.groups.get(a, 0) == self.groups.get(b, 0)
 
     def _send(self, source: Process, to: str, message: Message) -> None:
+        # the hottest path of the simulator: a message is most events of a schedule
         target = self.by_id.get(to)
-        if target is None or not self._connected(source.endpoint, target.endpoint):
+        groups = self.groups
+        if target is None or (groups and groups.get(source.endpoint, 0)
+                              != groups.get(target.endpoint, 0)):
             return
-        copies = 1 + (self.rng.random() < self.duplicate)
+        random = self.rng.random
+        copies = 2 if random() < self.duplicate else 1
+        data = (source.node_id, source.incarnation, source.endpoint, to, message)
         for _ in range(copies):
-            if self.rng.random() < self.drop:
+            if random() < self.drop:
                 continue
-            delay = self.delay * (1 + self.rng.expovariate(1.0))
-            self._at(self.now + delay, "deliver",
-                     (source.node_id, source.incarnation, source.endpoint, to, message))
+            # the delay's tail is exponential (rng.expovariate(1.0), inlined: same numbers)
+            delay = self.delay * (1 - math.log(1.0 - random()))
+            self._order += 1
+            heapq.heappush(self.events, (self.now + delay, self._order, "deliver", data))
 
     # --- running ------------------------------------------------------------------------------
 
@@ -159,17 +171,24 @@ class World:
         self._at(end_faults, "calm")
         deadline = None
         stable_since = None
-        while self.events:
-            event = heapq.heappop(self.events)
-            self.now = event.time
-            getattr(self, f"_on_{event.kind}")(event.data)
+        handlers = {kind: getattr(self, f"_on_{kind}") for kind in (
+            "tick", "dial", "hello", "deliver", "resume", "crash", "restart", "stall", "leave",
+            "partition", "isolate", "heal", "calm")}
+        pop, events = heapq.heappop, self.events
+        converged, epoch = False, -1
+        while events:
+            self.now, _, kind, data = pop(events)
+            handlers[kind](data)
             if self._changed:  # a view installed or a promise made: who can train changed
                 self._changed = False
                 self._check_safety()
-            if event.kind == "calm":
+            if kind == "calm":
+                events = self.events  # calm filtered the queue into a new list
                 deadline = self.now + SETTLE_BOUND + self.remaining_backoff()
             if deadline is not None:
-                if self._converged():
+                if epoch != self._epoch:  # a view, a forming flag or a process changed
+                    converged, epoch = self._converged(), self._epoch
+                if converged:
                     stable_since = self.now if stable_since is None else stable_since
                     if self.now - stable_since >= QUIET:
                         self._check_bounded()
@@ -206,6 +225,9 @@ class World:
             self._flush(process)
             self._note(f"{process.node_id} leaves")
             process.alive = False
+            self._epoch += 1
+            if self.calm:  # a leave begun in the fault phase (a stall delayed it): faults
+                self._on_restart(process.endpoint)  # are over, so its device starts again
             return
         m.tick(self.now)
         if m.reform_due and not m.reforming and not m.leaving:
@@ -240,12 +262,13 @@ class World:
         target = self.by_id.get(to)
         if target is None or not target.alive:
             return
-        if not self._connected(source_endpoint, target.endpoint):
+        groups = self.groups
+        if groups and groups.get(source_endpoint, 0) != groups.get(target.endpoint, 0):
             return
         if self.now < target.stalled_until:
             target.held.append(data)
             return
-        if isinstance(message, Accepted):
+        if type(message) is Accepted:
             key = (to, target.incarnation, message.lineage, message.generation, message.ballot)
             self.accepted_seen.setdefault(key, set()).add(sender)
         target.membership.receive(sender, incarnation, message, self.now)
@@ -253,15 +276,20 @@ class World:
 
     def _flush(self, process: Process) -> None:
         m = process.membership
-        for send in m.take_sends():
-            self._send(process, send.to, send.message)
+        for to, message in m.take_sends():
+            self._send(process, to, message)
+        fenced = m.fenced
         if m.installs != process.installs:
             process.installs = m.installs
             self._on_install(process)
             self._changed = True
-        elif m.fenced != process.fenced:
+            self._epoch += 1
+        elif fenced != process.fenced:
             self._changed = True
-        process.fenced = m.fenced
+        process.fenced = fenced
+        if m.evicted != process.evicted:
+            process.evicted = m.evicted
+            self._epoch += 1
 
     # --- faults -------------------------------------------------------------------------------
 
@@ -270,6 +298,7 @@ class World:
         if process is None or not process.alive:
             return
         process.alive = False
+        self._epoch += 1
         self._note(f"crash {process.node_id}#{process.incarnation}")
         if self.rng.random() < 0.7:
             self._at(self.now + self.rng.uniform(0.1, 3.0), "restart", endpoint)
@@ -330,11 +359,12 @@ class World:
         self._note("heal")
 
     def _on_calm(self, _: Any) -> None:
-        """Faults stop: heal, wake, restart every crashed device, no more message faults."""
+        """Faults stop: heal, wake, restart every crashed device (and any device whose
+        graceful leave completes later), no more message faults."""
+        self.calm = True
         self.groups = {}
         self.drop = self.duplicate = 0.0
-        self.events = [e for e in self.events if e.kind in ("tick", "dial", "deliver",
-                                                            "hello", "resume")]
+        self.events = [e for e in self.events if e[2] in KEPT_AFTER_CALM]
         heapq.heapify(self.events)
         for endpoint, process in list(self.processes.items()):
             if self.now < process.stalled_until:
@@ -347,7 +377,7 @@ class World:
     # --- invariants ---------------------------------------------------------------------------
 
     def _fail(self, what: str) -> None:
-        raise Violation(f"{what}\nseed {self.seed} ({self.devices} devices, strict genesis "
+        raise Violation(f"{what}\nseed {self.seed} ({self.devices} devices, strict "
                         f"{self.strict}, drop {self.drop}); replay: python -m tests.sim "
                         f"--seed {self.seed} --trace\nlast events:\n" + "\n".join(self.log[-40:]))
 
@@ -392,7 +422,7 @@ class World:
 
     def _check_safety(self) -> None:
         """At most one group per lineage can train: a view whose every member runs it,
-        unfenced (strict genesis: one group over all lineages)."""
+        unfenced (strict: one group over all lineages)."""
         running: dict[tuple, list[Process]] = {}
         for process in self.by_id.values():
             m = process.membership
@@ -407,7 +437,7 @@ class World:
         if len(set(lineages)) != len(lineages):
             self._fail(f"two groups of one lineage can train: {training}")
         if self.strict and len(training) > 1:
-            self._fail(f"strict genesis, yet two groups can train: {training}")
+            self._fail(f"strict ring size, yet two groups can train: {training}")
 
     def _views(self) -> dict[str, Any]:
         return {f"{p.node_id}#{p.incarnation}": (
