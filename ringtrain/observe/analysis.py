@@ -59,6 +59,12 @@ def _waits(node: str, record: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
+BUSY_AFTER_S = 2.0
+"""A member busy outside collectives holds the others up only once they have waited this
+long: shorter, it is computing its step, as every member does (a SIGSTOPped member's successor
+looks like that for a moment, before it too waits on the stopped one)."""
+
+
 def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
     """From live statuses (node id -> its status, None if it did not answer): the node
     holding up the collective the answering nodes are stuck in, if any is running.
@@ -80,6 +86,8 @@ def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
                 what + (f" for {age:.1f} s" if isinstance(age, (int, float)) else ""))
     if not waited_on:
         return None
+    ages = [r.get("age") for r in stuck.values()]
+    waited = max((a for a in ages if isinstance(a, (int, float))), default=0.0)
 
     def verdict(peer: str) -> str | None:
         """Why ``peer`` is the end of the chain, or None if it is in the collective too."""
@@ -101,6 +109,9 @@ def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
         while peer not in seen:
             seen.add(peer)
             reason = verdict(peer)
+            if reason is not None and reason.endswith("busy outside collectives") \
+                    and waited < BUSY_AFTER_S:
+                break  # a step's computing, not a holdup (yet): look along another chain
             if reason is not None:
                 return Holdup(peer, _label(example), int(example.get("step", 0)), reason,
                               tuple(waited_on.get(peer, [])))
