@@ -80,10 +80,12 @@ KEY_CHECK_INTERVAL = 0.5  # seconds between looks for evidence of a wrong key wh
 class Work:
     """A collective started with an ``*_async`` method. :meth:`wait` returns its result."""
 
-    def __init__(self, build: Builder, timeout: float, step: int, spin: float = 0.0):
+    def __init__(self, build: Builder, timeout: float, step: int, spin: float = 0.0,
+                 generation: int | None = None):
         self.build = build
         self.timeout = timeout
         self.step = step
+        self.generation = generation  # the view it was started in (None: before any)
         self._spin = spin  # seconds wait() yields before it sleeps (Settings.spin_seconds)
         # a latch: held until the engine finishes the work (cheaper to wake than an Event,
         # which a small collective felt); every waiter passes it back on
@@ -617,8 +619,9 @@ class Node:
 
     def _submit(self, build: Builder, timeout: float | None, step: int = 0) -> Work:
         self._check_open()
+        view = self._view
         work = Work(build, self.settings.collective_timeout if timeout is None else timeout, step,
-                    self.settings.spin_seconds)
+                    self.settings.spin_seconds, None if view is None else view.generation)
         self._queue.put(work)
         self._transport.wake()
         return work
@@ -872,6 +875,13 @@ class Node:
 
     def _execute(self, work: Work) -> None:
         view = self.view
+        if work.generation is not None and work.generation != view.generation:
+            # started before the ring re-formed (say, a gradient bucket queued while backward
+            # ran on): run in the new generation it would meet another collective there
+            work._finish(error=PeerFailedError(
+                f"the ring re-formed (generation {work.generation} -> {view.generation}) "
+                f"before this collective ran; re-form and redo it", generation=view.generation))
+            return
 
         def run(sequence: int, deadline: float) -> Any:
             collective = work.build(view.rank, view.world_size)
