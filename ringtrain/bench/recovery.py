@@ -153,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {name: value for name, value in (
         ("heartbeat_timeout", args.heartbeat_timeout),
         ("progress_floor", args.progress_floor)) if value is not None}
-    settings = Settings.from_env(**overrides)
+    # the ring path, whose segments the victim counts (the small gradient would otherwise
+    # take the one-round direct all-reduce, and the victim would never die)
+    settings = Settings.from_env(direct_bytes=0, **overrides)
     if not 1 <= args.kill_step < args.steps or not 0 < args.fraction < 1:
         print("bench-recovery: need 1 <= --kill-step < --steps and 0 < --fraction < 1")
         return 2
