@@ -176,6 +176,10 @@ class Membership:
         """The member set of the change under way, if known."""
         return self._instance.pending() if self.reforming else None
 
+    def leaving_peers(self) -> set[str]:
+        """Peers whose heartbeat said they leave after their current step."""
+        return {p for p, s in self.peers.scan() if s.leaving}
+
     def newer_generation_seen(self) -> bool:
         """Whether a member of our lineage runs a newer generation (we are behind)."""
         view = self.view

@@ -846,8 +846,10 @@ class Node:
             # A change that keeps every member (a join, or a leave not yet said) lets this
             # collective finish: members that already proposed had finished it, so all their
             # data is sent. A change that drops a member ends it now.
+            # A member that said it leaves takes part in this last step of its: a change
+            # that drops only leaving members lets the step finish too.
             pending = membership.pending_members()
-            if pending is None or not set(view.members) <= set(pending):
+            if pending is None or set(view.members) - set(pending) - membership.leaving_peers():
                 return "the ring is re-forming", None
         return None
 
