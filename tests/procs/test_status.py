@@ -95,13 +95,16 @@ def test_status_of_a_four_node_ring_names_the_stopped_node(tmp_path: Path) -> No
         stranger = write_key_file(tmp_path / "other.key", JobKey.generate())
         code, strange = status(stranger, run_dir, 1.0)
         assert code == 1 and not any(s["answering"] for s in strange["nodes"].values())
-        # SIGUSR1 dumps a node's flight recorder, which names the blamed node too
-        os.kill(processes[0].pid, signal.SIGUSR1)
+        # SIGUSR1 dumps a node's flight recorder, which names the blamed node too: the stopped
+        # node's successor's (it waits on the stopped node itself; a node further on blames
+        # whom it waited on, the successor, until that one's abort arrives)
+        waiter = names[(stopped + 1) % 4]
+        os.kill(processes[(stopped + 1) % 4].pid, signal.SIGUSR1)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not list((tmp_path / "run" / "n0").glob(
+        while time.monotonic() < deadline and not list((tmp_path / "run" / waiter).glob(
                 "flight-*.json")):
             time.sleep(0.2)
-        dump = json.loads(next((tmp_path / "run" / "n0").glob("flight-*.json")).read_text())
+        dump = json.loads(next((tmp_path / "run" / waiter).glob("flight-*.json")).read_text())
         assert dump["reason"] == "SIGUSR1"
         assert dump["collectives"][-1]["suspect"] == names[stopped]
     finally:
