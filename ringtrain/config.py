@@ -35,9 +35,10 @@ class Settings:
     progress_floor: float = 2.0
     """Floor of the adaptive progress deadline."""
     heartbeat_interval: float = 0.25
-    """How often nodes send heartbeats (ZMTP pings and membership heartbeats)."""
+    """How often nodes send membership heartbeats."""
     heartbeat_timeout: float = 2.0
-    """A peer silent for this long is suspected dead; ZeroMQ drops such a connection too."""
+    """A peer silent for this long is suspected dead; an idle TCP connection this long gets
+    keepalive probes (closed after three unanswered)."""
     handshake_timeout: float = 5.0
     """Longest a connection may take to finish the ZMTP (and CURVE) handshake."""
     form_timeout: float = 60.0

@@ -19,8 +19,12 @@ Limits on everything a peer controls (see :class:`ringtrain.config.Settings`):
   rate times ``handshake_timeout`` of them exist at once; garbage and HTTP are closed at once.
 * connection count: ZeroMQ has no such option; the ZAP handler counts them and keeps them
   within budgets (see :mod:`ringtrain.comm.zap`).
-* liveness: ZMTP heartbeats, so a dead or suspended host is noticed by the transport itself;
-  reconnect back-off and a bounded linger on close.
+* liveness: TCP keepalive closes an idle connection to a host that vanished; membership
+  heartbeats (not ZMTP's) say which peers are alive. ZMTP heartbeats stay off: in libzmq
+  4.3.5 a ZMTP ping timer firing on a connection whose peer hung up while our receive queue
+  was full aborts the whole process (``Assertion failed: !_io_error``,
+  stream_engine_base.cpp:310: the ping timer calls ``out_event`` with no ``_io_error``
+  check). Reconnect back-off and a bounded linger on close.
 
 Authentication, with a job key: CURVE encryption on every connection. Every node listens with
 the server keypair derived from the job key, so dialling a node that lacks the job key fails in
@@ -70,6 +74,7 @@ log = logging.getLogger(__name__)
 
 MIN_LIBZMQ = (4, 3, 3)
 ROUTE_SEPARATOR = b"\0"
+KEEPALIVE_PROBES = 3  # unanswered one a second after the idle time: the connection is closed
 POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: enum flags' & is slow
 # CURVE payloads go in frames of this size (see try_send): 1 MiB segments in 4 pieces made a
 # 64 MiB all-reduce on the emulated 1 Gbit LAN faster in 11 of 14 interleaved pairs of
@@ -107,7 +112,7 @@ def check_libzmq() -> None:
 
 def bounded_socket(context: zmq.Context, kind: int, settings: Settings) -> zmq.Socket:
     """A socket of ``kind`` within the limits on what a peer controls (see the module
-    docstring): message size, queues bounded by the byte budget, heartbeats, handshake
+    docstring): message size, queues bounded by the byte budget, TCP keepalive, handshake
     deadline, reconnect back-off and linger."""
     s = settings
     hwm = max(2, s.queue_bytes // s.segment_bytes)
@@ -116,9 +121,11 @@ def bounded_socket(context: zmq.Context, kind: int, settings: Settings) -> zmq.S
     sock.setsockopt(zmq.MAXMSGSIZE, s.segment_bytes + HEADER_SIZE + MAX_CONTROL_BYTES)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm * 4)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, int(s.heartbeat_interval * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(s.heartbeat_timeout * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TTL, int(s.heartbeat_timeout * 2000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 0)  # never: see *liveness* in the module docstring
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, math.ceil(s.heartbeat_timeout)))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
     sock.setsockopt(zmq.HANDSHAKE_IVL, int(s.handshake_timeout * 1000))
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
