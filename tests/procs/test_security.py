@@ -420,7 +420,9 @@ def test_the_connection_cap_refuses_strangers_but_never_a_member(caplog):
             transport = node._transport
             crowd = [_dealer(context, node.endpoint, server_key)
                      for _ in range(MAX_CONNECTIONS_PER_ADDRESS + 20)]
-            _wait_for(lambda: transport._zap.refused >= 10, "refusals", 10.0)
+            # 20 over the cap: they keep dialling again after each refusal (those shut while
+            # 16 were in their handshake are not refusals of the cap), so 20 come in time
+            _wait_for(lambda: transport._zap.refused >= 20, "20 refusals", 20.0)
             # a member reconnecting: its key was admitted, so the cap does not apply to it
             public, secret = zmq.curve_keypair()
             member = context.socket(zmq.DEALER)
@@ -434,7 +436,6 @@ def test_the_connection_cap_refuses_strangers_but_never_a_member(caplog):
                       "the admitted member to be reachable", 10.0)
             assert member.recv_multipart() == [b"ping"]
             open_now = transport.open_connections("127.0.0.1")
-            refused = transport._zap.refused
             for sock in crowd:
                 sock.close(linger=0)
             _wait_for(lambda: transport.open_connections("127.0.0.1") <= 2,
@@ -444,7 +445,6 @@ def test_the_connection_cap_refuses_strangers_but_never_a_member(caplog):
     # refused while more than the cap are open (the crowd arrives at once, so the count falls
     # below the cap before the refusals catch up); the member's connection is among the open
     assert 2 <= open_now <= MAX_CONNECTIONS_PER_ADDRESS + 1
-    assert refused >= 20
     refusals = [r for r in caplog.records if "refusing new connections" in r.getMessage()]
     assert len(refusals) == 1
 
