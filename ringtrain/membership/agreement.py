@@ -142,7 +142,7 @@ class Instance:
             self._resend(now)
         if self.round is not None or not m.reforming or m.leaving or now < self.next_attempt:
             return
-        wanted = m.wanted(now)
+        wanted = m.choice.wanted(now)
         if wanted is None:
             self.next_attempt = now + m.config.round_timeout
             return
@@ -263,7 +263,7 @@ class Genesis:
         if self.proposal is not None or self.locked is not None or now < self.next_attempt \
                 or m.leaving:
             return
-        value = m.first_view(now, self.round + 1)
+        value = m.choice.first_view(now, self.round + 1)
         if value is None:
             return
         self.round += 1

@@ -30,6 +30,10 @@ Merging. Two lineages of one job that meet (a split start): the lower lineage id
 proposer started earlier) wins. Its members admit the other lineage's nodes as joiners; such
 a node installs the winner's view when a DECIDE including it comes, and says so loudly. The
 training layer then gives every member the state of the member furthest ahead.
+
+Parts. :class:`Membership` takes every input and holds the state its parts share; they do
+the work: ``choice.ViewChoice`` (the view this node would propose: who survives, who joins)
+and ``agreement`` (the instance that changes the view, and first views).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .agreement import Genesis, Instance, has_quorum
+from .choice import ViewChoice
 from .messages import (
     MAX_MEMBERS,
     NO_BALLOT,
@@ -57,7 +62,7 @@ from .messages import (
     Release,
 )
 from .peers import Peers, PeerState
-from .views import View, joiners, lost, lost_members, other_ring
+from .views import View, other_ring
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,7 @@ class Membership:
         self.view: View | None = None
         self.decision: Decision | None = None
         self.installs = 0  # grows with every view installed
+        self.incarnations: dict[str, int] = {}  # of the view's members
         self.evicted = False  # a newer view of our lineage left us out: we join anew
         self.joined = False  # the installed view admitted us into a running ring
         self.leaving = False  # we leave after the current step: no part in view changes
@@ -111,14 +117,12 @@ class Membership:
         self._retired: list[str] = []
         self._instance = Instance(self)
         self._genesis = Genesis(self)
+        self.choice = ViewChoice(self)
         self._random = random.Random(f"{node_id}/{incarnation}")
         self._last_heartbeat = -math.inf
         self._last_tick = -math.inf
         self._installed_at = 0.0
         self._silent: set[str] = set()  # suspects charged with silence only
-        self._forming: tuple[str, ...] = ()
-        self._incarnations: dict[str, int] = {}  # of the view's members
-        self._forming_since = 0.0
 
     # outputs -------------------------------------------------------------------------------
 
@@ -148,7 +152,7 @@ class Membership:
         heartbeat = self._last_heartbeat + self.config.heartbeat_interval
         if self.forming:
             times: tuple[float, ...] = (self._genesis.next_attempt,
-                                        self._forming_since + self.config.settle)
+                                        self.choice.forming_since + self.config.settle)
             if self._genesis.proposal is not None:
                 times += (self._genesis.proposal.deadline, self._genesis.proposal.resend_at)
         elif self.reforming:
@@ -206,7 +210,7 @@ class Membership:
             log.warning("node %s: %s's endpoint %s now answers as %s: %s is gone",
                         self.node_id, other, endpoint, peer, other)
             self._retire(other, f"its endpoint {endpoint} now answers as {peer}", now)
-            gone = self._peer(other)
+            gone = self.known_peer(other)
             gone.left, gone.endpoint = True, ""  # never alive again
             self._retired.append(other)
         state, replaced = self.peers.introduce(peer, incarnation, endpoint, now,
@@ -266,7 +270,8 @@ class Membership:
         if self.reforming or self.forming:
             return
         self.reforming = True
-        live = [m for m in self.view.members if m == self.node_id or self._survives(m, now)]
+        live = [m for m in self.view.members
+                if m == self.node_id or self.choice.survives(m, now)]
         rank = live.index(self.node_id) if self.node_id in live else len(live)
         self._instance.next_attempt = now + self.config.stagger * rank
 
@@ -291,7 +296,7 @@ class Membership:
             self._heartbeat(now)
         # who is lost depends on the view and on what peers last said, neither of which
         # changes in this call but by an install: computed once (this runs for every tick)
-        gone = self._lost_members()
+        gone = self.choice.lost_members()
         self._abandon_dead_view(gone)
         view = self.view
         if view is not None and not self.evicted:
@@ -321,13 +326,13 @@ class Membership:
             self.reform_due = False
             return
         if installs != self.installs:
-            gone = self._lost_members()
-        # a suspect, a member that does not survive (_survives, gone known), a joiner
+            gone = self.choice.lost_members()
+        # a suspect, a member that does not survive (ViewChoice.survives, gone known), a joiner
         self.reform_due = bool(self.suspects) or any(
             m != self.node_id and (m in gone or not self.alive(m, now))
-            for m in self.view.members) or bool(self._joiners(now, gone))
+            for m in self.view.members) or bool(self.choice.joiners(now, gone))
 
-    # helpers for agreement -----------------------------------------------------------------
+    # helpers for the parts -----------------------------------------------------------------
 
     def alive(self, peer: str, now: float) -> bool:
         """Whether ``peer`` was heard from within the suspicion timeout and has not left."""
@@ -339,46 +344,11 @@ class Membership:
         """How long to wait before proposing again: a round, plus jitter against duels."""
         return self.config.round_timeout * (1.0 + self._random.random())
 
-    def wanted(self, now: float) -> Decision | None:
-        """The view this node would propose to follow its own, or None to wait."""
-        view = self.view
-        assert view is not None
-        survivors = [m for m in view.members if m == self.node_id or self._survives(m, now)]
-        if not has_quorum(view.members, survivors):
-            return self._wait(f"waiting for a majority: {len(survivors)} of the "
-                              f"{view.world_size} members of generation {view.generation} "
-                              f"reachable")
-        joiners = self._joiners(now)[:max(0, self.config.max_size - len(survivors))]
-        ids = sorted(survivors + joiners)
-        if len(ids) < self.config.min_size:
-            return self._wait(f"waiting for nodes: {len(ids)} alive, the job needs at least "
-                              f"{self.config.min_size}")
-        generation = max([view.generation] + [self._peer(j).generation for j in joiners]) + 1
-        self.waiting = ""
-        return Decision(generation, view.lineage, self._pairs(ids))
-
-    def first_view(self, now: float, round_: int) -> Decision | None:
-        """A first view to propose (we are the lowest of enough settled candidates)."""
-        if any(s.in_ring and self.alive(p, now) for p, s in self.peers.scan()):
-            return self._wait("a ring of this job is running: waiting to be admitted")
-        candidates = tuple(sorted([self.node_id] + [
-            p for p, s in self.peers.scan() if not s.in_ring and self.alive(p, now)
-        ])[:self.config.max_size])
-        if candidates != self._forming:
-            self._forming, self._forming_since = candidates, now
-        if len(candidates) < self.config.form_size:
-            return self._wait(f"waiting for nodes: {len(candidates)} of "
-                              f"{self.config.form_size} found")
-        if len(candidates) < self.config.max_size and \
-                now - self._forming_since < self.config.settle:
-            return None
-        if candidates[0] != self.node_id:
-            return None  # the lowest candidate proposes
-        generation = max([self.view.generation if self.view else 0] + [
-            self._peer(p).generation for p in candidates if p != self.node_id]) + 1
-        self.waiting = ""
-        lineage = f"{self.incarnation:020d}.{round_}.{self.node_id}"
-        return Decision(generation, lineage, self._pairs(candidates))
+    def known_peer(self, peer: str) -> PeerState:
+        """The state of ``peer``, which must be known."""
+        state = self.peers.get(peer)
+        assert state is not None
+        return state
 
     def decided(self, value: Decision, voters: set[str], ballot: tuple[int, str],
                 now: float) -> None:
@@ -440,50 +410,8 @@ class Membership:
 
     # internals -----------------------------------------------------------------------------
 
-    def _peer(self, peer: str) -> PeerState:
-        state = self.peers.get(peer)
-        assert state is not None
-        return state
-
-    def _pairs(self, ids: list[str] | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-        return tuple((i, self.incarnation if i == self.node_id else self._peer(i).incarnation)
-                     for i in ids)
-
-    def _wait(self, why: str) -> None:
-        if why != self.waiting:
-            self.waiting = why
-            log.log(logging.WARNING if self.view else logging.INFO, "node %s: %s",
-                    self.node_id, why)
-        return None
-
     def _is_member(self, peer: str) -> bool:
         return self.view is not None and peer in self.view.members
-
-    def _lost_members(self) -> set[str]:
-        """The members of our view (but us) that will never vote in our instance."""
-        view = self.view
-        if view is None:
-            return set()
-        return lost_members(view, self.node_id, self._incarnations, self.peers.get)
-
-    def _survives(self, member: str, now: float) -> bool:
-        """A member of our view that is still itself, alive, not suspected and able to
-        take part in our next view."""
-        return member not in self.suspects and self.alive(member, now) and not lost(
-            self.view, self._incarnations.get(member), self.peers.get(member)) \
-            and not self._peer(member).leaving
-
-    def _joiners(self, now: float, lost_to_view: set[str] | None = None) -> list[str]:
-        """Live peers the next view should name besides the survivors (``views.joiners``;
-        ``lost_to_view``: the lost members, if the caller has them)."""
-        view = self.view
-        if view is None:
-            return []
-        if lost_to_view is None:
-            lost_to_view = self._lost_members()
-        staying = {m for m in view.members if m == self.node_id or self._survives(m, now)}
-        return joiners(view, self._incarnations, lost_to_view, staying, self.peers.scan(),
-                       now, self.config.suspect_timeout)
 
     def _in_instance(self, peer: str, lineage: str, generation: int) -> bool:
         """Whether ``peer`` is an acceptor of the instance (lineage, generation) we run."""
@@ -491,19 +419,19 @@ class Membership:
         if self.forming or view is None or lineage != view.lineage \
                 or generation != view.generation or peer not in view.members:
             return False
-        return self._incarnations[peer] == self._peer(peer).incarnation
+        return self.incarnations[peer] == self.known_peer(peer).incarnation
 
     def _catch_up(self, peer: str) -> None:
         """``peer`` speaks of an older view than ours: send it ours if it is a member."""
         view, decision = self.view, self.decision
         if view is not None and decision is not None and \
-                decision.includes(peer, self._peer(peer).incarnation):
+                decision.includes(peer, self.known_peer(peer).incarnation):
             self.send(peer, Decide(decision))
 
     def _retire(self, peer: str, why: str, now: float) -> None:
         if self._is_member(peer) and not self.evicted:
             self.suspect(peer, why)
-            self._peer(peer).back_off(now)
+            self.known_peer(peer).back_off(now)
 
     def _heartbeat(self, now: float) -> None:
         view = self.view
@@ -580,7 +508,7 @@ class Membership:
                         and s.in_view and s.lineage not in ("", value.lineage))
         self.view = View(value.generation, ids, ids.index(self.node_id), value.lineage,
                          tuple(i for _, i in value.members), met)
-        self._incarnations = dict(value.members)  # member -> incarnation, for lookups
+        self.incarnations = dict(value.members)  # member -> incarnation, for lookups
         self.decision = value
         self.installs += 1
         self.joined = joined

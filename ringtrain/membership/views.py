@@ -81,7 +81,7 @@ def joiners(view: View, incarnations: dict[str, int], lost_to_view: set[str],
     * members lost to ``view`` that are in no ring: they left it, or never installed it.
       Before, only non-members could join, so such a member was neither a voter nor a
       joiner: under a strict least ring size it was waited for for ever (seed 2237). The
-      next view names it at a generation above its own (``Membership.wanted``), which it
+      next view names it at a generation above its own (``ViewChoice.wanted``), which it
       can install.
 
     Each only once its heartbeat said which view it runs (a peer known by its HELLO alone
