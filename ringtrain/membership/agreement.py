@@ -13,7 +13,8 @@ proposes, every proposed node must accept it (each accepts one first view at a t
 the proposer releases it or goes silent), and only then is it decided.
 
 Both are driven by :class:`~.protocol.Membership`, which owns peers, views and the outbox;
-nothing here touches a clock, a socket or a thread.
+they ask its ``choice`` what to propose and hand what they decide to its ``installer``.
+Nothing here touches a clock, a socket or a thread.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class Instance:
             self._resend(now)
         if self.round is not None or not m.reforming or m.leaving or now < self.next_attempt:
             return
-        wanted = m.wanted(now)
+        wanted = m.choice.wanted(now)
         if wanted is None:
             self.next_attempt = now + m.config.round_timeout
             return
@@ -209,7 +210,7 @@ class Instance:
         view = m.view
         assert r is not None and r.value is not None and view is not None
         if has_quorum(view.members, r.acks):
-            m.decided(r.value, r.acks, r.ballot, now)
+            m.installer.decided(r.value, r.acks, r.ballot, now)
 
     def on_nack(self, peer: str, msg: Nack, now: float) -> None:
         r = self.round
@@ -263,7 +264,7 @@ class Genesis:
         if self.proposal is not None or self.locked is not None or now < self.next_attempt \
                 or m.leaving:
             return
-        value = m.first_view(now, self.round + 1)
+        value = m.choice.first_view(now, self.round + 1)
         if value is None:
             return
         self.round += 1
@@ -320,7 +321,7 @@ class Genesis:
         p = self.proposal
         assert p is not None
         if p.acks >= set(p.value.ids):
-            self.m.decided(p.value, p.acks, p.ballot, now)
+            self.m.installer.decided(p.value, p.acks, p.ballot, now)
 
     def on_nack(self, peer: str, msg: Nack, now: float) -> None:
         p = self.proposal

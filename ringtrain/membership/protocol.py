@@ -22,14 +22,13 @@ that peer the same way (a device restarted under a new id).
 
 Views and agreement. Views are named (lineage, generation). What follows view ``V_g`` is
 decided by one Paxos instance whose acceptors are the members of ``V_g`` (``agreement``);
-a first view by its proposer with every proposed node accepting. A node installs a view only
-on a quorum of ACCEPTED messages it received (or a DECIDE from one who did): a message
-queued is not a message delivered. Members send DECIDE to whoever they see behind.
+a first view by its proposer with every proposed node accepting.
 
-Merging. Two lineages of one job that meet (a split start): the lower lineage id (its first
-proposer started earlier) wins. Its members admit the other lineage's nodes as joiners; such
-a node installs the winner's view when a DECIDE including it comes, and says so loudly. The
-training layer then gives every member the state of the member furthest ahead.
+Parts. :class:`Membership` takes every input and holds the state its parts share; they do
+the work: ``choice.ViewChoice`` (the view this node would propose: who survives, who joins),
+``heartbeats.Heartbeats`` (heartbeats sent and heard, suspicion by silence),
+``installing.Installer`` (installing decided views, DECIDE to whoever is behind, merging,
+leaving a view) and ``agreement`` (the instance that changes the view, and first views).
 """
 
 from __future__ import annotations
@@ -41,8 +40,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .agreement import Genesis, Instance, has_quorum
+from .choice import ViewChoice
+from .heartbeats import Heartbeats
+from .installing import Installer
 from .messages import (
-    MAX_MEMBERS,
     NO_BALLOT,
     Accept,
     Accepted,
@@ -57,7 +58,7 @@ from .messages import (
     Release,
 )
 from .peers import Peers, PeerState
-from .views import View, joiners, lost, lost_members, other_ring
+from .views import View
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Membership:
         self.view: View | None = None
         self.decision: Decision | None = None
         self.installs = 0  # grows with every view installed
+        self.installed_at = 0.0  # when the view was installed
+        self.incarnations: dict[str, int] = {}  # of the view's members
         self.evicted = False  # a newer view of our lineage left us out: we join anew
         self.joined = False  # the installed view admitted us into a running ring
         self.leaving = False  # we leave after the current step: no part in view changes
@@ -111,14 +114,11 @@ class Membership:
         self._retired: list[str] = []
         self._instance = Instance(self)
         self._genesis = Genesis(self)
+        self.choice = ViewChoice(self)
+        self.heartbeats = Heartbeats(self)
+        self.installer = Installer(self, self._instance, self._genesis, self.heartbeats)
         self._random = random.Random(f"{node_id}/{incarnation}")
-        self._last_heartbeat = -math.inf
         self._last_tick = -math.inf
-        self._installed_at = 0.0
-        self._silent: set[str] = set()  # suspects charged with silence only
-        self._forming: tuple[str, ...] = ()
-        self._incarnations: dict[str, int] = {}  # of the view's members
-        self._forming_since = 0.0
 
     # outputs -------------------------------------------------------------------------------
 
@@ -130,9 +130,7 @@ class Membership:
 
     def start_alone(self, now: float) -> None:
         """Install a first view of this node alone (a job of one, no agreement needed)."""
-        lineage = f"{self.incarnation:020d}.0.{self.node_id}"
-        self._install(Decision(1, lineage, ((self.node_id, self.incarnation),)), now,
-                      joined=False)
+        self.installer.start_alone(now)
 
     def take_sends(self) -> list[Send]:
         """The messages to send since the last call, oldest first."""
@@ -140,15 +138,15 @@ class Membership:
         return sends
 
     def send(self, to: str, message: Message) -> None:
-        """Queue ``message`` for peer ``to`` (used by ``agreement``)."""
+        """Queue ``message`` for peer ``to`` (used by the parts)."""
         self._sends.append(Send(to, message))
 
     def next_tick(self) -> float:
         """When :meth:`tick` next has work, at the latest (a time on the caller's clock)."""
-        heartbeat = self._last_heartbeat + self.config.heartbeat_interval
+        heartbeat = self.heartbeats.last_sent + self.config.heartbeat_interval
         if self.forming:
             times: tuple[float, ...] = (self._genesis.next_attempt,
-                                        self._forming_since + self.config.settle)
+                                        self.choice.forming_since + self.config.settle)
             if self._genesis.proposal is not None:
                 times += (self._genesis.proposal.deadline, self._genesis.proposal.resend_at)
         elif self.reforming:
@@ -206,7 +204,7 @@ class Membership:
             log.warning("node %s: %s's endpoint %s now answers as %s: %s is gone",
                         self.node_id, other, endpoint, peer, other)
             self._retire(other, f"its endpoint {endpoint} now answers as {peer}", now)
-            gone = self._peer(other)
+            gone = self.known_peer(other)
             gone.left, gone.endpoint = True, ""  # never alive again
             self._retired.append(other)
         state, replaced = self.peers.introduce(peer, incarnation, endpoint, now,
@@ -226,9 +224,9 @@ class Membership:
         if now > state.last_heard:
             state.last_heard = now
         if isinstance(message, Heartbeat):
-            self._on_heartbeat(peer, state, message, now)
+            self.heartbeats.on_heartbeat(peer, state, message)
         elif isinstance(message, Decide):
-            self._on_decide(peer, message, now)
+            self.installer.on_decide(peer, message, now)
         elif isinstance(message, Leave):
             state.left = True
             self.suspect(peer, "it left the ring")
@@ -240,7 +238,7 @@ class Membership:
             if self._in_instance(peer, message.lineage, message.generation):
                 getattr(self._instance, _HANDLERS[type(message)])(peer, message, now)
             elif isinstance(message, (Prepare, Accept)):
-                self._catch_up(peer)
+                self.installer.catch_up(peer)
 
     def heard(self, peer: str, now: float) -> None:
         """A sign of life from ``peer`` outside membership (its data)."""
@@ -266,7 +264,8 @@ class Membership:
         if self.reforming or self.forming:
             return
         self.reforming = True
-        live = [m for m in self.view.members if m == self.node_id or self._survives(m, now)]
+        live = [m for m in self.view.members
+                if m == self.node_id or self.choice.survives(m, now)]
         rank = live.index(self.node_id) if self.node_id in live else len(live)
         self._instance.next_attempt = now + self.config.stagger * rank
 
@@ -275,7 +274,7 @@ class Membership:
         in a heartbeat at the next tick: the view the others agree on after that step then
         leaves us out, rather than including us and failing when we are gone."""
         self.leaving = True
-        self._last_heartbeat = -math.inf
+        self.heartbeats.send_at_next_tick()
 
     def leave(self) -> None:
         """Tell every peer we leave."""
@@ -286,32 +285,15 @@ class Membership:
     def tick(self, now: float) -> None:
         """Heartbeats, suspicion by silence, proposals and their timeouts."""
         self._last_tick = now
-        if now - self._last_heartbeat >= self.config.heartbeat_interval:
-            self._last_heartbeat = now
-            self._heartbeat(now)
+        self.heartbeats.tick(now)
         # who is lost depends on the view and on what peers last said, neither of which
         # changes in this call but by an install: computed once (this runs for every tick)
-        gone = self._lost_members()
-        self._abandon_dead_view(gone)
+        gone = self.choice.lost_members()
+        self.installer.abandon_dead_view(gone)
         view = self.view
         if view is not None and not self.evicted:
-            timeout = self.config.suspect_timeout
-            for member in view.members:
-                if member == self.node_id:
-                    continue
-                state = self.peers.get(member)
-                last = max(state.last_heard if state else 0.0, self._installed_at)
-                if now - last > timeout:
-                    if member not in self.suspects:
-                        self._silent.add(member)
-                        self.suspect(member, f"silent for {now - last:.1f} s")
-                elif member in self._silent:
-                    # heard again (a partition healed, a pause ended): silence was the only
-                    # charge, so it is lifted (else two healed halves could suspect each
-                    # other for ever, and neither would find a majority)
-                    self._silent.discard(member)
-                    self.suspects.pop(member, None)
-            self._leave_for_running_ring(gone, now)
+            self.heartbeats.suspect_silent(view, now)
+            self.installer.leave_for_running_ring(gone, now)
         installs = self.installs
         if self.forming:
             self._genesis.tick(now)
@@ -321,13 +303,13 @@ class Membership:
             self.reform_due = False
             return
         if installs != self.installs:
-            gone = self._lost_members()
-        # a suspect, a member that does not survive (_survives, gone known), a joiner
+            gone = self.choice.lost_members()
+        # a suspect, a member that does not survive (ViewChoice.survives, gone known), a joiner
         self.reform_due = bool(self.suspects) or any(
             m != self.node_id and (m in gone or not self.alive(m, now))
-            for m in self.view.members) or bool(self._joiners(now, gone))
+            for m in self.view.members) or bool(self.choice.joiners(now, gone))
 
-    # helpers for agreement -----------------------------------------------------------------
+    # helpers for the parts -----------------------------------------------------------------
 
     def alive(self, peer: str, now: float) -> bool:
         """Whether ``peer`` was heard from within the suspicion timeout and has not left."""
@@ -339,151 +321,16 @@ class Membership:
         """How long to wait before proposing again: a round, plus jitter against duels."""
         return self.config.round_timeout * (1.0 + self._random.random())
 
-    def wanted(self, now: float) -> Decision | None:
-        """The view this node would propose to follow its own, or None to wait."""
-        view = self.view
-        assert view is not None
-        survivors = [m for m in view.members if m == self.node_id or self._survives(m, now)]
-        if not has_quorum(view.members, survivors):
-            return self._wait(f"waiting for a majority: {len(survivors)} of the "
-                              f"{view.world_size} members of generation {view.generation} "
-                              f"reachable")
-        joiners = self._joiners(now)[:max(0, self.config.max_size - len(survivors))]
-        ids = sorted(survivors + joiners)
-        if len(ids) < self.config.min_size:
-            return self._wait(f"waiting for nodes: {len(ids)} alive, the job needs at least "
-                              f"{self.config.min_size}")
-        generation = max([view.generation] + [self._peer(j).generation for j in joiners]) + 1
-        self.waiting = ""
-        return Decision(generation, view.lineage, self._pairs(ids))
-
-    def first_view(self, now: float, round_: int) -> Decision | None:
-        """A first view to propose (we are the lowest of enough settled candidates)."""
-        if any(s.in_ring and self.alive(p, now) for p, s in self.peers.scan()):
-            return self._wait("a ring of this job is running: waiting to be admitted")
-        candidates = tuple(sorted([self.node_id] + [
-            p for p, s in self.peers.scan() if not s.in_ring and self.alive(p, now)
-        ])[:self.config.max_size])
-        if candidates != self._forming:
-            self._forming, self._forming_since = candidates, now
-        if len(candidates) < self.config.form_size:
-            return self._wait(f"waiting for nodes: {len(candidates)} of "
-                              f"{self.config.form_size} found")
-        if len(candidates) < self.config.max_size and \
-                now - self._forming_since < self.config.settle:
-            return None
-        if candidates[0] != self.node_id:
-            return None  # the lowest candidate proposes
-        generation = max([self.view.generation if self.view else 0] + [
-            self._peer(p).generation for p in candidates if p != self.node_id]) + 1
-        self.waiting = ""
-        lineage = f"{self.incarnation:020d}.{round_}.{self.node_id}"
-        return Decision(generation, lineage, self._pairs(candidates))
-
-    def decided(self, value: Decision, voters: set[str], ballot: tuple[int, str],
-                now: float) -> None:
-        """An instance this node ran decided ``value``: install it, tell everyone in it."""
-        view = self.view
-        old = view.members if view is not None and not self.evicted else ()
-        evidence = (view.lineage if old else value.lineage, view.generation if old else 0,
-                    ballot, frozenset(voters))
-        for peer in sorted(set(old) | set(value.ids)):
-            if peer != self.node_id:
-                self.send(peer, Decide(value))
-        if value.includes(self.node_id, self.incarnation):
-            self._install(value, now, joined=False, evidence=evidence)
-        else:  # a value another proposer chose, bound on us by Paxos: it leaves us out
-            self.decision = value
-            self._left_out(f"the view decided for generation {value.generation} leaves it out")
-
-    def _abandon_dead_view(self, lost_to_view: set[str]) -> None:
-        """Leave a view whose lost members (restarted, or their endpoint taken by another
-        process: they will never vote again) leave no quorum: it can neither train nor change,
-        so this node forms a new ring with the others (never on mere silence: a silent
-        majority may be alive across a partition, and moving on)."""
-        view = self.view
-        if view is None or self.evicted:
-            return
-        gone = [m for m in view.members if m in lost_to_view]
-        if gone and not has_quorum(view.members, [m for m in view.members if m not in gone]):
-            log.warning("node %s: %s of the %d members of generation %d restarted, were "
-                        "replaced or run another ring: this ring can no longer change; "
-                        "forming a new one",
-                        self.node_id, ", ".join(gone), view.world_size, view.generation)
-            self._leave_view()
-
-    def _leave_for_running_ring(self, lost_to_view: set[str], now: float) -> None:
-        """Leave a view that cannot change now for another ring of this job within reach
-        (``views.other_ring``: why this is safe, and needed)."""
-        view = self.view
-        assert view is not None
-        if not self.suspects and not lost_to_view:
-            return  # (the usual case, on every tick: a member silent long enough is suspected)
-        live = [m for m in view.members if m == self.node_id or (
-            m not in lost_to_view and m not in self.suspects and self.alive(m, now))]
-        ring = None if has_quorum(view.members, live) else other_ring(
-            view, self.peers.scan(), lambda p: self.alive(p, now))
-        if ring is None:
-            return
-        log.warning("node %s: generation %d has no quorum within reach (%d of %d members) "
-                    "while %s runs another ring of this job: leaving it to join that one",
-                    self.node_id, view.generation, len(live), view.world_size, ring)
-        self._leave_view()
-
-    def _leave_view(self) -> None:
-        """Stop running our view (evicted): no votes in it; we join or form a ring anew."""
-        self.evicted = True
-        self.suspects.clear()
-        self._silent.clear()
-        self.reforming = False
-        self._instance.reset()
-
-    # internals -----------------------------------------------------------------------------
-
-    def _peer(self, peer: str) -> PeerState:
+    def known_peer(self, peer: str) -> PeerState:
+        """The state of ``peer``, which must be known."""
         state = self.peers.get(peer)
         assert state is not None
         return state
 
-    def _pairs(self, ids: list[str] | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-        return tuple((i, self.incarnation if i == self.node_id else self._peer(i).incarnation)
-                     for i in ids)
-
-    def _wait(self, why: str) -> None:
-        if why != self.waiting:
-            self.waiting = why
-            log.log(logging.WARNING if self.view else logging.INFO, "node %s: %s",
-                    self.node_id, why)
-        return None
+    # internals -----------------------------------------------------------------------------
 
     def _is_member(self, peer: str) -> bool:
         return self.view is not None and peer in self.view.members
-
-    def _lost_members(self) -> set[str]:
-        """The members of our view (but us) that will never vote in our instance."""
-        view = self.view
-        if view is None:
-            return set()
-        return lost_members(view, self.node_id, self._incarnations, self.peers.get)
-
-    def _survives(self, member: str, now: float) -> bool:
-        """A member of our view that is still itself, alive, not suspected and able to
-        take part in our next view."""
-        return member not in self.suspects and self.alive(member, now) and not lost(
-            self.view, self._incarnations.get(member), self.peers.get(member)) \
-            and not self._peer(member).leaving
-
-    def _joiners(self, now: float, lost_to_view: set[str] | None = None) -> list[str]:
-        """Live peers the next view should name besides the survivors (``views.joiners``;
-        ``lost_to_view``: the lost members, if the caller has them)."""
-        view = self.view
-        if view is None:
-            return []
-        if lost_to_view is None:
-            lost_to_view = self._lost_members()
-        staying = {m for m in view.members if m == self.node_id or self._survives(m, now)}
-        return joiners(view, self._incarnations, lost_to_view, staying, self.peers.scan(),
-                       now, self.config.suspect_timeout)
 
     def _in_instance(self, peer: str, lineage: str, generation: int) -> bool:
         """Whether ``peer`` is an acceptor of the instance (lineage, generation) we run."""
@@ -491,118 +338,12 @@ class Membership:
         if self.forming or view is None or lineage != view.lineage \
                 or generation != view.generation or peer not in view.members:
             return False
-        return self._incarnations[peer] == self._peer(peer).incarnation
-
-    def _catch_up(self, peer: str) -> None:
-        """``peer`` speaks of an older view than ours: send it ours if it is a member."""
-        view, decision = self.view, self.decision
-        if view is not None and decision is not None and \
-                decision.includes(peer, self._peer(peer).incarnation):
-            self.send(peer, Decide(decision))
+        return self.incarnations[peer] == self.known_peer(peer).incarnation
 
     def _retire(self, peer: str, why: str, now: float) -> None:
         if self._is_member(peer) and not self.evicted:
             self.suspect(peer, why)
-            self._peer(peer).back_off(now)
-
-    def _heartbeat(self, now: float) -> None:
-        view = self.view
-        beat = Heartbeat(view.lineage if view else "", view.generation if view else 0,
-                         view.members if view else (), view is not None and not self.evicted,
-                         self.sequence, self.leaving,
-                         tuple(sorted(p for p, s in self.peers.items()
-                                      if self.alive(p, now)))[:MAX_MEMBERS])
-        recent = 10 * self.config.suspect_timeout
-        members, sends = view.members if view else (), self._sends
-        for peer, state in self.peers.scan():
-            if not state.left and (now - state.last_heard <= recent or peer in members):
-                sends.append(Send(peer, beat))
-
-    def _on_heartbeat(self, peer: str, state: PeerState, beat: Heartbeat, now: float) -> None:
-        state.heard_view = True
-        state.lineage, state.generation, state.members = beat.lineage, beat.generation, \
-            beat.members
-        state.in_view, state.sequence, state.leaving = beat.in_view, beat.sequence, \
-            beat.leaving
-        state.hears = frozenset(beat.hears)
-        view = self.view
-        if view is None or self.evicted:
-            return
-        # a newer view of our lineage without us: we are left out, whether or not its sender
-        # still runs it (a view was decided to get there; it may have abandoned it since, and
-        # then nobody else may be left to tell us)
-        if (beat.lineage == view.lineage and beat.generation > view.generation
-                and self.node_id not in beat.members):
-            self._left_out(f"{peer} installed generation {beat.generation} without it")
-        elif beat.lineage != view.lineage or beat.generation < view.generation:
-            self._catch_up(peer)
-
-    def _left_out(self, why: str) -> None:
-        """A newer view of our lineage leaves us out: we join anew."""
-        log.warning("node %s was left out of its ring (%s): it will rejoin as a new member",
-                    self.node_id, why)
-        self._leave_view()
-
-    def _on_decide(self, peer: str, msg: Decide, now: float) -> None:
-        value, view = msg.value, self.view
-        current = view.generation if view else 0
-        if not value.includes(self.node_id, self.incarnation):
-            if view is not None and not self.evicted and value.lineage == view.lineage \
-                    and value.generation > view.generation:
-                self._left_out(f"{peer} sent generation {value.generation} without it")
-            return
-        if value.generation <= current:
-            return
-        if self.forming:
-            accepted = self._genesis.locked is not None and \
-                self._genesis.locked[0] == value.lineage
-            self._install(value, now, joined=not accepted)
-        elif value.lineage == view.lineage:
-            self._install(value, now, joined=False)
-        elif value.lineage < view.lineage:
-            log.warning("node %s: two rings of this job met; ring %s (generation %d) joins "
-                        "ring %s (generation %d, %d members), whose first view is older; the "
-                        "merged ring continues from the state of the member furthest ahead",
-                        self.node_id, view.lineage, view.generation, value.lineage,
-                        value.generation, len(value.members))
-            self._install(value, now, joined=True)
-
-    def _install(self, value: Decision, now: float, joined: bool,
-                 evidence: tuple | None = None) -> None:
-        old = self.view
-        self.evidence = evidence
-        ids = value.ids
-        if old is not None and old.lineage and old.lineage != value.lineage:
-            met = tuple(i for i in ids if i not in old.members)  # we joined their ring
-        else:  # joiners that last said they run another ring: ours wins over theirs
-            met = tuple(i for i in ids if i != self.node_id and (old is None or i not in
-                        old.members) and (s := self.peers.get(i)) is not None
-                        and s.in_view and s.lineage not in ("", value.lineage))
-        self.view = View(value.generation, ids, ids.index(self.node_id), value.lineage,
-                         tuple(i for _, i in value.members), met)
-        self._incarnations = dict(value.members)  # member -> incarnation, for lookups
-        self.decision = value
-        self.installs += 1
-        self.joined = joined
-        self.evicted = self.reforming = False
-        self._instance.reset()
-        self._genesis.clear()
-        self.waiting = ""
-        self.sequence = 0
-        self._installed_at = now
-        if old is not None:
-            for member, incarnation in zip(old.members, old.incarnations, strict=True):
-                state = self.peers.get(member)
-                # a member that said it leaves (Ctrl-C) is not flapping: no back-off, so
-                # the device restarted after a graceful leave rejoins at once
-                if member not in ids and state is not None and state.incarnation == incarnation \
-                        and not (state.left or state.leaving):
-                    state.back_off(now)
-        self.suspects = {s: why for s, why in self.suspects.items()
-                         if s in ids and not self.alive(s, now)}
-        self._silent &= set(self.suspects)
-        log.info("node %s installed generation %d: %s", self.node_id, value.generation,
-                 ", ".join(ids))
+            self.known_peer(peer).back_off(now)
 
     def state(self, now: float) -> dict[str, object]:
         """A printable summary (plain data: safe to hand to another thread)."""

@@ -1,11 +1,12 @@
 """An installed view, and who stands where towards it: who is lost to it, who may join it.
 
-Pure functions of a view and of what peers last said (``peers.PeerState``); ``protocol``
-calls them on every tick. The rules are liveness rules: they decide whom a node waits for
-and whom the next view names, never what a quorum is (``agreement``), so no choice here can
-make two views of one (lineage, generation) differ. What they must get right is that
-nobody waits for a node that will not act, and nobody is named in a view it cannot install
-(docs/design.md, Membership, "Why it converges"; the simulator checks the bound).
+Pure functions of a view and of what peers last said (``peers.PeerState``); ``choice`` and
+``installing`` apply them to the node's own state on every tick. The rules are liveness
+rules: they decide whom a node waits for and whom the next view names, never what a quorum
+is (``agreement``), so no choice here can make two views of one (lineage, generation) differ.
+What they must get right is that nobody waits for a node that will not act, and nobody is
+named in a view it cannot install (docs/design.md, Membership, "Why it converges"; the
+simulator checks the bound).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def joiners(view: View, incarnations: dict[str, int], lost_to_view: set[str],
     * members lost to ``view`` that are in no ring: they left it, or never installed it.
       Before, only non-members could join, so such a member was neither a voter nor a
       joiner: under a strict least ring size it was waited for for ever (seed 2237). The
-      next view names it at a generation above its own (``Membership.wanted``), which it
+      next view names it at a generation above its own (``ViewChoice.wanted``), which it
       can install.
 
     Each only once its heartbeat said which view it runs (a peer known by its HELLO alone
