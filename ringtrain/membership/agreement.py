@@ -126,7 +126,7 @@ class Instance:
         proposers would pre-empt each other for ever)."""
         if ballot[1] == self.m.node_id:
             return
-        self.m.begin_reform(now)
+        self.m.start_reform(now)
         if self.round is not None and self.round.ballot < ballot:
             self.round = None
         self.next_attempt = max(self.next_attempt if self.next_attempt < math.inf else now,

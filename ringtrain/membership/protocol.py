@@ -207,8 +207,8 @@ class Membership:
             gone = self.known_peer(other)
             gone.left, gone.endpoint = True, ""  # never alive again
             self._retired.append(other)
-        state, replaced = self.peers.introduce(peer, incarnation, endpoint, now,
-                                               self._is_member)
+        _, replaced = self.peers.introduce(peer, incarnation, endpoint, now,
+                                           self._is_member)
         if replaced:
             log.warning("node %s: %s restarted (new incarnation); its old process is fenced "
                         "off and the new one joins", self.node_id, peer)
@@ -256,11 +256,9 @@ class Membership:
         log.warning("node %s suspects %s: %s", self.node_id, peer, reason)
 
     def start_reform(self, now: float) -> None:
-        """The application asks for a view change (after a failure, or ``reform_due``)."""
-        self.begin_reform(now)
-
-    def begin_reform(self, now: float) -> None:
-        """Take part as a proposer in changing the view: the lowest live member first."""
+        """Take part as a proposer in changing the view, the lowest live member first: the
+        application asks for it (after a failure, or ``reform_due``), or another member's
+        round is under way."""
         if self.reforming or self.forming:
             return
         self.reforming = True
