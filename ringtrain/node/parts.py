@@ -54,18 +54,28 @@ def open_parts(settings: Settings, job: str, node_id: str | None, listen: str,
                sizes: RingSizes, schema: str) -> Parts:
     """Open this node's parts and dial ``peers``. Without a given ``node_id``, it derives from
     the device key (with a key), else from the host name."""
-    owned = device is None  # opened here, so closed here if the transport cannot open
+    owned = device is None  # opened here, so closed here if the rest cannot open
     device = None if key is None else \
         device or open_device(node_id or default_name(), new_curve_keypair)
     if node_id is None:
         node_id = default_node_id() if device is None else \
             derived_node_id(default_name(), device.key.public)
+    transport = None
     try:
         transport = Transport(node_id, listen, settings, key, device.key if device else None)
-    except BaseException:
+        return _wire(settings, job, node_id, peers, key, device, sizes, schema, transport)
+    except BaseException:  # nothing opened here outlives the failure
+        if transport is not None:
+            transport.close(linger=0)
         if device is not None and owned:
             device.close()
         raise
+
+
+def _wire(settings: Settings, job: str, node_id: str, peers: Iterable[str], key: JobKey | None,
+          device: DeviceIdentity | None, sizes: RingSizes, schema: str,
+          transport: Transport) -> Parts:
+    """The parts above the transport, wired together, and ``peers`` dialled."""
     peer_endpoints = {normalize_endpoint(p) for p in peers} - {transport.endpoint}
     config = membership_config(settings, sizes, len(peer_endpoints))
     job_number = job_id(job)
@@ -79,7 +89,7 @@ def open_parts(settings: Settings, job: str, node_id: str | None, listen: str,
         # a device counts its boots: a restart is recognised however the clock moved
         incarnation=device.incarnation if device is not None else None)
     gate, revoked = None, None
-    if device is not None:
+    if device is not None and key is not None:
         directory = device.path.parent if device.path is not None else None
         ledger = Ledger.open(ledger_file(directory, key.fingerprint) if directory else None)
         gate = Gate(device, ledger, transport, mailbox, membership, job)
