@@ -160,6 +160,11 @@ class Links:
             self.protocol.receive(message.origin, state.incarnation, decoded, time.monotonic())
         self._flush()
 
+    def prepare_leave(self) -> None:
+        """Take no part in view changes from now on, and send the heartbeat saying so now."""
+        self.protocol.prepare_leave()
+        self.tick()
+
     def leave(self) -> None:
         """Tell every linked peer that we leave (best effort, before closing)."""
         self.protocol.leave()

@@ -63,6 +63,7 @@ class Engine:
         self.view_listeners: list[Callable[[View], None]] = []
         self.formed = threading.Event()  # set once a view is announced
         self.closing = False
+        self.leave_requested = False  # set by any thread, a signal handler too: we leave
         self.fatal: BaseException | None = None
         self._snapshot: dict[str, Any] = {}  # state() as the engine last wrote it
         self._snapshot_at = 0.0
@@ -167,6 +168,7 @@ class Engine:
                 if work is None:
                     break
                 if isinstance(work, Work):
+                    self._announce_leaving()
                     self.executor.execute(work, self.view)
                     spin_until = time.monotonic() + self.settings.spin_seconds
                 else:
@@ -186,6 +188,7 @@ class Engine:
     def _serve_membership(self) -> None:
         """Membership work on the engine thread: new candidates, control messages, ticks."""
         self.transport.check_health()
+        self._announce_leaving()
         while True:
             try:
                 endpoints, source = self._new_candidates.get_nowait()
@@ -211,6 +214,14 @@ class Engine:
             self._take_snapshot()
         elif time.monotonic() - self._snapshot_at >= SNAPSHOT_INTERVAL:
             self._take_snapshot()
+
+    def _announce_leaving(self) -> None:
+        """Once a leave is requested, tell the peers at once, before any collective that
+        follows: the step that announces the leave must not reach them before the heartbeat
+        saying it, or the view they agree on after it still names us (data on a same-host
+        lane overtakes TCP)."""
+        if self.leave_requested and not self.membership.protocol.leaving:
+            self.membership.prepare_leave()
 
     def _check_key(self, wrong_key: WrongKeyDetector) -> None:
         """Read the probes' handshake events (always: see ``Transport.refused_links``) and,
@@ -297,7 +308,9 @@ class Engine:
             return view is not None and view.generation > since and not membership.reforming
 
         if not formed() and not membership.reforming:
-            membership.start_reform(time.monotonic())
+            self._serve_membership()  # first hear what peers said (a leaver's heartbeat)
+            if not formed() and not membership.reforming:
+                membership.start_reform(time.monotonic())
         while not formed():
             if time.monotonic() >= deadline or self.closing:
                 raise MembershipError(f"node {self.node_id} could not re-form the ring since "

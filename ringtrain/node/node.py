@@ -285,7 +285,7 @@ class Node(CollectiveCalls):
         """Take no part in view changes from now on: this node leaves once the others know
         (the training layer calls this before the step that tells them), so no view they
         agree on can still include it."""
-        self._membership.protocol.prepare_leave()
+        self._engine.leave_requested = True  # no lock: a signal handler may call this
 
     def leave(self) -> None:
         """Leave the ring on purpose: tell the members (so they re-form at once rather than
