@@ -57,6 +57,18 @@ def peer_endpoint(text: object, allow_unspecified: bool = False) -> str:
     return f"tcp://{host}:{int(port)}"
 
 
+def named_host(endpoint: str) -> tuple[str, int] | None:
+    """``(host, port)`` when the ``tcp://`` ``endpoint`` names its host (``tcp://node1:7077``)
+    rather than giving an IP address; None otherwise."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return (host, int(port)) if host not in ("*", "") and port.isdigit() else None
+    return None
+
 
 def is_loopback(address: str) -> bool:
     """Whether an address (``host:port`` or a zmq endpoint) stays on this machine."""

@@ -132,12 +132,16 @@ class Node(CollectiveCalls):
         self._engine.start()
         if candidates is not None:
             candidates(self.add_candidates)
-        self._find_peers(discover, interface, peers_dns)
+        self._find_peers(discover, interface, peers_dns, parts.named_peers)
         self._wait_formed(parts.form_size)
 
-    def _find_peers(self, discover: bool, interface: str | None, peers_dns: str | None) -> None:
-        """Start mDNS discovery and DNS lookups, as asked (closing the node if they fail)."""
+    def _find_peers(self, discover: bool, interface: str | None, peers_dns: str | None,
+                    named: list[tuple[str, int]]) -> None:
+        """Start resolving the peers given by name, mDNS discovery and DNS lookups, as asked
+        (closing the node if they fail)."""
         try:
+            if named:
+                self._peer_sources.resolve(named)
             if discover:
                 self._peer_sources.discover(
                     interface, self.key.fingerprint if self.key is not None else "",

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..comm.curve import new_curve_keypair
-from ..comm.endpoints import normalize_endpoint
+from ..comm.endpoints import named_host, normalize_endpoint
 from ..comm.identity import DeviceIdentity, derived_node_id, open_device
 from ..comm.ledger import Ledger, ledger_file
 from ..comm.mailbox import Mailbox
@@ -37,6 +37,7 @@ class Parts:
     gate: Gate | None
     revoked: RingtrainError | None  # the ledger says this device was revoked (forming fails)
     form_size: int  # how many nodes the first ring waits for
+    named_peers: list[tuple[str, int]]  # peers given by host name: resolved, then dialled
 
 
 @dataclass
@@ -52,8 +53,9 @@ class RingSizes:
 def open_parts(settings: Settings, job: str, node_id: str | None, listen: str,
                peers: Iterable[str], key: JobKey | None, device: DeviceIdentity | None,
                sizes: RingSizes, schema: str) -> Parts:
-    """Open this node's parts and dial ``peers``. Without a given ``node_id``, it derives from
-    the device key (with a key), else from the host name."""
+    """Open this node's parts and dial the ``peers`` given by address (those given by host
+    name are left to :class:`~ringtrain.discovery.names.NamedPeers`). Without a given
+    ``node_id``, it derives from the device key (with a key), else from the host name."""
     owned = device is None  # opened here, so closed here if the rest cannot open
     device = None if key is None else \
         device or open_device(node_id or default_name(), new_curve_keypair)
@@ -75,9 +77,12 @@ def open_parts(settings: Settings, job: str, node_id: str | None, listen: str,
 def _wire(settings: Settings, job: str, node_id: str, peers: Iterable[str], key: JobKey | None,
           device: DeviceIdentity | None, sizes: RingSizes, schema: str,
           transport: Transport) -> Parts:
-    """The parts above the transport, wired together, and ``peers`` dialled."""
-    peer_endpoints = {normalize_endpoint(p) for p in peers} - {transport.endpoint}
-    config = membership_config(settings, sizes, len(peer_endpoints))
+    """The parts above the transport, wired together, and the ``peers`` given by address
+    dialled."""
+    given = {normalize_endpoint(p) for p in peers} - {transport.endpoint}
+    named = sorted({n for n in map(named_host, given) if n is not None})
+    peer_endpoints = {e for e in given if named_host(e) is None}
+    config = membership_config(settings, sizes, len(given))
     job_number = job_id(job)
     mailbox = Mailbox(transport, job_number, settings.max_stash_bytes)
     lanes = open_lanes(node_id, settings.shm_lane_bytes, settings.segment_bytes)
@@ -98,7 +103,7 @@ def _wire(settings: Settings, job: str, node_id: str, peers: Iterable[str], key:
             revoked = gate.revoked_error()
     membership.add_candidates(peer_endpoints)
     return Parts(node_id, job_number, device, transport, mailbox, lanes, membership, gate,
-                 revoked, config.form_size)
+                 revoked, config.form_size, named)
 
 
 def membership_config(settings: Settings, sizes: RingSizes, peers: int) -> MembershipConfig:

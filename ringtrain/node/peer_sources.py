@@ -1,5 +1,6 @@
-"""Where a node hears of peers besides its static list: mDNS / DNS-SD adverts (it announces
-itself too) and a DNS name looked up again and again. What they find are candidates to dial
+"""Where a node hears of peers besides the addresses it was given: mDNS / DNS-SD adverts (it
+announces itself too), a DNS name looked up again and again, and the peers it was given by
+host name, resolved again and again. What they find are candidates to dial
 only: the key handshake decides who is a peer."""
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from collections.abc import Callable
 
 from ..comm.wire import PROTOCOL_VERSION
 from ..discovery.advert import Advert
+from ..discovery.candidates import STATIC
 from ..discovery.dns import DnsPeers
 from ..discovery.interfaces import usable_ipv4_addresses
 from ..discovery.mdns import Announcer, Browser, Discovery
+from ..discovery.names import NamedPeers
 from ..membership.protocol import View
 from .wrong_key import WrongKeyDetector
 
@@ -27,6 +30,7 @@ class PeerSources:
         self.port = int(endpoint.rpartition(":")[2])
         self.add_candidates = add_candidates
         self._dns: DnsPeers | None = None
+        self._names: NamedPeers | None = None
         self._discovery: Discovery | None = None
         self._announcer: Announcer | None = None
         self._browser: Browser | None = None
@@ -68,6 +72,12 @@ class PeerSources:
         (:mod:`ringtrain.discovery.dns`)."""
         self._dns = DnsPeers(name, self.port, self.add_candidates, interval=interval)
 
+    def resolve(self, names: list[tuple[str, int]]) -> None:
+        """Dial the addresses of the peers the user gave by host name (``--peer node1:7077``),
+        as the user's own list (:mod:`ringtrain.discovery.names`)."""
+        self._names = NamedPeers(names, lambda endpoints: self.add_candidates(
+            endpoints, source=STATIC))
+
     def dns_endpoints(self) -> list[str] | None:
         """The endpoints DNS listed last (None: no DNS name to look up)."""
         return None if self._dns is None else list(self._dns.endpoints)
@@ -75,6 +85,8 @@ class PeerSources:
     def close(self) -> None:
         """Stop looking up and browsing, and say goodbye for our advert."""
         self._closed = True
+        if self._names is not None:
+            self._names.close()
         if self._dns is not None:
             self._dns.close()
         if self._discovery is not None:

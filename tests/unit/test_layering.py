@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "comm.transport": 1, "comm.zap": 1, "comm.handshakes": 1, "comm.curve": 1, "comm.shm": 1,
     "discovery.mdns": 1, "discovery.mdns_unicast": 1, "discovery.interfaces": 1,
     "train.checkpoint": 1,
-    "lab.netns": 1, "lab.cpu_budget": 1, "models": 1, "discovery.dns": 1,
+    "lab.netns": 1, "lab.cpu_budget": 1, "models": 1, "discovery.dns": 1, "discovery.names": 1,
     # 2 protocols
     "comm.mailbox": 2, "membership.links": 2, "membership.dialling": 2, "ring.collectives": 2,
     "ring.segments": 2,
