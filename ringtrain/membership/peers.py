@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 MAX_PEERS = 512
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0  # seconds a repeatedly removed node waits to rejoin
+FORGIVEN_AFTER = 30.0  # seconds of no removal after its wait: the next wait is the first again
 
 
 @dataclass(slots=True)
@@ -39,7 +40,12 @@ class PeerState:
         return bool(self.lineage) and self.in_view
 
     def back_off(self, now: float) -> None:
-        """One more removal: it may join again only after a doubling wait."""
+        """One more removal: it may join again only after a doubling wait. A node that
+        kept out of trouble for ``FORGIVEN_AFTER`` seconds after its last wait starts from
+        the first again: a device restarted now and then (systemd, a laptop lid) is not
+        kept waiting a minute for a crash loop it left long ago."""
+        if self.removals and now - self.backoff_until >= FORGIVEN_AFTER:
+            self.removals = 0
         self.removals += 1
         self.backoff_until = now + min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self.removals - 1))
 
