@@ -56,15 +56,13 @@ def run(args: argparse.Namespace) -> int:
         out = Path(folder)
         key = JobKey.generate()
         key_file = write_key_file(out / "job.key", key)
-        total = args.warmup + args.seconds + 5
         nodes = []
         for i in range(args.nodes):
             node_env = {**env, "RINGTRAIN_DEVICE_DIR": str(out / f"dev{i}")}
             nodes.append(lan.popen(i, [
                 sys.executable, "-m", "ringtrain", "node", "--job", "hostile", "--key-file",
                 str(key_file), "--interface", lan.address(i), "--port", str(PORT),
-                "--min-nodes", str(args.nodes), str(WORKER), str(out / f"{i}.jsonl"),
-                str(total)],
+                "--min-nodes", str(args.nodes), str(WORKER), str(out / f"{i}.jsonl")],
                 env=node_env, stdout=subprocess.DEVNULL, stderr=open(out / f"{i}.err", "w")))
         formed = _wait_for_steps(out, args.nodes, 180.0)
         if not formed:
@@ -82,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
             str(args.connections), "--seconds", str(args.seconds),
             *[a for i in range(args.nodes) for a in ("--target", f"{lan.address(i)}:{PORT}")]],
             env=env, stdout=open(out / "attacker.jsonl", "w"), stderr=subprocess.STDOUT)
-        attacker.wait(args.seconds + 60)
+        attacker_code = attacker.wait(args.seconds + 60)
         attack_end = time.monotonic()
+        # every node leaves at the same step (one left alone would wait for --min-nodes)
+        steps = [_last_step(out / f"{i}.jsonl") for i in range(args.nodes)]
+        (out / "stop").write_text(str(max(steps) + 20))
         codes = []
         for node in nodes:
             try:
@@ -92,11 +93,25 @@ def run(args: argparse.Namespace) -> int:
                 node.kill()
                 codes.append("killed")  # it did not leave within a minute of its end
         print(_report(out, args, attack_start, attack_end, bound, codes))
+        if attacker_code != 0:
+            print(f"the stranger's process ended {attacker_code}; its output ends:\n"
+                  f"{_traceback_or_tail((out / 'attacker.jsonl').read_text())}")
         for i, code in enumerate(codes):
             if code not in (0, 130):
                 print(f"node {i} ended {code}; the end of its stderr:\n"
                       f"{(out / f'{i}.err').read_text()[-1500:]}")
-        return 0 if all(code in (0, 130) for code in codes) else 1
+        return 0 if all(code in (0, 130) for code in codes) and attacker_code == 0 else 1
+
+
+def _traceback_or_tail(output: str) -> str:
+    """The first traceback in ``output`` (asyncio's complaints follow it), else its end."""
+    start = output.find("Traceback")
+    return output[start:start + 3000] if start >= 0 else output[-1500:]
+
+
+def _last_step(path: Path) -> int:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return max((r["step"] for r in rows if "step" in r), default=0)
 
 
 def _wait_for_steps(out: Path, nodes: int, timeout: float) -> bool:

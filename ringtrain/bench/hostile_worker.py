@@ -1,11 +1,12 @@
 """The training script each node runs under ``ringtrain node`` in ``bench-hostile``.
 
-    ringtrain node ringtrain/bench/hostile_worker.py OUT.jsonl SECONDS
+    ringtrain node ringtrain/bench/hostile_worker.py OUT.jsonl
 
-Trains the demo classifier with whoever joins, for SECONDS after the ring formed, and writes
-one JSON line per step: monotonic time, step, world size, this process's open descriptors and
-the node's connection budgets; and every half second one with the descriptors alone (so a
-stall shows too). Then leaves the ring.
+Trains the demo classifier with whoever joins and writes one JSON line per step: monotonic
+time, step, world size, this process's open descriptors and the node's connection budgets;
+and every half second one with the descriptors alone (so a stall shows too). Leaves the ring
+at the step the bench writes into the file ``stop`` beside OUT.jsonl: every node at the same
+step, so none is left alone below ``--min-nodes``.
 """
 
 from __future__ import annotations
@@ -14,24 +15,24 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 from ringtrain.cli.demo import demo_model
 from ringtrain.comm.zap import open_fds
 from ringtrain.node.launch import join
-from ringtrain.train import Trainer, schema_of, training_facts
+from ringtrain.train import Trainer
 
 BATCH = 64
 
 
 def main() -> int:
-    out, seconds = sys.argv[1], float(sys.argv[2])
+    out = sys.argv[1]
+    stop_file = Path(out).with_name("stop")
     train, _test, model, optimizer = demo_model(seed=0)
-    schema = schema_of(training_facts(model, train.x, train.y, batch_size=BATCH, seed=0,
-                                      global_batch_size=BATCH))
-    with join(schema=schema) as node, open(out, "w") as log:
+    # the ring formed under `ringtrain node`; the Trainer checks the members train alike
+    with join() as node, open(out, "w") as log:
         trainer = Trainer(node, model, optimizer, train.x, train.y, batch_size=BATCH,
                           global_batch_size=BATCH)
-        stop = time.monotonic() + seconds
         last_budget = 0.0
 
         def on_step(report) -> None:
@@ -45,7 +46,7 @@ def main() -> int:
                 row["candidates"] = state["candidates"]
             log.write(json.dumps(row) + "\n")
             log.flush()
-            if now > stop:
+            if stop_file.exists() and report.step >= int(stop_file.read_text() or 10**9):
                 trainer.request_leave()
 
         done = threading.Event()

@@ -50,12 +50,8 @@ class IdleConnections:
 
     def established(self) -> int:
         """Connections whose TCP handshake completed (the rest are still connecting)."""
-        socks = list(self.open)
-        done = 0
-        for start in range(0, len(socks), 512):
-            _, writable, _ = select.select([], socks[start:start + 512], [], 0)
-            done += len(writable)
-        return done
+        return sum(1 for _, events in _poll(self.open, select.POLLOUT)
+                   if events & select.POLLOUT)
 
     def fill(self, budget: int = 500) -> None:
         """Open up to ``budget`` connections that are missing."""
@@ -69,21 +65,29 @@ class IdleConnections:
 
     def reap(self) -> None:
         """Forget the connections the other end closed (they are opened again by fill)."""
-        socks = list(self.open)
-        for start in range(0, len(socks), 512):
-            chunk = socks[start:start + 512]
-            readable, _, failed = select.select(chunk, [], chunk, 0)
-            for sock in set(readable) | set(failed):
+        for sock, events in _poll(self.open, select.POLLIN):
+            if not events & (select.POLLERR | select.POLLHUP):
                 try:
-                    if sock.recv(1, socket.MSG_PEEK) == b"" or sock in failed:
-                        raise OSError
+                    if sock.recv(1, socket.MSG_PEEK) != b"":
+                        continue  # it sent something: still open
                 except BlockingIOError:
                     continue
                 except OSError:
                     pass
-                self.open.pop(sock, None)
-                sock.close()
-                self.reopened += 1
+            self.open.pop(sock, None)
+            sock.close()
+            self.reopened += 1
+
+
+def _poll(socks: dict[socket.socket, tuple[str, int]], mask: int
+          ) -> list[tuple[socket.socket, int]]:
+    """The sockets with any of ``mask`` (or an error or hang-up) now, and their events
+    (poll, not select: thousands of descriptors are past select's 1024)."""
+    poller = select.poll()
+    by_fd = {sock.fileno(): sock for sock in socks}
+    for fd in by_fd:
+        poller.register(fd, mask)
+    return [(by_fd[fd], events) for fd, events in poller.poll(0)]
 
 
 def main(argv: list[str] | None = None) -> int:
