@@ -29,6 +29,8 @@ from ringtrain.testing import free_ports
 # seconds, so members are slow to suspect each other; nodes that must not get in give up soon
 PATIENT = Settings(heartbeat_timeout=15.0, progress_timeout=30.0)
 FAST = Settings(heartbeat_timeout=15.0, progress_timeout=30.0, form_timeout=10.0)
+# an intruder's claim is refused at its first HELLO: its formation need not wait long
+CLAIM = Settings(heartbeat_timeout=15.0, progress_timeout=30.0, form_timeout=4.0)
 
 NAMED_WITHIN_S = 10.0
 
@@ -120,7 +122,7 @@ def test_a_key_holder_cannot_take_over_a_devices_id(tmp_path):
         for claimed in ("node-01", derived):
             with pytest.raises(MembershipError):  # never admitted: the ring is not joined
                 Node(endpoints[:3], listen=endpoints[3], node_id=claimed, key=key,
-                     job="identity", world_size=4, settings=FAST,
+                     job="identity", world_size=4, settings=CLAIM,
                      device=ephemeral_device(new_curve_keypair))
         refused = _refused([ring[0], ring[2]])
         assert refused.get("id claimed", 0) >= 2, refused
