@@ -29,7 +29,8 @@ from ringtrain.testing import free_ports
 # seconds, so members are slow to suspect each other; nodes that must not get in give up soon
 PATIENT = Settings(heartbeat_timeout=15.0, progress_timeout=30.0)
 FAST = Settings(heartbeat_timeout=15.0, progress_timeout=30.0, form_timeout=10.0)
-# an intruder's claim is refused at its first HELLO: its formation need not wait long
+# a claim of a bound id, or a new key in a closed job, is refused at the first HELLO: the
+# claimant's formation need not wait long
 CLAIM = Settings(heartbeat_timeout=15.0, progress_timeout=30.0, form_timeout=4.0)
 
 NAMED_WITHIN_S = 10.0
@@ -205,10 +206,10 @@ def test_a_revoked_device_is_refused_by_every_member_also_after_restarts(tmp_pat
         # a new device key made on the revoked device is refused too: under the old name
         # (bound to the revoked device), and under a new one (the job is closed)
         with pytest.raises(MembershipError):
-            _ring(key, endpoints, [2], devices=tmp_path / "new", settings=FAST, world_size=3)
+            _ring(key, endpoints, [2], devices=tmp_path / "new", settings=CLAIM, world_size=3)
         with pytest.raises(MembershipError):
             Node(endpoints, listen=endpoints[2], node_id="newcomer", key=key, job="identity",
-                 world_size=3, settings=FAST,
+                 world_size=3, settings=CLAIM,
                  device=open_device("newcomer", new_curve_keypair, tmp_path / "new"))
         refused = _refused(survivors)
         assert refused.get("id claimed", 0) >= 1 and refused.get("closed", 0) >= 1, refused
