@@ -39,11 +39,14 @@ class NamedPeers:
         names: ``(host, port)`` of each named peer.
         on_found: called, on this object's thread, with new ``IP:port`` endpoints; its
             exceptions are logged.
+        resolver: how a name becomes endpoints (:func:`resolve`).
     """
 
-    def __init__(self, names: list[tuple[str, int]], on_found: Callable[[list[str]], None]):
+    def __init__(self, names: list[tuple[str, int]], on_found: Callable[[list[str]], None],
+                 resolver: Callable[[str, int], list[str]] = resolve):
         self.names = list(names)
         self._on_found = on_found
+        self._resolve = resolver
         self._reported: set[str] = set()
         self._unresolved = {name for name, _ in self.names}
         self._logged: set[str] = set()  # names whose failure was logged (once each)
@@ -61,7 +64,7 @@ class NamedPeers:
             found = []
             for host, port in self.names:
                 try:
-                    endpoints = resolve(host, port)
+                    endpoints = self._resolve(host, port)
                 except OSError as exc:
                     self._failed(host, f"cannot resolve it ({exc})")
                     continue

@@ -79,9 +79,10 @@ def _wire(settings: Settings, job: str, node_id: str, peers: Iterable[str], key:
           transport: Transport) -> Parts:
     """The parts above the transport, wired together, and the ``peers`` given by address
     dialled."""
-    given = {normalize_endpoint(p) for p in peers} - {transport.endpoint}
-    named = sorted({n for n in map(named_host, given) if n is not None})
-    peer_endpoints = {e for e in given if named_host(e) is None}
+    given = {e: named_host(e) for e in {normalize_endpoint(p) for p in peers}
+             if e != transport.endpoint}
+    named = sorted({host for host in given.values() if host is not None})
+    peer_endpoints = {e for e, host in given.items() if host is None}
     config = membership_config(settings, sizes, len(given))
     job_number = job_id(job)
     mailbox = Mailbox(transport, job_number, settings.max_stash_bytes)
