@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,32 @@ def _node_folders(run_dirs: list[str]) -> dict[str, Path]:
     return found
 
 
+GAP_SECONDS = 2.0  # at least this long without a row breaks a node's line ...
+GAP_INTERVALS = 5  # ... and at least this many times its usual interval between rows
+
+
+def _broken(rows: list[dict[str, Any]], x: Callable[[dict[str, Any]], float],
+            y: Callable[[dict[str, Any]], float]) -> tuple[list[float], list[float]]:
+    """The points of ``rows``, with a NaN where the node wrote nothing for much longer than
+    usual (it was killed and restarted, or stalled), so the line breaks there instead of
+    drawing a straight line across the time it was away."""
+    times = [row["time"] for row in rows if "time" in row]
+    intervals = sorted(b - a for a, b in zip(times, times[1:], strict=False))
+    usual = intervals[len(intervals) // 2] if intervals else 0.0
+    gap = max(GAP_SECONDS, GAP_INTERVALS * usual)
+    xs: list[float] = []
+    ys: list[float] = []
+    last = None
+    for row in rows:
+        if last is not None and row.get("time", last) - last > gap:
+            xs.append(math.nan)
+            ys.append(math.nan)
+        last = row.get("time", last)
+        xs.append(x(row))
+        ys.append(y(row))
+    return xs, ys
+
+
 def draw(metrics: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     """Write the PNGs; returns their paths."""
     try:
@@ -78,10 +106,10 @@ def draw(metrics: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         for node, rows in metrics.items():
             points = [r for r in rows if isinstance(r.get(key), (int, float))]
             style = "-" if key == "loss" else "o-"
-            by_step.plot([r["step"] for r in points], [r[key] for r in points], style,
-                         label=node, markersize=3)
-            by_time.plot([r["time"] - start for r in points], [r[key] for r in points],
+            by_step.plot(*_broken(points, lambda r: r["step"], lambda r, k=key: r[k]),
                          style, label=node, markersize=3)
+            by_time.plot(*_broken(points, lambda r: r["time"] - start,
+                                  lambda r, k=key: r[k]), style, label=node, markersize=3)
         by_step.set_xlabel("step")
         by_time.set_xlabel("seconds since the run began")
         for axes in (by_step, by_time):
@@ -93,7 +121,7 @@ def draw(metrics: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
 
     figure, axes = plt.subplots(figsize=(8, 4))
     for node, rows in metrics.items():
-        axes.plot([r["step"] for r in rows], [r.get("samples_per_s", 0) for r in rows],
+        axes.plot(*_broken(rows, lambda r: r["step"], lambda r: r.get("samples_per_s", 0)),
                   label=node, linewidth=0.8)
     axes.set_xlabel("step")
     axes.set_ylabel("samples/s (global batch / step time)")
@@ -106,13 +134,11 @@ def draw(metrics: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     for node, rows in metrics.items():
         peers = sorted({p for r in rows for p in (r.get("bytes_out") or {})})
         for peer in peers:
-            times, rates = [], []
-            for r in rows:
-                sent = (r.get("bytes_out") or {}).get(peer, 0)
-                if r.get("step_s"):
-                    times.append(r["time"] - start)
-                    rates.append(sent / r["step_s"] / 1e6)
-            axes.plot(times, rates, label=f"{node} -> {peer}", linewidth=0.8)
+            timed = [r for r in rows if r.get("step_s")]
+            axes.plot(*_broken(timed, lambda r: r["time"] - start,
+                               lambda r, p=peer: (r.get("bytes_out") or {}).get(p, 0)
+                               / r["step_s"] / 1e6),
+                      label=f"{node} -> {peer}", linewidth=0.8)
     axes.set_xlabel("seconds since the run began")
     axes.set_ylabel("MB/s sent over the link (per step)")
     axes.set_title("bandwidth per link")
