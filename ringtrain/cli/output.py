@@ -14,18 +14,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
 
 EVENTS_LOGGER = "ringtrain.events"
+ROUTINE_EVENTS = frozenset({"checkpoint"})  # shown at most once per ROUTINE_SECONDS by default
+ROUTINE_SECONDS = 30.0
 
 
 class _EventsAndErrors(logging.Filter):
-    """The default view: events, and errors from anywhere."""
+    """The default view: events, and errors from anywhere. A routine event (a checkpoint
+    every 50 steps: several a second on a fast ring) shows at most once per
+    ``ROUTINE_SECONDS``; ``-v`` and ``--log-json`` show every one."""
+
+    def __init__(self, every_routine_event: bool) -> None:
+        super().__init__()
+        self._every_routine_event = every_routine_event
+        self._last_shown: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return hasattr(record, "ringtrain_event") or record.levelno >= logging.ERROR
+        event = getattr(record, "ringtrain_event", None)
+        if event is None:
+            return record.levelno >= logging.ERROR
+        kind = event.get("event")
+        if kind in ROUTINE_EVENTS and not self._every_routine_event:
+            if record.created - self._last_shown.get(kind, -math.inf) < ROUTINE_SECONDS:
+                return False
+            self._last_shown[kind] = record.created
+        return True
 
 
 class HumanFormatter(logging.Formatter):
@@ -67,7 +85,7 @@ def configure(verbosity: int, as_json: bool, stream: Any = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     if verbosity <= 0:
-        handler.addFilter(_EventsAndErrors())
+        handler.addFilter(_EventsAndErrors(every_routine_event=as_json))
         root.setLevel(logging.INFO)
     else:
         root.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
