@@ -75,8 +75,18 @@ def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
                and s["collective"].get("state") == "running"}
     if not running:
         return _failed_holdup(nodes)
-    key, _ = Counter(_key(r) for r in running.values()).most_common(1)[0]
-    stuck = {n: r for n, r in running.items() if _key(r) == key}
+    # the collective most nodes are in first; while a ring re-forms, those already in the
+    # new generation wait on nobody yet, and a node still in the old one names the culprit
+    for key, _ in Counter(_key(r) for r in running.values()).most_common():
+        holdup = _chain_end(key, {n: r for n, r in running.items() if _key(r) == key}, nodes)
+        if holdup is not None:
+            return holdup
+    return None
+
+
+def _chain_end(key: tuple[int, int], stuck: dict[str, dict[str, Any]],
+               nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
+    """Follow the waits of the nodes ``stuck`` in collective ``key`` to the node at the end."""
     example = next(iter(stuck.values()))
     waited_on: dict[str, list[str]] = {}
     for node, record in stuck.items():
@@ -103,7 +113,6 @@ def live_holdup(nodes: dict[str, dict[str, Any] | None]) -> Holdup | None:
                    f"outside collectives"
         return None
 
-    # follow waits from each waited-on peer until one is the end of the chain
     for start in sorted(waited_on, key=lambda p: -len(waited_on[p])):
         peer, seen = start, set()
         while peer not in seen:

@@ -71,3 +71,16 @@ def test_a_silent_member_outweighs_a_neighbours_first_guess():
              "d": {"collective": {**failed, "suspect": "c"}}}
     holdup = live_holdup(nodes)
     assert holdup is not None and holdup.node == "c"
+
+
+def test_while_the_ring_re_forms_a_node_left_in_the_old_generation_names_the_silent_one():
+    # n1 and n2 already run the new generation's first collective (waiting on nobody yet);
+    # n0 is still in the old one, waiting for the stopped n3
+    new = {"name": "all_gather", "sequence": 0, "generation": 4, "step": 40,
+           "state": "running", "age": 0.0, "waiting": {}}
+    nodes = {"n0": {"collective": running(17, waits_from="n3", age=1.9)},
+             "n1": {"collective": new}, "n2": {"collective": new}, "n3": None}
+    holdup = live_holdup(nodes)
+    assert holdup is not None and holdup.node == "n3"
+    assert holdup.collective == "all_reduce #17 of generation 3"
+    assert "does not answer" in holdup.reason
