@@ -225,7 +225,7 @@ def _run_builtin_job(options: LaunchOptions, args: argparse.Namespace, run_dir: 
                                 step=trainer.step_count)
 
             trainer.fit(epochs, on_step=on_step)
-            saved = None if leaving else trainer.save_checkpoint()
+            saved = trainer.save_checkpoint()  # also on leaving: the model the last line names
         except RingtrainError as exc:
             path = observer.dump(f"failure: {exc}")
             print(f"ringtrain node {node.node_id}: the ring failed; flight recorder written "
@@ -239,8 +239,7 @@ def _run_builtin_job(options: LaunchOptions, args: argparse.Namespace, run_dir: 
         print(f"ringtrain node {node.node_id}: {'left the ring' if leaving else 'done'} at "
               f"step {trainer.step_count}, model {trainer.version}, test accuracy "
               f"{accuracy(model.forward(test.x), test.y):.3f}, re-formations "
-              f"{trainer.reforms}; " + (f"model saved to {saved}" if saved else
-                                        f"checkpoints in {checkpoint_dir}/"), flush=True)
+              f"{trainer.reforms}; model saved to {saved}", flush=True)
         return EXIT_LEFT if leaving else 0
 
 
