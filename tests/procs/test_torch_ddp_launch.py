@@ -1,7 +1,8 @@
 """An unchanged torchrun DDP script (examples/torch_ddp.py, backend="ringtrain") launched by
 ``ringtrain node`` on 4 processes ends with the parameters the same script reaches under
 ``torchrun --nproc-per-node 4`` with Gloo; and with the elastic helper, killing one of 4
-mid-training leaves the other 3 to finish alone, identical, with no step lost."""
+mid-training leaves the other 3 to finish alone, identical, with no step lost; FSDP on CPU
+(examples/torch_fsdp.py) matches Gloo too."""
 
 from __future__ import annotations
 
@@ -131,3 +132,30 @@ def test_killing_one_of_four_the_others_finish_identical_with_no_step_lost(tmp_p
     assert sorted(survivors) == [0, 1, 2]
     for rank in (1, 2):
         assert torch.equal(survivors[rank], survivors[0])
+
+
+def test_fsdp_on_the_ring_matches_gloo(tmp_path):
+    """FSDP on CPU (``fully_shard``, examples/torch_fsdp.py) on 2 processes ends with the
+    parameters the same script reaches under torchrun with Gloo, on every rank (the group
+    answers ``group_name``, which DeviceMesh reads)."""
+    script = EXAMPLES / "torch_fsdp.py"
+    text = script.read_text()
+    call = 'init_process_group(backend="ringtrain")'
+    assert text.count(call) == 1
+    gloo_script = tmp_path / "torch_fsdp_gloo.py"
+    gloo_script.write_text(text.replace(call, 'init_process_group(backend="gloo")'))
+    deadline = time.monotonic() + BOUND_S
+    ring = launch_ring(script, ["--save", str(tmp_path / "ring")], tmp_path, size=2)
+    gloo = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_ports(1)[0]), str(gloo_script),
+         "--save", str(tmp_path / "gloo")], stdout=(tmp_path / "torchrun.log").open("w"),
+        stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finish([*ring, gloo], tmp_path, deadline) == [0] * 3, report(tmp_path)
+    ours = [torch.load(tmp_path / f"ring.{rank}.pt") for rank in range(2)]
+    theirs = torch.load(tmp_path / "gloo.0.pt")
+    assert sorted(ours[0]) == sorted(theirs) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for name, value in theirs.items():
+        assert torch.equal(ours[1][name], ours[0][name]), name
+        assert (ours[0][name] - value).abs().max().item() < 1e-6, name
+    assert "backend ringtrain" in (tmp_path / "node-0.log").read_text()

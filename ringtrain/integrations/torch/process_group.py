@@ -133,8 +133,20 @@ class RingtrainProcessGroup(dist.ProcessGroup):
         self.failure: RingtrainError | None = None  # why this group's collectives fail
         self._completer = _Completer(f"ringtrain-torch-{node.node_id}-g{self.generation}",
                                      self._failed)
+        self._name = ""
 
     # what torch asks of a group -----------------------------------------------------------
+
+    def _set_group_name(self, name: str) -> None:
+        # torch's C++ group answers ``group_name`` from its registered backends, which a
+        # Python group has none of ("ProcessGroup name not set": DeviceMesh, so FSDP2 and
+        # DTensor, read it); this group keeps the name torch gives it
+        super()._set_group_name(name)
+        self._name = name
+
+    @property
+    def group_name(self) -> str:
+        return self._name
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND_NAME
