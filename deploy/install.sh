@@ -2,7 +2,9 @@
 # Install ringtrain from this checkout.
 #   bash deploy/install.sh          the package (numpy, pyzmq, zeroconf)
 #   bash deploy/install.sh --test   the package with its test tools and the MPI baseline of
-#                                   `ringtrain bench` (mpi4py and Open MPI wheels, seconds), and
+#                                   `ringtrain bench` (mpi4py and Open MPI wheels, seconds);
+#                                   PyTorch (CPU) from a local wheel when a PIP_FIND_LINKS
+#                                   directory holds one, and Accelerate where torch is; and
 #                                   (as root on Debian or Ubuntu) the system tools the
 #                                   network-namespace tests use: iproute2 (ip, tc), nftables
 #                                   (loss, partitions), procps (sysctl), dnsutils (dig)
@@ -37,6 +39,14 @@ if [ "${1:-}" = "--test" ]; then
             break
         fi
     done
+    # Accelerate, for tests/procs/test_accelerate_launch.py, only once torch is importable:
+    # it requires torch, which pip would otherwise fetch from the index (the CUDA build). The
+    # installed torch is named too, so pip keeps it as it is.
+    if torch_version=$(python3 -c "import torch; print(torch.__version__)" 2>/dev/null); then
+        echo "install.sh: installing accelerate 1.15.0 beside PyTorch $torch_version"
+        python3 -m pip install --quiet --disable-pip-version-check accelerate==1.15.0 \
+            "torch==$torch_version"
+    fi
 elif [ "${1:-}" = "--torch" ]; then
     python3 -m pip install --quiet --disable-pip-version-check -e .
     if python3 -c "import torch" >/dev/null 2>&1; then
