@@ -86,10 +86,22 @@ def serve_rendezvous_store() -> dict[str, str]:
 
 
 def _create_group(store: Any, rank: int, world_size: int, timeout: timedelta) -> Any:
-    """torch's creator hook: a process group over the current generation of the ring."""
-    from .process_group import RingtrainProcessGroup
+    """torch's creator hook: a process group over the current generation of the ring.
+
+    torch calls it for ``init_process_group``, and for ``new_group`` where it does not hand
+    that to the default group (:meth:`RingtrainProcessGroup.new_group`: a default group of
+    another backend, or a torch without the hand-off): a group of part of the ring is
+    refused here, only on its members (torch makes no call on the others).
+    """
+    import torch.distributed as dist
+
+    from ...errors import ConfigError
+    from .process_group import RingtrainProcessGroup, subset_refusal
 
     node = process_node()
+    if dist.is_initialized() and (rank, world_size) != (node.rank, node.world_size):
+        raise ConfigError(subset_refusal(f"a group of {world_size} with this node as rank "
+                                         f"{rank}", node.world_size))
     if (rank, world_size) != (node.rank, node.world_size):
         logging.getLogger(__name__).warning(
             "init_process_group was given rank %d of %d; the ring has rank %d of %d "

@@ -155,6 +155,29 @@ class RingtrainProcessGroup(dist.ProcessGroup):
         return (f"RingtrainProcessGroup(node={self.node.node_id}, generation={self.generation},"
                 f" rank={self.rank()}, size={self.size()})")
 
+    def new_group(self, ranks: Sequence[int], timeout: timedelta | None = None,
+                  pg_options: Any = None, group_name: str | None = None,  # noqa: ARG002
+                  group_desc: str | None = None) -> RingtrainProcessGroup:
+        """``dist.new_group`` when this is the default group (torch 2.13 hands it here, on
+        every rank, members or not): a new group over the same generation of the ring, of
+        every rank in rank order only.
+
+        Raises:
+            ConfigError: ``ranks`` is a subset of the ring (or every rank in another order).
+            RingChangedError: the ring changed since this group was made.
+        """
+        ranks = list(ranks)
+        if ranks != list(range(self.size())):
+            raise ConfigError(subset_refusal(f"new_group(ranks={ranks})", self.size()))
+        self._check_ring()
+        seconds = timeout.total_seconds() if timeout is not None else self.timeout
+        group = RingtrainProcessGroup(self.node, min(seconds, self.timeout))
+        if group_name:
+            group._set_group_name(group_name)
+        if group_desc:
+            group._set_group_desc(group_desc)
+        return group
+
     def shutdown(self) -> None:
         """Stop the completion thread (torch calls this on ``destroy_process_group``)."""
         self._completer.stop()
@@ -403,6 +426,16 @@ class RingtrainProcessGroup(dist.ProcessGroup):
     def _check_count(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self.size():
             raise ConfigError(f"{what}: {len(tensors)} tensors for a ring of {self.size()}")
+
+
+def subset_refusal(asked: str, world_size: int) -> str:
+    """Why a process group over part of the ring is refused, and what to use instead."""
+    return (f"the ringtrain backend makes process groups of the whole ring only (ranks "
+            f"0..{world_size - 1}, in order); {asked} is a subset or another order, and "
+            f"subsets are not supported: a node runs every collective on one ring of all its "
+            f"members. Use the default group, or new_group() with no ranks; to combine values "
+            f"from some ranks only, let the others all_reduce zeros; to train some devices "
+            f"apart, start them as a job of their own (ringtrain node --job NAME)")
 
 
 def _poison(value: Any) -> None:
