@@ -3,9 +3,12 @@
     pip install accelerate                                           # with torch already in
     ringtrain node --key-file job.key examples/accelerate_ddp.py    # on every device
     for port in 7101 7102 7103; do                                   # ...or 3 on one machine
-      ringtrain node --insecure --no-discovery --port $port --peer 127.0.0.1:7101 \\
-        --peer 127.0.0.1:7102 --peer 127.0.0.1:7103 examples/accelerate_ddp.py &
+      ringtrain node --insecure --no-discovery --world-size 3 --port $port \\
+        --peer 127.0.0.1:7101 --peer 127.0.0.1:7102 --peer 127.0.0.1:7103 \\
+        examples/accelerate_ddp.py &
     done; wait
+
+(``--world-size 3``: the first ring waits for all three; without it two would start alone.)
 
 ``ringtrain node`` forms the ring, then runs this file with torchrun's variables (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...), which is what Accelerate reads to find its
