@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent("""
     after = torch.tensor([float(rank)])
     out = {
         "rank": rank, "backend": dist.get_backend(whole), "size": dist.get_world_size(whole),
-        "group_rank": dist.get_rank(whole), "sum": value.tolist(),
+        "group_rank": dist.get_rank(whole), "name": whole.group_name, "sum": value.tolist(),
         "grad": model.module.weight.grad.reshape(-1).tolist(),
         "subset": refused(lambda: dist.new_group(ranks=[0, 1])),
         "reordered": refused(lambda: dist.new_group(ranks=[2, 1, 0], sort_ranks=False)),
@@ -101,6 +101,7 @@ def test_new_group_of_every_rank_works_and_a_subset_is_refused_on_every_rank(tmp
     assert sorted(results) == list(range(SIZE))
     for rank, out in results.items():
         assert (out["backend"], out["size"], out["group_rank"]) == ("ringtrain", SIZE, rank)
+        assert out["name"] == results[0]["name"] != ""  # torch's name for it (FSDP reads it)
         assert out["sum"] == [6.0] * 3  # 1 + 2 + 3
         assert out["grad"] == results[0]["grad"]  # averaged over the new group
         assert out["subset"].startswith(

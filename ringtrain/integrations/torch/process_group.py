@@ -158,20 +158,8 @@ class RingtrainProcessGroup(dist.ProcessGroup):
     def new_group(self, ranks: Sequence[int], timeout: timedelta | None = None,
                   pg_options: Any = None, group_name: str | None = None,  # noqa: ARG002
                   group_desc: str | None = None) -> RingtrainProcessGroup:
-        """``dist.new_group`` when this is the default group (torch 2.13 hands it here, on
-        every rank, members or not): a new group over the same generation of the ring, of
-        every rank in rank order only.
-
-        Raises:
-            ConfigError: ``ranks`` is a subset of the ring (or every rank in another order).
-            RingChangedError: the ring changed since this group was made.
-        """
-        ranks = list(ranks)
-        if ranks != list(range(self.size())):
-            raise ConfigError(subset_refusal(f"new_group(ranks={ranks})", self.size()))
-        self._check_ring()
-        seconds = timeout.total_seconds() if timeout is not None else self.timeout
-        group = RingtrainProcessGroup(self.node, min(seconds, self.timeout))
+        """torch 2.13's ``dist.new_group`` hook, called on every rank: :func:`whole_ring_group`."""
+        group = whole_ring_group(self, list(ranks), timeout)
         if group_name:
             group._set_group_name(group_name)
         if group_desc:
@@ -426,6 +414,23 @@ class RingtrainProcessGroup(dist.ProcessGroup):
     def _check_count(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self.size():
             raise ConfigError(f"{what}: {len(tensors)} tensors for a ring of {self.size()}")
+
+
+def whole_ring_group(parent: RingtrainProcessGroup, ranks: list[int],
+                     timeout: timedelta | None) -> RingtrainProcessGroup:
+    """A new group over ``parent``'s node and generation, for ``dist.new_group(ranks)``: every
+    rank in rank order only (its own completion thread; the node runs the collectives of all
+    groups in the one order they start).
+
+    Raises:
+        ConfigError: ``ranks`` is a subset of the ring, or every rank in another order.
+        RingChangedError: the ring changed since ``parent`` was made.
+    """
+    if ranks != list(range(parent.size())):
+        raise ConfigError(subset_refusal(f"new_group(ranks={ranks})", parent.size()))
+    parent._check_ring()
+    seconds = parent.timeout if timeout is None else timeout.total_seconds()
+    return RingtrainProcessGroup(parent.node, min(seconds, parent.timeout))
 
 
 def subset_refusal(asked: str, world_size: int) -> str:
