@@ -104,7 +104,8 @@ class StatusServer:
                  status: Callable[[], dict[str, Any]], settings: Settings | None = None):
         self._key = key
         self._status = status
-        self._transport = Transport(f"{node_id}-status", listen, settings or Settings(), key)
+        self._transport = Transport(f"{node_id}-status", listen, settings or Settings(), key,
+                                    job_server=True)
         self.endpoint = self._transport.endpoint
         self.refused = 0
         self._stop = threading.Event()
