@@ -159,17 +159,17 @@ def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
             findings.append(Finding(
                 "port-closed", f"{who}: nothing listens on that port (connection refused)",
                 f"check that ringtrain node runs there with --port {port}, and that no "
-                f"firewall rejects TCP port {port}"))
+                f"firewall rejects TCP or UDP port {port} (UDP: its key door)"))
         elif outcome == "refused":
             findings.append(Finding(
-                "handshake-refused", f"{who} accepts the connection but refuses the "
-                f"handshake with this job key: it holds another key, or it is not a "
-                f"ringtrain node", "use the same job key file on every device"))
+                "handshake-refused", f"{who} refuses its key door or the handshake to this "
+                f"job key: it holds another key, or it is not a ringtrain node",
+                "use the same job key file on every device"))
         elif outcome == "timeout":
             findings.append(Finding(
                 "unreachable", f"{who}: no answer within {timeout:.0f} s (a firewall drops "
                 f"the packets, the host is down or asleep, or the process is stopped)",
-                f"check the address; allow TCP port {port} through the firewall"))
+                f"check the address; allow TCP and UDP port {port} through the firewall"))
         else:
             findings.append(Finding("unreachable", f"{who}: {outcome}", "check the address"))
     return findings
