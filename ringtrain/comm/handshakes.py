@@ -16,7 +16,7 @@ from .endpoints import normalize_endpoint
 from .security import JobKey
 
 # a dialled connection that fails its key handshake this soon after it connected was refused
-# (the server could not open our CURVE HELLO: it holds another key), not timed out
+# (the server could not open our CURVE HELLO: it lacks the key we dialled), not timed out
 REFUSED_WITHIN_S = 1.0
 
 
@@ -71,7 +71,8 @@ def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
 
 class HandshakeWatch:
     """The key handshakes of one link we dialled, from a monitor on its socket: a probe of a
-    node we have not met, whose refusals say it holds another job key or refuses our device.
+    node we have not met, whose refusals say it does not hold the device key we dialled or
+    refuses our device.
 
     Read it often (every turn or so): libzmq blocks its I/O thread once a monitor's queue is
     full.
@@ -86,7 +87,7 @@ class HandshakeWatch:
             zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._connected_at = 0.0
-        self.failed_fast = 0  # failed within REFUSED_WITHIN_S of connecting: another job key
+        self.failed_fast = 0  # failed within REFUSED_WITHIN_S of connecting: another server key
         self.refused_by_check = 0  # refused by the peer's key check (e.g. a revoked device)
 
     def read(self) -> tuple[int, int] | None:

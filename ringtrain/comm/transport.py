@@ -181,10 +181,11 @@ def _bind(router: zmq.Socket, endpoint: str, door: bool) -> tuple[str, socket.so
             return bound, None
         try:
             return bound, open_door(*where[1])
-        except OSError:
+        except OSError as exc:
             router.unbind(router.getsockopt_string(zmq.LAST_ENDPOINT))
             if attempt == 31 or not random_port:
-                raise
+                raise OSError(exc.errno, f"UDP port {where[1][1]} (the key door): "
+                                         f"{exc.strerror}") from exc
     raise AssertionError("unreachable")
 
 

@@ -1,5 +1,6 @@
-"""The door of a node's listening socket: the ZAP handler that checks every key handshake, and
-the budgets on connections a stranger can open.
+"""The key check of a node's listening socket: the ZAP handler that checks every key handshake
+(and answers the node's key door, ``door``), and the budgets on connections a stranger can
+open.
 
 ZeroMQ has no option that bounds connections, so a monitor on the ROUTER counts open
 connections per remote address (``EVENT_ACCEPTED`` / ``EVENT_DISCONNECTED``): connections still

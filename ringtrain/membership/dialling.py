@@ -29,6 +29,8 @@ from ..errors import ConfigError, ProtocolError
 log = logging.getLogger(__name__)
 
 ASK_AGAIN_S = 1.0  # a door unanswered this long is asked again (UDP may lose an ask)
+WRONG_ANSWER_S = 5.0  # a door that answered wrongly is asked again this much later (if the
+# probe has not expired by then: the user's own endpoints never do)
 MAX_PINS = 4  # devices pinned to one endpoint by sources other than the user
 MAX_NEWS = 64  # endpoints whose door said something wrong, kept for ``node.wrong_key``
 
@@ -101,8 +103,8 @@ class CandidateDialler:
                 self.transport.disconnect(endpoint)
         if self.door is not None:
             for reply in self.door.replies():
-                if self.asking.pop(reply.endpoint, None) is not None:
-                    self._on_reply(reply)
+                if reply.endpoint in self.asking and not self._on_reply(reply):
+                    self.asking[reply.endpoint] = now + WRONG_ANSWER_S - ASK_AGAIN_S
             for endpoint, asked in self.asking.items():
                 if now - asked >= ASK_AGAIN_S:
                     self.asking[endpoint] = now
@@ -124,27 +126,34 @@ class CandidateDialler:
         self.transport.connect(endpoint, endpoint, watch=True, server_key=key or None)
         self.unidentified.add(endpoint)
 
-    def _on_reply(self, reply: DoorReply) -> None:
-        """A door answered: dial the device it named, unless that device is revoked or not
-        the one pinned there (then the probe expires and backs off)."""
+    def _on_reply(self, reply: DoorReply) -> bool:
+        """A door answered: dial the device it named. Returns False if it refused us, or named
+        a revoked device or another than the one pinned there (then the probe expires and
+        backs off, or the door is asked again later)."""
         endpoint = reply.endpoint
         if not reply.key:
             self._tell(endpoint, ("job", reply.other_job))
-            return
+            return False
         found = device_fingerprint(reply.key)
         pins = self.pins.get(endpoint)
         if found in self.transport.revoked_fingerprints:
             self._note(endpoint, f"node {self.node_id}: {endpoint} answers as device {found}, "
                        f"which is revoked: not dialling it")
-        elif pins and found not in pins:
+            return False
+        if pins and found not in pins:
             wanted = "/".join(sorted(pins))
             self._tell(endpoint, ("device", f"{wanted} {found}"))
             self._note(endpoint, f"node {self.node_id}: {endpoint} answers as device {found}, "
                        f"not {wanted} as {'given' if endpoint in self.strict else 'announced'}: "
                        f"not dialling it")
-        elif endpoint not in self.transport.links().values():
+            return False
+        del self.asking[endpoint]
+        if endpoint in self.transport.links().values():
+            self.book.answered(endpoint)  # linked meanwhile (it dialled us, we dialled back)
+        else:
             self.transport.introduce(reply.key)  # so that it may dial us back
             self._dial(endpoint, reply.key)
+        return True
 
     def _tell(self, endpoint: str, news: tuple[str, str]) -> None:
         if endpoint in self.news or len(self.news) < MAX_NEWS:

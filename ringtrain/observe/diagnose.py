@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..comm.endpoints import split_pin
 from ..comm.handshakes import handshake_probe
 from ..comm.security import JobKey
 from ..discovery.advert import Advert
@@ -135,7 +136,7 @@ def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
                 "and copy that file to every device (--key-file job.key)"))
     targets = [(a.node_id, e) for a in ours if a.key_fingerprint == fingerprint
                for e in _advert_endpoints(a)[:1]]
-    targets += [(None, p) for p in peers]
+    targets += [(None, split_pin(p)[1]) for p in peers]  # a pin is the node's to check
     results: dict[str, str] = {}
 
     def probe(endpoint: str) -> None:
