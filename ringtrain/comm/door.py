@@ -14,6 +14,10 @@ on the same address and port number as its listening TCP socket. One datagram ea
   fingerprint``, unauthenticated, at most ``REFUSALS_PER_S`` a second, never longer than an
   ask: the asker holds another job key and is told so at once (``node.wrong_key``).
 
+A door reads at most ``ASKS_PER_S`` datagrams a second; beyond, it is not read for a tenth of
+a second and the kernel drops what does not fit its buffer, so a flood costs a bounded share
+of a core (an asker asks again every second).
+
 An answer names a key, nothing more: only the holder of that key's secret can then complete
 the CURVE handshake, so a wrong answer costs a failed connection. An ask that verifies
 *introduces* the asker's device key, and an answer the answerer's: a node's key check
@@ -49,6 +53,8 @@ MAC_BYTES = 32
 ASK_BYTES = len(MAGIC) + NONCE_BYTES + KEY_CHARS + MAC_BYTES
 REFUSED = b"?"
 REFUSALS_PER_S = 100.0  # refusals sent at most (a stranger cannot use us as a reflector)
+ASKS_PER_S = 1000.0  # datagrams read at most (a flood costs a bounded share of a core)
+PAUSE_S = 0.1  # a door that read its share is not read for this long
 MAX_PENDING = 1024  # asks awaiting an answer, remembered at most
 MAX_LOGGED = 1024  # addresses whose wrong key was logged
 
@@ -166,18 +172,28 @@ class DoorServer:
         self.wrong_key: dict[str, int] = {}  # remote address -> asks under another job key
         self._allowance = REFUSALS_PER_S
         self._last = time.monotonic()
+        self._reads = ASKS_PER_S * PAUSE_S  # datagrams it may read now
+        self._reads_at = self._last
 
     def fileno(self) -> int:
         """The socket's descriptor, to poll."""
         return self.sock.fileno()
 
-    def serve(self, most: int = 64) -> None:
-        """Answer the asks waiting, at most ``most`` of them (never blocks)."""
+    def serve(self, most: int = 64) -> float:
+        """Answer the asks waiting, at most ``most`` of them (never blocks). Returns 0.0, or
+        the monotonic time until which the door should not be read (it read its share)."""
+        now = time.monotonic()
+        self._reads = min(ASKS_PER_S * PAUSE_S,
+                          self._reads + (now - self._reads_at) * ASKS_PER_S)
+        self._reads_at = now
         for _ in range(most):
+            if self._reads < 1.0:
+                return now + PAUSE_S
+            self._reads -= 1.0
             try:
                 data, source = self.sock.recvfrom(ASK_BYTES + 1)
             except (BlockingIOError, InterruptedError):
-                return
+                return 0.0
             except OSError:
                 continue  # an ICMP error from an earlier reply: nothing to read
             ask = read_ask(self._key, data)
@@ -189,6 +205,7 @@ class DoorServer:
                 self._send(encode_answer(self._key, nonce, asker, self._public), source)
             else:
                 self._refuse(nonce, source)
+        return 0.0
 
     def _refuse(self, nonce: bytes, source: tuple) -> None:
         now = time.monotonic()

@@ -157,17 +157,23 @@ class ZapHandler:
         poller.register(self._socket, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
+        door_resumes = 0.0  # while the door read its share: when it is read again
         if self.door is not None:
             poller.register(self.door.fileno(), zmq.POLLIN)
         while not self._stop.is_set():
             try:
                 events = dict(poller.poll(100))
+                if door_resumes and time.monotonic() >= door_resumes:
+                    door_resumes = 0.0
+                    poller.register(self.door.fileno(), zmq.POLLIN)
                 # connection events first: a client is accepted long before it asks ZAP
                 if self._monitor is not None and self._monitor in events:
                     while self._monitor.poll(0):
                         self._guarded(self._on_event, self._monitor.recv_multipart())
                 if self.door is not None and self.door.fileno() in events:
-                    self._guarded(lambda _: self.door.serve(), [])
+                    door_resumes = self._guarded(lambda _: self.door.serve(), []) or 0.0
+                    if door_resumes:
+                        poller.unregister(self.door.fileno())
                 if self._socket in events:
                     request = self._socket.recv_multipart()
                     answer = self._guarded(self._answer, request)

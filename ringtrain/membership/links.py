@@ -17,9 +17,9 @@ lists where the live peers it knows listen, each pinned to its device
 (``FINGERPRINT@tcp://IP:PORT``), and the newcomer dials them too (candidates from that peer,
 within the same budgets), so a node given one ``--peer`` reaches every member. A link named
 after a peer always dials the device key membership admitted for it: a HELLO proving another
-key replaces the link, and a WELCOME from a device its id does not belong to is refused. ``host`` names the sender's
-shared-memory beacon (``comm.shm``): a receiver that can read it shares the host with the
-sender.
+key replaces the link, and a WELCOME from a device its id does not belong to is refused.
+``host`` names the sender's shared-memory beacon (``comm.shm``): a receiver that can read it
+shares the host with the sender.
 
 Incarnations. ``incarnation`` is the device's boot counter on keyed rings (``comm.identity``:
 a clock step cannot fence a restart off), else the process's start time in nanoseconds: a
