@@ -7,24 +7,17 @@ too; and the ring is still usable afterwards."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from ringtrain.testing import free_ports
 
 pytest.importorskip("torch")
 pytestmark = [pytest.mark.torch, pytest.mark.timeout(150)]  # past BOUND_S, which reports
 
 SIZE = 3
 BOUND_S = 120  # ~8 s on a quiet machine, most of it importing torch 3 times
-QUIET_MACHINE = {"RINGTRAIN_HEARTBEAT_TIMEOUT": "20", "RINGTRAIN_PROGRESS_FLOOR": "30",
-                 "RINGTRAIN_PROGRESS_TIMEOUT": "90", "OMP_NUM_THREADS": "1"}
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -66,36 +59,19 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def report(logs: Path) -> str:
-    return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}"
-                     for path in sorted(logs.glob("*.log")))
-
-
-def test_new_group_of_every_rank_works_and_a_subset_is_refused_on_every_rank(tmp_path):
+def test_new_group_of_every_rank_works_and_a_subset_is_refused_on_every_rank(tmp_path,
+                                                                             script_ring):
     script = tmp_path / "groups.py"
     script.write_text(SCRIPT)
-    ports = free_ports(SIZE)
-    peers = [arg for port in ports for arg in ("--peer", f"127.0.0.1:{port}")]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "ringtrain", "node", "--insecure", "--no-discovery",
-         "--port", str(port), "--node-id", f"node-{i}", "--world-size", str(SIZE), *peers,
-         str(script)], stdout=(tmp_path / f"node-{i}.log").open("w"), stderr=subprocess.STDOUT,
-        env={**os.environ, **QUIET_MACHINE}) for i, port in enumerate(ports)]
     deadline = time.monotonic() + BOUND_S
-    for proc in procs:
-        try:
-            proc.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            pytest.fail("a process did not finish in time:\n" + report(tmp_path))
-    assert [proc.returncode for proc in procs] == [0] * SIZE, report(tmp_path)
+    procs = script_ring.launch(script, [], size=SIZE)
+    assert script_ring.finish(procs, deadline) == [0] * SIZE, script_ring.report()
 
     results = {}
     for i in range(SIZE):
         lines = [line for line in (tmp_path / f"node-{i}.log").read_text().splitlines()
                  if line.startswith("RESULT ")]
-        assert len(lines) == 1, report(tmp_path)
+        assert len(lines) == 1, script_ring.report()
         out = json.loads(lines[0].removeprefix("RESULT "))
         results[out["rank"]] = out
     assert sorted(results) == list(range(SIZE))

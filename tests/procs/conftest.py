@@ -1,0 +1,63 @@
+"""What the script-launching tests share: ``ringtrain node SCRIPT`` processes on 127.0.0.1,
+one ring of ``size``, waited for within a bound that fails with every process's log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ringtrain.testing import free_ports
+
+# generous failure detection: these tests are about results, and several processes importing
+# torch on 2 shared cores can go quiet for seconds
+QUIET_MACHINE = {"RINGTRAIN_HEARTBEAT_TIMEOUT": "20", "RINGTRAIN_PROGRESS_FLOOR": "30",
+                 "RINGTRAIN_PROGRESS_TIMEOUT": "90", "OMP_NUM_THREADS": "1"}
+
+
+class ScriptRing:
+    """Starts ``ringtrain node`` processes that run a script; their logs go to ``logs``."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+
+    def launch(self, script: Path, args: list[str], size: int = 4,
+               extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+        """``size`` processes (node-0 ... node-N-1) on 127.0.0.1 running ``script ARGS``."""
+        ports = free_ports(size)
+        peers = [arg for port in ports for arg in ("--peer", f"127.0.0.1:{port}")]
+        env = {**os.environ, **QUIET_MACHINE}
+        return [subprocess.Popen(
+            [sys.executable, "-m", "ringtrain", "node", "--insecure", "--no-discovery",
+             "--port", str(port), "--node-id", f"node-{i}", "--world-size", str(size),
+             *extra, *peers, str(script), *args],
+            stdout=(self.logs / f"node-{i}.log").open("w"), stderr=subprocess.STDOUT, env=env)
+            for i, port in enumerate(ports)]
+
+    def finish(self, procs: list[subprocess.Popen], deadline: float) -> list[int]:
+        """Every process's exit code, waiting until ``deadline`` (monotonic) at most; on a
+        hang, kill them all and fail with every log."""
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                for other in procs:
+                    other.kill()
+                pytest.fail("a process did not finish in time:\n" + self.report())
+        return codes
+
+    def report(self) -> str:
+        """The tail of every log, for a failure message."""
+        return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}"
+                         for path in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture
+def script_ring(tmp_path: Path) -> ScriptRing:
+    """A launcher of ``ringtrain node SCRIPT`` rings logging into the test's folder."""
+    return ScriptRing(tmp_path)
