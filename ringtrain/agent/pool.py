@@ -55,7 +55,8 @@ def pool_round(node: Node, row: PoolRow, reform: bool = True) -> list[PoolRow] |
     """One round: the members' rows (a member's bad row is left out, on every member
     alike), or None if the round failed (then, with ``reform``, the ring re-forms)."""
     try:
-        gathered = node.all_gather(encode(row), timeout=ROUND_TIMEOUT)
+        work = node.all_gather_async(encode(row), timeout=ROUND_TIMEOUT)
+        gathered = work.wait()
     except MismatchError:
         raise
     except CollectiveError as exc:
@@ -65,7 +66,9 @@ def pool_round(node: Node, row: PoolRow, reform: bool = True) -> list[PoolRow] |
             _reform(node)
         return None
     rows = []
-    for member, raw in zip(node.members, gathered, strict=True):
+    # the members of the view the rows were gathered in: the node may already hold the next
+    # one (a joiner admitted meanwhile), whose members would not match the rows
+    for member, raw in zip(work.members or node.members, gathered, strict=True):
         try:
             rows.append(decode(raw, member))
         except ConfigError as exc:

@@ -311,7 +311,8 @@ class Node(CollectiveCalls):
         self._check_open()
         view = self._engine.view
         work = Work(build, self.settings.collective_timeout if timeout is None else timeout, step,
-                    self.settings.spin_seconds, None if view is None else view.generation)
+                    self.settings.spin_seconds, None if view is None else view.generation,
+                    () if view is None else tuple(view.members))
         self._engine.submit(work)
         return work
 

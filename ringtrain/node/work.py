@@ -18,11 +18,15 @@ class Work:
     """A collective started with an ``*_async`` method. :meth:`wait` returns its result."""
 
     def __init__(self, build: Builder, timeout: float, step: int, spin: float = 0.0,
-                 generation: int | None = None):
+                 generation: int | None = None, members: tuple[str, ...] = ()):
         self.build = build
         self.timeout = timeout
         self.step = step
         self.generation = generation  # the view it was started in (None: before any)
+        # that view's members in rank order: a collective that succeeded ran in exactly that
+        # view (the executor fails one whose view changed), so its rows are these members',
+        # whatever view the node holds by the time the caller reads them
+        self.members = members
         self._spin = spin  # seconds wait() yields before it sleeps (Settings.spin_seconds)
         # a latch: held until the engine finishes the work (cheaper to wake than an Event,
         # which a small collective felt); every waiter passes it back on

@@ -254,7 +254,8 @@ class DistributedPPO:
         yield work
         try:
             shares = [RoundShare.unpack(row, self.model.obs_size, config.window, member)
-                      for row, member in zip(work.wait(), node.members, strict=True)]
+                      for row, member in zip(work.wait(), work.members or node.members,
+                                             strict=True)]
         except ProtocolError as exc:
             # every member holds the same table, so every member skips this round alike
             self.dropped_rounds += 1

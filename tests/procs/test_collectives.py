@@ -519,3 +519,17 @@ def test_small_all_reduces_are_exact_whether_waits_spin_or_sleep(spin):
         expected = sum(rng.integers(-1000, 1000, 1024) for rng in rngs).tolist()
         for rank in range(n):
             assert results[rank][index] == expected, f"rank {rank}, call {index}"
+
+
+def _gather_with_members(node):
+    work = node.all_gather_async(np.array([node.rank]))
+    return work.wait().ravel().tolist(), list(work.members), list(node.members)
+
+
+def test_a_collective_names_the_members_of_the_view_it_ran_in():
+    # a caller zips rows with work.members, not node.members: the node may hold the next
+    # view (a joiner admitted) by the time the caller reads it (agent pool rounds crashed so)
+    results = run_local(_gather_with_members, 3)
+    for gathered, members, now in results:
+        assert gathered == [0, 1, 2]
+        assert members == now == results[0][1] and len(members) == 3
