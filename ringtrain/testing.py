@@ -47,13 +47,21 @@ class ClusterFailed(RingtrainError):
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports that were free a moment ago."""
-    sockets, ports = [], []
+    """``count`` distinct ports that were free a moment ago, in TCP and in UDP (a keyed node
+    listens on both: its key door is UDP on the same port)."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             s = socket.socket()
             s.bind((host, 0))
             sockets.append(s)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets.append(udp)
+            try:
+                udp.bind((host, s.getsockname()[1]))
+            except OSError:
+                continue  # taken in UDP: keep the TCP one bound so that it is not picked again
             ports.append(s.getsockname()[1])
     finally:
         for s in sockets:

@@ -1,13 +1,14 @@
 """``ringtrain bench-hostile``: a keyless stranger on the LAN cannot stop a training ring.
 
-    ringtrain bench-hostile                         # 2 nodes, 64 adverts x 16, 2000 idle each
+    ringtrain bench-hostile       # 2 nodes, 64 adverts x 16, 2000 idle each, 5000 door asks/s
     ringtrain bench-hostile --nodes 3 --seconds 90 --connections 500
 
 On an emulated LAN (``lab.netns``, root), N real ``ringtrain node`` processes run a training
 script (``hostile_worker.py``) with discovery on. Once they train, a keyless host
 (``lab.hostile``) announces ``--adverts`` adverts of the job under the real key fingerprint,
 each with ``--addresses`` dead addresses, re-announced with new ports every few seconds, and
-holds ``--connections`` idle TCP connections to every node. Printed: the longest gap between
+holds ``--connections`` idle TCP connections to every node, and sends ``--door-asks``
+datagrams a second to each node's key door. Printed: the longest gap between
 two training steps before and during the attack against the failure-detection bound
 (``heartbeat_timeout``), each node's open descriptors (most, and at the end) against its
 limit, connections shut and refused by its budgets, probes expired, and how each node ended.
@@ -38,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--addresses", type=int, default=16)
     parser.add_argument("--connections", type=int, default=2000,
                         help="idle TCP connections to every node (default 2000)")
+    parser.add_argument("--door-asks", type=float, default=5000.0, metavar="PER_S",
+                        help="asks under no job key sent to every node's key door a second "
+                             "(default 5000)")
     parser.add_argument("--seconds", type=float, default=60.0,
                         help="seconds of attack (default 60)")
     parser.add_argument("--warmup", type=float, default=10.0,
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             "--dead-prefix", lan.address(0).rpartition(".")[0], "--adverts",
             str(args.adverts), "--addresses", str(args.addresses), "--connections",
             str(args.connections), "--seconds", str(args.seconds),
+            "--door-asks", str(args.door_asks),
             *[a for i in range(args.nodes) for a in ("--target", f"{lan.address(i)}:{PORT}")]],
             env=env, stdout=open(out / "attacker.jsonl", "w"), stderr=subprocess.STDOUT)
         attacker_code = attacker.wait(args.seconds + 60)
@@ -135,7 +140,8 @@ def _report(out: Path, args: argparse.Namespace, start: float, end: float, bound
              f"new ports) and held up to {peak_open} established idle connections "
              f"({args.connections} per "
              f"node asked; {attack[-1]['reopened'] if attack else 0} reopened after the nodes "
-             f"shut them) for {end - start:.0f} s",
+             f"shut them), and sent {attack[-1].get('door_asks', 0) if attack else 0} asks "
+             f"under no job key to the nodes' key doors, for {end - start:.0f} s",
              f"failure-detection bound (heartbeat_timeout): {bound:.1f} s",
              f"{'node':>4} {'steps':>6} {'gap before':>11} {'gap during':>11} {'fds max':>8} "
              f"{'fds end':>8} {'shut':>7} {'refused':>8} {'probes expired':>15} {'exit':>6}"]

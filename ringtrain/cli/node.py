@@ -60,10 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network interface (name or IPv4 address) to announce and listen "
                              "on (default: every non-loopback interface)")
     parser.add_argument("--port", type=int, default=env.port,
-                        help=f"TCP port to listen on (default {env.port}; 0 picks a free one)")
+                        help=f"TCP port to listen on, and its UDP key door (default {env.port}; "
+                             f"0 picks a free one)")
     parser.add_argument("--peer", action="append", default=list(env.peers), metavar="HOST:PORT",
                         help="a peer to dial directly, where multicast does not pass "
-                             "(repeatable; also RINGTRAIN_PEERS=host:port,host:port)")
+                             "(repeatable; also RINGTRAIN_PEERS=host:port,host:port); "
+                             "FINGERPRINT@IP:PORT pins the device that must answer there")
     parser.add_argument("--peers-dns", default=env.peers_dns, metavar="NAME",
                         help="a DNS name that lists the peers, looked up again every few "
                              "seconds (a Kubernetes headless Service: its A records with "

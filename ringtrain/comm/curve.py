@@ -1,6 +1,6 @@
-"""CURVE key pairs as zmq takes them (Z85): the server pair every node of a job listens with,
-derived from the job key; the pair a node dials with, its device's; a fresh pair for a new
-device.
+"""CURVE key pairs as zmq takes them (Z85): the server pair a job-keyed server (the status
+server) listens with, derived from the job key; the pair a node listens and dials with, its
+device's; a fresh pair for a new device.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def new_curve_keypair() -> tuple[str, str]:
 
 
 def dialling_keypair(device: DeviceKey | None) -> tuple[bytes, bytes]:
-    """The (public, secret) pair every link a node dials authenticates with: the device's
-    own key, or a random pair for this process if None.
+    """The (public, secret) pair a node listens with and every link it dials authenticates
+    with: the device's own key, or a random pair for this process if None.
 
     Raises:
         SecurityError: the device key's halves do not match.

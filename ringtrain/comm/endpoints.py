@@ -6,10 +6,28 @@ that take addresses agree on.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from ..errors import ConfigError
 
 MAX_ENDPOINT_LENGTH = 64
+_FINGERPRINT = re.compile(r"[a-z2-7]{16}")  # a device fingerprint (see ``identity``)
+
+
+def split_pin(text: str) -> tuple[str, str]:
+    """``FINGERPRINT@address`` -> (the device fingerprint, lowercase; address); an address
+    without one -> ("", address). A pin says which device must listen there.
+
+    Raises:
+        ConfigError: the part before ``@`` is not a device fingerprint (16 base32 digits).
+    """
+    pin, at, address = text.partition("@") if isinstance(text, str) else ("", "", text)
+    if not at:
+        return "", text
+    if not _FINGERPRINT.fullmatch(pin.lower()):
+        raise ConfigError(f"{text[:80]!r}: before @ goes a device fingerprint (16 letters a-z "
+                          f"and digits 2-7, as in the node id laptop-k3j5h2g7f6d5s4a3)")
+    return pin.lower(), address
 
 
 def normalize_endpoint(address: str) -> str:

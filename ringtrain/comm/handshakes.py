@@ -11,22 +11,24 @@ import time
 import zmq
 
 from ..errors import TransportError
-from .curve import curve_keypair
+from .door import ask_once
 from .endpoints import normalize_endpoint
 from .security import JobKey
 
 # a dialled connection that fails its key handshake this soon after it connected was refused
-# (the server could not open our CURVE HELLO: it holds another key), not timed out
+# (the server could not open our CURVE HELLO: it lacks the key we dialled), not timed out
 REFUSED_WITHIN_S = 1.0
 
 
 def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
-    """Dial ``endpoint`` as a node of ``key``'s job would, send nothing, and say how far it
-    got: ``"ok"`` (the ZMTP and CURVE handshake completed: the peer holds the job key),
-    ``"closed"`` (the connection was refused: nothing listens there), ``"refused"`` (TCP
-    connected, the handshake failed: the peer holds another job key or is not a ringtrain
-    node), or ``"timeout"`` (no handshake answer within ``timeout`` seconds: a firewall
-    drops the packets, the host is down, or the process is stopped or far too busy)."""
+    """Dial ``endpoint`` as a node of ``key``'s job would (ask its door for its device key,
+    then dial that key), send nothing, and say how far it got: ``"ok"`` (the ZMTP and CURVE
+    handshake completed: the peer holds the job key), ``"closed"`` (the connection was
+    refused: nothing listens there), ``"refused"`` (the door refused our ask, or TCP
+    connected and the handshake failed: the peer holds another job key or is not a ringtrain
+    node), or ``"timeout"`` (no answer within ``timeout`` seconds: a firewall drops the
+    packets, TCP or the door's UDP, the host is down, or the process is stopped or far too
+    busy)."""
     context = zmq.Context()
     try:
         sock = context.socket(zmq.DEALER)
@@ -35,7 +37,12 @@ def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
         sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(timeout * 1000)))
         if key is not None:
             public, secret = zmq.curve_keypair()
-            sock.curve_serverkey = curve_keypair(key, "server")[0]
+            reply = ask_once(normalize_endpoint(endpoint), key, public, timeout)
+            if isinstance(reply, str):
+                return reply
+            if not reply.key:
+                return "refused"
+            sock.curve_serverkey = reply.key.encode()
             sock.curve_publickey, sock.curve_secretkey = public, secret
         monitor = sock.get_monitor_socket()
         sock.connect(normalize_endpoint(endpoint))
@@ -64,7 +71,8 @@ def handshake_probe(endpoint: str, key: JobKey | None, timeout: float) -> str:
 
 class HandshakeWatch:
     """The key handshakes of one link we dialled, from a monitor on its socket: a probe of a
-    node we have not met, whose refusals say it holds another job key or refuses our device.
+    node we have not met, whose refusals say it does not hold the device key we dialled or
+    refuses our device.
 
     Read it often (every turn or so): libzmq blocks its I/O thread once a monitor's queue is
     full.
@@ -79,7 +87,7 @@ class HandshakeWatch:
             zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._connected_at = 0.0
-        self.failed_fast = 0  # failed within REFUSED_WITHIN_S of connecting: another job key
+        self.failed_fast = 0  # failed within REFUSED_WITHIN_S of connecting: another server key
         self.refused_by_check = 0  # refused by the peer's key check (e.g. a revoked device)
 
     def read(self) -> tuple[int, int] | None:

@@ -52,6 +52,11 @@ def device_fingerprint(public_key: str) -> str:
     return base64.b32encode(digest[:10]).decode().lower()
 
 
+def is_public_key(text: str) -> bool:
+    """Whether ``text`` has the form of a CURVE public key in Z85 (40 characters)."""
+    return isinstance(text, str) and _Z85_KEY.fullmatch(text) is not None
+
+
 def derived_node_id(name: str, public_key: str) -> str:
     """The node id a device with this public key takes: ``<name>-<fingerprint>``."""
     name = _NAME.sub("-", name).strip("-_")[:MAX_NAME].strip("-_") or "node"

@@ -26,12 +26,15 @@ Limits on everything a peer controls (see :class:`ringtrain.config.Settings`):
   stream_engine_base.cpp:310: the ping timer calls ``out_event`` with no ``_io_error``
   check). Reconnect back-off and a bounded linger on close.
 
-Authentication, with a job key: CURVE encryption on every connection. Every node listens with
-the server keypair derived from the job key, so dialling a node that lacks the job key fails in
-the handshake. Each node dials with its own random keypair; the ZAP handler stamps every
-message with the dialler's public key (``Incoming.user``), which CURVE has proven the dialler
-holds the secret of. ``membership`` admits a key only after its HELLO proved knowledge of the
-job key, and the mailbox drops everything else.
+Authentication, with a job key: CURVE encryption on every connection. Every node listens and
+dials with its own device key pair, so a dialler reaches only the device whose key it dials
+with: where it learns the key, see ``door`` (the UDP door on the same port answers it to job
+key holders) and ``membership``. The ZAP handler stamps every message with the dialler's
+public key (``Incoming.user``), which CURVE has proven the dialler holds the secret of, and
+lets through only keys the job key introduced (``zap``). ``membership`` admits a key only
+after its HELLO proved knowledge of the job key, and the mailbox drops everything else. A
+job-keyed server (``job_server``: the status server) listens with the key pair derived from
+the job key instead, and has no door.
 
 Routing ids. A DEALER presents ``<node id> NUL <tag>``, the tag being its CURVE public key (a
 random nonce on insecure rings). The ROUTER hands a routing id over to the newest connection
@@ -49,7 +52,6 @@ import logging
 import math
 import secrets
 import socket
-import threading
 from dataclasses import dataclass, field
 
 import zmq
@@ -57,9 +59,11 @@ import zmq
 from ..config import Settings
 from ..errors import SecurityError, TransportError
 from .curve import curve_keypair, dialling_keypair
+from .door import DoorServer, door_address, open_door
 from .endpoints import normalize_endpoint
 from .handshakes import HandshakeWatch
 from .identity import DeviceKey
+from .polling import SocketPoller
 from .security import JobKey
 from .wire import HEADER_SIZE, MAX_CONTROL_BYTES, split_payload
 from .zap import (
@@ -75,7 +79,6 @@ log = logging.getLogger(__name__)
 MIN_LIBZMQ = (4, 3, 3)
 ROUTE_SEPARATOR = b"\0"
 KEEPALIVE_PROBES = 3  # unanswered one a second after the idle time: the connection is closed
-POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: enum flags' & is slow
 # CURVE payloads go in frames of this size (see try_send): 1 MiB segments in 4 pieces made a
 # 64 MiB all-reduce on the emulated 1 Gbit LAN faster in 11 of 14 interleaved pairs of
 # runs, by about 5 ms at the median; 128 KiB pieces did the same, 64 KiB less well
@@ -132,14 +135,58 @@ def bounded_socket(context: zmq.Context, kind: int, settings: Settings) -> zmq.S
     return sock
 
 
-def _bind(router: zmq.Socket, endpoint: str) -> str:
-    """Bind ``router`` to ``endpoint``; a tcp port 0 picks a free one. Returns the endpoint
-    bound."""
-    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
-        port = router.bind_to_random_port(endpoint[: -len(":0")])
-        return f"{endpoint[: -len(':0')]}:{port}"
-    router.bind(endpoint)
-    return endpoint
+def _dealer(context: zmq.Context, settings: Settings, route: bytes,
+            curve: tuple[bytes, bytes, bytes] | None) -> zmq.Socket:
+    """An outgoing link's socket, presenting ``route``; a CURVE client with ``curve``, (server
+    key, our public key, our secret key), unless None."""
+    sock = bounded_socket(context, zmq.DEALER, settings)
+    sock.setsockopt(zmq.ROUTING_ID, route)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    return sock
+
+
+def _listening_socket(context: zmq.Context, settings: Settings, secret: bytes | None,
+                      endpoint: str, door: bool
+                      ) -> tuple[zmq.Socket, str, socket.socket | None]:
+    """The ROUTER a node listens on, a CURVE server with ``secret`` (None: no encryption),
+    bound to ``endpoint`` (see :func:`_bind`): (socket, endpoint bound, door or None)."""
+    router = bounded_socket(context, zmq.ROUTER, settings)
+    if secret is not None:
+        router.curve_server = True
+        router.curve_secretkey = secret
+        router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    return (router, *_bind(router, endpoint, door))
+
+
+def _bind(router: zmq.Socket, endpoint: str, door: bool) -> tuple[str, socket.socket | None]:
+    """Bind ``router`` to ``endpoint``; a tcp port 0 picks a free one, whose UDP port is free
+    too when ``door``. Returns the endpoint bound and its door (a UDP socket on the same
+    address and port; None without ``door`` or on an endpoint other than tcp).
+
+    Raises:
+        OSError: the door's UDP port is taken. zmq.ZMQError: the endpoint cannot be bound.
+    """
+    random_port = endpoint.startswith("tcp://") and endpoint.endswith(":0")
+    for attempt in range(32 if random_port else 1):
+        if random_port:
+            bound = f"{endpoint[: -len(':0')]}:{router.bind_to_random_port(endpoint[:-2])}"
+        else:
+            router.bind(bound := endpoint)
+        where = door_address(router.getsockopt_string(zmq.LAST_ENDPOINT)) if door else None
+        if where is None:
+            return bound, None
+        try:
+            return bound, open_door(*where[1])
+        except OSError as exc:
+            router.unbind(router.getsockopt_string(zmq.LAST_ENDPOINT))
+            if attempt == 31 or not random_port:
+                raise OSError(exc.errno, f"UDP port {where[1][1]} (the key door): "
+                                         f"{exc.strerror}") from exc
+    raise AssertionError("unreachable")
 
 
 class Transport:
@@ -151,8 +198,10 @@ class Transport:
         settings: limits and timeouts.
         key: the job key; None runs without authentication or encryption (loopback only,
             enforced by the caller).
-        device: this device's key pair, which every link we dial authenticates with (a
-            random pair for this process if None).
+        device: this device's key pair, which we listen with and every link we dial
+            authenticates with (a random pair for this process if None).
+        job_server: listen with the key pair derived from the job key, without a door (a
+            server any job key holder may dial knowing only its address).
 
     Attributes:
         admitted: node id -> the CURVE key membership admitted for it. The mailbox shares this
@@ -161,7 +210,7 @@ class Transport:
     """
 
     def __init__(self, identity: str, listen: str, settings: Settings, key: JobKey | None,
-                 device: DeviceKey | None = None):
+                 device: DeviceKey | None = None, job_server: bool = False):
         check_libzmq()
         if key is not None and not zmq.has("curve"):
             raise SecurityError("this libzmq has no CURVE support; pip install -U pyzmq")
@@ -171,6 +220,7 @@ class Transport:
         self._context = zmq.Context()
         self._links: dict[str, zmq.Socket] = {}
         self._link_endpoints: dict[str, str] = {}
+        self._link_keys: dict[str, str] = {}  # link -> the server key it dialled (Z85)
         self.admitted: dict[str, str] = {}
         self._routes: dict[str, bytes] = {}  # insecure rings: node id -> its last routing id
         self._zap = (ZapHandler(self._context, self.admitted, MAX_CONNECTIONS_PER_ADDRESS,
@@ -182,16 +232,15 @@ class Transport:
         tag = self.public_key if key is not None else secrets.token_hex(8).encode()
         self.route = identity.encode() + ROUTE_SEPARATOR + tag
         try:
-            self._router = bounded_socket(self._context, zmq.ROUTER, settings)
-            if key is not None:
-                self._router.curve_server = True
-                self._router.curve_secretkey = curve_keypair(key, "server")[1]
-                self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
-                self._router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-            self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            self.endpoint = endpoint = _bind(self._router, normalize_endpoint(listen))
+            secret = None if key is None else \
+                curve_keypair(key, "server")[1] if job_server else self._secret_key
+            self._router, self.endpoint, door = _listening_socket(
+                self._context, settings, secret, normalize_endpoint(listen),
+                door=key is not None and not job_server)
             if self._zap is not None:
-                port = endpoint.rpartition(":")[2]
+                if door is not None:
+                    self._zap.door = DoorServer(door, key, self.public_key, self._zap.introduce)
+                port = self.endpoint.rpartition(":")[2]
                 self._zap.start(self._router, int(port) if port.isdigit() else 0)
             self._polls = SocketPoller(self._router)
         except (zmq.ZMQError, OSError) as exc:
@@ -202,38 +251,36 @@ class Transport:
 
     # links ---------------------------------------------------------------------------------
 
-    def connect(self, link: str, endpoint: str, watch: bool = False) -> None:
-        """Open (or keep) the outgoing link named ``link`` to ``endpoint``. ``watch``: follow
-        its key handshakes, for :meth:`refused_links` (a probe of a node we have not met)."""
+    def connect(self, link: str, endpoint: str, watch: bool = False,
+                server_key: str | None = None) -> None:
+        """Open (or keep) the outgoing link named ``link`` to ``endpoint``, to the device whose
+        public key (Z85) is ``server_key`` (None: a job-keyed server). ``watch``: follow its
+        key handshakes, for :meth:`refused_links` (a probe of a node we have not met)."""
         endpoint = normalize_endpoint(endpoint)
-        if self._link_endpoints.get(link) == endpoint:
+        if self._link_endpoints.get(link) == endpoint and \
+                self._link_keys.get(link) == (server_key or ""):
             return
         self.disconnect(link)
+        curve = None if self.key is None else (
+            server_key.encode() if server_key else curve_keypair(self.key, "server")[0],
+            self.public_key, self._secret_key)
         try:
-            sock = bounded_socket(self._context, zmq.DEALER, self.settings)
-            sock.setsockopt(zmq.ROUTING_ID, self.route)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            if self.key is not None:
-                sock.curve_serverkey = curve_keypair(self.key, "server")[0]
-                sock.curve_publickey = self.public_key
-                sock.curve_secretkey = self._secret_key
+            sock = _dealer(self._context, self.settings, self.route, curve)
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
         self._links[link] = sock
         self._link_endpoints[link] = endpoint
+        self._link_keys[link] = server_key or ""
         self._polls.add_link(sock)
         if watch and self.key is not None:
             self._watches[link] = HandshakeWatch(sock)
 
     def refused_links(self) -> dict[str, tuple[int, int]]:
         """Watched links whose peer refused our key handshake: endpoint -> (handshakes that failed
-        within ``handshakes.REFUSED_WITHIN_S`` of connecting: the peer could not open our CURVE
-        HELLO, so it holds another job key; handshakes its key check refused, e.g. a revoked
-        device). Links with neither are left out. Reads the watches' events, never blocks.
-
-        Call it often (every turn or so): libzmq blocks its I/O thread once a monitor's
-        queue is full, so watched links' events must be read."""
+        within ``handshakes.REFUSED_WITHIN_S`` of connecting: the peer does not hold the key we
+        dialled; handshakes its key check refused, e.g. a revoked device), without blocking.
+        Call it often: libzmq blocks its I/O thread once a monitor's queue is full."""
         refused = {}
         for link, watch in list(self._watches.items()):
             counts = watch.read()
@@ -256,12 +303,14 @@ class Transport:
             self._watches[new] = self._watches.pop(old)
         self._links[new] = self._links.pop(old)
         self._link_endpoints[new] = self._link_endpoints.pop(old)
+        self._link_keys[new] = self._link_keys.pop(old)
 
     def disconnect(self, link: str) -> None:
         """Close an outgoing link, dropping whatever it still queues."""
         self._unwatch(link)
         sock = self._links.pop(link, None)
         self._link_endpoints.pop(link, None)
+        self._link_keys.pop(link, None)
         if sock is not None:
             self._polls.remove_link(sock)
             sock.close(linger=0)
@@ -269,6 +318,16 @@ class Transport:
     def links(self) -> dict[str, str]:
         """Outgoing links: name → endpoint."""
         return dict(self._link_endpoints)
+
+    def link_key(self, link: str) -> str:
+        """The device key (Z85) link ``link`` dialled; "" for none or a job-keyed server."""
+        return self._link_keys.get(link, "")
+
+    def introduce(self, key: str) -> None:
+        """Let device key ``key`` finish handshakes with us: the job key vouched for it (a
+        door answered with it)."""
+        if self._zap is not None:
+            self._zap.introduce(key)
 
     def watch(self, fd: int) -> None:
         """Let :meth:`wait` return when file descriptor ``fd`` (another way messages come
@@ -388,12 +447,6 @@ class Transport:
         return self._zap.open_connections(address) if self._zap is not None else 0
 
     @property
-    def wrong_key_addresses(self) -> dict[str, int]:
-        """Remote addresses whose connections to us failed the key handshake (they hold
-        another job key) -> how many times."""
-        return dict(self._zap.wrong_key) if self._zap is not None else {}
-
-    @property
     def revoked_fingerprints(self) -> set[str]:
         """Device fingerprints refused at the handshake (keyed rings; add to it)."""
         return self._zap.revoked if self._zap is not None else set()
@@ -429,127 +482,12 @@ class Transport:
             sock = self._links.pop(link)
             sock.close(linger=linger_ms)
         self._link_endpoints.clear()
+        self._link_keys.clear()
         self._router.close(linger=linger_ms)
         self._polls.close()
         if self._zap is not None:
             self._zap.close()
         self._context.term()
-
-
-class SocketPoller:
-    """What a node's sockets wait on, and what the last poll found readable. Not thread-safe,
-    except :meth:`wake`.
-
-    Two poll sets: everything (the listening socket, outgoing links, watched descriptors,
-    the wake), and data only, what a collective waits for: data comes to the listening
-    socket or a door, never on a link (links bring replies to membership, read at its next
-    turn). Each zmq socket polled costs system calls, and a ring of N has N-1 links.
-
-    Args:
-        router: the listening socket.
-    """
-
-    def __init__(self, router: zmq.Socket):
-        # a plain socket pair: one write wakes the poll, cheaper than a zmq send
-        self._wake_in, self._wake_out = socket.socketpair()
-        self._wake_in.setblocking(False)
-        self._wake_out.setblocking(False)
-        self._wake_lock = threading.Lock()
-        self._wake_fd = self._wake_in.fileno()
-        self._all = zmq.Poller()
-        self._data = zmq.Poller()
-        for poller in (self._all, self._data):
-            poller.register(router, zmq.POLLIN)
-            poller.register(self._wake_fd, zmq.POLLIN)
-        self.ready: list[zmq.Socket] = []  # sockets the last look found readable, unread
-        self.ready_fds: set[int] = set()  # watched descriptors the last look found readable
-
-    def add_link(self, sock: zmq.Socket) -> None:
-        """Watch an outgoing link (in the full set only)."""
-        self._all.register(sock, zmq.POLLIN)
-
-    def remove_link(self, sock: zmq.Socket) -> None:
-        """Forget an outgoing link that is closing, and anything it had ready."""
-        if sock in self.ready:
-            self.ready.remove(sock)
-        self._all.unregister(sock)
-
-    def watch(self, fd: int) -> None:
-        """Watch file descriptor ``fd`` in both sets."""
-        self._all.register(fd, zmq.POLLIN)
-        self._data.register(fd, zmq.POLLIN)
-
-    def wait(self, timeout: float, writable: zmq.Socket | None, links: bool
-             ) -> tuple[bool, bool]:
-        """Block until something is readable, ``writable`` can take a message, a wake, or
-        timeout, using up a wake; ``links=False`` polls the data set only.
-
-        Returns:
-            (readable, can_send), as :meth:`Transport.wait`.
-        """
-        poller = self._all if links else self._data
-        if writable is not None:
-            if links:
-                poller.modify(writable, zmq.POLLIN | zmq.POLLOUT)
-            else:
-                poller.register(writable, zmq.POLLOUT)
-        try:
-            return self._poll(poller, timeout, writable, wakes=True)
-        finally:
-            if writable is not None:
-                if links:
-                    poller.modify(writable, zmq.POLLIN)
-                else:
-                    poller.unregister(writable)
-
-    def look(self) -> bool:
-        """Poll everything without blocking, leaving a wake for the next wait. Returns
-        whether anything is readable."""
-        return self._poll(self._all, 0.0, None, wakes=False)[0]
-
-    def _poll(self, poller: zmq.Poller, timeout: float, writable: zmq.Socket | None,
-              wakes: bool) -> tuple[bool, bool]:
-        """One poll; remembers what is readable. ``wakes``: use up a pending wake."""
-        try:
-            events = poller.poll(max(0, math.ceil(timeout * 1000)))
-        except zmq.ZMQError as exc:
-            raise TransportError(f"poll failed: {exc}") from exc
-        ready, fds, can_send = [], set(), False
-        for source, flags in events:
-            if source is writable and flags & POLLOUT:
-                can_send = True
-            if not flags & POLLIN:
-                continue
-            if source == self._wake_fd:
-                if wakes:
-                    self._clear_wakes()
-            elif isinstance(source, zmq.Socket):
-                ready.append(source)
-            else:
-                fds.add(source)
-        self.ready, self.ready_fds = ready, fds
-        return bool(ready or fds), can_send
-
-    def _clear_wakes(self) -> None:
-        """Take the pending wakes off the wake socket."""
-        try:
-            self._wake_in.recv(4096)  # any more (a wake since) just ends the next wait early
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def wake(self) -> None:
-        """Interrupt a :meth:`wait` in progress. Safe from any thread."""
-        with self._wake_lock:
-            try:
-                self._wake_out.send(b"\0")
-            except OSError:
-                pass  # full: a wake is already pending; closed: nobody waits any more
-
-    def close(self) -> None:
-        """Close the wake socket pair."""
-        with self._wake_lock:
-            self._wake_out.close()
-        self._wake_in.close()
 
 
 def _frame_property(frame: zmq.Frame, name: str) -> str:

@@ -1,5 +1,6 @@
-"""The door of a node's listening socket: the ZAP handler that checks every key handshake, and
-the budgets on connections a stranger can open.
+"""The key check of a node's listening socket: the ZAP handler that checks every key handshake
+(and answers the node's key door, ``door``), and the budgets on connections a stranger can
+open.
 
 ZeroMQ has no option that bounds connections, so a monitor on the ROUTER counts open
 connections per remote address (``EVENT_ACCEPTED`` / ``EVENT_DISCONNECTED``): connections still
@@ -18,10 +19,12 @@ import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 
 import zmq
 import zmq.utils.z85
 
+from .door import DoorServer
 from .identity import device_fingerprint
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ MAX_TRACKED_CONNECTIONS = 4096  # bound on the connection table (and on logged r
 MAX_YOUNG_PER_ADDRESS = 16
 MAX_YOUNG_CONNECTIONS = 256
 FD_LIMIT_WANTED = 8192  # the soft limit on open files a node asks for (see raise_fd_limit)
+MAX_INTRODUCED = 1024  # device keys introduced at the door, remembered (the oldest go first)
 
 
 class ZapHandler:
@@ -43,8 +47,11 @@ class ZapHandler:
     budgets.
 
     CURVE clients are let through with their public key (Z85) as ``User-Id``; anything else is
-    refused, and so is a key whose device fingerprint is in ``revoked``. Whether a key belongs to a
-    member is decided later, from the HELLO it sends (see ``membership``). A client whose
+    refused, and so is a key whose device fingerprint is in ``revoked``. With a door (the socket
+    listens with the device key, which adverts make public), a key must also have been
+    introduced by the job key (:meth:`introduce`: at our door, or by the door we asked) or
+    admitted, so a stranger cannot finish a handshake. Whether a key belongs to a member is
+    decided later, from the HELLO it sends (see ``membership``). A client whose
     address already holds ``max_per_address`` open connections is refused, unless its key is
     in ``admitted`` (a member reconnecting).
 
@@ -63,8 +70,9 @@ class ZapHandler:
       not admitted: ``max_per_address`` per source address, refused by ZAP.
 
     Key handshakes that fail for want of the right key (``HANDSHAKE_FAILED_PROTOCOL``, a
-    cryptographic error) are blamed on the address of the connection that closes next, and
-    counted per address in :attr:`wrong_key` (one log line per address).
+    cryptographic error: the client expected another server key) are blamed on the address
+    of the connection that closes next, and counted per address in :attr:`wrong_key` (one
+    log line per address). The door (``door``), if any, is answered on this thread too.
 
     Nothing a client sends can stop this thread: an exception while answering is logged once
     and the request refused. If the thread stops anyway, :attr:`failure` says why (the node
@@ -79,6 +87,9 @@ class ZapHandler:
 
     def __init__(self, context: zmq.Context, admitted: dict[str, str], max_per_address: int,
                  handshake_timeout: float = 5.0):
+        self.door: DoorServer | None = None  # set before start, if the node has a door
+        self._introduced: OrderedDict[str, None] = OrderedDict()
+        self._introduced_lock = threading.Lock()
         self.refused = 0
         self.shut = 0  # young connections shut for being over budget
         self.admitted = admitted
@@ -108,6 +119,22 @@ class ZapHandler:
             zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self._thread.start()
 
+    def introduce(self, key: str) -> None:
+        """Let device key ``key`` (Z85) through: the job key vouched for it. Any thread."""
+        with self._introduced_lock:
+            self._introduced[key] = None
+            self._introduced.move_to_end(key)
+            while len(self._introduced) > MAX_INTRODUCED:
+                self._introduced.popitem(last=False)
+
+    def _known(self, key: str) -> bool:
+        """Whether ``key`` may finish a handshake: always without a door, else only if it
+        was introduced or membership admitted it."""
+        if self.door is None or key in frozenset(self.admitted.values()):
+            return True
+        with self._introduced_lock:
+            return key in self._introduced
+
     def open_connections(self, address: str) -> int:
         """How many connections from ``address`` are open now."""
         return sum(1 for a in list(self.connections.values()) if a == address)
@@ -130,13 +157,23 @@ class ZapHandler:
         poller.register(self._socket, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
+        door_resumes = 0.0  # while the door read its share: when it is read again
+        if self.door is not None:
+            poller.register(self.door.fileno(), zmq.POLLIN)
         while not self._stop.is_set():
             try:
                 events = dict(poller.poll(100))
+                if door_resumes and time.monotonic() >= door_resumes:
+                    door_resumes = 0.0
+                    poller.register(self.door.fileno(), zmq.POLLIN)
                 # connection events first: a client is accepted long before it asks ZAP
                 if self._monitor is not None and self._monitor in events:
                     while self._monitor.poll(0):
                         self._guarded(self._on_event, self._monitor.recv_multipart())
+                if self.door is not None and self.door.fileno() in events:
+                    door_resumes = self._guarded(lambda _: self.door.serve(), []) or 0.0
+                    if door_resumes:
+                        poller.unregister(self.door.fileno())
                 if self._socket in events:
                     request = self._socket.recv_multipart()
                     answer = self._guarded(self._answer, request)
@@ -172,8 +209,8 @@ class ZapHandler:
                 self._crypto_failures -= 1
                 count = self.wrong_key[address] = self.wrong_key.get(address, 0) + 1
                 if count == 1 and len(self.wrong_key) <= MAX_TRACKED_CONNECTIONS:
-                    log.warning("a node at %s fails the key handshake: it holds another job "
-                                "key (a wrong key file, or another job's); it cannot join",
+                    log.warning("a node at %s fails the key handshake: it dials this address "
+                                "expecting another device key (one it was told or pinned)",
                                 address)
                 if len(self.wrong_key) > MAX_TRACKED_CONNECTIONS:
                     self.wrong_key.pop(next(iter(self.wrong_key)))
@@ -227,6 +264,9 @@ class ZapHandler:
         if self.revoked and device_fingerprint(text) in self.revoked:
             self.refused += 1
             return _zap_refusal(request, b"400", b"revoked")
+        if not self._known(text):
+            self.refused += 1
+            return _zap_refusal(request, b"400", b"not introduced")
         if text not in frozenset(self.admitted.values()):
             open_now = self.open_connections(address)
             if open_now > self.max_per_address:
@@ -247,6 +287,8 @@ class ZapHandler:
         if self._thread.is_alive():
             self._thread.join(1.0)
         self._socket.close(linger=0)
+        if self.door is not None:
+            self.door.close()
         if self._monitor is not None:
             self._monitor.close(linger=0)
 

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import re
 
+from ..comm.identity import derives_from, is_public_key, looks_derived
 from ..errors import ConfigError
 
 MAX_ADDRESSES = 16
@@ -40,6 +41,8 @@ class Advert:
         generation: the membership generation it is in.
         state: its lifecycle state, e.g. "forming" or "training".
         instance_name: the full DNS-SD service name; "" until announced.
+        device_key: its device's public key (Z85; TXT ``dk``), which it listens with, or ""
+            (none given). A derived node id must end with this key's fingerprint.
 
     Raises:
         ConfigError: a field is out of range or malformed.
@@ -54,6 +57,7 @@ class Advert:
     generation: int
     state: str
     instance_name: str = ""
+    device_key: str = ""
 
     def __post_init__(self) -> None:
         _check_text("node_id", self.node_id, _NODE_ID_RE)
@@ -73,6 +77,12 @@ class Advert:
         if not isinstance(self.instance_name, str) or len(self.instance_name) > 255:
             raise ConfigError(f"instance_name must be text of at most 255 characters, "
                               f"got {self.instance_name!r}")
+        if self.device_key and not is_public_key(self.device_key):
+            raise ConfigError(f"device_key must be a 40-character Z85 key, got "
+                              f"{self.device_key[:50]!r}")
+        if self.device_key and looks_derived(self.node_id) and \
+                not derives_from(self.node_id, self.device_key):
+            raise ConfigError(f"node id {self.node_id!r} does not derive from its device key")
 
     def txt(self) -> dict[str, str]:
         """The TXT properties that carry this advert."""
@@ -83,7 +93,7 @@ class Advert:
             "fp": self.key_fingerprint,
             "gen": str(self.generation),
             "state": self.state,
-        }
+        } | ({"dk": self.device_key} if self.device_key else {})
 
 
 def _check_text(name: str, value: object, pattern: re.Pattern[str]) -> None:
@@ -141,4 +151,5 @@ def advert_from_txt(txt: dict[str, str], port: int | None, addresses: tuple[str,
         generation=_parse_uint("gen", txt["gen"]),
         state=txt["state"],
         instance_name=instance_name,
+        device_key=txt.get("dk", ""),
     )

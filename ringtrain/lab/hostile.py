@@ -8,7 +8,9 @@ connections, run inside a namespace of an emulated LAN (``lab.netns``), never el
   carries it), each listing ``--addresses`` dead addresses of the LAN (``<dead-prefix>.100``
   upwards: nobody answers there), re-announced every ``--refresh`` seconds with new ports;
 * ``--connections`` TCP connections to every ``--target``, opened and left idle (never a
-  byte sent); each one the node closes is opened again.
+  byte sent); each one the node closes is opened again;
+* ``--door-asks`` datagrams a second to every target's key door (UDP, same port), shaped
+  like asks, under no job key (their MACs are random).
 
 Prints one JSON line per second: connections open, reopened, adverts announced.
 """
@@ -25,9 +27,19 @@ import socket
 import sys
 import time
 
+from ..comm.door import ASK_BYTES, MAGIC
 from ..comm.wire import PROTOCOL_VERSION
 from ..discovery.advert import Advert
 from ..discovery.mdns import Announcer, Discovery
+
+
+def _send_ask(sock: socket.socket, target: tuple[str, int]) -> int:
+    """One ask-shaped datagram of random bytes to ``target``'s door; 1 if it was sent."""
+    try:
+        sock.sendto(MAGIC + random.randbytes(ASK_BYTES - len(MAGIC)), target)
+    except OSError:
+        return 0  # the buffer is full: the flood is as fast as it can be
+    return 1
 
 
 def _connect(target: tuple[str, int]) -> socket.socket | None:
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh", type=float, default=5.0)
     parser.add_argument("--target", action="append", default=[], metavar="HOST:PORT")
     parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--door-asks", type=float, default=0.0, metavar="PER_S")
     parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -113,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     end = time.monotonic() + args.seconds
     next_refresh = 0.0
     next_report = time.monotonic() + 1.0
-    with Discovery([args.interface]) as discovery:
+    door = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    door.setblocking(False)
+    asks, asks_owed, last = 0, 0.0, time.monotonic()
+    with door, Discovery([args.interface]) as discovery:
         while time.monotonic() < end:
             if time.monotonic() >= next_refresh:
                 for announcer in announcers:
@@ -127,10 +143,17 @@ def main(argv: list[str] | None = None) -> int:
                 next_refresh = time.monotonic() + args.refresh
             idle.reap()
             idle.fill()
+            now = time.monotonic()
+            asks_owed += (now - last) * args.door_asks
+            last = now
+            while asks_owed >= 1.0:
+                asks_owed -= 1.0
+                for target in targets:
+                    asks += _send_ask(door, target)
             if time.monotonic() >= next_report:
                 next_report += 1.0
                 print(json.dumps({"open": len(idle.open), "established": idle.established(),
-                                  "reopened": idle.reopened,
+                                  "reopened": idle.reopened, "door_asks": asks,
                                   "advert_rounds": rounds, "adverts": len(announcers)}),
                       flush=True)
             time.sleep(0.05)

@@ -11,11 +11,15 @@ keyed ring ``key`` is the CURVE public key of that connection and ``proof`` an H
 id, key, incarnation) under the job key; the receiver admits the key for that id only if the
 proof holds and CURVE authenticated that key. The receiver answers WELCOME on the same
 connection and dials back the address the HELLO came from (so a multi-homed peer is reached on
-the interface that works, whatever it advertised); the WELCOME lists where the live peers it
-knows listen, and the newcomer dials them too (candidates from that peer, within the same
-budgets), so a node given one ``--peer`` reaches every member. ``host`` names the sender's
-shared-memory beacon (``comm.shm``): a receiver that can read it shares the host with the
-sender.
+the interface that works, whatever it advertised), with the key the HELLO's handshake proved:
+every node listens with its device key, so that link reaches only that device. The WELCOME
+lists where the live peers it knows listen, each pinned to its device
+(``FINGERPRINT@tcp://IP:PORT``), and the newcomer dials them too (candidates from that peer,
+within the same budgets), so a node given one ``--peer`` reaches every member. A link named
+after a peer always dials the device key membership admitted for it: a HELLO proving another
+key replaces the link, and a WELCOME from a device its id does not belong to is refused.
+``host`` names the sender's shared-memory beacon (``comm.shm``): a receiver that can read it
+shares the host with the sender.
 
 Incarnations. ``incarnation`` is the device's boot counter on keyed rings (``comm.identity``:
 a clock step cannot fence a restart off), else the process's start time in nanoseconds: a
@@ -35,6 +39,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+from ..comm.identity import derives_from, device_fingerprint, looks_derived
 from ..comm.mailbox import Mailbox, Message
 from ..comm.shm import SharedMemoryLanes
 from ..comm.transport import Transport
@@ -265,15 +270,16 @@ class Links:
             "members": list(view.members) if view else [],
             "peers": self._peer_endpoints(peer_id)}))
         links = self.transport.links()
-        if restarted or links.get(peer_id) != endpoint:
+        if restarted or links.get(peer_id) != endpoint or \
+                self.transport.link_key(peer_id) != message.user:
             probe = self.dialler.link_to(endpoint)
-            if probe is not None:
+            if probe is not None and self.transport.link_key(probe) == message.user:
                 self.dialler.answered(probe)
                 self.transport.rename_link(probe, peer_id)
             else:
                 # a fresh link for a fresh process: never reuse one that knew the old one
                 self.transport.disconnect(peer_id)
-                self.transport.connect(peer_id, endpoint)
+                self.transport.connect(peer_id, endpoint, server_key=message.user or None)
             self._welcomed.discard(peer_id)
 
     def _peer_endpoints(self, other_than: str) -> list[str]:
@@ -281,7 +287,8 @@ class Links:
         them too, so that a ring whose members were given one ``--peer`` each is still a
         full mesh)."""
         now = time.monotonic()
-        return [state.endpoint for peer, state in sorted(self.protocol.peers.items())
+        return [_pinned(state.endpoint, self.mailbox.admitted.get(peer))
+                for peer, state in sorted(self.protocol.peers.items())
                 if peer != other_than and state.endpoint
                 and self.protocol.alive(peer, now)][:MAX_MEMBERS]
 
@@ -304,6 +311,12 @@ class Links:
                 log.error("%s", refused)
             self.refusal = refused[:500]
             return
+        key, bound = self.transport.link_key(message.origin), self.mailbox.admitted.get(peer_id)
+        if key and (bound not in (None, key) or
+                    (looks_derived(peer_id) and not derives_from(peer_id, key))):
+            # a device answering under an id that is another device's
+            raise ProtocolError("welcome.id", f"an id of device {device_fingerprint(key)}",
+                                peer_id, message.origin)
         if message.origin in self.dialler.unidentified:
             self.dialler.answered(message.origin)
             if peer_id in self._welcomed and peer_id in self.transport.links():
@@ -343,3 +356,8 @@ class Links:
         except TransportError as exc:
             log.debug("send to %s failed: %s", link, exc)
             return False
+
+
+def _pinned(endpoint: str, key: str | None) -> str:
+    """``endpoint`` pinned to the device whose public key is ``key`` (as is without one)."""
+    return f"{device_fingerprint(key)}@{endpoint}" if key else endpoint

@@ -180,6 +180,7 @@ class Engine:
         finally:
             self._fail_queued(RingtrainError(f"node {self.node_id} closed"))
             self.transport.close(linger=0 if self.fatal else self.settings.linger)
+            self.membership.dialler.close()
             if self.lanes is not None:
                 self.lanes.close()
             if self.device is not None:
@@ -231,6 +232,7 @@ class Engine:
             return
         self._last_key_check = now
         wrong_key.saw_refusals(self.transport.refused_links(), now)
+        wrong_key.saw_doors(self.membership.dialler.news, now)
         if self.view is None:
             # linked: some peer answered us (hearing from peers is not enough: a revoked
             # device still hears the members that dial it)

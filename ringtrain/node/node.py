@@ -145,7 +145,8 @@ class Node(CollectiveCalls):
             if discover:
                 self._peer_sources.discover(
                     interface, self.key.fingerprint if self.key is not None else "",
-                    self._engine.wrong_key, self.on_view_change)
+                    self._engine.wrong_key, self.on_view_change,
+                    self._engine.transport.public_key.decode())
             if peers_dns is not None:
                 self._peer_sources.look_up(peers_dns, self.settings.dns_interval)
         except RingtrainError:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..comm.curve import new_curve_keypair
-from ..comm.endpoints import named_host, normalize_endpoint
+from ..comm.endpoints import named_host, normalize_endpoint, split_pin
 from ..comm.identity import DeviceIdentity, derived_node_id, open_device
 from ..comm.ledger import Ledger, ledger_file
 from ..comm.mailbox import Mailbox
@@ -78,11 +78,19 @@ def _wire(settings: Settings, job: str, node_id: str, peers: Iterable[str], key:
           device: DeviceIdentity | None, sizes: RingSizes, schema: str,
           transport: Transport) -> Parts:
     """The parts above the transport, wired together, and the ``peers`` given by address
-    dialled."""
-    given = {e: named_host(e) for e in {normalize_endpoint(p) for p in peers}
-             if e != transport.endpoint}
+    dialled (``FINGERPRINT@IP:PORT`` pins the device that must listen there).
+
+    Raises:
+        ConfigError: a peer given by host name is pinned (pin its address instead).
+    """
+    pins = dict(reversed([(normalize_endpoint(address), pin) for pin, address in
+                          (split_pin(p) for p in peers)]))  # the first pin given wins
+    given = {e: named_host(e) for e in pins if e != transport.endpoint}
     named = sorted({host for host in given.values() if host is not None})
-    peer_endpoints = {e for e, host in given.items() if host is None}
+    if any(pins[e] for e, host in given.items() if host is not None):
+        raise ConfigError("a pinned peer (FINGERPRINT@...) must be given by IP address")
+    peer_endpoints = {f"{pins[e]}@{e}" if pins[e] else e
+                      for e, host in given.items() if host is None}
     config = membership_config(settings, sizes, len(given))
     job_number = job_id(job)
     mailbox = Mailbox(transport, job_number, settings.max_stash_bytes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..comm.identity import device_fingerprint
 from ..comm.wire import PROTOCOL_VERSION
 from ..discovery.advert import Advert
 from ..discovery.candidates import STATIC
@@ -38,10 +39,12 @@ class PeerSources:
 
     def discover(self, interface: str | None, fingerprint: str,
                  wrong_key: WrongKeyDetector | None,
-                 on_view_change: Callable[[Callable[[View], None]], None]) -> None:
-        """Announce ourselves and dial every advert of our job that carries our key's
-        ``fingerprint`` (adverts are hints; the handshake decides). Adverts under another
-        fingerprint are evidence for ``wrong_key``."""
+                 on_view_change: Callable[[Callable[[View], None]], None],
+                 device_key: str = "") -> None:
+        """Announce ourselves (with our ``device_key``) and dial every advert of our job that
+        carries our key's ``fingerprint``, pinned to the device it names (adverts are hints;
+        the door and the handshake decide). Adverts under another fingerprint are evidence
+        for ``wrong_key``."""
         addresses = usable_ipv4_addresses(interface)
         self._discovery = Discovery(addresses)
 
@@ -53,13 +56,15 @@ class PeerSources:
             if (event != "removed" and advert.node_id != self.node_id
                     and advert.key_fingerprint == fingerprint
                     and advert.protocol == PROTOCOL_VERSION):
-                self.add_candidates([f"{address}:{advert.port}" for address in advert.addresses],
+                pin = f"{device_fingerprint(advert.device_key)}@" if advert.device_key else ""
+                self.add_candidates([f"{pin}{address}:{advert.port}"
+                                     for address in advert.addresses],
                                     source=f"advert:{advert.node_id}")
 
         self._browser = self._discovery.browse(job=self.job, on_change=on_change)
         self._announcer = self._discovery.announce(Advert(
             self.node_id, self.job, tuple(addresses), self.port, PROTOCOL_VERSION, fingerprint,
-            0, "forming"))
+            0, "forming", device_key=device_key))
 
         def advertise(view: View) -> None:
             if self._announcer is not None and not self._closed:

@@ -7,9 +7,14 @@ pieces of evidence can, and this module weighs them:
 * adverts: every node announces its job and its key's fingerprint over mDNS. An advert of
   our job under another fingerprint is a node holding another key (or a stranger claiming
   so: adverts are unauthenticated);
-* refused handshakes: a peer we dial that drops our key handshake right after the connection
-  opens could not open our CURVE HELLO, so it listens with another key; a peer whose key
-  check refuses our device key (e.g. it was revoked) says so in the handshake.
+* doors (``comm.door``): every node listens with its own device key, and a dialler that knows
+  only an address asks the door there first. A door that cannot verify our ask refuses it,
+  naming its job key's fingerprint (unauthenticated: a stranger could send it); a door that
+  answers as another device than the one pinned there (``FINGERPRINT@IP:PORT``) is not the
+  peer we were told of;
+* refused handshakes: a peer whose key check refuses our device key (e.g. it was revoked)
+  says so in the handshake; one that drops our handshake at once does not hold the device
+  key its door named.
 
 Both sides log one line per other node: the healthy side keeps running (it has its ring);
 the side that has linked no peer at all after ``settle`` seconds gives up with a
@@ -87,6 +92,22 @@ class WrongKeyDetector:
                     self._refused[where] = (why, now)
                     self._log_once(f"refused {where}", self._describe(where, why))
 
+    def saw_doors(self, news: dict[str, tuple[str, str]], now: float) -> None:
+        """Doors that refused our asks or answered as another device: endpoint -> ("job",
+        their job key fingerprint) or ("device", "wanted found"), from the dialler."""
+        with self._lock:
+            for endpoint, (kind, detail) in list(news.items()):
+                where = endpoint.split("://", 1)[-1]
+                if where in self._refused or len(self._refused) >= MAX_FOREIGN:
+                    continue
+                if kind == "job":
+                    self._foreign.setdefault(where, ("", detail, now))
+                    self._refused[where] = ("dropped", now)
+                else:
+                    self._refused[where] = (f"device {detail}", now)
+                self._log_once(f"refused {where}", self._describe(where,
+                                                                  self._refused[where][0]))
+
     def verdict(self, now: float, linked: bool) -> SecurityError | None:
         """The error to stop with, or None: only when no peer is linked and the evidence has
         stood for ``settle`` seconds."""
@@ -112,9 +133,14 @@ class WrongKeyDetector:
         if why == "denied":
             return (f"peer {where} refused our device key at its key check (this device may "
                     f"have been revoked from job {self.job!r}: see `ringtrain revoke --list`)")
+        if why.startswith("device "):
+            wanted, found = why.split()[1:3]
+            return (f"peer {where} is device {found}, not device {wanted} that was to listen "
+                    f"there: refusing to talk to it (another device took that address, or "
+                    f"the pinned fingerprint is wrong)")
         node, fp = self._foreign.get(where, ("", ""))[:2]
         theirs = (f"it belongs to a job with key fingerprint {short(fp)}" if fp else
-                  "it listens with another job key (its fingerprint is unknown: no advert)")
+                  "it does not hold the device key its door named")
         return (f"peer {where} refused our key: {theirs}, ours is {short(self.fingerprint)}; "
                 f"copy the same key file to every device")
 

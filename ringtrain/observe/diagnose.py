@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..comm.endpoints import split_pin
 from ..comm.handshakes import handshake_probe
 from ..comm.security import JobKey
 from ..discovery.advert import Advert
@@ -135,7 +136,7 @@ def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
                 "and copy that file to every device (--key-file job.key)"))
     targets = [(a.node_id, e) for a in ours if a.key_fingerprint == fingerprint
                for e in _advert_endpoints(a)[:1]]
-    targets += [(None, p) for p in peers]
+    targets += [(None, split_pin(p)[1]) for p in peers]  # a pin is the node's to check
     results: dict[str, str] = {}
 
     def probe(endpoint: str) -> None:
@@ -159,17 +160,17 @@ def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
             findings.append(Finding(
                 "port-closed", f"{who}: nothing listens on that port (connection refused)",
                 f"check that ringtrain node runs there with --port {port}, and that no "
-                f"firewall rejects TCP port {port}"))
+                f"firewall rejects TCP or UDP port {port} (UDP: its key door)"))
         elif outcome == "refused":
             findings.append(Finding(
-                "handshake-refused", f"{who} accepts the connection but refuses the "
-                f"handshake with this job key: it holds another key, or it is not a "
-                f"ringtrain node", "use the same job key file on every device"))
+                "handshake-refused", f"{who} refuses its key door or the handshake to this "
+                f"job key: it holds another key, or it is not a ringtrain node",
+                "use the same job key file on every device"))
         elif outcome == "timeout":
             findings.append(Finding(
                 "unreachable", f"{who}: no answer within {timeout:.0f} s (a firewall drops "
                 f"the packets, the host is down or asleep, or the process is stopped)",
-                f"check the address; allow TCP port {port} through the firewall"))
+                f"check the address; allow TCP and UDP port {port} through the firewall"))
         else:
             findings.append(Finding("unreachable", f"{who}: {outcome}", "check the address"))
     return findings

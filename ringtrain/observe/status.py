@@ -5,8 +5,9 @@ default), on a :class:`~ringtrain.comm.transport.Transport` of its own, so a nod
 collective, or a runner that hangs, still answers; only a stopped process does not, and that
 silence is what ``ringtrain status`` reports.
 
-Authentication, as for the ring itself: the status socket listens with the CURVE server key
-derived from the job key (a client without the key cannot even finish the handshake), and
+Authentication: unlike a node's own socket (its device key), the status socket listens with
+the CURVE server key derived from the job key, so any job key holder may ask a node it knows
+only by address (a client without the key cannot even finish the handshake), and
 every request carries ``HMAC(job key, "status:" + the client's CURVE public key)``, which
 CURVE proved the client holds the secret of: only holders of the job key can read a node's
 status, and a request cannot be replayed from another connection.
@@ -104,7 +105,8 @@ class StatusServer:
                  status: Callable[[], dict[str, Any]], settings: Settings | None = None):
         self._key = key
         self._status = status
-        self._transport = Transport(f"{node_id}-status", listen, settings or Settings(), key)
+        self._transport = Transport(f"{node_id}-status", listen, settings or Settings(), key,
+                                    job_server=True)
         self.endpoint = self._transport.endpoint
         self.refused = 0
         self._stop = threading.Event()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import zmq
 
-from ringtrain.comm.curve import curve_keypair
+from ringtrain.comm.door import ask_once
 from ringtrain.comm.security import JobKey
 from ringtrain.comm.wire import (
     HEADER,
@@ -68,7 +68,7 @@ def _ring_worker(node: Node, directory: str, max_seconds: float) -> dict:
         rounds += 1
         if rounds == 3:  # formed and warm: tell the attacker where we are
             info = {"pid": os.getpid(), "endpoint": node.endpoint,
-                    "server_key": curve_keypair(node.key, "server")[0].decode()}
+                    "server_key": node._transport.public_key.decode()}
             (folder / f"{node.node_id}.tmp").write_text(json.dumps(info))
             os.replace(folder / f"{node.node_id}.tmp", folder / f"{node.node_id}.json")
         if rounds % 5 == 0:
@@ -100,7 +100,8 @@ class Ring:
         infos = _wait_for(lambda: self._infos(), "the ring to form", 40.0)
         self.pid = infos[0]["pid"]
         self.endpoints = [i["endpoint"] for i in infos]
-        self.server_key = infos[0]["server_key"].encode()
+        self.server_key = infos[0]["server_key"].encode()  # node-00's device key
+        self.key = self.cluster.key
         host, port = self.endpoints[0].split("://")[1].rsplit(":", 1)
         self.address = (host, int(port))
 
@@ -175,12 +176,16 @@ def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
 
 
 def _dealer(context: zmq.Context, endpoint: str, server_key: bytes | None,
-            routing_id: bytes | None = None, tagged: str | None = None) -> zmq.Socket:
+            routing_id: bytes | None = None, tagged: str | None = None,
+            introduce: JobKey | None = None) -> zmq.Socket:
     """A raw DEALER; ``tagged`` names a node id to present with this socket's own key as the
-    tag, exactly as a ringtrain node would."""
+    tag, exactly as a ringtrain node would; ``introduce``: first ask the node's door with
+    this job key, as a job key holder would (the key check then lets its key through)."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     public, secret = zmq.curve_keypair()
+    if introduce is not None:
+        assert ask_once(endpoint, introduce, public, 5.0).key == server_key.decode()
     if tagged is not None:
         routing_id = tagged.encode() + b"\0" + public
     if routing_id is not None:
@@ -252,8 +257,8 @@ def _stranger(endpoints: list[str], key: JobKey | None, results: dict, name: str
                   world_size=4, settings=settings, key=key, insecure=key is None):
             results[name] = "joined"
     except (MembershipError, SecurityError) as exc:
-        # either way it is refused: no ring formed in time, or (first, on a busy machine)
-        # every peer refused its key for 2 s and it gave up naming the keys
+        # either way it is refused: no ring formed in time, or every peer's key door
+        # refused its key and it gave up naming the keys
         results[name] = f"refused: {exc}"
 
 
@@ -277,18 +282,24 @@ def test_strangers_intruders_and_garbage_never_disturb_a_training_ring(ring):
         assert outcomes.keys() == {"keyed", "insecure"}
         assert all(o.startswith("refused") for o in outcomes.values()), outcomes
 
-        # a client with the wrong server key, and one without CURVE: handshakes fail
+        # a client with the wrong server key, one without CURVE, and one that read the
+        # node's device key (an advert carries it) but holds no job key, so was never
+        # introduced at the door: handshakes fail
         outsiders = [_dealer(context, endpoint, zmq.curve_keypair()[0], b"node-01"),
-                     _dealer(context, endpoint, None, b"node-01")]
+                     _dealer(context, endpoint, None, b"node-01"),
+                     _dealer(context, endpoint, ring.server_key, b"node-01")]
         _send_all([(sock, "node-01") for sock in outsiders], 3)
 
-        # an intruder that learned the server key, but not the job secret: it squats node-01's
+        # an intruder introduced at the door (a key holder's keys): it squats node-01's
         # routing id (bare, and tagged with a key it does not hold), poses as node-01 and
-        # node-02 under its own key, and keeps at it
-        intruders = [_dealer(context, endpoint, ring.server_key, b"node-01"),
-                     _dealer(context, endpoint, ring.server_key, b"node-01\0" + b"k" * 40),
-                     _dealer(context, endpoint, ring.server_key, tagged="node-01"),
-                     _dealer(context, endpoint, ring.server_key, tagged="node-02")]
+        # node-02 under its own key with made-up proofs, and keeps at it
+        intruders = [_dealer(context, endpoint, ring.server_key, b"node-01", introduce=ring.key),
+                     _dealer(context, endpoint, ring.server_key, b"node-01\0" + b"k" * 40,
+                             introduce=ring.key),
+                     _dealer(context, endpoint, ring.server_key, tagged="node-01",
+                             introduce=ring.key),
+                     _dealer(context, endpoint, ring.server_key, tagged="node-02",
+                             introduce=ring.key)]
         claims = ("node-01", "node-01", "node-01", "node-02")
         sent = _send_all(list(zip(intruders, claims, strict=True)), 100)
         ring.assert_progress("forged messages from an intruder holding the server key")
@@ -298,7 +309,7 @@ def test_strangers_intruders_and_garbage_never_disturb_a_training_ring(ring):
         assert _silent(outsiders + intruders, 1.0) == 0, "an intruder received bytes"
 
         # more CURVE connections from one address than the cap allows
-        crowd = [_dealer(context, endpoint, ring.server_key)
+        crowd = [_dealer(context, endpoint, ring.server_key, introduce=ring.key)
                  for _ in range(MAX_CONNECTIONS_PER_ADDRESS + 16)]
         ring.assert_progress(f"{len(crowd)} authenticated connections from one address")
         assert _silent(crowd, 0.5) == 0
@@ -373,8 +384,9 @@ def test_a_peer_speaking_another_protocol_is_refused_naming_both_versions(caplog
     context = zmq.Context()
     try:
         with _single_node(key) as node:
-            dealer = _dealer(context, node.endpoint, curve_keypair(key, "server")[0],
-                             tagged="node-09")
+            server_key = node._transport.public_key
+            dealer = _dealer(context, node.endpoint, server_key, tagged="node-09",
+                             introduce=key)
             for version in (PROTOCOL_VERSION + 1,) * 30:
                 values = list(HEADER.unpack(Header(kind=MessageKind.HELLO, job=job_id("local"),
                                                    generation=0, sequence=0).pack()))
@@ -385,8 +397,9 @@ def test_a_peer_speaking_another_protocol_is_refused_naming_both_versions(caplog
             honest = context.socket(zmq.DEALER)
             honest.setsockopt(zmq.LINGER, 0)
             honest.setsockopt(zmq.ROUTING_ID, b"node-08\0" + public)
-            honest.curve_serverkey = curve_keypair(key, "server")[0]
+            honest.curve_serverkey = server_key
             honest.curve_publickey, honest.curve_secretkey = public, secret
+            assert ask_once(node.endpoint, key, public, 5.0).key == server_key.decode()
             honest.connect(node.endpoint)
             proof = key.derive(f"hello:local:node-08:{public.decode()}:1").hex()
             body = encode_control({"id": "node-08", "job": "local", "protocol": 7,
@@ -414,13 +427,13 @@ def test_the_connection_cap_refuses_strangers_but_never_a_member(caplog):
     """Above the cap, CURVE clients from one address are refused; a client whose key is
     admitted gets through all the same."""
     key = JobKey.generate()
-    server_key = curve_keypair(key, "server")[0]
     caplog.set_level(logging.WARNING, logger="ringtrain")
     context = zmq.Context()
     try:
         with _single_node(key) as node:
             transport = node._transport
-            crowd = [_dealer(context, node.endpoint, server_key)
+            server_key = transport.public_key
+            crowd = [_dealer(context, node.endpoint, server_key, introduce=key)
                      for _ in range(MAX_CONNECTIONS_PER_ADDRESS + 20)]
             # 20 over the cap: they keep dialling again after each refusal (those shut while
             # 16 were in their handshake are not refusals of the cap), so 20 come in time

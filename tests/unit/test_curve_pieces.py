@@ -27,7 +27,7 @@ def test_a_keyed_link_sends_large_payloads_in_pieces_that_arrive_whole():
     receiver = Transport("node-b", "127.0.0.1:0", settings_, key)
     try:
         receiver.admitted["node-a"] = sender.public_key.decode()
-        sender.connect("node-b", receiver.endpoint)
+        sender.connect("node-b", receiver.endpoint, server_key=receiver.public_key.decode())
         payload = np.arange(1 << 18, dtype=np.float32)  # 1 MiB
         header = Header(kind=MessageKind.DATA, job=JOB, generation=1, sequence=2, dtype=2,
                         nbytes=payload.nbytes)
@@ -61,7 +61,8 @@ def test_a_tracked_send_is_done_only_once_every_frame_was_taken():
     sender = Transport("node-a", "127.0.0.1:0", settings_, key)
     receiver = Transport("node-b", "127.0.0.1:0", settings_, key)
     try:
-        sender.connect("node-b", receiver.endpoint)
+        receiver.introduce(sender.public_key.decode())  # as its door would
+        sender.connect("node-b", receiver.endpoint, server_key=receiver.public_key.decode())
         payload = np.zeros(CURVE_PIECE_BYTES // 2, dtype=np.float32)  # 2 pieces
         header = Header(kind=MessageKind.DATA, job=JOB, generation=1, sequence=2, dtype=2,
                         flags=FLAG_DESCRIPTOR, nbytes=payload.nbytes).pack()
