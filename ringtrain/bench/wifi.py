@@ -319,9 +319,10 @@ def run(args: argparse.Namespace) -> int:
     curves: list[Curve] = []
     with tempfile.TemporaryDirectory(prefix="ringtrain-wifi-") as tmp:
         key_file = write_key_file(Path(tmp) / "job.key", JobKey.generate())
-        alone = sorted(measure("diloco", rates[0], "even", 1, args, key_file).throughput or 0.0
-                       for _ in range(max(1, args.alone_runs)))
-        single = statistics.median(alone) or None
+        alone = sorted(filter(None, (measure("diloco", rates[0], "even", 1, args,
+                                             key_file).throughput
+                                     for _ in range(max(1, args.alone_runs)))))
+        single = statistics.median(alone) if alone else None  # a failed run counts as none
         print(f"  one device alone: {single or 0:.0f} samples/s (median of "
               f"{', '.join(f'{value:.0f}' for value in alone)})", flush=True)
         for run_kind in runs:
