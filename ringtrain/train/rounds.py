@@ -11,6 +11,11 @@ starts the next round from the new anchor. One all-reduce per round instead of o
   average: outer SGD with lr 1 and no momentum, and the inner optimizers' arrays averaged too.
 * The pseudo-gradient may be compressed with any codec of :mod:`ringtrain.ring.compression`
   (``int4`` is meant for it): every member decodes the same bytes, so anchors stay identical.
+  The weights travel first; then each member sends its pseudo-gradient times its share of
+  their sum, so the compressed all-reduce adds up to the mean itself and what the codec
+  leaves out (error feedback) is owed to the next round as a part of the mean. (Carried as a
+  part of the weighted sum, it was divided by the next round's weight: a short last round
+  after long ones multiplied it by their ratio and threw the model off.)
 * ``overlap``: a member submits its pseudo-gradient and keeps stepping while it travels;
   when the all-reduce is done, the outer step moves the anchor and the member keeps the
   steps it made since (``params = new anchor + (params - params at submission)``): they go
@@ -134,17 +139,27 @@ def local_sgd(every: int) -> DiLoCo:
 
 @dataclass
 class _Pending:
-    """A round whose all-reduce was submitted and is not applied yet."""
+    """A round whose all-reduce was submitted and is not applied yet.
 
-    works: list[Work]
+    Uncompressed, one all-reduce carries the weights and the weighted pseudo-gradient.
+    Compressed, the weights travel first; once their sum is in, this member sends its
+    pseudo-gradient times its share of it (``mean``), so that what the codec leaves out is
+    owed to the next round as a part of the *mean*, whatever the next round's weight.
+    """
+
+    weights: Work  # the control values (uncompressed: and the weighted pseudo-gradient)
     snapshot: np.ndarray  # the parameters this member submitted (anchor - snapshot travels)
     samples: int  # the samples in it
     leaving: bool
     inner: Work | None  # the inner optimizer arrays' average (local SGD)
+    compressed: bool
+    mean: Work | None = None  # compressed: the shares' sum, once sent
+    mean_sent: bool = False  # compressed: sent (or not needed: no member made a step)
 
     def done(self) -> bool:
-        return all(work.done() for work in self.works) and \
-            (self.inner is None or self.inner.done())
+        return self.weights.done() and (self.inner is None or self.inner.done()) and \
+            (not self.compressed or (self.mean_sent and (self.mean is None
+                                                         or self.mean.done())))
 
 
 class Rounds:
@@ -192,6 +207,7 @@ class Rounds:
         """Set to ask the others, through the next round, to re-form without this node."""
         self._buffer = np.empty(ROUND_CONTROL + params.size, dtype=params.dtype)
         self._pending: _Pending | None = None
+        self._own_weight = 0.0  # this member's weight in the pending round
 
     @property
     def unapplied(self) -> int:
@@ -244,6 +260,8 @@ class Rounds:
             NonFiniteGradientError: the mean pseudo-gradient is not finite.
         """
         applied = False
+        if self._pending is not None:
+            self._send_share(wait=False)
         if self._pending is not None and self._pending.done():
             self._complete()
             if self.settings.asynchronous:
@@ -273,8 +291,9 @@ class Rounds:
             self._complete()
 
     def _submit(self) -> None:
-        """Start this round's all-reduce: weight, re-form flag and the weighted
-        pseudo-gradient ``samples x (anchor - params)``."""
+        """Start this round's all-reduce: weight, re-form flag and the pseudo-gradient
+        ``anchor - params`` (uncompressed: times the weight, in the same all-reduce;
+        compressed: its share of the mean follows once the weights are in)."""
         weight = float(self.samples)
         control, delta = self._buffer[:ROUND_CONTROL], self._buffer[ROUND_CONTROL:]
         np.subtract(self.anchor, self.params, out=delta)
@@ -285,19 +304,17 @@ class Rounds:
             self.params[...] = self.anchor
             delta[...] = 0
             weight = 0.0
-        elif weight != 1.0:
-            delta *= weight
         leaving = self.leaving  # read once: a signal may set it meanwhile
         control[:] = (weight, 1 if (leaving or self.node.reform_due) else 0)
-        works = []
-        if self.codec is None:
-            works.append(self.node.all_reduce_async(self._buffer, op="sum",
-                                                    timeout=self.timeout, out=self._buffer))
+        compressed = self.codec is not None
+        if compressed:
+            weights = self.node.all_reduce_async(control, op="sum", timeout=self.timeout,
+                                                 out=control)
         else:
-            works.append(self.node.all_reduce_async(control, op="sum", timeout=self.timeout,
-                                                    out=control))
-            works.append(self.node.all_reduce_async(delta, op="sum", timeout=self.timeout,
-                                                    compression=self.codec, out=delta))
+            if weight != 1.0:
+                delta *= weight
+            weights = self.node.all_reduce_async(self._buffer, op="sum", timeout=self.timeout,
+                                                 out=self._buffer)
         inner = None
         if self.settings.average_inner_state:
             state = self.inner.state_dict()
@@ -305,17 +322,40 @@ class Rounds:
             if arrays:  # a weight of 0 everywhere leaves them as they are (see _complete)
                 inner = self.node.all_reduce_many_async(
                     [a * weight for a in arrays], op="sum", timeout=self.timeout)
-        self._pending = _Pending(works, self.params.copy(), self.samples, leaving, inner)
+        self._pending = _Pending(weights, self.params.copy(), self.samples, leaving, inner,
+                                 compressed)
+        self._own_weight = weight
         self.samples = 0
         self.inner_steps = 0
         self._closes += 1
+
+    def _send_share(self, wait: bool) -> None:
+        """Compressed rounds: once the weights' sum is in (``wait``: wait for it), send this
+        member's pseudo-gradient times its share of the sum, ``weight / total``: the
+        all-reduce then adds up to the mean. Nothing is sent when no member made a step."""
+        pending = self._pending
+        assert pending is not None
+        if not pending.compressed or pending.mean_sent:
+            return
+        if not wait and not pending.weights.done():
+            return
+        pending.weights.wait()  # a PeerFailedError leaves the round pending
+        total = float(self._buffer[0])
+        pending.mean_sent = True
+        if total > 0:
+            delta = self._buffer[ROUND_CONTROL:]
+            delta *= self._own_weight / total
+            pending.mean = self.node.all_reduce_async(delta, op="sum", timeout=self.timeout,
+                                                      compression=self.codec, out=delta)
 
     def _complete(self) -> None:
         """Wait for the pending round, step the anchor, keep the steps made since."""
         pending = self._pending
         assert pending is not None
-        for work in pending.works:
-            work.wait()  # a PeerFailedError leaves the round pending
+        pending.weights.wait()  # a PeerFailedError leaves the round pending
+        self._send_share(wait=True)
+        if pending.mean is not None:
+            pending.mean.wait()
         inner = None if pending.inner is None else pending.inner.wait()
         self._pending = None
         control, delta = self._buffer[:ROUND_CONTROL], self._buffer[ROUND_CONTROL:]
@@ -323,7 +363,8 @@ class Rounds:
         self.reform_agreed = bool(control[1] != 0)
         self.leave_announced = pending.leaving
         if total > 0:
-            np.divide(delta, total, out=delta)
+            if not pending.compressed:
+                np.divide(delta, total, out=delta)
             if not np.isfinite(delta).all():
                 raise NonFiniteGradientError(
                     f"the mean pseudo-gradient of round {self.rounds_done + 1} is not finite "

@@ -26,7 +26,7 @@ from ringtrain.testing import LocalCluster, node_id, run_local
 from ringtrain.train.datasets import load_digits
 from ringtrain.train.nn import Dense, Sequential, Tanh
 from ringtrain.train.optim import SGD, Adam
-from ringtrain.train.rounds import DiLoCo
+from ringtrain.train.rounds import DiLoCo, Rounds
 from ringtrain.train.trainer import Trainer
 
 SAMPLES = 200
@@ -189,3 +189,34 @@ def test_asynchronous_rounds_keep_the_others_stepping_while_one_member_stalls():
             assert other["total"] == run[0]["total"]
         # every member's steps, the stalled one's included, landed in the rounds
         assert run[0]["total"] == sum(r["stepped"] for r in run)
+
+
+# --- compressed rounds of very different weights ------------------------------------------
+
+def _rounds_of_unequal_weight(node: Node) -> dict:
+    params = np.zeros(1000, np.float32)
+    rounds = Rounds(node, params, SGD(params, lr=1.0),
+                    DiLoCo(inner_steps=1, outer_lr=1.0, momentum=0.0, compression="int4"))
+    moves = np.random.default_rng(node.rank).standard_normal(params.size).astype(np.float32)
+    rounds.inner_step(moves, 1000, 0.0, 1, 3)  # a long round: 1000 samples each
+    rounds.advance()
+    first = rounds.anchor.copy()
+    rounds.inner_step(np.zeros_like(params), 1, 0.0, 2, 3)  # a short one that moves nothing
+    rounds.advance()
+    return {"first": first, "second": rounds.anchor.copy(), "moves": moves}
+
+
+def test_a_short_compressed_round_after_a_long_one_does_not_amplify_the_left_out_error():
+    """Error feedback owes the next round what int4 left out of this one, as a share of the
+    mean. A round of 3 samples after one of 3,000 must move the model by about that error
+    (half an int4 level at each of the ring's three encodings, ~0.4 here), not by it times
+    3,000 / 3 (carried as a part of the weighted sum, the residual was divided by the short
+    round's weight)."""
+    results = run_local(_rounds_of_unequal_weight, 3, timeout=60)
+    exact = -np.mean([r["moves"] for r in results], axis=0)
+    bound = 3 * np.abs(exact).max() / 7 / 2  # half an int4 level, three encodings
+    for r in results:
+        assert np.abs(r["first"] - exact).max() <= bound  # round 1: int4 of the mean
+        moved = np.abs(r["second"] - r["first"]).max()
+        assert moved <= bound, f"a round of 3 samples moved the model by {moved:.3g}"
+        np.testing.assert_array_equal(r["second"], results[0]["second"])
