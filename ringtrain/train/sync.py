@@ -17,9 +17,12 @@ the cheapest sound way: it adds one round per step (small all-reduces take one r
 a ring) and no bandwidth, whereas in the compressed buffer they would share a segment's int8
 scale with the gradient (and the compressed path keeps only one trailing value exact, the
 weight of a weighted mean). When the four say every member skips the step, the gradient does
-not travel at all. Members still end bit-identical: every node decodes the same bytes, and
+not travel at all; else each member sends its weighted gradient divided by the weights' sum,
+its share of the mean. Members still end bit-identical: every node decodes the same bytes, and
 the owner of each chunk keeps exactly what the others decode. Error feedback (int8, top-k)
-carries what a member's encodings left out into its next gradient; it is cleared after a
+carries what a member's encodings left out into its next gradient, as a part of the mean (as
+a part of the weighted sum it would be divided by the next step's weight: a small last batch
+after full ones multiplied it by their ratio); it is cleared after a
 non-finite result (which it would otherwise carry into every later step) and on a re-form
 (it belongs to an attempt whose contributions never landed). Rounds (:mod:`.rounds`) compress
 their pseudo-gradient instead.
@@ -323,12 +326,11 @@ class DistributedOptimizer:
             return False
         self.nonfinite_in_a_row = 0
         self.loss = float(control[0] / total)
-        np.divide(gradient, total, out=gradient)
         self.optimizer.step(gradient)
         return True
 
     def _reduce(self, head: int, early: list[Work]) -> np.ndarray | None:
-        """The summed weighted gradient, or None when every member skips this step; the
+        """The mean gradient, or None when every member skips this step; the
         control values [weighted loss, weight, non-finite flag, re-form flag] are summed in
         place. ``early``: the all-reduces of the gradient past ``head``, already started;
         they are all finished when this returns or raises. The buffer is reduced in place
@@ -349,6 +351,9 @@ class DistributedOptimizer:
             raise failed
         if control[2] != 0 or not np.isfinite(control[:2]).all() or not control[1] > 0:
             return None
+        # compressed, the weights are in before the gradient travels: each member sends its
+        # share of the mean, so what the codec leaves out stays a part of the mean
+        np.divide(gradient, control[1], out=gradient)
         if self.codec is not None:
             self.node.all_reduce(gradient, op="sum", timeout=self.timeout,
                                  compression=self.codec, out=gradient)
@@ -356,8 +361,8 @@ class DistributedOptimizer:
 
     def _reduce_low_rank(self, head: int) -> np.ndarray | None:
         """:meth:`_reduce` with PowerSGD: the four exact values, the uncompressed values and
-        every P factor in one all-reduce, every Q factor in a second; the approximate sum of
-        the weighted gradients written back into the buffer."""
+        every P factor in one all-reduce, every Q factor in a second; the approximate mean
+        gradient written back into the buffer."""
         low_rank = self.powersgd
         assert low_rank is not None and head == self.params.size
         control, gradient = self._buffer[:CONTROL], self._buffer[CONTROL:]
@@ -371,6 +376,7 @@ class DistributedOptimizer:
         low_rank.second(first[CONTROL:], second)
         self.node.all_reduce(second, op="sum", timeout=self.timeout, out=second)
         low_rank.finish(first[CONTROL:], second, gradient)
+        np.divide(gradient, control[1], out=gradient)
         return gradient
 
     def clear_feedback(self) -> None:

@@ -18,6 +18,7 @@ from ringtrain.train.datasets import load_digits
 from ringtrain.train.nn import Dense, Sequential, Tanh, softmax_cross_entropy
 from ringtrain.train.optim import SGD, Adam, Optimizer
 from ringtrain.train.sharding import DataPosition, Sampler
+from ringtrain.train.sync import DistributedOptimizer
 from ringtrain.train.trainer import NonFiniteGradientError, Trainer
 
 SAMPLES = 200  # a slice of the digits: each run takes a second, not ten
@@ -350,6 +351,32 @@ def test_int8_compressed_training_is_bit_identical_on_every_node_and_learns():
     assert compressed_loss < 0.5 * initial
     assert compressed_loss < 1.1 * exact_loss  # error feedback: int8 costs little accuracy
     assert not np.array_equal(int8["params"], exact["params"])  # the gradient was compressed
+
+
+def _steps_of_unequal_weight(node: Node) -> dict:
+    params = np.zeros(1000, np.float32)
+    optimizer = DistributedOptimizer(node, SGD(params, lr=1.0), compression="int4")
+    grads = np.random.default_rng(node.rank).standard_normal(params.size).astype(np.float32)
+    optimizer.step(grads, 1000.0)  # a full batch on every member
+    first = params.copy()
+    optimizer.step(np.zeros_like(params), 1.0)  # a last, tiny batch with a zero gradient
+    return {"first": first, "second": params.copy(), "grads": grads}
+
+
+def test_a_small_compressed_step_after_a_large_one_does_not_amplify_the_left_out_error():
+    """Error feedback owes the next step what the codec left out of this one, as a share of
+    the mean gradient: a step of 3 samples after one of 3,000 moves the model by about that
+    error (half an int4 level at each of the ring's three encodings), not by it times
+    3,000 / 3 (carried as a part of the weighted sum, the residual was divided by the small
+    step's weight)."""
+    results = run_local(_steps_of_unequal_weight, 3, timeout=60)
+    mean = np.mean([r["grads"] for r in results], axis=0)
+    bound = 3 * np.abs(mean).max() / 7 / 2
+    for r in results:
+        assert np.abs(r["first"] + mean).max() <= bound
+        moved = np.abs(r["second"] - r["first"]).max()
+        assert moved <= bound, f"a step of 3 samples moved the model by {moved:.3g}"
+        np.testing.assert_array_equal(r["second"], results[0]["second"])
 
 
 def _refused(node: Node, **options) -> str:
