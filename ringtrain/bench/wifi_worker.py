@@ -54,10 +54,11 @@ def rounds_of(config: dict[str, Any]) -> DiLoCo | None:
     method = config["method"]
     if method == "diloco":
         return DiLoCo(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
-                      compression="int4", overlap=True)
+                      momentum=config["outer_momentum"], compression="int4", overlap=True)
     if method == "async":
         return DiLoCo(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
-                      compression="int4", round_seconds=config["round_seconds"])
+                      momentum=config["outer_momentum"], compression="int4",
+                      round_seconds=config["round_seconds"])
     return None
 
 
