@@ -10,6 +10,7 @@ from typing import Any
 from ..comm.mailbox import Mailbox
 from ..errors import CollectiveError, MismatchError, PeerFailedError, RingtrainError
 from ..membership.links import Links
+from ..membership.peers import PeerState
 from ..membership.protocol import View
 from ..ring.runner import RingRunner
 from .ring_order import RingOrder
@@ -79,30 +80,37 @@ class Executor:
             raise PeerFailedError(f"two rings of this job merged into generation "
                                   f"{view.generation}: re-form and sync state first",
                                   generation=view.generation, collective=self.sequence)
+        protocol = self.membership.protocol
         sequence = self.sequence
         self.sequence += 1
         self.ran_in = view.generation
-        self.membership.protocol.sequence = sequence
+        protocol.sequence = sequence
         try:
             if self.ring_order.error is not None:
                 raise self._no_ring(view, sequence)
             return run(sequence, time.monotonic() + timeout)
         except CollectiveError as exc:
             suspect = exc.peer if isinstance(exc, PeerFailedError) else None
-            # Look for a laggard only when this node itself blamed a peer nobody suspected
-            # yet (a stall: then every healthy member's heartbeats report the stalled
-            # collective). Not when the collective was abandoned because the ring is
-            # re-forming (no peer), nor for a member already suspected, nor when another
-            # member aborted it naming whom it blames: heartbeat sequences are then up to a
-            # heartbeat old, and the "laggard" is just the member heard from last, healthy.
-            # Blaming it evicted healthy nodes when a joiner was admitted or a node left.
+            # Look for the stall's cause (``culprit``: a silent member, else a laggard) only
+            # when this node itself blamed a peer nobody suspected yet (a stall: then every
+            # healthy member's heartbeats report the stalled collective). Not when the
+            # collective was abandoned because the ring is re-forming (no peer), nor for a
+            # member already suspected, nor when another member aborted it naming whom it
+            # blames: heartbeat sequences are then up to a heartbeat old, and the "laggard"
+            # is just the member heard from last, healthy. Blaming it evicted healthy nodes
+            # when a joiner was admitted or a node left.
             aborted = (view.generation, sequence) in self.mailbox.aborts
             if isinstance(exc, PeerFailedError) and suspect is not None and not aborted \
-                    and suspect not in self.membership.protocol.suspects:
-                suspect = self._laggard(view) or suspect
+                    and suspect not in protocol.suspects:
+                suspect = culprit(view, self.node_id, suspect, protocol.peers.get,
+                                  sequence, time.monotonic(),
+                                  SILENT_BEATS * protocol.config.heartbeat_interval)
             if suspect is not None:
-                self.membership.protocol.suspect(suspect, str(exc))
-                self.runner.recorder.suspected(suspect, str(exc))  # observe
+                named = isinstance(exc, PeerFailedError) and suspect == exc.peer
+                why = str(exc) if named else \
+                    f"{exc}; the stall's cause is {suspect} (silent or behind the longest)"
+                protocol.suspect(suspect, why)
+                self.runner.recorder.suspected(suspect, why)  # observe
             self.runner.abort_everyone(view, sequence, exc, suspect)
             raise
 
@@ -118,11 +126,29 @@ class Executor:
         peer = error.peer if isinstance(error, PeerFailedError) else None
         return PeerFailedError(f"{text}; re-form the ring", peer=peer, **where)
 
-    def _laggard(self, view: View) -> str | None:
-        """The member furthest behind in collectives, if one is behind us: a live process
-        that stopped calling collectives is the one holding the ring up."""
-        behind = [(p.sequence, m) for m in view.members
-                  if m != self.node_id and (p := self.membership.protocol.peers.get(m))
-                  is not None
-                  and p.generation == view.generation and p.sequence < self.sequence - 1]
-        return min(behind)[1] if behind else None
+
+SILENT_BEATS = 3  # heartbeats missed before a member counts as silent when a collective stalls
+
+
+def culprit(view: View, me: str, blamed: str, peer: Callable[[str], PeerState | None],
+            sequence: int, now: float, quiet: float) -> str:
+    """Whom to suspect when collective ``sequence`` of ``view`` stalled here and this node
+    blames ``blamed`` (the member it waits for, or cannot send to).
+
+    Every member but a failed one goes on sending heartbeats while it waits, so a stall's
+    cause is, in order: the member silent the longest, once silent for more than ``quiet``
+    seconds (a dead or stopped process: its neighbour was blamed, alive and waiting in turn,
+    when the victim's last heartbeat came after the last data and the progress deadline
+    passed before its silence was long enough to suspect it: a healthy node was left out);
+    else the member furthest behind in collectives, if behind this one (a live process that
+    stopped calling collectives holds the ring up); else ``blamed``. It only chooses whom a
+    stall removes; it never makes one.
+    """
+    silences = [(now - state.last_heard, member) for member in view.members
+                if member != me and (state := peer(member)) is not None]
+    if silences and max(silences)[0] > quiet:
+        return max(silences)[1]
+    behind = [(state.sequence, member) for member in view.members
+              if member != me and (state := peer(member)) is not None
+              and state.generation == view.generation and state.sequence < sequence]
+    return min(behind)[1] if behind else blamed
