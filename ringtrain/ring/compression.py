@@ -47,6 +47,8 @@ FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 SCALE_BYTES = 4  # int8, int4: one float32 scale in front of the values
 INT4_LEVELS = 7.0  # int4 values are integers in [-7, 7] ...
 INT4_ZERO = 8  # ... stored as nibbles in [1, 15] (8 is zero)
+_INT4_PAIRS = np.array([[(b & 0x0F) - INT4_ZERO, (b >> 4) - INT4_ZERO] for b in range(256)],
+                       np.float32)  # a byte's (low, high) levels
 INDEX_DTYPE = np.dtype("<u4")
 FLOATS = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
 SCRATCH_LIMIT = 1 << 22  # elements: larger work arrays are allocated per call, not kept
@@ -259,28 +261,60 @@ class Int4(Codec):
         return SCALE_BYTES + (count + 1) // 2
 
     def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        self.encode_feedback(values, out)
+
+    def encode_feedback(self, values: np.ndarray, out: np.ndarray,
+                        residual: np.ndarray | None = None, replace: bool = False) -> None:
+        """Quantizes and packs in one sweep, and takes the decoded values from the rounded
+        floats still in hand (as :class:`Int8` does): the same float32 products as
+        :meth:`decode`, so replaced values are bit for bit what every other node decodes."""
         scale_bytes, packed = out[:SCALE_BYTES], out[SCALE_BYTES:]
-        if values.size == 0:
+        size = values.size
+        if size == 0:
             scale_bytes.view("<f4")[0] = 0.0
             return
-        peak = max(float(values.max()), -float(values.min()))
+        corrected = values if residual is None else \
+            np.add(values, residual, out=scratch(size, values.dtype))
+        peak = max(float(corrected.max()), -float(corrected.min()))
         ratio = peak / INT4_LEVELS
         scale = np.float32(math.inf) if ratio > FLOAT32_MAX else np.float32(ratio)
         scale_bytes.view("<f4")[0] = scale
         if not (math.isfinite(scale) and scale > 0):
-            packed[...] = INT4_ZERO * 0x11  # both nibbles zero (decodes to the scale's kind)
+            # all zeros, too small for a float32 scale, or a NaN/Inf: as Int8 does
+            packed[...] = INT4_ZERO * 0x11  # both nibbles zero
+            if residual is not None:
+                residual[...] = corrected if scale == 0 else 0
+            if replace:
+                values[...] = scale
             return
-        # fresh work arrays: the inherited encode_feedback holds its sum in the scratch array
-        levels = np.empty(values.size + 1, np.float32)
-        np.divide(values, scale, out=levels[:values.size], casting="same_kind")
-        np.clip(levels[:values.size], -INT4_LEVELS, INT4_LEVELS, out=levels[:values.size])
-        np.rint(levels[:values.size], out=levels[:values.size])
-        levels[:values.size] += INT4_ZERO
-        if values.size % 2:
-            levels[values.size] = INT4_ZERO  # the odd count's padding nibble
-        nibbles = levels[:2 * packed.size].astype(np.uint8)
-        np.left_shift(nibbles[1::2], 4, out=packed)
-        packed |= nibbles[0::2]
+        # a float32 residual doubles as the rounding work array (it is overwritten last)
+        rounded = residual if residual is not None and residual.dtype == np.float32 else \
+            np.empty(size, np.float32)
+        if scale >= FLOAT32_TINY:
+            # |corrected * (1 / scale)| <= 7 (1 + 3 * 2^-24): rounds to at most 7, no clip
+            np.multiply(corrected, np.float32(1.0) / scale, out=rounded, casting="same_kind")
+        else:  # a subnormal scale: its reciprocal may overflow, and it is coarse, so clip
+            np.divide(corrected, scale, out=rounded, casting="same_kind")
+            np.clip(rounded, -INT4_LEVELS, INT4_LEVELS, out=rounded)
+        np.rint(rounded, out=rounded)
+        # byte = (low + 8) + 16 (high + 8), in [17, 255]: exact in float32, cast once
+        pairs = size // 2
+        byte = np.multiply(rounded[1:2 * pairs:2], 16, out=np.empty(pairs, np.float32))
+        byte += rounded[0:2 * pairs:2]
+        byte += INT4_ZERO * 17
+        packed[:pairs] = byte
+        if size % 2:
+            packed[pairs] = rounded[size - 1] + INT4_ZERO * 17  # the padding nibble is zero
+        if residual is None and not replace:
+            return
+        decoded = np.multiply(rounded, scale, out=rounded)
+        if values.dtype != decoded.dtype:
+            decoded = decoded.astype(values.dtype)  # as decode() casts its float32 products
+        if replace:
+            # rint leaves -0.0 where decode() has +0.0: adding +0.0 makes the bits the same
+            np.add(decoded, decoded.dtype.type(0), out=values)
+        if residual is not None:
+            np.subtract(corrected, decoded, out=residual)
 
     def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
         if payload.size != self.payload_bytes(out.size, out.dtype):
@@ -290,13 +324,13 @@ class Int4(Codec):
         if not math.isfinite(scale):
             out[...] = scale  # NaN or Inf everywhere: the non-finite input stays visible
             return
-        packed = payload[SCALE_BYTES:]
-        levels = np.empty(2 * packed.size, np.float32)
-        np.bitwise_and(packed, 0x0F, out=levels[0::2], casting="unsafe")
-        np.right_shift(packed, 4, out=levels[1::2], casting="unsafe")
-        levels -= INT4_ZERO
-        levels *= scale  # float32 products: every node decodes the same bits
-        out[...] = levels[:out.size]
+        # each byte's two levels from a table: one gather instead of five passes
+        levels = np.take(_INT4_PAIRS, payload[SCALE_BYTES:], axis=0).reshape(-1)[:out.size]
+        if out.dtype == np.float32:
+            np.multiply(levels, scale, out=out)  # float32 products: every node decodes alike
+        else:
+            levels *= scale
+            out[...] = levels
 
 
 class TopK(Codec):

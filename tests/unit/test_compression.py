@@ -227,9 +227,9 @@ EDGE_CASES = {
 @pytest.mark.parametrize("carried", ["zero", "small"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("case", sorted(EDGE_CASES))
-@pytest.mark.parametrize("codec", [Int8(), TopK(0.5), Fp16()], ids=str)
+@pytest.mark.parametrize("codec", [Int8(), Int4(), TopK(0.5), Fp16()], ids=str)
 def test_encode_feedback_is_add_encode_decode_subtract_bit_for_bit(codec, case, dtype, carried):
-    """The fused int8 path (and the generic one of the others) writes the same payload, the
+    """The fused int8 and int4 paths (and the generic one of the others) write the same payload, the
     same residual and the same replaced values as adding the carried residual, encoding,
     decoding and subtracting: the owner's values must be bit for bit what every other node
     decodes."""
@@ -245,7 +245,7 @@ def test_encode_feedback_is_add_encode_decode_subtract_bit_for_bit(codec, case, 
     assert got[2].tobytes() == expected[2].tobytes(), "replaced values differ in some bit"
 
 
-@pytest.mark.parametrize("codec", [Int8(), TopK(0.5)], ids=str)
+@pytest.mark.parametrize("codec", [Int8(), Int4(), TopK(0.5)], ids=str)
 def test_encode_feedback_without_residual_encodes_and_replaces(codec):
     x = values(300)
     payload, decoded = codec.round_trip(x)
