@@ -96,8 +96,8 @@ def test_status_of_a_four_node_ring_names_the_stopped_node(tmp_path: Path) -> No
         code, strange = status(stranger, run_dir, 1.0)
         assert code == 1 and not any(s["answering"] for s in strange["nodes"].values())
         # SIGUSR1 dumps a node's flight recorder, which names the blamed node too: the stopped
-        # node's successor's (it waits on the stopped node itself; a node further on blames
-        # whom it waited on, the successor, until that one's abort arrives)
+        # node's successor's (it waits on the stopped node itself; a node further on, which
+        # waits on a live member, blames the member silent the longest: the stopped one too)
         waiter = names[(stopped + 1) % 4]
         os.kill(processes[(stopped + 1) % 4].pid, signal.SIGUSR1)
         deadline = time.monotonic() + 20
