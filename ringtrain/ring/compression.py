@@ -177,13 +177,11 @@ class Fp16(Codec):
         out[...] = payload.view(np.float16)
 
 
-class Int8(Codec):
-    """8-bit integers with one float32 scale per segment (max|x| / 127), rounded to nearest."""
+class _Scaled(Codec):
+    """Integers in [-``levels``, ``levels``] with one float32 scale per segment
+    (max|x| / ``levels``), rounded to nearest; subclasses say how the integers are packed."""
 
-    name = "int8"
-
-    def payload_bytes(self, count: int, dtype: np.dtype) -> int:
-        return SCALE_BYTES + count
+    levels: float
 
     def encode(self, values: np.ndarray, out: np.ndarray) -> None:
         self.encode_feedback(values, out)
@@ -193,7 +191,7 @@ class Int8(Codec):
         """Quantizes in one pass, then takes the decoded values from the rounded floats still
         in hand instead of decoding the payload again: the same float32 products as
         :meth:`decode`, so replaced values are bit for bit what every other node decodes."""
-        scale_bytes, quantized = out[:SCALE_BYTES], out[SCALE_BYTES:].view(np.int8)
+        scale_bytes, packed = out[:SCALE_BYTES], out[SCALE_BYTES:]
         if values.size == 0:
             scale_bytes.view("<f4")[0] = 0.0
             return
@@ -201,13 +199,13 @@ class Int8(Codec):
             np.add(values, residual, out=scratch(values.size, values.dtype))
         # two read-only passes instead of abs(): no temporary of the segment's size
         peak = max(float(corrected.max()), -float(corrected.min()))
-        ratio = peak / 127.0  # a float64 segment's may be beyond float32: then the scale is Inf
+        ratio = peak / self.levels  # a float64 segment's may be beyond float32: scale Inf
         scale = np.float32(math.inf) if ratio > FLOAT32_MAX else np.float32(ratio)
         scale_bytes.view("<f4")[0] = scale
         if not (math.isfinite(scale) and scale > 0):
             # all zeros, or too small for a float32 scale (decodes to zeros), or a NaN/Inf
             # (decodes to the non-finite scale everywhere, so every node sees it)
-            quantized[...] = 0
+            self._pack_zeros(packed)
             if residual is not None:
                 residual[...] = corrected if scale == 0 else 0
             if replace:
@@ -217,13 +215,13 @@ class Int8(Codec):
         rounded = residual if residual is not None and residual.dtype == np.float32 else \
             scratch(values.size, np.float32)
         if scale >= FLOAT32_TINY:
-            # |corrected * (1 / scale)| <= 127 (1 + 3 * 2^-24): rounds to at most 127, no clip
+            # |corrected * (1 / scale)| <= levels (1 + 3 * 2^-24): rounds to at most levels
             np.multiply(corrected, np.float32(1.0) / scale, out=rounded, casting="same_kind")
         else:  # a subnormal scale: its reciprocal may overflow, and it is coarse, so clip
             np.divide(corrected, scale, out=rounded, casting="same_kind")
-            np.clip(rounded, -127, 127, out=rounded)
+            np.clip(rounded, -self.levels, self.levels, out=rounded)
         np.rint(rounded, out=rounded)
-        quantized[...] = rounded  # integers in [-127, 127]: the cast is exact
+        self._pack(rounded, packed)
         if residual is None and not replace:
             return
         decoded = np.multiply(rounded, scale, out=rounded)
@@ -234,6 +232,30 @@ class Int8(Codec):
             np.add(decoded, decoded.dtype.type(0), out=values)
         if residual is not None:
             np.subtract(corrected, decoded, out=residual)
+
+    def _pack(self, rounded: np.ndarray, packed: np.ndarray) -> None:
+        """Write the integers ``rounded`` holds (float32, in range) into ``packed``."""
+        raise NotImplementedError
+
+    def _pack_zeros(self, packed: np.ndarray) -> None:
+        """Write integers that are all zero into ``packed``."""
+        raise NotImplementedError
+
+
+class Int8(_Scaled):
+    """8-bit integers with one float32 scale per segment (max|x| / 127), rounded to nearest."""
+
+    name = "int8"
+    levels = 127.0
+
+    def payload_bytes(self, count: int, dtype: np.dtype) -> int:
+        return SCALE_BYTES + count
+
+    def _pack(self, rounded: np.ndarray, packed: np.ndarray) -> None:
+        packed.view(np.int8)[...] = rounded  # integers in [-127, 127]: the cast is exact
+
+    def _pack_zeros(self, packed: np.ndarray) -> None:
+        packed[...] = 0
 
     def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
         if payload.size != SCALE_BYTES + out.size:
@@ -250,71 +272,29 @@ class Int8(Codec):
             np.multiply(quantized, scale, out=out, casting="unsafe")
 
 
-class Int4(Codec):
+class Int4(_Scaled):
     """4-bit integers, two to a byte, with one float32 scale per segment (max|x| / 7), rounded
     to nearest: an eighth of float32 traffic. Meant for DiLoCo's pseudo-gradient (Streaming
     DiLoCo sends its outer gradient in 4 bits) with error feedback."""
 
     name = "int4"
+    levels = INT4_LEVELS
 
     def payload_bytes(self, count: int, dtype: np.dtype) -> int:
         return SCALE_BYTES + (count + 1) // 2
 
-    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
-        self.encode_feedback(values, out)
-
-    def encode_feedback(self, values: np.ndarray, out: np.ndarray,
-                        residual: np.ndarray | None = None, replace: bool = False) -> None:
-        """Quantizes and packs in one sweep, and takes the decoded values from the rounded
-        floats still in hand (as :class:`Int8` does): the same float32 products as
-        :meth:`decode`, so replaced values are bit for bit what every other node decodes."""
-        scale_bytes, packed = out[:SCALE_BYTES], out[SCALE_BYTES:]
-        size = values.size
-        if size == 0:
-            scale_bytes.view("<f4")[0] = 0.0
-            return
-        corrected = values if residual is None else \
-            np.add(values, residual, out=scratch(size, values.dtype))
-        peak = max(float(corrected.max()), -float(corrected.min()))
-        ratio = peak / INT4_LEVELS
-        scale = np.float32(math.inf) if ratio > FLOAT32_MAX else np.float32(ratio)
-        scale_bytes.view("<f4")[0] = scale
-        if not (math.isfinite(scale) and scale > 0):
-            # all zeros, too small for a float32 scale, or a NaN/Inf: as Int8 does
-            packed[...] = INT4_ZERO * 0x11  # both nibbles zero
-            if residual is not None:
-                residual[...] = corrected if scale == 0 else 0
-            if replace:
-                values[...] = scale
-            return
-        # a float32 residual doubles as the rounding work array (it is overwritten last)
-        rounded = residual if residual is not None and residual.dtype == np.float32 else \
-            np.empty(size, np.float32)
-        if scale >= FLOAT32_TINY:
-            # |corrected * (1 / scale)| <= 7 (1 + 3 * 2^-24): rounds to at most 7, no clip
-            np.multiply(corrected, np.float32(1.0) / scale, out=rounded, casting="same_kind")
-        else:  # a subnormal scale: its reciprocal may overflow, and it is coarse, so clip
-            np.divide(corrected, scale, out=rounded, casting="same_kind")
-            np.clip(rounded, -INT4_LEVELS, INT4_LEVELS, out=rounded)
-        np.rint(rounded, out=rounded)
+    def _pack(self, rounded: np.ndarray, packed: np.ndarray) -> None:
         # byte = (low + 8) + 16 (high + 8), in [17, 255]: exact in float32, cast once
-        pairs = size // 2
+        size, pairs = rounded.size, rounded.size // 2
         byte = np.multiply(rounded[1:2 * pairs:2], 16, out=np.empty(pairs, np.float32))
         byte += rounded[0:2 * pairs:2]
         byte += INT4_ZERO * 17
         packed[:pairs] = byte
         if size % 2:
             packed[pairs] = rounded[size - 1] + INT4_ZERO * 17  # the padding nibble is zero
-        if residual is None and not replace:
-            return
-        decoded = np.multiply(rounded, scale, out=rounded)
-        if values.dtype != decoded.dtype:
-            decoded = decoded.astype(values.dtype)  # as decode() casts its float32 products
-        if replace:
-            # rint leaves -0.0 where decode() has +0.0: adding +0.0 makes the bits the same
-            np.add(decoded, decoded.dtype.type(0), out=values)
-        if residual is not None:
-            np.subtract(corrected, decoded, out=residual)
+
+    def _pack_zeros(self, packed: np.ndarray) -> None:
+        packed[...] = INT4_ZERO * 0x11  # both nibbles zero
 
     def decode(self, payload: np.ndarray, out: np.ndarray) -> None:
         if payload.size != self.payload_bytes(out.size, out.dtype):
