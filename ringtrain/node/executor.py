@@ -146,8 +146,10 @@ def culprit(view: View, me: str, blamed: str, peer: Callable[[str], PeerState | 
     """
     silences = [(now - state.last_heard, member) for member in view.members
                 if member != me and (state := peer(member)) is not None]
-    if silences and max(silences)[0] > quiet:
-        return max(silences)[1]
+    if silences:
+        silence, member = max(silences)
+        if silence > quiet:
+            return member
     behind = [(state.sequence, member) for member in view.members
               if member != me and (state := peer(member)) is not None
               and state.generation == view.generation and state.sequence < sequence]
