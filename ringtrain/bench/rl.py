@@ -13,8 +13,9 @@ last 100 episodes average at least 475 (solved) or the step budget runs out.
 
 Scenarios, each run ``--repeats`` times, interleaved:
 
-* ``scaling``: 1 device and 4 devices, synchronous: wall-clock time (from the end of the
-  start-up collectives to the round that solves) and the ring's environment steps.
+* ``scaling``: 1 device and 4 devices, synchronous (the 4 in ``--scaling-mode``):
+  wall-clock time (from the end of the start-up collectives to the round that solves) and
+  the ring's environment steps.
 * ``slow``: 4 devices in asynchronous mode, once as they are and once with device 3 stopped
   (SIGSTOP) for ``--stop-seconds`` at ``--stop-at`` seconds into training; the same with
   synchronous mode for contrast. Reported: the other devices' environment steps per second
@@ -69,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU budget of every device, in cores (default 0.45)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every configuration, interleaved (default 3)")
+    parser.add_argument("--scaling-mode", choices=("sync", "async"), default="sync",
+                        help="scaling: the mode of the N-device runs (default sync)")
     parser.add_argument("--stop-at", type=float, default=2.0,
                         help="slow: seconds into training when device 3 is stopped (default 2)")
     parser.add_argument("--stop-seconds", type=float, default=3.0,
@@ -302,7 +305,8 @@ def run(args: argparse.Namespace) -> int:
     plan = []
     for seed in range(args.repeats):  # run r of every configuration: job seed r
         if "scaling" in scenarios:
-            plan += [("scaling", 1, "sync", "", seed), ("scaling", args.nodes, "sync", "", seed)]
+            plan += [("scaling", 1, "sync", "", seed),
+                     ("scaling", args.nodes, args.scaling_mode, "", seed)]
         if "slow" in scenarios:
             plan += [("slow", args.nodes, mode, event, seed) for mode in ("async", "sync")
                      for event in ("", "stop")]
@@ -324,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                               f" {x['local_steps'] / x['wall']:,.0f} steps/s" for x in done),
                   flush=True)
     if "scaling" in scenarios:
-        print("\nscaling (synchronous):")
+        print(f"\nscaling (1 device synchronous, {args.nodes} {args.scaling_mode}):")
         print(scaling_table([r for r in runs if r.scenario == "scaling"]))
     if "slow" in scenarios:
         print(f"\none device stopped for {args.stop_seconds:g} s, {args.stop_at:g} s into "
