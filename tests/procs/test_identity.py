@@ -66,13 +66,17 @@ def _ring(key: JobKey, endpoints: list[str], indexes, devices: Path | None = Non
 
 def _all_reduce(nodes: list[Node]) -> list[float]:
     """One all-reduce of ones on every node at once; the sum, checked equal on all."""
-    results: dict[int, list[float]] = {}
+    results: dict[int, list[float] | BaseException] = {}
     threads = [threading.Thread(target=lambda i=i, n=n: results.__setitem__(
-        i, n.all_reduce(np.ones(2), timeout=30).tolist())) for i, n in enumerate(nodes)]
+        i, _try(lambda: n.all_reduce(np.ones(2), timeout=30).tolist())))
+        for i, n in enumerate(nodes)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(40)
+    failed = [r for r in results.values() if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]  # e.g. PeerFailedError: the caller may re-form and try again
     assert len(results) == len(nodes) and all(r == results[0] for r in results.values())
     return results[0]
 
