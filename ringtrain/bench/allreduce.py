@@ -8,6 +8,7 @@ in one run.
     ringtrain bench --where lan --rate 1000 --compression int8 --sizes 64M
     ringtrain bench --where lan --rate 1000 --slow-node 3 --slow-rate 100
     ringtrain bench --where lan --rate 1000 --sites 0,1,0,1 --uplink 1000 --probe-links 2M
+    ringtrain bench --where lan --rate 1000 --cpu 0.45 --sizes 37K --baselines gloo
     ringtrain bench --quick                           # a check that takes under a minute
 
 Method (see ../shared/research/perf-baselines.md): every run starts N fresh worker processes
@@ -24,6 +25,10 @@ Ring order: with ``--probe-links`` the nodes measure their links and order the r
 With ``--sites`` the LAN has a bridge per site, joined by shaped uplinks.
 Memory: each worker's peak RSS growth while running a size, beyond its input buffer, over
 the buffer's bytes (so a node's total is 1 + that, plus fixed buffers).
+CPU: each worker's process CPU time (every thread: the node's engine, ZeroMQ's I/O) while an
+iteration ran, the median over iterations, averaged over ranks; printed for ringtrain and
+Gloo. With ``--cpu`` every device of the LAN gets that CPU budget (a cgroup quota), as
+``bench-scaling`` makes them: on small devices a small all-reduce is bound by its CPU.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "site, joined by uplinks of --uplink Mbit/s")
     parser.add_argument("--uplink", type=float, default=None,
                         help="--sites: Mbit/s of each site's uplink (default: --rate)")
+    parser.add_argument("--cpu", type=float, default=None,
+                        help="--where lan: CPU budget of every device, in cores (default none)")
     parser.add_argument("--probe-links", default=None,
                         help="bytes each node streams to each other to order the ring by "
                              "measured rates (e.g. 8M; default: sorted order); ringtrain "
@@ -127,13 +134,14 @@ def measure(op: Callable[[], Any], barrier: Callable[[], Any], warmup: int, iter
     for _ in range(warmup):
         barrier()
         op()
-    times = []
+    times, cpu = [], []
     for _ in range(iterations):
         barrier()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         op()
         times.append(time.perf_counter() - start)
-    return {"times": times}
+        cpu.append(time.process_time() - start_cpu)
+    return {"times": times, "cpu": cpu}
 
 
 def _reset_peak_rss() -> int:
@@ -248,6 +256,7 @@ class Series:
     name: str
     runs: dict[int, list[float]] = field(default_factory=dict)
     memory: dict[int, int] = field(default_factory=dict)  # largest peak RSS growth seen
+    cpu: dict[int, list[float]] = field(default_factory=dict)  # per run: CPU s per iteration
     skipped: str = ""
 
     def add(self, size: int, time_s: float, peak: int) -> None:
@@ -256,6 +265,10 @@ class Series:
 
     def median(self, size: int) -> float | None:
         runs = self.runs.get(size)
+        return statistics.median(runs) if runs else None
+
+    def median_cpu(self, size: int) -> float | None:
+        runs = self.cpu.get(size)
         return statistics.median(runs) if runs else None
 
     def best(self, size: int) -> float | None:
@@ -274,7 +287,7 @@ class Launcher:
             from ..lab.netns import EmulatedLan
 
             self.lan = EmulatedLan(self.n, rate_mbit=args.rate, sites=args.site_list,
-                                   uplink_mbit=args.uplink or args.rate)
+                                   uplink_mbit=args.uplink or args.rate, cpu_cores=args.cpu)
             if args.slow_node is not None:
                 self.lan.set_rate(args.slow_node, args.slow_rate)
         self.key = JobKey.generate()
@@ -396,6 +409,9 @@ def _record(series: Series, sizes: list[int], per_rank: list[dict]) -> None:
         per_iteration = np.max([r[size]["times"] for r in per_rank], axis=0)
         series.add(size, float(np.median(per_iteration)),
                    max(r[size]["peak_rss_growth"] for r in per_rank))
+        if all("cpu" in r[size] for r in per_rank):  # MPI's rank 0 reports times only
+            series.cpu.setdefault(size, []).append(
+                float(np.mean([np.median(r[size]["cpu"]) for r in per_rank])))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -404,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("a benchmark needs at least 2 nodes")
     if args.where == "lan" and args.insecure:
         raise ConfigError("--insecure is for loopback only")
+    if args.cpu is not None and not (args.where == "lan" and args.cpu > 0):
+        raise ConfigError("--cpu needs --where lan and a budget above 0 cores")
     if args.slow_node is not None and not (args.where == "lan"
                                            and 0 <= args.slow_node < args.nodes):
         raise ConfigError("--slow-node needs --where lan and a node index below --nodes")
@@ -488,6 +506,8 @@ def command_line(args: argparse.Namespace) -> str:
         if args.sites is not None:
             parts.append(f"--sites {args.sites}"
                          + (f" --uplink {args.uplink:g}" if args.uplink else ""))
+        if args.cpu is not None:
+            parts.append(f"--cpu {args.cpu:g}")
     if args.probe_bytes:
         parts.append(f"--probe-links {args.probe_links}")
     if args.sizes:
@@ -521,7 +541,9 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
              + (f", node {args.slow_node} at {args.slow_rate:g} Mbit/s"
                 if args.slow_node is not None else "")
              + (f", sites {args.sites} with {args.uplink or args.rate:g} Mbit/s uplinks"
-                if args.sites is not None else "") if lan else f"loopback, {n} processes")
+                if args.sites is not None else "")
+             + (f", {args.cpu:g} core per device" if args.cpu is not None else "")
+             if lan else f"loopback, {n} processes")
     if args.probe_bytes:
         where += f"; ring ordered by measured links ({args.probe_links} probes)"
     effective = " (effective: uncompressed bytes / time)" if args.compression != "none" else ""
@@ -557,6 +579,7 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
             row += f" {g * 1e3:.3f} | {bw(size, g)} | {_ratio(g / t)} |"
         lines.append(row)
     lines.append("")
+    lines += cpu_lines(sizes, ours, gloo)
     if gloo.skipped:
         lines.append(f"Gloo: {gloo.skipped}.")
     if mpi.skipped:
@@ -569,6 +592,21 @@ def report(args: argparse.Namespace, sizes: list[int], repeats: int, ours: Serie
                  "peak RSS / bytes: the largest peak RSS growth of a worker while running "
                  "that size, beyond its input buffer, over the buffer's bytes.")
     return "\n".join(lines)
+
+
+def cpu_lines(sizes: list[int], ours: Series, gloo: Series) -> list[str]:
+    """One line per size: the CPU an all-reduce cost a rank, beside Gloo's when it ran."""
+    lines = []
+    for size in sizes:
+        mine, theirs = ours.median_cpu(size), gloo.median_cpu(size)
+        if mine is None:
+            continue
+        line = f"CPU per all-reduce, {format_size(size)}: ringtrain {mine * 1e3:.3f} ms"
+        if theirs is not None and not gloo.skipped:
+            line += (f", gloo {theirs * 1e3:.3f} ms: ringtrain uses {_ratio(mine / theirs)}x "
+                     f"Gloo's CPU")
+        lines.append(line + ".")
+    return lines + ([""] if lines else [])
 
 
 def _bandwidth(value: float) -> str:

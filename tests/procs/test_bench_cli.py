@@ -22,12 +22,16 @@ def test_quick_bench_prints_a_table():
     assert "`ringtrain bench -n 2 --where loopback --sizes 4K,64K" in out
     assert "| size | ringtrain median ms |" in out
     assert "| 4 KiB |" in out and "| 64 KiB |" in out
+    assert "CPU per all-reduce, 4 KiB: ringtrain " in out  # no baseline: ringtrain's alone
 
 
 def test_bad_flags_are_usage_errors():
     done = subprocess.run([sys.executable, "-m", "ringtrain", "bench", "--where", "lan",
                            "--insecure"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "loopback only" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "ringtrain", "bench", "--cpu", "0.45"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--cpu needs --where lan" in done.stderr
 
 
 def test_sizes_and_iterations():
