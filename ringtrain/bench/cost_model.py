@@ -49,7 +49,8 @@ from ..comm.security import JobKey
 from ..errors import ConfigError, RingtrainError
 from ..lab import cpu_budget
 from ..lab.netns import EmulatedLan
-from .allreduce import format_size, iterations_for, parse_size
+from .allreduce import iterations_for, parse_size
+from .allreduce_report import format_size
 
 PORT = 29800
 RUN_TIMEOUT_S = 600.0

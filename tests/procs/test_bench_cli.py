@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from ringtrain.bench.allreduce import format_size, iterations_for, parse_size
+from ringtrain.bench.allreduce import iterations_for, parse_size
+from ringtrain.bench.allreduce_report import format_size
 from ringtrain.errors import ConfigError
 
 
