@@ -330,7 +330,7 @@ def ask_once(endpoint: str, job: JobKey, public_key: bytes, timeout: float
                         return reply
             except ConnectionRefusedError:
                 return "closed"
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError as exc:
                 raise TransportError(f"cannot ask the door of {endpoint}: {exc}") from exc

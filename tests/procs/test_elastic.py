@@ -39,7 +39,6 @@ from ringtrain.train.optim import SGD
 from ringtrain.train.sharding import DataPosition, Sampler
 from ringtrain.train.trainer import BUCKET_BYTES, Trainer
 
-
 N = 4
 STEPS = 30
 KILL_STEP = 10

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-
 pytest.importorskip("torch")
 pytestmark = [pytest.mark.torch, pytest.mark.timeout(150)]  # past BOUND_S, which reports
 

@@ -27,7 +27,8 @@ LAYERS: dict[str, int] = {
     "train.sharding": 0, "train.datasets": 0, "membership": 0, "discovery": 0, "node": 0,
     "lab": 0, "discovery.candidates": 0, "discovery.advert": 0,
     # 1 one outside world each
-    "comm.transport": 1, "comm.zap": 1, "comm.polling": 1, "comm.door": 1, "comm.handshakes": 1, "comm.curve": 1, "comm.shm": 1,
+    "comm.transport": 1, "comm.zap": 1, "comm.polling": 1, "comm.door": 1,
+    "comm.handshakes": 1, "comm.curve": 1, "comm.shm": 1,
     "discovery.mdns": 1, "discovery.mdns_unicast": 1, "discovery.interfaces": 1,
     "train.checkpoint": 1,
     "lab.netns": 1, "lab.cpu_budget": 1, "models": 1, "discovery.dns": 1, "discovery.names": 1,
@@ -62,7 +63,8 @@ LAYER_NAMES = {0: "pure", 1: "one outside world", 2: "protocols", 3: "node", 4: 
 # outside libraries (not stdlib) and the only modules that may import them
 OUTSIDE = {
     "numpy": None,  # anyone
-    "zmq": {"comm.transport", "comm.zap", "comm.handshakes", "comm.curve", "comm.polling"},  # comm's zmq side
+    # comm's zmq side
+    "zmq": {"comm.transport", "comm.zap", "comm.handshakes", "comm.curve", "comm.polling"},
     "zeroconf": {"discovery.mdns", "discovery.mdns_unicast"},
     "ifaddr": {"discovery.interfaces"},  # zeroconf's own dependency, for interface addresses
     "dns": {"discovery.dns"},  # dnspython
