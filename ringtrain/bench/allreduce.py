@@ -453,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"args": vars(args), "sizes": sizes, "iterations": iterations,
                        "ringtrain": ours.runs, "gloo": gloo.runs, "mpi": mpi.runs,
                        "memory": ours.memory, "gloo_memory": gloo.memory,
+                       "cpu": ours.cpu, "gloo_cpu": gloo.cpu,
                        "mpi_memory": mpi.memory, "sorted_ring": ordered.runs,
                        "gloo_skipped": gloo.skipped,
                        "mpi_skipped": mpi.skipped}, f, indent=1, default=str)

@@ -13,9 +13,9 @@ last 100 episodes average at least 475 (solved) or the step budget runs out.
 
 Scenarios, each run ``--repeats`` times, interleaved:
 
-* ``scaling``: 1 device and 4 devices, synchronous (the 4 in ``--scaling-mode``):
-  wall-clock time (from the end of the start-up collectives to the round that solves) and
-  the ring's environment steps.
+* ``scaling``: 1 device, synchronous, beside ``--nodes`` devices in ``--scaling-mode``
+  (synchronous by default): wall-clock time (from the end of the start-up collectives to
+  the round that solves) and the ring's environment steps.
 * ``slow``: 4 devices in asynchronous mode, once as they are and once with device 3 stopped
   (SIGSTOP) for ``--stop-seconds`` at ``--stop-at`` seconds into training; the same with
   synchronous mode for contrast. Reported: the other devices' environment steps per second
