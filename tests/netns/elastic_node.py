@@ -58,6 +58,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds from start")
     parser.add_argument("--heartbeat-timeout", type=float, default=1.0,
                         help="seconds of silence before a peer is suspected")
+    parser.add_argument("--progress-floor", type=float, default=Settings().progress_floor,
+                        help="seconds a collective waits for a peer's data, at least")
     args = parser.parse_args()
     out = Path(args.out)
     me = args.node_id
@@ -75,7 +77,8 @@ def main() -> int:
         os._exit(3)
 
     threading.Thread(target=watchdog, daemon=True).start()
-    settings = Settings.from_env(heartbeat_timeout=args.heartbeat_timeout, reform_timeout=20.0)
+    settings = Settings.from_env(heartbeat_timeout=args.heartbeat_timeout,
+                                 progress_floor=args.progress_floor, reform_timeout=20.0)
     views: list[tuple[float, int, list[str]]] = []
     with Node(args.peers, listen=args.listen, job=args.job, node_id=me,
               settings=settings) as node:

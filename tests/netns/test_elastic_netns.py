@@ -164,8 +164,21 @@ def test_packet_loss_on_one_link_training_completes_identically(lan5, tmp_path):
     lan5.drop(lossy, probability)
     started = time.monotonic()
     # TCP on a 5% lossy link can stall for a second or more (retransmission back-off): give
-    # liveness the default margin, so the lossy node is slowed down, not declared dead
-    ring = Ring(lan5, tmp_path, steps=40, heartbeat_timeout=Settings().heartbeat_timeout * 2)
+    # liveness and the collectives' progress deadline twice the default margin, so the lossy
+    # node is slowed down, not declared dead
+    defaults = Settings()
+    ring = Ring(lan5, tmp_path, steps=10_000, heartbeat_timeout=defaults.heartbeat_timeout * 2,
+                progress_floor=defaults.progress_floor * 2)
+    # A stall past even that (several retransmissions of one segment lost in a row) evicts a
+    # member, which rejoins within a second or two and adopts the ring's state. The job ends
+    # only once all five train together past step 40, so the others never finish while one
+    # is still on its way back (it would wait for a ring that is gone).
+    everyone = [ring.node(i) for i in range(lan5.n)]
+    ring.wait(lambda: all(ring.progress(i)["step"] >= 40 and
+                          ring.progress(i)["members"] == everyone for i in range(lan5.n)),
+              35, "all five nodes past step 40 in one ring")
+    (tmp_path / "target").write_text(str(max(ring.progress(i)["step"]
+                                             for i in range(lan5.n)) + 20))
     results = ring.results(DEADLINE)
     difference = _check(results)
     print(f"\n{probability:.0%} loss on {ring.node(lossy)}'s link: 5 nodes trained "
