@@ -9,7 +9,10 @@
 
 Each run makes its own job key, so the nodes talk over authenticated, encrypted links exactly
 as they would across a LAN. The function must be importable (defined at module level):
-processes are started with ``spawn`` so the same code runs on Linux, macOS and Windows.
+processes start from a fork server that has imported ringtrain already (a spawned process
+spends about half a second of CPU importing it; four of them a second of wall time on two
+cores), or are spawned where there is none (Windows). Either way a process sees the
+environment the parent had when it started it, and nothing else of the parent's.
 Each process gets node id ``node-00``, ``node-01``, ... so rank i is process i. Every wait is
 bounded: a process that has not finished by the deadline prints its node's state and every
 thread's stack, and :class:`ClusterFailed` carries that report for each stuck node.
@@ -82,11 +85,22 @@ class _Child:
     outcome: tuple | None = None
 
 
+def _start_context() -> Any:
+    """The fork server (ringtrain imported once, in it) where there is one, else spawn."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _child_main(fn: Callable, index: int, endpoints: list[str], listen: str, args: tuple,
                 kwargs: dict, job: str, settings: Settings | None, node_options: dict,
                 key_hex: str, deadline: float, report_path: str, device_dir: str,
-                conn: Any) -> None:
+                environ: dict[str, str], conn: Any) -> None:
     node_ref: list[Node] = []
+    os.environ.clear()  # the parent's environment now, not the fork server's at its start
+    os.environ.update(environ)
     os.environ["RINGTRAIN_DEVICE_DIR"] = device_dir  # this cluster's devices, not the user's
 
     def watchdog() -> None:
@@ -175,7 +189,7 @@ class LocalCluster:
 
     def _spawn(self, index: int, endpoints: list[str], listen: str, fn: Callable, args: tuple,
                kwargs: dict, node_options: dict, device_dir: str = "") -> Any:
-        context = mp.get_context("spawn")
+        context = _start_context()
         parent, child = context.Pipe(duplex=False)
         report = tempfile.NamedTemporaryFile(prefix=f"ringtrain-{index}-", suffix=".txt",
                                              delete=False)
@@ -185,7 +199,7 @@ class LocalCluster:
             args=(fn, index, endpoints, listen, args, kwargs, self.job,
                   self.settings_of.get(index, self.settings),
                   node_options, self.key.hex(), self._deadline - WATCHDOG_MARGIN, report.name,
-                  device_dir or self.device_dir, child))
+                  device_dir or self.device_dir, dict(os.environ), child))
         process.start()
         child.close()
         self._children.append(_Child(index, process, report.name))
