@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .protocol import Membership
 
 log = logging.getLogger(f"{__package__}.protocol")  # the state machine's one logger name
+LEFT_NAMED = 4  # peers that left named in a waiting line, at most
 
 
 class ViewChoice:
@@ -45,7 +46,7 @@ class ViewChoice:
         ids = sorted(survivors + joining)
         if len(ids) < m.config.min_size:
             return self._wait(f"waiting for nodes: {len(ids)} alive, the job needs at least "
-                              f"{m.config.min_size}")
+                              f"{m.config.min_size}{self._left()}")
         generation = max([view.generation] + [m.known_peer(j).generation for j in joining]) + 1
         m.waiting = ""
         return Decision(generation, view.lineage, self._pairs(ids))
@@ -62,7 +63,7 @@ class ViewChoice:
             self.forming, self.forming_since = candidates, now
         if len(candidates) < m.config.form_size:
             return self._wait(f"waiting for nodes: {len(candidates)} of "
-                              f"{m.config.form_size} found")
+                              f"{m.config.form_size} found{self._left()}")
         if len(candidates) < m.config.max_size and \
                 now - self.forming_since < m.config.settle:
             return None
@@ -107,6 +108,14 @@ class ViewChoice:
         m = self.m
         return tuple((i, m.incarnation if i == m.node_id else m.known_peer(i).incarnation)
                      for i in ids)
+
+    def _left(self) -> str:
+        """Who said they left, for a line saying why we wait: " (a, b left)", or ""."""
+        gone = sorted(p for p, s in self.m.peers.scan() if s.left)
+        if not gone:
+            return ""
+        more = f" and {len(gone) - LEFT_NAMED} more" if len(gone) > LEFT_NAMED else ""
+        return f" ({', '.join(gone[:LEFT_NAMED])}{more} left)"
 
     def _wait(self, why: str) -> None:
         m = self.m

@@ -170,9 +170,10 @@ class Links:
         self.protocol.prepare_leave()
         self.tick()
 
-    def leave(self) -> None:
-        """Tell every linked peer that we leave (best effort, before closing)."""
-        self.protocol.leave()
+    def leave(self, outsiders_only: bool = False) -> None:
+        """Tell every linked peer that we leave (best effort, before closing); only those
+        outside our view with ``outsiders_only`` (:meth:`Membership.leave_outsiders`)."""
+        (self.protocol.leave_outsiders if outsiders_only else self.protocol.leave)()
         self._flush()
 
     # the wire --------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class Membership:
         self.evicted = False  # a newer view of our lineage left us out: we join anew
         self.joined = False  # the installed view admitted us into a running ring
         self.leaving = False  # we leave after the current step: no part in view changes
+        self.said_leave = False  # we told every peer we leave (:meth:`leave`)
         self.reforming = False  # a view change is under way (we may propose)
         self.reform_due = False  # a suspect to drop, a joiner to admit (refreshed by tick)
         self.suspects: dict[str, str] = {}  # member -> why
@@ -276,8 +277,22 @@ class Membership:
 
     def leave(self) -> None:
         """Tell every peer we leave."""
+        self.said_leave = True
         for peer, state in self.peers.items():
             if not state.left:
+                self.send(peer, Leave())
+
+    def leave_outsiders(self) -> None:
+        """Tell the peers outside our view that we leave (this node closes): a joiner waiting
+        to be admitted, or a member left out on its way back, learns at once that this ring
+        is going, rather than waiting for it until a timeout. Members are not told: one may
+        still be in our last collective, which a LEAVE would abort (a leave that members
+        must know of goes through :meth:`prepare_leave` and :meth:`leave`)."""
+        if self.said_leave:
+            return
+        members = self.view.members if self.view is not None and not self.evicted else ()
+        for peer, state in self.peers.items():
+            if peer not in members and not state.left:
                 self.send(peer, Leave())
 
     def tick(self, now: float) -> None:

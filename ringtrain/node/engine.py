@@ -179,6 +179,8 @@ class Engine:
             self.formed.set()
         finally:
             self._fail_queued(RingtrainError(f"node {self.node_id} closed"))
+            if self.fatal is None:
+                self.membership.leave(outsiders_only=True)  # tells joiners the ring ends
             self.transport.close(linger=0 if self.fatal else self.settings.linger)
             self.membership.dialler.close()
             if self.lanes is not None:
@@ -316,8 +318,8 @@ class Engine:
         while not formed():
             if time.monotonic() >= deadline or self.closing:
                 raise MembershipError(f"node {self.node_id} could not re-form the ring since "
-                                      f"generation {since}; membership: "
-                                      f"{self.membership.state()}")
+                                      f"generation {since}: "
+                                      f"{membership.waiting or 'no new view agreed yet'}")
             self._serve_membership()
             if not formed():
                 self.mailbox.pump(self.settings.heartbeat_interval / 2)

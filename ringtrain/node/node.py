@@ -171,9 +171,9 @@ class Node(CollectiveCalls):
         if fatal is not None:
             raise MembershipError(f"node {self.node_id} failed while forming: "
                                   f"{fatal}") from fatal
+        why = self._membership.protocol.waiting or f"waiting for {world_size} nodes"
         raise MembershipError(f"the ring did not form within "
-                              f"{self.settings.form_timeout:.0f} s (waiting for "
-                              f"{world_size} nodes); node state: {state}")
+                              f"{self.settings.form_timeout:.0f} s: {why}; node state: {state}")
 
     def add_candidates(self, endpoints: list[str], source: str = "extra") -> None:
         """Dial these ``IP:port`` endpoints (safe from any thread, e.g. mDNS callbacks), within

@@ -16,7 +16,7 @@ import pytest
 from ringtrain import MembershipError, Node
 from ringtrain.config import Settings
 from ringtrain.errors import MismatchError, PeerFailedError
-from ringtrain.testing import LocalCluster, free_ports, node_id
+from ringtrain.testing import ClusterFailed, LocalCluster, free_ports, node_id
 
 PROGRESS_TIMEOUT = 2.0
 MARGIN = 5.0  # generous: detection, the abort's trip, a loaded 2-core machine
@@ -104,6 +104,40 @@ def test_a_node_told_to_expect_more_members_than_it_finds_raises_membership_erro
         Node([], listen="127.0.0.1:0", world_size=2, settings=Settings(form_timeout=1.0),
              insecure=True)
     assert time.monotonic() - started < 1.0 + MARGIN
+
+
+def end_once_a_joiner_waits(node, joiner: str, flags: str) -> int:
+    """A member of a full ring: say it trains, train until ``joiner`` asks to be admitted,
+    then end."""
+    node.all_reduce(np.ones(4))
+    (Path(flags) / node.node_id).touch()
+    deadline = time.monotonic() + 20
+    seen = 0
+    while seen < node.world_size:  # every member saw it (all agree on the sum): they end
+        assert time.monotonic() < deadline, f"{joiner} never reached every member"
+        mine = np.array([joiner in node.state()["membership"]["peers"]], dtype=np.int64)
+        seen = int(node.all_reduce(mine)[0])
+    return node.world_size
+
+
+def test_a_node_waiting_to_join_learns_at_once_that_the_ring_ended(tmp_path):
+    """A ring that ends (its nodes close, no leave asked) tells the nodes outside it that
+    were waiting to join: their line says who left, not just how few nodes are found (and a
+    left-out member on its way back does not wait for a ring that is gone)."""
+    joiner = node_id(2)
+    cluster = LocalCluster(end_once_a_joiner_waits, 2, args=(joiner, str(tmp_path)),
+                           timeout=60.0, node_options={"max_size": 2},
+                           settings_of={2: Settings(form_timeout=6.0)})
+    cluster.start()
+    if not (wait_for(tmp_path / node_id(0), 30) and wait_for(tmp_path / node_id(1), 30)):
+        cluster.fail("the ring of two did not train")
+    cluster.start_extra(2, node_options={"max_size": 3})  # it names 3 endpoints
+    with pytest.raises(ClusterFailed) as info:
+        cluster.results()
+    report = str(info.value)
+    assert "node-00:" not in report and "node-01:" not in report, report  # they ended well
+    assert (f"{joiner}: MembershipError: the ring did not form within 6 s: waiting for "
+            f"nodes: 1 of 3 found (node-00, node-01 left)") in report, report
 
 
 @pytest.mark.parametrize("n,victim", [(4, 2), (5, 3)])

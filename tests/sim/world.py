@@ -1,6 +1,6 @@
 """A deterministic simulator for the membership protocol: the real ``Membership`` objects on
 a virtual clock and a network that delays, drops, duplicates and reorders, with partitions,
-crashes, stalls, graceful leaves and restarts. One seed replays one schedule exactly.
+crashes, closes (a job's end), stalls, graceful leaves and restarts. One seed replays one schedule exactly.
 
 Each schedule: 2-9 devices, each with an endpoint; a fault phase (``FAULT_SECONDS`` of
 virtual time) with random faults; then every fault stops (partitions heal, stalls end, every
@@ -129,7 +129,8 @@ class World:
         rng = self.rng
         for _ in range(rng.randint(0, 6)):
             when = rng.uniform(0.5, FAULT_SECONDS)
-            kind = rng.choice(["crash", "crash", "stall", "leave", "partition", "isolate"])
+            kind = rng.choice(["crash", "crash", "close", "stall", "leave", "partition",
+                               "isolate"])
             self._at(when, kind, f"e{rng.randrange(self.devices)}")
 
     def _note(self, text: str) -> None:
@@ -172,8 +173,8 @@ class World:
         deadline = None
         stable_since = None
         handlers = {kind: getattr(self, f"_on_{kind}") for kind in (
-            "tick", "dial", "hello", "deliver", "resume", "crash", "restart", "stall", "leave",
-            "partition", "isolate", "heal", "calm")}
+            "tick", "dial", "hello", "deliver", "resume", "crash", "close", "restart", "stall",
+            "leave", "partition", "isolate", "heal", "calm")}
         pop, events = heapq.heappop, self.events
         converged, epoch = False, -1
         while events:
@@ -303,13 +304,24 @@ class World:
         if self.rng.random() < 0.7:
             self._at(self.now + self.rng.uniform(0.1, 3.0), "restart", endpoint)
 
+    def _on_close(self, endpoint: str) -> None:
+        """The process ends as at the end of its job: it tells the peers outside its view
+        (joiners, a member left out) that it leaves, then is gone (to its members, a crash)."""
+        process = self.processes.get(endpoint)
+        if process is None or not process.alive:
+            return
+        self._note(f"close {process.node_id}#{process.incarnation}")
+        process.membership.leave_outsiders()
+        self._flush(process)
+        self._on_crash(endpoint)
+
     def _on_restart(self, endpoint: str) -> None:
         process = self.processes.get(endpoint)
         if process is not None and process.alive:
             return
         how = self.rng.choice(["same id", "new id", "new endpoint"])
-        node_id = process.node_id if process else f"x{self.fresh_id}"
-        if how == "new id":
+        node_id = process.node_id if process else ""
+        if how == "new id" or process is None:  # None: its device moved to a new endpoint
             self.fresh_id += 1
             node_id = f"x{self.fresh_id}"
         if how == "new endpoint":
