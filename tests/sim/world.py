@@ -1,6 +1,7 @@
 """A deterministic simulator for the membership protocol: the real ``Membership`` objects on
 a virtual clock and a network that delays, drops, duplicates and reorders, with partitions,
-crashes, closes (a job's end), stalls, graceful leaves and restarts. One seed replays one schedule exactly.
+crashes, closes (a job's end), stalls, graceful leaves and restarts. One seed replays one
+schedule exactly.
 
 Each schedule: 2-9 devices, each with an endpoint; a fault phase (``FAULT_SECONDS`` of
 virtual time) with random faults; then every fault stops (partitions heal, stalls end, every
