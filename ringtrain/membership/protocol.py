@@ -318,9 +318,12 @@ class Membership:
         if installs != self.installs:
             gone = self.choice.lost_members()
         # a suspect, a member that does not survive (ViewChoice.survives, gone known), a joiner
+        # with room for it (a full ring would install the same members again, every step)
+        view = self.view
         self.reform_due = bool(self.suspects) or any(
             m != self.node_id and (m in gone or not self.alive(m, now))
-            for m in self.view.members) or bool(self.choice.joiners(now, gone))
+            for m in view.members) or (view.world_size < self.config.max_size
+                                       and bool(self.choice.joiners(now, gone)))
 
     # helpers for the parts -----------------------------------------------------------------
 

@@ -166,14 +166,14 @@ class Node(CollectiveCalls):
         fatal = self._engine.fatal
         if formed and fatal is None:
             return
-        state = self.state()
         self.close()
         if fatal is not None:
             raise MembershipError(f"node {self.node_id} failed while forming: "
                                   f"{fatal}") from fatal
+        # the reason only: the whole state is in Node.state() and the hang reports
         why = self._membership.protocol.waiting or f"waiting for {world_size} nodes"
         raise MembershipError(f"the ring did not form within "
-                              f"{self.settings.form_timeout:.0f} s: {why}; node state: {state}")
+                              f"{self.settings.form_timeout:.0f} s: {why}")
 
     def add_candidates(self, endpoints: list[str], source: str = "extra") -> None:
         """Dial these ``IP:port`` endpoints (safe from any thread, e.g. mDNS callbacks), within

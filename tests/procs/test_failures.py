@@ -107,27 +107,33 @@ def test_a_node_told_to_expect_more_members_than_it_finds_raises_membership_erro
 
 
 def end_once_a_joiner_waits(node, joiner: str, flags: str) -> int:
-    """A member of a full ring: say it trains, train until ``joiner`` asks to be admitted,
-    then end."""
+    """A member of a full ring: say it trains, train until ``joiner`` asks to be admitted
+    and a while longer (no re-form may be due: there is no room for it), then end."""
     node.all_reduce(np.ones(4))
     (Path(flags) / node.node_id).touch()
     deadline = time.monotonic() + 20
     seen = 0
-    while seen < node.world_size:  # every member saw it (all agree on the sum): they end
+    while seen < node.world_size:  # every member saw it (all agree on the sum)
         assert time.monotonic() < deadline, f"{joiner} never reached every member"
         mine = np.array([joiner in node.state()["membership"]["peers"]], dtype=np.int64)
         seen = int(node.all_reduce(mine)[0])
+    until = time.monotonic() + 3 * node.settings.heartbeat_interval + 1.0
+    while time.monotonic() < until:  # its heartbeats say it hears us: a joiner, if it fit
+        due = node.all_reduce(np.array([node.reform_due], dtype=np.int64))[0]
+        assert due == 0, "a full ring re-forms for a joiner it cannot admit"
+        time.sleep(0.01)
     return node.world_size
 
 
-def test_a_node_waiting_to_join_learns_at_once_that_the_ring_ended(tmp_path):
-    """A ring that ends (its nodes close, no leave asked) tells the nodes outside it that
-    were waiting to join: their line says who left, not just how few nodes are found (and a
-    left-out member on its way back does not wait for a ring that is gone)."""
+def test_a_full_ring_keeps_a_joiner_waiting_then_tells_it_the_ring_ended(tmp_path):
+    """A full ring does not re-form for a joiner it has no room for (it did, at every step:
+    "same members"); and when it ends (its nodes close, no leave asked) it tells the nodes
+    outside it that were waiting to join: their line says who left, not just how few nodes
+    are found (and a left-out member on its way back does not wait for a ring that is gone)."""
     joiner = node_id(2)
     cluster = LocalCluster(end_once_a_joiner_waits, 2, args=(joiner, str(tmp_path)),
                            timeout=60.0, node_options={"max_size": 2},
-                           settings_of={2: Settings(form_timeout=6.0)})
+                           settings_of={2: Settings(form_timeout=8.0)})
     cluster.start()
     if not (wait_for(tmp_path / node_id(0), 30) and wait_for(tmp_path / node_id(1), 30)):
         cluster.fail("the ring of two did not train")
@@ -136,7 +142,7 @@ def test_a_node_waiting_to_join_learns_at_once_that_the_ring_ended(tmp_path):
         cluster.results()
     report = str(info.value)
     assert "node-00:" not in report and "node-01:" not in report, report  # they ended well
-    assert (f"{joiner}: MembershipError: the ring did not form within 6 s: waiting for "
+    assert (f"{joiner}: MembershipError: the ring did not form within 8 s: waiting for "
             f"nodes: 1 of 3 found (node-00, node-01 left)") in report, report
 
 
