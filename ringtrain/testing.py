@@ -24,6 +24,7 @@ a node that joins late, or a killed node restarted under its old id (a new incar
 from __future__ import annotations
 
 import faulthandler
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -85,6 +86,7 @@ class _Child:
     outcome: tuple | None = None
 
 
+@functools.cache
 def _start_context() -> Any:
     """The fork server (ringtrain imported once, in it) where there is one, else spawn."""
     if "forkserver" not in mp.get_all_start_methods():

@@ -373,7 +373,8 @@ class Membership:
                               "silent_s": round(now - s.last_heard, 2) if s.last_heard else None,
                               "lineage": s.lineage, "generation": s.generation,
                               "in_view": s.in_view, "left": s.left, "removals": s.removals,
-                              "backoff_s": round(max(0.0, s.backoff_until - now), 2)}
+                              "backoff_s": round(max(0.0, s.backoff_until - now), 2),
+                              "hears": sorted(s.hears)}
                           for p, s in sorted(self.peers.items())}}
 
 
