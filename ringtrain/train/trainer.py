@@ -44,6 +44,7 @@ from .elastic import LeftRing, Recovery
 from .nn import Sequential, softmax_cross_entropy
 from .optim import Optimizer
 from .rounds import DiLoCo, Rounds, local_sgd
+from .schedule import Cosine
 from .sharding import DataPosition, Sampler
 from .speed import SpeedPolicy
 from .sync import (
@@ -109,9 +110,17 @@ class StepReport:
     throughput: float
 
 
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+def _check_arguments(model: Sequential, optimizer: Optimizer, x: np.ndarray, y: np.ndarray,
+                     **counts: object) -> None:
+    """Raise ConfigError for a count that is not a positive integer, an optimizer not on
+    the model's parameters or inputs and targets of different lengths."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if optimizer.params is not model.params:
+        raise ConfigError("the optimizer must be built on model.params")
+    if len(x) != len(y):
+        raise ConfigError(f"x has {len(x)} samples but y has {len(y)}")
 
 
 def _training_mode(model: Sequential, rounds: DiLoCo | None, average_every: int,
@@ -201,6 +210,8 @@ class Trainer:
             (:mod:`.sync`); 0: all of it after backward. Applies to uncompressed synchronous
             averaging with the built-in :meth:`compute_gradients`. Members must agree.
         rounds: train in rounds (:class:`~.rounds.DiLoCo`) instead of averaging every step.
+        lr_schedule: scale the (inner) optimizer's learning rate by the run's progress in
+            :meth:`fit` (:mod:`.schedule`, e.g. ``Cosine()``); None keeps it constant.
 
     Raises:
         ConfigError: a bad argument, or members that disagree on model, data or settings.
@@ -213,28 +224,20 @@ class Trainer:
                  average_every: int = 1, checkpoint_dir: str | os.PathLike[str] | None = None,
                  checkpoint_every: int = 100, max_nonfinite: int = 10,
                  timeout: float | None = None, rejoin_timeout: float = 600.0,
-                 global_batch_size: int | None = None,
-                 compression: str | Codec | None = None,
-                 bucket_bytes: int = BUCKET_BYTES, rounds: DiLoCo | None = None):
-        for name, value in (("batch_size", batch_size), ("share_every", share_every),
-                            ("average_every", average_every),
-                            ("checkpoint_every", checkpoint_every)):
-            _positive(name, value)
+                 global_batch_size: int | None = None, compression: str | Codec | None = None,
+                 bucket_bytes: int = BUCKET_BYTES, rounds: DiLoCo | None = None,
+                 lr_schedule: Cosine | None = None):
+        _check_arguments(model, optimizer, x, y, batch_size=batch_size,
+                         share_every=share_every, average_every=average_every,
+                         checkpoint_every=checkpoint_every)
         rounds, compressor, adaptive = _training_mode(
             model, rounds, average_every, compression, bucket_bytes, adaptive,
             checkpoint_every if checkpoint_dir is not None else None)
-        if optimizer.params is not model.params:
-            raise ConfigError("the optimizer must be built on model.params")
-        if len(x) != len(y):
-            raise ConfigError(f"x has {len(x)} samples but y has {len(y)}")
-        self.node = node
-        self.model = model
-        self.x, self.y = x, y
-        self.loss_fn = loss
-        self.batch_size = batch_size
-        self.global_batch_size = global_batch_size
+        self.node, self.model, self.x, self.y, self.loss_fn = node, model, x, y, loss
+        self.batch_size, self.global_batch_size = batch_size, global_batch_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
+        self.lr_schedule, self.base_lr = lr_schedule, optimizer.lr
         asynchronous = rounds is not None and rounds.asynchronous
         self.sampler = Sampler(len(x), seed + (node.rank + 1) * STREAM_SEED_STRIDE
                                if asynchronous else seed)
@@ -260,6 +263,7 @@ class Trainer:
                                     adaptive=adaptive, share_every=share_every,
                                     rounds=None if rounds is None else rounds.spec(), loss=loss,
                                     global_batch_size=global_batch_size,
+                                    lr_schedule=lr_schedule and f"{lr_schedule} {optimizer.lr}",
                                     bucket_bytes=bucket_bytes if self.early_buckets else 0))
         self.rounds = None if rounds is None else Rounds(node, model.params, optimizer, rounds,
                                                          timeout)
@@ -408,15 +412,18 @@ class Trainer:
             self.rounds.leaving = True
         self.node.prepare_leave()
 
-    def _done(self, epochs: int, max_steps: int | None) -> bool:
+    def progress(self, epochs: int, max_steps: int | None = None) -> float:
+        """How far a :meth:`fit` to ``epochs`` (or ``max_steps``) is, 0 to 1 (done), from what
+        members agree on: the data position (asynchronous rounds: completed rounds' samples)."""
+        if epochs <= 0 or max_steps is not None and max_steps <= 0:
+            return 1.0
         if self.rounds is not None and self.rounds.settings.asynchronous:
-            # stop on what every member agrees on: the samples of the completed rounds
             done = self.rounds.samples_total
             total = self.global_batch_size or self.batch_size * self.node.world_size
-            return done >= epochs * len(self.x) or (max_steps is not None
-                                                    and done >= max_steps * total)
-        return self.position.epoch >= epochs or (max_steps is not None
-                                                 and self.step_count >= max_steps)
+            return max(done / (epochs * len(self.x)),
+                       0.0 if max_steps is None else done / (max_steps * total))
+        return max((self.position.epoch + self.position.position / len(self.x)) / epochs,
+                   0.0 if max_steps is None else self.step_count / max_steps)
 
     def fit(self, epochs: int, on_step: Callable[[StepReport], None] | None = None,
             max_steps: int | None = None) -> StepReport | None:
@@ -434,7 +441,9 @@ class Trainer:
             the last step's report (None if no step was left to do).
         """
         report = None
-        while not self._done(epochs, max_steps):
+        while (progress := self.progress(epochs, max_steps)) < 1.0:
+            if self.lr_schedule is not None:
+                self.optimizer.optimizer.lr = self.base_lr * self.lr_schedule.factor(progress)
             try:
                 report = self.step()
             except LeftRing as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -172,3 +173,18 @@ def test_bad_arguments_are_refused():
     ]:
         with pytest.raises(ConfigError):
             bad()
+
+
+def test_cosine_schedule_decays_from_one_to_its_floor():
+    from ringtrain.train.schedule import Cosine
+
+    schedule = Cosine(floor=0.2)
+    assert schedule.factor(0.0) == 1.0
+    assert schedule.factor(0.5) == pytest.approx(0.6)
+    assert schedule.factor(1.0) == pytest.approx(0.2)
+    assert schedule.factor(-1.0) == 1.0 and schedule.factor(2.0) == pytest.approx(0.2)
+    factors = [Cosine().factor(p / 100) for p in range(100)]
+    assert all(a > b > 0 for a, b in itertools.pairwise(factors))
+    for floor in (-0.1, 1.0, "0.5", float("nan")):
+        with pytest.raises(ConfigError, match="Cosine floor must be in"):
+            Cosine(floor=floor)
