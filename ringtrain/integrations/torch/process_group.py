@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -39,6 +40,7 @@ from ...node.node import Work as RingWork
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "ringtrain"
+CALLBACK_THREADS = 8  # futures completing at once whose callbacks wait for later collectives
 RedOp = dist.ReduceOp.RedOpType
 RING_OPS = {RedOp.SUM: "sum", RedOp.AVG: "mean", RedOp.MIN: "min", RedOp.MAX: "max"}
 GATHERED_OPS: dict[Any, Callable[[np.ndarray], np.ndarray]] = {
@@ -85,13 +87,16 @@ class RingtrainWork(dist._Work):
 
 
 class _Completer:
-    """One thread that waits for the node's works in the order they started, finishes each
-    (copies results into the caller's tensors) and completes its torch future."""
+    """One thread that waits for the node's works in the order they started and finishes each
+    (copies results into the caller's tensors); its torch future is completed on a pool
+    thread, because completing runs the future's callbacks, and a callback may wait for a
+    later collective (torch's PowerSGD hook does): on this thread that would wait forever."""
 
     def __init__(self, name: str, on_error: Callable[[RingtrainError], None]):
         self._queue: queue.SimpleQueue[tuple[RingWork, Callable[[Any], Any], RingtrainWork,
                                              Any] | None] = queue.SimpleQueue()
         self._on_error = on_error
+        self._callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix=name)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -112,9 +117,10 @@ class _Completer:
                     self._on_error(exc)
                 torch_work.error = exc
                 _poison(fallback)
-                torch_work.get_future().set_result(fallback)
+                self._callbacks.submit(torch_work.get_future().set_result, fallback)
             else:
-                torch_work.get_future().set_result(value)
+                self._callbacks.submit(torch_work.get_future().set_result, value)
+        self._callbacks.shutdown(wait=False)
 
 
 class RingtrainProcessGroup(dist.ProcessGroup):
