@@ -244,3 +244,117 @@ def test_ddp_on_the_ring_equals_one_process_with_the_global_batch():
     for result in compressed:
         assert torch.equal(result, compressed[0])
     assert (compressed[0].double() - expected).abs().max() < 2e-2
+
+
+# --- slow links: DiLoCo and PowerSGD through the group -----------------------------------------
+
+def _small_net(seed):
+    torch.manual_seed(seed)  # in the test's thread: the members' threads share one generator
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).double()
+
+
+NETS = {rank: _small_net(100 + rank) for rank in range(SIZE)}  # differ: DiLoCo takes rank 0's
+
+
+def _digits_rounds(group, outer_kwargs, inner_steps, rounds, dtype=torch.float64):
+    """Train the shared small model with torch DiLoCo on this member's own batches; returns
+    the anchor after every round."""
+    from ringtrain.integrations.torch.diloco import DiLoCo
+
+    net = copy.deepcopy(NETS[group.rank()]).to(dtype)
+    outer = DiLoCo(net, inner_steps=inner_steps, group=group, **outer_kwargs)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = _slow_link_data(dtype)
+    anchors = [torch.cat([a.reshape(-1) for a in outer.anchor])]
+    for step in range(rounds * inner_steps):
+        start = (step * SIZE + group.rank()) * 4
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[start:start + 4]), y[start:start + 4]).backward()
+        optimizer.step()
+        if outer.step():
+            anchors.append(torch.cat([a.reshape(-1) for a in outer.anchor]))
+    return anchors
+
+
+def _slow_link_data(dtype):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(SIZE * 4 * 12, 8, generator=generator, dtype=torch.float64).to(dtype)
+    return x, torch.randint(0, 3, (SIZE * 4 * 12,), generator=generator)
+
+
+def test_torch_diloco_rounds_equal_the_rounds_computed_in_one_process():
+    """Every member ends each round on one anchor, the one a single process computes from the
+    members' inner steps (mean change, Nesterov outer step); with H = 1, inner SGD and outer lr
+    1 without momentum that is DDP's synchronous step."""
+    nesterov = {"outer_lr": 0.7, "momentum": 0.9}
+    plain = {"outer_lr": 1.0, "momentum": 0.0}
+    members = on_ring(lambda group: (_digits_rounds(group, nesterov, 3, 4),
+                                     _digits_rounds(group, plain, 1, 6)))
+    for anchors in members[1:]:
+        for got, first in zip(anchors[0] + anchors[1], members[0][0] + members[0][1],
+                              strict=True):
+            assert torch.equal(got, first)
+    x, y = _slow_link_data(torch.float64)
+    for (kwargs, inner_steps, rounds), got in zip(
+            ((nesterov, 3, 4), (plain, 1, 6)), members[0], strict=True):
+        net = NETS[0]
+        anchor = [p.detach().clone() for p in net.parameters()]
+        outer = torch.optim.SGD(anchor, lr=kwargs["outer_lr"], momentum=kwargs["momentum"],
+                                nesterov=kwargs["momentum"] > 0)
+        step = 0
+        for round_ in range(rounds):
+            changes = []
+            for rank in range(SIZE):
+                member = copy.deepcopy(net)
+                with torch.no_grad():
+                    for param, value in zip(member.parameters(), anchor, strict=True):
+                        param.copy_(value)
+                inner = torch.optim.SGD(member.parameters(), lr=0.1)
+                for k in range(inner_steps):
+                    start = ((step + k) * SIZE + rank) * 4
+                    inner.zero_grad()
+                    torch.nn.functional.cross_entropy(member(x[start:start + 4]),
+                                                      y[start:start + 4]).backward()
+                    inner.step()
+                changes.append([a - p.detach() for a, p in zip(anchor, member.parameters(),
+                                                               strict=True)])
+            step += inner_steps
+            for i, value in enumerate(anchor):
+                value.grad = sum(change[i] for change in changes) / SIZE
+            outer.step()
+            expected = torch.cat([a.detach().reshape(-1) for a in anchor])
+            assert torch.allclose(got[round_ + 1], expected, atol=1e-12), round_
+    # H = 1, plain outer step: the synchronous full-batch SGD step
+    oracle = copy.deepcopy(NETS[0])
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1)
+    for step in range(6):
+        optimizer.zero_grad()
+        batch = slice(step * SIZE * 4, (step + 1) * SIZE * 4)
+        torch.nn.functional.cross_entropy(oracle(x[batch]), y[batch]).backward()
+        optimizer.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in oracle.parameters()])
+    assert torch.allclose(members[0][1][-1], expected, atol=1e-12)
+
+
+def test_torch_diloco_with_an_int4_pseudo_gradient_keeps_members_identical():
+    int4 = {"outer_lr": 1.0, "momentum": 0.0, "compression": "int4"}
+    plain = {"outer_lr": 1.0, "momentum": 0.0}
+    members = on_ring(lambda group: (_digits_rounds(group, int4, 3, 4, torch.float32),
+                                     _digits_rounds(group, plain, 3, 4, torch.float32)))
+    for compressed, _ in members[1:]:
+        for got, first in zip(compressed, members[0][0], strict=True):
+            assert torch.equal(got, first)
+    compressed, exact = members[0]
+    moved = (exact[-1] - exact[0]).abs().max()
+    assert 0 < (compressed[-1] - exact[-1]).abs().max() < 0.1 * moved
+
+
+def test_torch_diloco_refuses_a_codec_without_the_ring_and_a_bad_round():
+    from ringtrain.integrations.torch.diloco import DiLoCo
+
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="inner_steps must be a positive integer"):
+        DiLoCo(net, inner_steps=0)
+    with pytest.raises(ConfigError, match="needs init_process_group\\('ringtrain'\\)"):
+        DiLoCo(net, compression="int4", group=object())
