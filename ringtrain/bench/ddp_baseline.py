@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..train.sharding import DataPosition, Sampler
-from .wifi_worker import POINT, data, model_of
+from .wifi_worker import POINT, data, model_of, schedule_of
 
 GLOO_PORT = 29811
 
@@ -55,7 +55,11 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         test_tx, test_ty = torch.from_numpy(test_x), torch.from_numpy(test_y)
         dist.barrier()
         start, paused, samples = time.perf_counter(), 0.0, 0
+        schedule = schedule_of(config)
         while position.epoch < config["epochs"]:
+            if schedule is not None:  # the ringtrain Trainer's progress, the same factor
+                progress = (position.epoch + position.position / len(x)) / config["epochs"]
+                optimizer.param_groups[0]["lr"] = config["lr"] * schedule.factor(progress)
             batches, position = sampler.next_batches(position, [config["batch"]] * world)
             mine = torch.from_numpy(batches[rank])
             optimizer.zero_grad(set_to_none=True)

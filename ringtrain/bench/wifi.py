@@ -12,8 +12,9 @@ host room: 4 devices of 0.45 core take 90 % of a 2-core host, and the kernel's l
 and this process then take from the devices what the weak-scaling ratio counts. On it, every
 method trains the same MLP (64-2048-1024-10, 2.24 M parameters, a 9 MB gradient) on the
 digits that ship with ringtrain, from the same initial parameters, in the same data order,
-``--batch`` samples per device per step, Adam inner/step optimizer, for ``--epochs`` epochs
-or until ``--time-limit``:
+``--batch`` samples per device per step, Adam inner/step optimizer (a constant learning
+rate, or with ``--lr-schedule cosine`` one that decays to 0 over the run), for ``--epochs``
+epochs or until ``--time-limit``:
 
 * ``ddp``: torch DistributedDataParallel over Gloo, synchronous (the reference);
 * ``sync``: ringtrain's synchronous step (one encrypted all-reduce of the gradient per step);
@@ -90,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64,
                         help="samples per device per step (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="every method's (inner) learning rate over the run: constant "
+                             "(default) or cosine decay to 0")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
     parser.add_argument("--round-epochs", type=int, default=None,
                         help="epochs for diloco and async (default: --epochs); rounds send "
@@ -250,8 +254,8 @@ def measure(method: str, rate: float, run: str, devices: int, args: argparse.Nam
                   "key_file": str(key_file), "method": method, "timeout": args.time_limit + 60,
                   "hidden": parse_list(args.hidden, int, "--hidden"),
                   **{name: getattr(args, name) for name in (
-                      "batch", "lr", "epochs", "inner_steps", "outer_lr", "outer_momentum",
-                      "round_seconds")}}
+                      "batch", "lr", "lr_schedule", "epochs", "inner_steps", "outer_lr",
+                      "outer_momentum", "round_seconds")}}
         if method in ("diloco", "async") and args.round_epochs:
             config["epochs"] = args.round_epochs
         env = {**os.environ, **_THREADS, **SLOW_LINK_SETTINGS, "PYTHONUNBUFFERED": "1",
@@ -320,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
                               "--methods)")
     print(f"time to {args.target:.0%} test accuracy on an emulated LAN of {DEVICES} devices "
           f"of {args.cpu:g} core; MLP 64-{args.hidden.replace(',', '-')}-10 on digits; "
-          f"{args.batch} samples per device per step; {args.epochs} epochs or "
+          f"{args.batch} samples per device per step; {args.lr_schedule} learning rate "
+          f"{args.lr:g}; {args.epochs} epochs or "
           f"{args.time_limit:g} s", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up the LAN on `kill` too
     curves: list[Curve] = []

@@ -26,6 +26,7 @@ from ..train.datasets import load_digits
 from ..train.nn import Dense, ReLU, Sequential, accuracy
 from ..train.optim import Adam
 from ..train.rounds import DiLoCo
+from ..train.schedule import Cosine
 from ..train.trainer import StepReport, Trainer
 
 POINT = "POINT "
@@ -62,6 +63,11 @@ def rounds_of(config: dict[str, Any]) -> DiLoCo | None:
     return None
 
 
+def schedule_of(config: dict[str, Any]) -> Cosine | None:
+    """Every method's learning-rate schedule (None: constant)."""
+    return Cosine() if config["lr_schedule"] == "cosine" else None
+
+
 COMPRESSION = {"sync": None, "int8": "int8", "powersgd": "powersgd:4"}
 
 
@@ -88,7 +94,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         trainer = Trainer(node, model, Adam(model.params, lr=config["lr"]), x, y,
                           batch_size=config["batch"], adaptive=False,
                           compression=COMPRESSION.get(config["method"]),
-                          rounds=rounds_of(config))
+                          rounds=rounds_of(config), lr_schedule=schedule_of(config))
         node.barrier()
         clock = _Clock()
         seen = {"rounds": -1, "samples": 0}

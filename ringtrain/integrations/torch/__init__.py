@@ -5,7 +5,8 @@ Two ways in:
 - the ``ringtrain`` torch.distributed backend: ``dist.init_process_group("ringtrain")`` in an
   unchanged torchrun/DDP script run by ``ringtrain node script.py`` (:mod:`.backend`,
   :mod:`.process_group`), with :mod:`.elastic` to carry on when devices die or join and
-  :mod:`.hooks` for the ring's int8 codec as a DDP communication hook;
+  :mod:`.hooks` for the ring's int8 codec as a DDP communication hook and
+  :mod:`.diloco` for DiLoCo rounds on slow links;
 - :class:`DataParallel`, which averages a model's gradients over a :class:`~ringtrain.Node`
   the caller holds (:mod:`.data_parallel`).
 
