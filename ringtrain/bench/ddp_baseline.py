@@ -50,7 +50,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         ddp = DistributedDataParallel(model)
         optimizer = torch.optim.Adam(ddp.parameters(), lr=config["lr"])
         loss_fn = torch.nn.CrossEntropyLoss()
-        sampler, position = Sampler(len(x), seed=0), DataPosition()
+        sampler, position = Sampler(len(x), seed=config["seed"]), DataPosition()
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
         test_tx, test_ty = torch.from_numpy(test_x), torch.from_numpy(test_y)
         dist.barrier()

@@ -92,7 +92,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
                 node_id=f"device-{rank}", key=read_key_file(config["key_file"]))
     with node:
         trainer = Trainer(node, model, Adam(model.params, lr=config["lr"]), x, y,
-                          batch_size=config["batch"], adaptive=False,
+                          batch_size=config["batch"], adaptive=False, seed=config["seed"],
                           compression=COMPRESSION.get(config["method"]),
                           rounds=rounds_of(config), lr_schedule=schedule_of(config))
         node.barrier()
