@@ -3,6 +3,7 @@ one ring of ``size``, waited for within a bound that fails with every process's 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,25 @@ class ScriptRing:
                     other.kill()
                 pytest.fail("a process did not finish in time:\n" + self.report())
         return codes
+
+    def run(self, script_text: str, size: int, bound_s: float) -> dict[int, dict]:
+        """Write ``script_text`` beside the logs, run it on a ring of ``size`` within
+        ``bound_s``, and return each rank's one ``RESULT {json}`` line (which must hold its
+        ``rank``), by rank."""
+        script = self.logs / "script.py"
+        script.write_text(script_text)
+        deadline = time.monotonic() + bound_s
+        procs = self.launch(script, [], size=size)
+        assert self.finish(procs, deadline) == [0] * size, self.report()
+        results = {}
+        for i in range(size):
+            lines = [line for line in (self.logs / f"node-{i}.log").read_text().splitlines()
+                     if line.startswith("RESULT ")]
+            assert len(lines) == 1, self.report()
+            out = json.loads(lines[0].removeprefix("RESULT "))
+            results[out["rank"]] = out
+        assert sorted(results) == list(range(size)), self.report()
+        return results
 
     def report(self) -> str:
         """The tail of every log, for a failure message."""

@@ -6,9 +6,7 @@ too; and the ring is still usable afterwards."""
 
 from __future__ import annotations
 
-import json
 import textwrap
-import time
 
 import pytest
 
@@ -58,22 +56,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_new_group_of_every_rank_works_and_a_subset_is_refused_on_every_rank(tmp_path,
-                                                                             script_ring):
-    script = tmp_path / "groups.py"
-    script.write_text(SCRIPT)
-    deadline = time.monotonic() + BOUND_S
-    procs = script_ring.launch(script, [], size=SIZE)
-    assert script_ring.finish(procs, deadline) == [0] * SIZE, script_ring.report()
-
-    results = {}
-    for i in range(SIZE):
-        lines = [line for line in (tmp_path / f"node-{i}.log").read_text().splitlines()
-                 if line.startswith("RESULT ")]
-        assert len(lines) == 1, script_ring.report()
-        out = json.loads(lines[0].removeprefix("RESULT "))
-        results[out["rank"]] = out
-    assert sorted(results) == list(range(SIZE))
+def test_new_group_of_every_rank_works_and_a_subset_is_refused_on_every_rank(script_ring):
+    results = script_ring.run(SCRIPT, SIZE, BOUND_S)
     for rank, out in results.items():
         assert (out["backend"], out["size"], out["group_rank"]) == ("ringtrain", SIZE, rank)
         assert out["name"] == results[0]["name"] != ""  # torch's name for it (FSDP reads it)
