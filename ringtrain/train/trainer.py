@@ -10,7 +10,8 @@ The :class:`Trainer` runs the loop; its seams are modules of their own:
 * :mod:`.speed`: the speed policy (batches cut by measured member speed);
 * :mod:`.elastic`: re-forming after failures, joins and leaves (a failed step or round is
   redone over the survivors); checkpoints;
-* :mod:`.agreement`: the check that every member trains the same thing.
+* :mod:`.agreement`: the check that every member trains the same thing;
+* :mod:`.schedule`: learning-rate schedules, driven by :meth:`Trainer.progress`.
 
 Sharding. Every epoch has one permutation of the data set (:mod:`ringtrain.train.sharding`),
 read front to back as one stream; each step takes the next ``batch_size * world_size``
