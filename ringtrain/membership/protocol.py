@@ -105,6 +105,7 @@ class Membership:
         self.said_leave = False  # we told every peer we leave (:meth:`leave`)
         self.reforming = False  # a view change is under way (we may propose)
         self.reform_due = False  # a suspect to drop, a joiner to admit (refreshed by tick)
+        self.turned_away: tuple[str, ...] = ()  # joiners a full ring has no room for (tick)
         self.suspects: dict[str, str] = {}  # member -> why
         self.sequence = 0  # the collective we are at (told in heartbeats)
         self.waiting = ""  # why no view can be proposed now ("" if it can)
@@ -313,17 +314,19 @@ class Membership:
         else:
             self._instance.tick(now)
         if self.forming:
-            self.reform_due = False
+            self.reform_due, self.turned_away = False, ()
             return
         if installs != self.installs:
             gone = self.choice.lost_members()
         # a suspect, a member that does not survive (ViewChoice.survives, gone known), a joiner
         # with room for it (a full ring would install the same members again, every step)
         view = self.view
+        joiners = self.choice.joiners(now, gone)
+        full = view.world_size >= self.config.max_size
+        self.turned_away = tuple(joiners) if full else ()
         self.reform_due = bool(self.suspects) or any(
             m != self.node_id and (m in gone or not self.alive(m, now))
-            for m in view.members) or (view.world_size < self.config.max_size
-                                       and bool(self.choice.joiners(now, gone)))
+            for m in view.members) or (not full and bool(joiners))
 
     # helpers for the parts -----------------------------------------------------------------
 

@@ -42,9 +42,7 @@ class Engine:
 
     def __init__(self, settings: Settings, job: str, parts: Parts,
                  wrong_key: WrongKeyDetector | None, peer_sources: PeerSources):
-        self.settings = settings
-        self.job = job
-        self.node_id = parts.node_id
+        self.settings, self.job, self.node_id = settings, job, parts.node_id
         self.transport, self.mailbox, self.lanes = parts.transport, parts.mailbox, parts.lanes
         self.membership, self.gate, self.device = parts.membership, parts.gate, parts.device
         self.runner = RingRunner(self.transport, self.mailbox, self.node_id, parts.job_id,
@@ -207,6 +205,8 @@ class Engine:
         for peer, reason in self.mailbox.take_offenders().items():
             self.membership.protocol.suspect(peer, reason)  # keeps sending garbage
         self.membership.tick()
+        self.runner.recorder.turned_away(self.membership.protocol.turned_away,
+                                         self.membership.protocol.config.max_size)
         if self.gate is not None:
             self.gate.tick()
         if self.wrong_key is not None:

@@ -115,6 +115,7 @@ class FlightRecorder:
         self._counters: Counters | None = None
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._members: tuple[str, ...] | None = None
+        self._turned_away: set[str] = set()  # joiners told "the ring is full" about
         self.last_error: str | None = None
         self.collectives_total = 0
 
@@ -186,6 +187,15 @@ class FlightRecorder:
         self.event("re-formed", f"ring re-formed: {len(members)} members, generation "
                    f"{view.generation} ({changes or 'same members'}){merged}",
                    joined=joined, left=left, met=list(met), **fields)
+
+    def turned_away(self, joiners: tuple[str, ...], max_size: int) -> None:
+        """Joiners a full ring has no room for (the membership's latest tick): one line for
+        each, when it starts waiting."""
+        for peer in sorted(set(joiners) - self._turned_away):
+            self.event("full", f"{peer} asks to join, but the ring is full ({max_size} nodes, "
+                       f"--max-nodes); it joins when a member leaves", peer=peer,
+                       max_size=max_size)
+        self._turned_away = set(joiners)
 
     def suspected(self, peer: str, reason: str) -> None:
         """This node suspects ``peer`` of having failed (when a collective just failed, the

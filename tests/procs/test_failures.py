@@ -108,7 +108,8 @@ def test_a_node_told_to_expect_more_members_than_it_finds_raises_membership_erro
 
 def end_once_a_joiner_waits(node, joiner: str, flags: str) -> int:
     """A member of a full ring: say it trains, train until ``joiner`` is a would-be joiner
-    (its heartbeat says it hears every member), check no re-form is due (no room), end.
+    (its heartbeat says it hears every member), check no re-form is due (no room) and that
+    the member said once why the joiner waits, end.
     Bounded by the cluster's deadline, whose report has every node's state."""
     node.all_reduce(np.ones(4))
     (Path(flags) / node.node_id).touch()
@@ -121,6 +122,9 @@ def end_once_a_joiner_waits(node, joiner: str, flags: str) -> int:
     # heartbeat: reform_due already says whether that joiner is due
     due = node.all_reduce(np.array([node.reform_due], dtype=np.int64))[0]
     assert due == 0, "a full ring re-forms for a joiner it cannot admit"
+    told = [e["message"] for e in node.recorder.snapshot()["events"] if e["event"] == "full"]
+    assert told == [f"{joiner} asks to join, but the ring is full (2 nodes, --max-nodes); it "
+                    f"joins when a member leaves"], told  # one line, when it starts waiting
     return node.world_size
 
 
