@@ -81,3 +81,9 @@ class ScriptRing:
 def script_ring(tmp_path: Path) -> ScriptRing:
     """A launcher of ``ringtrain node SCRIPT`` rings logging into the test's folder."""
     return ScriptRing(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_script_ring(tmp_path_factory: pytest.TempPathFactory) -> ScriptRing:
+    """A ``script_ring`` shared by a module's tests (one launch read by several)."""
+    return ScriptRing(tmp_path_factory.mktemp("ring"))
