@@ -246,7 +246,7 @@ def test_ddp_on_the_ring_equals_one_process_with_the_global_batch():
     assert (compressed[0].double() - expected).abs().max() < 2e-2
 
 
-# --- slow links: DiLoCo and PowerSGD through the group -----------------------------------------
+# --- slow links: torch DiLoCo through the group -----------------------------------------------
 
 def _small_net(seed):
     torch.manual_seed(seed)  # in the test's thread: the members' threads share one generator
@@ -257,7 +257,7 @@ def _small_net(seed):
 NETS = {rank: _small_net(100 + rank) for rank in range(SIZE)}  # differ: DiLoCo takes rank 0's
 
 
-def _digits_rounds(group, outer_kwargs, inner_steps, rounds, dtype=torch.float64):
+def _diloco_anchors(group, outer_kwargs, inner_steps, rounds, dtype=torch.float64):
     """Train the shared small model with torch DiLoCo on this member's own batches; returns
     the anchor after every round."""
     from ringtrain.integrations.torch.diloco import DiLoCo
@@ -265,7 +265,7 @@ def _digits_rounds(group, outer_kwargs, inner_steps, rounds, dtype=torch.float64
     net = copy.deepcopy(NETS[group.rank()]).to(dtype)
     outer = DiLoCo(net, inner_steps=inner_steps, group=group, **outer_kwargs)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    x, y = _slow_link_data(dtype)
+    x, y = _round_data(dtype)
     anchors = [torch.cat([a.reshape(-1) for a in outer.anchor])]
     for step in range(rounds * inner_steps):
         start = (step * SIZE + group.rank()) * 4
@@ -277,7 +277,7 @@ def _digits_rounds(group, outer_kwargs, inner_steps, rounds, dtype=torch.float64
     return anchors
 
 
-def _slow_link_data(dtype):
+def _round_data(dtype):
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(SIZE * 4 * 12, 8, generator=generator, dtype=torch.float64).to(dtype)
     return x, torch.randint(0, 3, (SIZE * 4 * 12,), generator=generator)
@@ -289,13 +289,13 @@ def test_torch_diloco_rounds_equal_the_rounds_computed_in_one_process():
     1 without momentum that is DDP's synchronous step."""
     nesterov = {"outer_lr": 0.7, "momentum": 0.9}
     plain = {"outer_lr": 1.0, "momentum": 0.0}
-    members = on_ring(lambda group: (_digits_rounds(group, nesterov, 3, 4),
-                                     _digits_rounds(group, plain, 1, 6)))
+    members = on_ring(lambda group: (_diloco_anchors(group, nesterov, 3, 4),
+                                     _diloco_anchors(group, plain, 1, 6)))
     for anchors in members[1:]:
         for got, first in zip(anchors[0] + anchors[1], members[0][0] + members[0][1],
                               strict=True):
             assert torch.equal(got, first)
-    x, y = _slow_link_data(torch.float64)
+    x, y = _round_data(torch.float64)
     for (kwargs, inner_steps, rounds), got in zip(
             ((nesterov, 3, 4), (plain, 1, 6)), members[0], strict=True):
         net = NETS[0]
@@ -340,8 +340,8 @@ def test_torch_diloco_rounds_equal_the_rounds_computed_in_one_process():
 def test_torch_diloco_with_an_int4_pseudo_gradient_keeps_members_identical():
     int4 = {"outer_lr": 1.0, "momentum": 0.0, "compression": "int4"}
     plain = {"outer_lr": 1.0, "momentum": 0.0}
-    members = on_ring(lambda group: (_digits_rounds(group, int4, 3, 4, torch.float32),
-                                     _digits_rounds(group, plain, 3, 4, torch.float32)))
+    members = on_ring(lambda group: (_diloco_anchors(group, int4, 3, 4, torch.float32),
+                                     _diloco_anchors(group, plain, 3, 4, torch.float32)))
     for compressed, _ in members[1:]:
         for got, first in zip(compressed, members[0][0], strict=True):
             assert torch.equal(got, first)

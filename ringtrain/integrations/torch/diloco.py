@@ -18,8 +18,9 @@ SGD and ``outer_lr=1.0`` without momentum, this is DDP's gradient average applie
 parameter average. ``compression`` sends the pseudo-gradient through a ring codec (``int4``:
 an eighth of the bytes, with error feedback); it needs the ``ringtrain`` backend.
 
-:meth:`state_dict` holds the anchor, the outer optimizer's state and the round position, for
-checkpoints and for :mod:`.elastic`'s state helper.
+Not elastic yet: :mod:`.elastic`'s ``State`` does not carry the anchor or the outer state,
+so after a change of the ring the script makes a new ``DiLoCo`` from the restored model
+(design.md, Known limits).
 """
 
 from __future__ import annotations
@@ -111,16 +112,3 @@ class DiLoCo:
             anchor.grad = None
         self.steps = 0
         self.rounds_done += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        """The shared round state: anchor, outer optimizer, round count and inner steps."""
-        return {"anchor": [a.clone() for a in self.anchor], "outer": self.outer.state_dict(),
-                "rounds_done": self.rounds_done, "steps": self.steps}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take a state from :meth:`state_dict` (the model's parameters are the caller's)."""
-        for anchor, saved in zip(self.anchor, state["anchor"], strict=True):
-            anchor.copy_(saved)
-        self.outer.load_state_dict(state["outer"])
-        self.rounds_done, self.steps = int(state["rounds_done"]), int(state["steps"])
