@@ -35,6 +35,15 @@ Joins: ``commit`` (every ``check_every`` commits) agrees with the members, by on
 all-reduce, whether a device waits to join; if one does, every member re-forms the ring at
 that same step and the newcomer receives the state. WORLD_SIZE, RANK and GROUP_RANK in
 ``os.environ`` follow the ring (torchrun restarts every worker instead).
+
+DiLoCo (``State(model, optimizer, outer=DiLoCo(model, ..., broadcast=False))``): members
+differ within a round by design, so only the outer state is the ring's: the anchor, the outer
+optimizer and the round count come from the member that applied the most rounds (then
+committed most). The model, the inner optimizer and the counters stay each member's own, as
+committed: a failure mid-round costs only the failed member's steps of that round, and the
+survivors redo the round's all-reduce among themselves. A member behind by the round that a
+survivor completed as the failure hit, and a joiner, start the next round from the new
+anchor (the behind member's steps are in it). Joins are checked at round ends only.
 """
 
 from __future__ import annotations
@@ -51,9 +60,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ...errors import MembershipError, RingtrainError
+from ...errors import ConfigError, MembershipError, RingtrainError
 from ...node.launch import torchrun_environment
 from .backend import BACKEND, process_node
+from .diloco import DiLoCo
 from .process_group import RingtrainProcessGroup, _put, _wire
 
 log = logging.getLogger(__name__)
@@ -67,24 +77,34 @@ class RingChanged(RingtrainError):
 
 class State:
     """The training state that survives a change of the ring: a model, an optimizer (either
-    may be None) and named counters (``State(model, opt, step=0)``; ``state.step += 1``).
+    may be None), a torch :class:`~.diloco.DiLoCo` (``outer``, optional) and named counters
+    (``State(model, opt, step=0)``; ``state.step += 1``).
 
     Counters hold JSON values (numbers, strings, lists, dicts). ``commit`` keeps a copy in
     memory; ``restore`` goes back to it; ``sync`` gives every member the state of the one
-    that committed most.
+    that committed most (with ``outer``: only the outer state, module docstring).
+
+    Raises:
+        ConfigError: ``outer`` was made with ``broadcast=True`` (a joiner would broadcast
+            alone while the members train).
     """
 
     def __init__(self, model: torch.nn.Module | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, *, check_every: int = 1,
-                 **counters: Any):
+                 optimizer: torch.optim.Optimizer | None = None, *, outer: DiLoCo | None = None,
+                 check_every: int = 1, **counters: Any):
+        if outer is not None and outer.broadcast:
+            raise ConfigError("elastic.State needs DiLoCo(..., broadcast=False): the state "
+                              "aligns the members itself, and a device that joins later "
+                              "would otherwise broadcast alone")
         object.__setattr__(self, "_fields", {"model": model, "optimizer": optimizer,
-                                             "counters": dict(counters), "commits": 0,
-                                             "check_every": check_every, "saved": None})
+                                             "outer": outer, "counters": dict(counters),
+                                             "commits": 0, "check_every": check_every,
+                                             "saved": None})
         self.commit(check=False)
 
     def __getattr__(self, name: str) -> Any:
         fields = object.__getattribute__(self, "_fields")
-        if name in ("model", "optimizer", "commits"):
+        if name in ("model", "optimizer", "outer", "commits"):
             return fields[name]
         try:
             return fields["counters"][name]
@@ -92,7 +112,7 @@ class State:
             raise AttributeError(name) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("model", "optimizer", "commits"):
+        if name in ("model", "optimizer", "outer", "commits"):
             raise AttributeError(f"State.{name} is fixed")
         self._fields["counters"][name] = value
 
@@ -107,7 +127,8 @@ class State:
                 group._check_ring()  # a step whose all-reduce failed is never committed
         fields["commits"] += 1
         fields["saved"] = copy.deepcopy(self._snapshot())
-        if check and fields["commits"] % fields["check_every"] == 0:
+        mid_round = fields["outer"] is not None and fields["outer"].steps > 0
+        if check and not mid_round and fields["commits"] % fields["check_every"] == 0:
             node = process_node()
             waiting = node.all_reduce(np.array([int(node.reform_due)], dtype=np.int8), "max")
             if waiting[0]:
@@ -119,37 +140,33 @@ class State:
 
     def sync(self) -> int:
         """Every member takes the committed state of the member that committed most (lowest
-        rank among equals); returns that member's rank. A collective of the current ring."""
+        rank among equals); with ``outer``, the outer state of the member that applied the
+        most rounds. Returns that member's rank. A collective of the current ring."""
         node = process_node()
-        commits = node.all_gather(np.array([self._fields["commits"]], dtype=np.int64))[:, 0]
-        donor = int(np.flatnonzero(commits == commits.max())[0])
-        saved = self._fields["saved"]
-        tensors: list[torch.Tensor] = []
-        outline = json.dumps(_outline(saved, tensors)).encode() if node.rank == donor else b""
-        size = int(node.broadcast(np.array([len(outline)], dtype=np.int64), donor)[0])
-        if not 0 < size <= MAX_SKELETON_BYTES:
-            raise MembershipError(f"member {donor} sent a state outline of {size} bytes")
-        text = node.broadcast(np.frombuffer(outline, dtype=np.uint8) if outline else
-                              np.zeros(size, dtype=np.uint8), donor).tobytes()
-        shapes: list[tuple[list[int], str]] = []
-        skeleton = json.loads(text)
-        _collect_tensors(skeleton, shapes)
-        if node.rank != donor:
-            tensors = [torch.empty(shape, dtype=getattr(torch, dtype)) for shape, dtype in shapes]
-        for tensor in tensors:
-            wire = _wire(tensor)
-            _put(tensor, wire, node.broadcast(wire.numpy(), donor))
-        state = _inflate(skeleton, tensors)
-        self._fields["saved"] = copy.deepcopy(state)
-        self._fields["commits"] = int(commits.max())
-        self._load(state)
+        fields = self._fields
+        outer: DiLoCo | None = fields["outer"]
+        rounds = outer.rounds_done if outer is not None else 0
+        progress = node.all_gather(np.array([rounds, fields["commits"]], dtype=np.int64))
+        donor = max(range(len(progress)), key=lambda r: (*progress[r], -r))
+        if outer is None:
+            state = _broadcast_value(node, donor, fields["saved"])
+            self._load(state)
+        else:
+            shared = _broadcast_value(node, donor, fields["saved"]["outer"])
+            behind = outer.rounds_done < shared["rounds"] or outer.steps == 0
+            outer.load_state_dict({**shared, "steps": outer.steps})
+            if behind:  # a joiner, or behind by a round that holds its steps
+                outer.restart_round()
+        fields["saved"] = copy.deepcopy(self._snapshot())
+        fields["commits"] = int(progress[:, 1].max())
         return donor
 
     def _snapshot(self) -> dict[str, Any]:
         fields = self._fields
         return {"model": None if fields["model"] is None else fields["model"].state_dict(),
                 "optimizer": None if fields["optimizer"] is None else
-                fields["optimizer"].state_dict(), "counters": fields["counters"]}
+                fields["optimizer"].state_dict(), "counters": fields["counters"],
+                "outer": None if fields["outer"] is None else fields["outer"].state_dict()}
 
     def _load(self, state: dict[str, Any]) -> None:
         fields = self._fields
@@ -157,6 +174,8 @@ class State:
             fields["model"].load_state_dict(state["model"])
         if fields["optimizer"] is not None:
             fields["optimizer"].load_state_dict(state["optimizer"])
+        if fields["outer"] is not None:
+            fields["outer"].load_state_dict(state["outer"])
         fields["counters"] = dict(state["counters"])
 
 
@@ -174,9 +193,8 @@ def run(train: Callable[[State], T], state: State) -> T:
             if reason:
                 node = process_node()
                 print(f"ringtrain elastic: ring changed ({reason}); now rank {node.rank} of "
-                      f"{node.world_size}, generation {node.generation}; resumed at commit "
-                      f"{state.commits} from rank {donor} (this member had {mine}: 0 steps "
-                      f"lost)", flush=True)
+                      f"{node.world_size}, generation {node.generation}; "
+                      f"{_resumed(state, donor, mine)}", flush=True)
             first, reason = False, ""
             return train(state)
         except Exception as exc:  # noqa: BLE001 - only ring changes are handled, see below
@@ -221,6 +239,38 @@ class ElasticSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self._mine())
+
+
+def _resumed(state: State, donor: int, mine: int) -> str:
+    """What a member took from the ring and kept of its own, for the line after a re-form."""
+    if state.outer is None:
+        return (f"resumed at commit {state.commits} from rank {donor} (this member had "
+                f"{mine}: 0 steps lost)")
+    outer = state.outer
+    return (f"resumed round {outer.rounds_done + 1} after this member's inner step "
+            f"{outer.steps} of {outer.inner_steps}, with rank {donor}'s outer state (0 of this "
+            f"member's steps lost)")
+
+
+def _broadcast_value(node: Any, donor: int, value: Any) -> Any:
+    """``value`` (tensors inside JSON-like containers) as member ``donor`` holds it, on every
+    member: its outline as JSON, then each tensor. A collective of the current ring."""
+    tensors: list[torch.Tensor] = []
+    outline = json.dumps(_outline(value, tensors)).encode() if node.rank == donor else b""
+    size = int(node.broadcast(np.array([len(outline)], dtype=np.int64), donor)[0])
+    if not 0 < size <= MAX_SKELETON_BYTES:
+        raise MembershipError(f"member {donor} sent a state outline of {size} bytes")
+    text = node.broadcast(np.frombuffer(outline, dtype=np.uint8) if outline else
+                          np.zeros(size, dtype=np.uint8), donor).tobytes()
+    shapes: list[tuple[list[int], str]] = []
+    skeleton = json.loads(text)
+    _collect_tensors(skeleton, shapes)
+    if node.rank != donor:
+        tensors = [torch.empty(shape, dtype=getattr(torch, dtype)) for shape, dtype in shapes]
+    for tensor in tensors:
+        wire = _wire(tensor)
+        _put(tensor, wire, node.broadcast(wire.numpy(), donor))
+    return _inflate(skeleton, tensors)
 
 
 def _group() -> RingtrainProcessGroup:
