@@ -350,7 +350,8 @@ def test_torch_diloco_with_an_int4_pseudo_gradient_keeps_members_identical():
     assert 0 < (compressed[-1] - exact[-1]).abs().max() < 0.1 * moved
 
 
-def test_torch_diloco_refuses_a_codec_without_the_ring_and_a_bad_round():
+def test_torch_diloco_refuses_a_codec_without_the_ring_a_bad_round_and_an_elastic_broadcast():
+    from ringtrain.integrations.torch import elastic
     from ringtrain.integrations.torch.diloco import DiLoCo
 
     net = torch.nn.Linear(2, 2)
@@ -358,3 +359,6 @@ def test_torch_diloco_refuses_a_codec_without_the_ring_and_a_bad_round():
         DiLoCo(net, inner_steps=0)
     with pytest.raises(ConfigError, match="needs init_process_group\\('ringtrain'\\)"):
         DiLoCo(net, compression="int4", group=object())
+    # a joiner's DiLoCo would broadcast alone while the members train
+    with pytest.raises(ConfigError, match="elastic.State needs DiLoCo\\(..., broadcast=False\\)"):
+        on_ring(lambda group: elastic.State(net, outer=DiLoCo(net, group=group)), size=1)

@@ -102,7 +102,7 @@ def test_killing_one_of_four_the_others_finish_identical_with_no_step_lost(tmp_p
     # looks at the victim's log, and it was killed after it had finished
     procs = script_ring.launch(EXAMPLES / "torch_elastic_ddp.py",
                                ["--epochs", "3", "--save", str(tmp_path / "elastic")],
-                               extra=("--min-nodes", "2"))
+                               extra=("--min-nodes", "2"), heartbeat_timeout=6)
     victim = tmp_path / "node-3.log"
     while len(STEP.findall(victim.read_text())) < 5:
         assert time.monotonic() < deadline and procs[3].poll() is None, script_ring.report()
