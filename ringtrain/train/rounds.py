@@ -20,6 +20,13 @@ starts the next round from the new anchor. One all-reduce per round instead of o
   when the all-reduce is done, the outer step moves the anchor and the member keeps the
   steps it made since (``params = new anchor + (params - params at submission)``): they go
   into the next round. The link is busy while the processor computes.
+* ``fragments=P`` (Streaming DiLoCo, Douillard et al. 2025): the parameters are cut into P
+  contiguous fragments and every ``inner_steps / P`` steps one of them, in turn, goes
+  through the round: its pseudo-gradient covers the steps since that fragment's last round
+  (``inner_steps`` of them), its outer step moves that part of the anchor. Each fragment is
+  still synced every ``inner_steps`` steps, but the link carries 1/P of the model at a time,
+  spread over the round instead of in one burst (with ``overlap``, while the next steps
+  compute). Lockstep rounds only.
 * Asynchronous rounds (``round_seconds``): a round closes on a time budget instead of a
   step count; every member contributes the steps it made, weighted by its samples, and with
   ``overlap`` (always on here) a member never waits for a slower one: it keeps stepping until
@@ -82,6 +89,9 @@ class DiLoCo:
             stepping, whatever the step count (implies ``overlap``).
         average_inner_state: also average the inner optimizers' arrays at every round (local
             SGD; not with ``overlap``).
+        fragments: sync the parameters in this many fragments, one every ``inner_steps /
+            fragments`` steps (Streaming DiLoCo; lockstep rounds, a divisor of
+            ``inner_steps``).
     """
 
     inner_steps: int = 50
@@ -92,6 +102,7 @@ class DiLoCo:
     overlap: bool = False
     round_seconds: float | None = None
     average_inner_state: bool = False
+    fragments: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) \
@@ -110,6 +121,13 @@ class DiLoCo:
         if self.average_inner_state and self.overlapped:
             raise ConfigError("average_inner_state (local SGD) needs rounds without overlap "
                               "and without round_seconds")
+        if isinstance(self.fragments, bool) or not isinstance(self.fragments, int) \
+                or self.fragments < 1 or self.inner_steps % self.fragments:
+            raise ConfigError(f"fragments must be a positive divisor of inner_steps "
+                              f"({self.inner_steps}), got {self.fragments!r}")
+        if self.fragments > 1 and (self.asynchronous or self.average_inner_state):
+            raise ConfigError("fragments need lockstep rounds: not with round_seconds or "
+                              "average_inner_state")
         get_codec(self.compression)  # an unknown codec fails here, naming it
 
     @property
@@ -128,7 +146,22 @@ class DiLoCo:
                 f"momentum={self.momentum:g}, nesterov={self.nesterov}) "
                 f"compression={self.compression} overlap={self.overlapped} "
                 f"round_seconds={self.round_seconds} "
-                f"average_inner_state={self.average_inner_state}")
+                f"average_inner_state={self.average_inner_state} fragments={self.fragments}")
+
+
+def _fragments(size: int, count: int) -> list[slice]:
+    """``count`` contiguous slices of nearly equal length covering ``size`` elements."""
+    bounds = [size * i // count for i in range(count + 1)]
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
+def _part_of(outer: SGD, part: slice) -> SGD:
+    """An SGD stepping ``part`` of ``outer``'s parameters, with that part of its velocity
+    (views: what one fragment's step changes, ``outer`` holds)."""
+    fragment = SGD(outer.params[part], lr=outer.lr, momentum=outer.momentum,
+                   nesterov=outer.nesterov)
+    fragment.velocity = outer.velocity[part]
+    return fragment
 
 
 def local_sgd(every: int) -> DiLoCo:
@@ -148,7 +181,9 @@ class _Pending:
     """
 
     weights: Work  # the control values (uncompressed: and the weighted pseudo-gradient)
-    snapshot: np.ndarray  # the parameters this member submitted (anchor - snapshot travels)
+    buffer: np.ndarray  # the control values, then the fragment's pseudo-gradient
+    part: slice  # the fragment of the parameters this round carries
+    snapshot: np.ndarray  # the fragment as submitted (anchor - snapshot travels)
     samples: int  # the samples in it
     leaving: bool
     inner: Work | None  # the inner optimizer arrays' average (local SGD)
@@ -183,9 +218,9 @@ class Rounds:
         self.inner = inner
         self.settings = settings
         self.timeout = timeout
-        self.codec: Codec | None = get_codec(settings.compression)
-        if self.codec is not None:
-            check_supported(self.codec, params.dtype, "sum")
+        codec: Codec | None = get_codec(settings.compression)
+        if codec is not None:
+            check_supported(codec, params.dtype, "sum")
         self.anchor = params.copy()
         """The shared model: where every member's round starts."""
         self.outer = SGD(self.anchor, lr=settings.outer_lr, momentum=settings.momentum,
@@ -193,8 +228,14 @@ class Rounds:
         self.rounds_done = 0
         """Completed rounds: equal on every member once they all applied the same round."""
         self.samples_total = 0
-        """Samples in all completed rounds, every member's together."""
-        self.samples = 0  # samples in this member's steps not submitted yet
+        """Samples in all completed rounds, every member's together (with fragments: in the
+        rounds of the first fragment, which hold every step once)."""
+        self.parts = _fragments(params.size, settings.fragments)
+        """The fragments of the parameters, synced in turn (one: the whole)."""
+        self.codecs = [get_codec(settings.compression) for _ in self.parts]  # own residuals
+        self._outer_steps = [self.outer] if len(self.parts) == 1 else \
+            [_part_of(self.outer, part) for part in self.parts]
+        self.samples = np.zeros(len(self.parts), dtype=np.int64)  # per fragment: not submitted
         self.inner_steps = 0  # steps in this member's round so far
         self.round_started = time.monotonic()
         self._closes = 0  # asynchronous: rounds this member closed since the clock started
@@ -211,8 +252,9 @@ class Rounds:
 
     @property
     def unapplied(self) -> int:
-        """Samples of this member's steps that no applied round holds yet."""
-        return self.samples + (0 if self._pending is None else self._pending.samples)
+        """Samples of this member's steps that no applied round holds yet (with fragments: in
+        the fragment that waited longest)."""
+        return int(self.samples.max()) + (0 if self._pending is None else self._pending.samples)
 
     def round_due(self) -> bool:
         """Whether this member's round is over (its steps, or its time budget)."""
@@ -223,7 +265,7 @@ class Rounds:
             # deadline would evict a member that arrived rounds late)
             close = self.round_started + (self._closes + 1) * self.settings.round_seconds
             return self.inner_steps > 0 and time.monotonic() >= close
-        return self.inner_steps >= self.settings.inner_steps
+        return self.inner_steps >= self.settings.inner_steps // len(self.parts)
 
     def inner_step(self, grads: np.ndarray, samples: int, loss: float, step: int,
                    max_nonfinite: int) -> bool:
@@ -246,7 +288,7 @@ class Rounds:
                     f"rank {self.node.rank}: gradients were not finite for {self._nonfinite} "
                     f"local steps in a row, up to step {step} (generation "
                     f"{self.node.generation})", step=step, generation=self.node.generation)
-        self.samples += samples
+        self.samples += samples  # every fragment moved
         self.inner_steps += 1
         return applied
 
@@ -286,7 +328,11 @@ class Rounds:
         made since (every member calls this after the same applied round)."""
         if self._pending is not None:
             self._complete()
-        if self.inner_steps or self.samples or self.settings.asynchronous:
+        if len(self.parts) > 1:  # every fragment holds steps since its last round
+            for _ in self.parts:
+                self._submit()
+                self._complete()
+        elif self.inner_steps or self.samples[0] or self.settings.asynchronous:
             self._submit()
             self._complete()
 
@@ -294,27 +340,30 @@ class Rounds:
         """Start this round's all-reduce: weight, re-form flag and the pseudo-gradient
         ``anchor - params`` (uncompressed: times the weight, in the same all-reduce;
         compressed: its share of the mean follows once the weights are in)."""
-        weight = float(self.samples)
-        control, delta = self._buffer[:ROUND_CONTROL], self._buffer[ROUND_CONTROL:]
-        np.subtract(self.anchor, self.params, out=delta)
+        index = self.rounds_done % len(self.parts)  # the same on every member: lockstep
+        part = self.parts[index]
+        weight = float(self.samples[index])
+        buffer = self._buffer[:ROUND_CONTROL + part.stop - part.start]
+        control, delta = buffer[:ROUND_CONTROL], buffer[ROUND_CONTROL:]
+        np.subtract(self.anchor[part], self.params[part], out=delta)
         if not np.isfinite(delta).all():
             log.warning("rank %d: parameters not finite after %d inner steps; this member's "
                         "round is dropped and it restarts from the anchor", self.node.rank,
                         self.inner_steps)
-            self.params[...] = self.anchor
+            self.params[part] = self.anchor[part]
             delta[...] = 0
             weight = 0.0
         leaving = self.leaving  # read once: a signal may set it meanwhile
         control[:] = (weight, 1 if (leaving or self.node.reform_due) else 0)
-        compressed = self.codec is not None
+        compressed = self.codecs[index] is not None
         if compressed:
             weights = self.node.all_reduce_async(control, op="sum", timeout=self.timeout,
                                                  out=control)
         else:
             if weight != 1.0:
                 delta *= weight
-            weights = self.node.all_reduce_async(self._buffer, op="sum", timeout=self.timeout,
-                                                 out=self._buffer)
+            weights = self.node.all_reduce_async(buffer, op="sum", timeout=self.timeout,
+                                                 out=buffer)
         inner = None
         if self.settings.average_inner_state:
             state = self.inner.state_dict()
@@ -322,10 +371,10 @@ class Rounds:
             if arrays:  # a weight of 0 everywhere leaves them as they are (see _complete)
                 inner = self.node.all_reduce_many_async(
                     [a * weight for a in arrays], op="sum", timeout=self.timeout)
-        self._pending = _Pending(weights, self.params.copy(), self.samples, leaving, inner,
-                                 compressed)
+        self._pending = _Pending(weights, buffer, part, self.params[part].copy(),
+                                 int(self.samples[index]), leaving, inner, compressed)
         self._own_weight = weight
-        self.samples = 0
+        self.samples[index] = 0
         self.inner_steps = 0
         self._closes += 1
 
@@ -340,13 +389,14 @@ class Rounds:
         if not wait and not pending.weights.done():
             return
         pending.weights.wait()  # a PeerFailedError leaves the round pending
-        total = float(self._buffer[0])
+        total = float(pending.buffer[0])
         pending.mean_sent = True
         if total > 0:
-            delta = self._buffer[ROUND_CONTROL:]
+            delta = pending.buffer[ROUND_CONTROL:]
             delta *= self._own_weight / total
+            codec = self.codecs[self.parts.index(pending.part)]
             pending.mean = self.node.all_reduce_async(delta, op="sum", timeout=self.timeout,
-                                                      compression=self.codec, out=delta)
+                                                      compression=codec, out=delta)
 
     def _complete(self) -> None:
         """Wait for the pending round, step the anchor, keep the steps made since."""
@@ -358,7 +408,8 @@ class Rounds:
             pending.mean.wait()
         inner = None if pending.inner is None else pending.inner.wait()
         self._pending = None
-        control, delta = self._buffer[:ROUND_CONTROL], self._buffer[ROUND_CONTROL:]
+        part = pending.part
+        control, delta = pending.buffer[:ROUND_CONTROL], pending.buffer[ROUND_CONTROL:]
         total = float(control[0])
         self.reform_agreed = bool(control[1] != 0)
         self.leave_announced = pending.leaving
@@ -370,17 +421,27 @@ class Rounds:
                     f"the mean pseudo-gradient of round {self.rounds_done + 1} is not finite "
                     f"(generation {self.node.generation}); lower the learning rates",
                     step=self.rounds_done + 1, generation=self.node.generation)
-            self.outer.step(delta)
+            self._outer_step(part, delta)
             if inner is not None:
                 state = self.inner.state_dict()
                 state.update({name: summed / total for name, summed in
                               zip(array_names(state), inner, strict=True)})
                 self.inner.load_state_dict(state)
         # keep the steps made since submitting: params = new anchor + (params - snapshot)
-        drift = np.subtract(self.params, pending.snapshot, out=pending.snapshot)
-        np.add(self.anchor, drift, out=self.params)
+        drift = np.subtract(self.params[part], pending.snapshot, out=pending.snapshot)
+        np.add(self.anchor[part], drift, out=self.params[part])
+        if part is self.parts[0]:
+            self.samples_total += int(round(total))
         self.rounds_done += 1
-        self.samples_total += int(round(total))
+
+    def _outer_step(self, part: slice, delta: np.ndarray) -> None:
+        """The outer optimizer's step on one fragment of the anchor (its hyperparameters are
+        the whole's, which a checkpoint may have loaded)."""
+        step = self._outer_steps[self.parts.index(part)]
+        if step is not self.outer:
+            step.lr, step.momentum, step.nesterov = \
+                self.outer.lr, self.outer.momentum, self.outer.nesterov
+        step.step(delta)
 
     # elastic recovery and checkpoints ---------------------------------------------------------
 
@@ -412,8 +473,9 @@ class Rounds:
         self.anchor[...] = flat[:size]
         self.outer.velocity[...] = flat[size:2 * size]
         self.rounds_done, self.samples_total = int(numbers[0]), int(numbers[1])
-        if self.codec is not None:
-            self.codec.residuals.clear()  # they belong to an attempt that may not have landed
+        for codec in self.codecs:
+            if codec is not None:
+                codec.residuals.clear()  # they belong to an attempt that may not have landed
         if joined:
             self.params[...] = self.anchor
             for index, name in enumerate(names):
@@ -422,15 +484,17 @@ class Rounds:
                 inner_state[name] = int(value) if isinstance(inner_state[name], (int, np.integer)) \
                     else float(value)
             self.inner.load_state_dict(inner_state)
-            self.samples = self.inner_steps = 0
+            self.samples[:] = 0
+            self.inner_steps = 0
         elif behind and pending is not None:
-            drift = np.subtract(self.params, pending.snapshot, out=pending.snapshot)
-            np.add(self.anchor, drift, out=self.params)
+            part = pending.part
+            drift = np.subtract(self.params[part], pending.snapshot, out=pending.snapshot)
+            np.add(self.anchor[part], drift, out=self.params[part])
         elif pending is not None:
-            self.samples += pending.samples
+            self.samples[self.parts.index(pending.part)] += pending.samples
         log.info("rank %d: round state of rank %d adopted: %d rounds done%s", self.node.rank,
                  root, self.rounds_done,
-                 "" if joined else f", {self.samples} samples of own steps kept for the next round")
+                 "" if joined else f", {self.unapplied} samples of own steps kept for the next round")
 
     def outer_state(self) -> dict[str, np.ndarray | int | float]:
         """The shared round state: the outer optimizer's state and the round count."""

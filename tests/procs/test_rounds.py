@@ -77,6 +77,76 @@ def test_diloco_with_one_inner_step_and_plain_outer_sgd_equals_synchronous_train
     assert difference < 1e-12
 
 
+# --- Streaming DiLoCo: the parameters synced in fragments, in turn ----------------------------
+
+FRAGMENTS, STREAM_STEPS = 2, 12
+
+
+def _streaming(node: Node) -> dict:
+    x, y = _data()
+    model = _model()
+    trainer = Trainer(node, model, SGD(model.params, lr=0.1), x, y, batch_size=BATCH,
+                      adaptive=False, rounds=DiLoCo(inner_steps=INNER, fragments=FRAGMENTS))
+    batches = [trainer.step().indices.tolist() for _ in range(STREAM_STEPS)]
+    trainer.rounds.finish()
+    return {"batches": batches, "rank": node.rank, "anchor": trainer.shared_params.copy(),
+            "rounds": trainer.rounds.rounds_done, "total": trainer.rounds.samples_total}
+
+
+def _streaming_replay(batches: list[list[list[int]]]) -> np.ndarray:
+    """Streaming DiLoCo computed in one process from each member's batches: every INNER /
+    FRAGMENTS steps the next fragment's sample-weighted mean change takes a Nesterov step
+    (lr 0.7, momentum 0.9) on that part of the anchor, and every member restarts that part
+    from it; at the end each fragment syncs what it has left."""
+    from ringtrain.train.nn import softmax_cross_entropy
+    x, y = _data()
+    members = [_model() for _ in batches]
+    inner = [SGD(m.params, lr=0.1) for m in members]
+    anchor, velocity = members[0].params.copy(), np.zeros_like(members[0].params)
+    parts = [slice(a[0], a[-1] + 1) for a in np.array_split(np.arange(anchor.size), FRAGMENTS)]
+    since = np.zeros((len(members), FRAGMENTS))  # samples since each fragment's last sync
+    synced = 0
+
+    def sync() -> None:
+        nonlocal synced
+        part, weights = parts[synced % FRAGMENTS], since[:, synced % FRAGMENTS].copy()
+        synced += 1
+        since[:, (synced - 1) % FRAGMENTS] = 0
+        if weights.sum() == 0:
+            return
+        delta = sum(w * (anchor[part] - m.params[part]) for w, m in zip(weights, members))
+        delta /= weights.sum()
+        velocity[part] = 0.9 * velocity[part] + delta
+        anchor[part] -= 0.7 * (delta + 0.9 * velocity[part])
+        for m in members:
+            m.params[part] = anchor[part]
+
+    for step in range(STREAM_STEPS):
+        for m, optimizer, cut in zip(members, inner, (b[step] for b in batches)):
+            loss, grad_out = softmax_cross_entropy(m.forward(x[cut]), y[cut])
+            m.backward(grad_out, input_grad=False)
+            optimizer.step(m.grads)
+            since[members.index(m)] += len(cut)
+        if (step + 1) % (INNER // FRAGMENTS) == 0:
+            sync()
+    for _ in range(FRAGMENTS):
+        sync()
+    return anchor
+
+
+def test_streaming_fragments_equal_the_rounds_computed_in_one_process():
+    results = sorted(run_local(_streaming, 3, timeout=60), key=lambda r: r["rank"])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other["anchor"], results[0]["anchor"])
+    expected = _streaming_replay([r["batches"] for r in results])
+    difference = np.abs(results[0]["anchor"] - expected).max()
+    print(f"\nmax |streaming DiLoCo - its replay| after {STREAM_STEPS} steps: {difference:.2g}")
+    assert difference < 1e-12
+    # every sample in the first fragment's rounds once; one round per INNER / FRAGMENTS steps
+    assert results[0]["total"] == sum(len(b) for r in results for b in r["batches"])
+    assert results[0]["rounds"] == STREAM_STEPS // (INNER // FRAGMENTS) + FRAGMENTS
+
+
 # --- a SIGKILL in the middle of a round ----------------------------------------------------
 
 def _arm_suicide_in_next_all_reduce() -> dict:
@@ -95,12 +165,13 @@ def _arm_suicide_in_next_all_reduce() -> dict:
     return armed
 
 
-def _round_with_a_kill(node: Node, victim: str, kill_step: int, where: str) -> dict:
+def _round_with_a_kill(node: Node, victim: str, kill_step: int, where: str,
+                       fragments: int) -> dict:
     x, y = _data()
     model = _model()
     trainer = Trainer(node, model, Adam(model.params, lr=0.01), x, y, batch_size=BATCH,
                       adaptive=False, timeout=SETTINGS.collective_timeout, rejoin_timeout=40.0,
-                      rounds=DiLoCo(inner_steps=INNER))
+                      rounds=DiLoCo(inner_steps=INNER, fragments=fragments))
     armed = _arm_suicide_in_next_all_reduce() if node.node_id == victim else None
     stepped = 0
     while trainer.step_count < 4 * INNER:
@@ -116,12 +187,14 @@ def _round_with_a_kill(node: Node, victim: str, kill_step: int, where: str) -> d
             "reforms": trainer.reforms}
 
 
-@pytest.mark.parametrize("where,kill_step", [("inner steps", INNER + 2),
-                                             ("all-reduce", 2 * INNER)])
-def test_sigkill_mid_round_loses_no_survivors_step(where, kill_step):
+@pytest.mark.parametrize("where,kill_step,fragments", [("inner steps", INNER + 2, 1),
+                                                       ("all-reduce", 2 * INNER, 1),
+                                                       ("inner steps", INNER + 2, 2)])
+def test_sigkill_mid_round_loses_no_survivors_step(where, kill_step, fragments):
     victim = 1
-    cluster = LocalCluster(_round_with_a_kill, 3, args=(node_id(victim), kill_step, where),
-                           timeout=90.0, job=f"rounds-kill-{kill_step}", settings=SETTINGS)
+    cluster = LocalCluster(_round_with_a_kill, 3,
+                           args=(node_id(victim), kill_step, where, fragments), timeout=90.0,
+                           job=f"rounds-kill-{kill_step}-{fragments}", settings=SETTINGS)
     results = cluster.start().results(allow_failed=[victim])
     assert results[victim] is None, "the victim was not killed"
     survivors = [r for r in results if r is not None]
@@ -132,9 +205,11 @@ def test_sigkill_mid_round_loses_no_survivors_step(where, kill_step):
     assert all(r["reforms"] >= 1 and len(r["members"]) == 2 for r in survivors)
     # the victim's steps that landed: its rounds applied before it died (one round of
     # INNER steps; in the all-reduce case maybe the round it died in, if a survivor
-    # completed that round before the failure reached it)
+    # completed that round before the failure reached it; with two fragments, the first
+    # fragment's rounds, which hold every step once: the one after step INNER / 2)
     landed = survivors[0]["total"] - sum(r["stepped"] for r in survivors)
-    allowed = {INNER * BATCH} if where == "inner steps" else {INNER * BATCH, 2 * INNER * BATCH}
+    allowed = {INNER * BATCH // fragments} if where == "inner steps" else \
+        {INNER * BATCH, 2 * INNER * BATCH}
     print(f"\nSIGKILL in the {where} at step {kill_step}: survivors stepped "
           f"{[r['stepped'] for r in survivors]} samples, rounds hold {survivors[0]['total']}; "
           f"the victim's samples in them: {landed}")
