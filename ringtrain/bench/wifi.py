@@ -24,6 +24,9 @@ epochs or until ``--time-limit``:
   (``--outer-lr``, Nesterov ``--outer-momentum``; by default lr 1 without momentum, the
   members' mean, which reached the target sooner than lr 0.4 with momentum 0.9 on these
   short rounds), the round's all-reduce overlapping the next round's steps;
+* ``streaming`` (not in the default list): ``diloco`` with the parameters synced in
+  ``--fragments`` fragments, one every ``--inner-steps / --fragments`` steps (Streaming
+  DiLoCo);
 * ``async``: rounds that close every ``--round-seconds`` of stepping, each device
   contributing the steps it made (4-bit pseudo-gradient, overlapped).
 
@@ -62,7 +65,8 @@ from .wifi_worker import DONE, POINT
 
 PORT = 7177
 DEVICES = 4
-METHODS = ("ddp", "sync", "int8", "powersgd", "diloco", "async")
+DEFAULT_METHODS = ("ddp", "sync", "int8", "powersgd", "diloco", "async")
+METHODS = (*DEFAULT_METHODS, "streaming")
 RUNS = ("even", "slow")
 _THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # the ring's default progress floor (2 s) is shorter than the 8 MiB a send queue holds takes
@@ -82,8 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="even,slow",
                         help="even: 4 equal devices; slow: the last at half the CPU "
                              "(default even,slow)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated among {','.join(METHODS)} (default all)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated among {','.join(METHODS)} (default "
+                             f"{','.join(DEFAULT_METHODS)})")
     parser.add_argument("--cpu", type=float, default=0.3,
                         help="CPU budget of every device, in cores (default 0.3)")
     parser.add_argument("--hidden", default="2048,1024",
@@ -99,12 +104,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data order of every method (default 0); the final accuracy of "
                              "one method moves by ~1.7 points from one data order to another")
     parser.add_argument("--round-epochs", type=int, default=None,
-                        help="epochs for diloco and async (default: --epochs); rounds send "
+                        help="epochs for diloco, streaming and async (default: --epochs); "
+                             "rounds send "
                              "little, so more epochs cost them compute time only")
     parser.add_argument("--target", type=float, default=0.95,
                         help="test accuracy to reach (default 0.95)")
     parser.add_argument("--inner-steps", type=int, default=10,
-                        help="diloco: steps per round (default 10)")
+                        help="diloco, streaming: steps per round (default 10)")
+    parser.add_argument("--fragments", type=int, default=2,
+                        help="streaming: fragments synced in turn (default 2)")
     parser.add_argument("--outer-lr", type=float, default=1.0,
                         help="diloco, async: outer learning rate (default 1: with momentum "
                              "0, the new model is the members' weighted mean)")
@@ -258,8 +266,8 @@ def measure(method: str, rate: float, run: str, devices: int, args: argparse.Nam
                   "hidden": parse_list(args.hidden, int, "--hidden"),
                   **{name: getattr(args, name) for name in (
                       "batch", "lr", "lr_schedule", "seed", "epochs", "inner_steps",
-                      "outer_lr", "outer_momentum", "round_seconds")}}
-        if method in ("diloco", "async") and args.round_epochs:
+                      "outer_lr", "outer_momentum", "round_seconds", "fragments")}}
+        if method in ("diloco", "streaming", "async") and args.round_epochs:
             config["epochs"] = args.round_epochs
         env = {**os.environ, **_THREADS, **SLOW_LINK_SETTINGS, "PYTHONUNBUFFERED": "1",
                "GLOO_SOCKET_IFNAME": "eth0"}

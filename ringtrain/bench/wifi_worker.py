@@ -53,9 +53,10 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def rounds_of(config: dict[str, Any]) -> DiLoCo | None:
     """The round settings of a method (None: synchronous)."""
     method = config["method"]
-    if method == "diloco":
+    if method in ("diloco", "streaming"):
         return DiLoCo(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
-                      momentum=config["outer_momentum"], compression="int4", overlap=True)
+                      momentum=config["outer_momentum"], compression="int4", overlap=True,
+                      fragments=config["fragments"] if method == "streaming" else 1)
     if method == "async":
         return DiLoCo(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
                       momentum=config["outer_momentum"], compression="int4",
