@@ -62,7 +62,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..node.node import Node, Work
-from ..ring.compression import Codec, check_supported, get_codec
+from ..ring.compression import get_codec
+from .fragments import Fragments
 from .optim import SGD, Optimizer
 from .sync import NonFiniteGradientError, array_names
 
@@ -149,19 +150,17 @@ class DiLoCo:
                 f"average_inner_state={self.average_inner_state} fragments={self.fragments}")
 
 
-def _fragments(size: int, count: int) -> list[slice]:
-    """``count`` contiguous slices of nearly equal length covering ``size`` elements."""
-    bounds = [size * i // count for i in range(count + 1)]
-    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
-
-
-def _part_of(outer: SGD, part: slice) -> SGD:
-    """An SGD stepping ``part`` of ``outer``'s parameters, with that part of its velocity
-    (views: what one fragment's step changes, ``outer`` holds)."""
-    fragment = SGD(outer.params[part], lr=outer.lr, momentum=outer.momentum,
-                   nesterov=outer.nesterov)
-    fragment.velocity = outer.velocity[part]
-    return fragment
+def _root_inner_state(mine: dict, names: list[str], scalars: list[str], arrays: np.ndarray,
+                      numbers: np.ndarray) -> dict:
+    """The root's inner optimizer state, from its arrays (``names``, each as long as the
+    parameters, one after another) and its scalars, typed as this member's own."""
+    state = dict(mine)
+    size = arrays.size // max(len(names), 1)
+    for index, name in enumerate(names):
+        state[name] = arrays[index * size:(index + 1) * size]
+    for name, value in zip(scalars, numbers, strict=True):
+        state[name] = int(value) if isinstance(mine[name], (int, np.integer)) else float(value)
+    return state
 
 
 def local_sgd(every: int) -> DiLoCo:
@@ -218,9 +217,6 @@ class Rounds:
         self.inner = inner
         self.settings = settings
         self.timeout = timeout
-        codec: Codec | None = get_codec(settings.compression)
-        if codec is not None:
-            check_supported(codec, params.dtype, "sum")
         self.anchor = params.copy()
         """The shared model: where every member's round starts."""
         self.outer = SGD(self.anchor, lr=settings.outer_lr, momentum=settings.momentum,
@@ -230,12 +226,8 @@ class Rounds:
         self.samples_total = 0
         """Samples in all completed rounds, every member's together (with fragments: in the
         rounds of the first fragment, which hold every step once)."""
-        self.parts = _fragments(params.size, settings.fragments)
-        """The fragments of the parameters, synced in turn (one: the whole)."""
-        self.codecs = [get_codec(settings.compression) for _ in self.parts]  # own residuals
-        self._outer_steps = [self.outer] if len(self.parts) == 1 else \
-            [_part_of(self.outer, part) for part in self.parts]
-        self.samples = np.zeros(len(self.parts), dtype=np.int64)  # per fragment: not submitted
+        # the parts of the parameters synced in turn (one: the whole), their unsent samples
+        self.fragments = Fragments(self.outer, settings.fragments, settings.compression)
         self.inner_steps = 0  # steps in this member's round so far
         self.round_started = time.monotonic()
         self._closes = 0  # asynchronous: rounds this member closed since the clock started
@@ -254,7 +246,8 @@ class Rounds:
     def unapplied(self) -> int:
         """Samples of this member's steps that no applied round holds yet (with fragments: in
         the fragment that waited longest)."""
-        return int(self.samples.max()) + (0 if self._pending is None else self._pending.samples)
+        return int(self.fragments.samples.max()) + \
+            (0 if self._pending is None else self._pending.samples)
 
     def round_due(self) -> bool:
         """Whether this member's round is over (its steps, or its time budget)."""
@@ -265,7 +258,7 @@ class Rounds:
             # deadline would evict a member that arrived rounds late)
             close = self.round_started + (self._closes + 1) * self.settings.round_seconds
             return self.inner_steps > 0 and time.monotonic() >= close
-        return self.inner_steps >= self.settings.inner_steps // len(self.parts)
+        return self.inner_steps >= self.settings.inner_steps // len(self.fragments.parts)
 
     def inner_step(self, grads: np.ndarray, samples: int, loss: float, step: int,
                    max_nonfinite: int) -> bool:
@@ -288,7 +281,7 @@ class Rounds:
                     f"rank {self.node.rank}: gradients were not finite for {self._nonfinite} "
                     f"local steps in a row, up to step {step} (generation "
                     f"{self.node.generation})", step=step, generation=self.node.generation)
-        self.samples += samples  # every fragment moved
+        self.fragments.samples += samples  # every part moved
         self.inner_steps += 1
         return applied
 
@@ -328,11 +321,12 @@ class Rounds:
         made since (every member calls this after the same applied round)."""
         if self._pending is not None:
             self._complete()
-        if len(self.parts) > 1:  # every fragment holds steps since its last round
-            for _ in self.parts:
+        parts = self.fragments.parts
+        if len(parts) > 1:  # every part holds steps since its last round
+            for _ in parts:
                 self._submit()
                 self._complete()
-        elif self.inner_steps or self.samples[0] or self.settings.asynchronous:
+        elif self.inner_steps or self.fragments.samples[0] or self.settings.asynchronous:
             self._submit()
             self._complete()
 
@@ -340,9 +334,10 @@ class Rounds:
         """Start this round's all-reduce: weight, re-form flag and the pseudo-gradient
         ``anchor - params`` (uncompressed: times the weight, in the same all-reduce;
         compressed: its share of the mean follows once the weights are in)."""
-        index = self.rounds_done % len(self.parts)  # the same on every member: lockstep
-        part = self.parts[index]
-        weight = float(self.samples[index])
+        fragments = self.fragments
+        index = self.rounds_done % len(fragments.parts)  # the same on every member: lockstep
+        part = fragments.parts[index]
+        weight = float(fragments.samples[index])
         buffer = self._buffer[:ROUND_CONTROL + part.stop - part.start]
         control, delta = buffer[:ROUND_CONTROL], buffer[ROUND_CONTROL:]
         np.subtract(self.anchor[part], self.params[part], out=delta)
@@ -355,7 +350,7 @@ class Rounds:
             weight = 0.0
         leaving = self.leaving  # read once: a signal may set it meanwhile
         control[:] = (weight, 1 if (leaving or self.node.reform_due) else 0)
-        compressed = self.codecs[index] is not None
+        compressed = fragments.codecs[index] is not None
         if compressed:
             weights = self.node.all_reduce_async(control, op="sum", timeout=self.timeout,
                                                  out=control)
@@ -372,9 +367,9 @@ class Rounds:
                 inner = self.node.all_reduce_many_async(
                     [a * weight for a in arrays], op="sum", timeout=self.timeout)
         self._pending = _Pending(weights, buffer, part, self.params[part].copy(),
-                                 int(self.samples[index]), leaving, inner, compressed)
+                                 int(fragments.samples[index]), leaving, inner, compressed)
         self._own_weight = weight
-        self.samples[index] = 0
+        fragments.samples[index] = 0
         self.inner_steps = 0
         self._closes += 1
 
@@ -394,7 +389,7 @@ class Rounds:
         if total > 0:
             delta = pending.buffer[ROUND_CONTROL:]
             delta *= self._own_weight / total
-            codec = self.codecs[self.parts.index(pending.part)]
+            codec = self.fragments.codecs[self.fragments.index(pending.part)]
             pending.mean = self.node.all_reduce_async(delta, op="sum", timeout=self.timeout,
                                                       compression=codec, out=delta)
 
@@ -421,7 +416,7 @@ class Rounds:
                     f"the mean pseudo-gradient of round {self.rounds_done + 1} is not finite "
                     f"(generation {self.node.generation}); lower the learning rates",
                     step=self.rounds_done + 1, generation=self.node.generation)
-            self._outer_step(part, delta)
+            self.fragments.outer_step(part, delta)
             if inner is not None:
                 state = self.inner.state_dict()
                 state.update({name: summed / total for name, summed in
@@ -430,18 +425,9 @@ class Rounds:
         # keep the steps made since submitting: params = new anchor + (params - snapshot)
         drift = np.subtract(self.params[part], pending.snapshot, out=pending.snapshot)
         np.add(self.anchor[part], drift, out=self.params[part])
-        if part is self.parts[0]:
+        if part is self.fragments.parts[0]:
             self.samples_total += int(round(total))
         self.rounds_done += 1
-
-    def _outer_step(self, part: slice, delta: np.ndarray) -> None:
-        """The outer optimizer's step on one fragment of the anchor (its hyperparameters are
-        the whole's, which a checkpoint may have loaded)."""
-        step = self._outer_steps[self.parts.index(part)]
-        if step is not self.outer:
-            step.lr, step.momentum, step.nesterov = \
-                self.outer.lr, self.outer.momentum, self.outer.nesterov
-        step.step(delta)
 
     # elastic recovery and checkpoints ---------------------------------------------------------
 
@@ -473,25 +459,19 @@ class Rounds:
         self.anchor[...] = flat[:size]
         self.outer.velocity[...] = flat[size:2 * size]
         self.rounds_done, self.samples_total = int(numbers[0]), int(numbers[1])
-        for codec in self.codecs:
-            if codec is not None:
-                codec.residuals.clear()  # they belong to an attempt that may not have landed
+        self.fragments.clear_residuals()
         if joined:
             self.params[...] = self.anchor
-            for index, name in enumerate(names):
-                inner_state[name] = flat[(2 + index) * size:(3 + index) * size]
-            for name, value in zip(scalars, numbers[2:], strict=True):
-                inner_state[name] = int(value) if isinstance(inner_state[name], (int, np.integer)) \
-                    else float(value)
-            self.inner.load_state_dict(inner_state)
-            self.samples[:] = 0
+            self.inner.load_state_dict(_root_inner_state(inner_state, names, scalars,
+                                                         flat[2 * size:], numbers[2:]))
+            self.fragments.samples[:] = 0
             self.inner_steps = 0
         elif behind and pending is not None:
             part = pending.part
             drift = np.subtract(self.params[part], pending.snapshot, out=pending.snapshot)
             np.add(self.anchor[part], drift, out=self.params[part])
         elif pending is not None:
-            self.samples[self.parts.index(pending.part)] += pending.samples
+            self.fragments.samples[self.fragments.index(pending.part)] += pending.samples
         log.info("rank %d: round state of rank %d adopted: %d rounds done%s", self.node.rank,
                  root, self.rounds_done,
                  "" if joined else f", {self.unapplied} samples of own steps kept for the next round")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ringtrain.errors import ConfigError
-from ringtrain.train.rounds import DiLoCo, _fragments
+from ringtrain.train.fragments import split
+from ringtrain.train.rounds import DiLoCo
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -24,7 +25,30 @@ def test_bad_settings_are_refused_naming_what_is_wrong(settings, message):
 
 
 def test_fragments_cover_the_parameters_once_in_nearly_equal_parts():
-    parts = _fragments(10, 3)
+    parts = split(10, 3)
     assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 10)]
-    assert _fragments(7, 1) == [slice(0, 7)]
+    assert split(7, 1) == [slice(0, 7)]
     assert "fragments=4" in DiLoCo(inner_steps=8, fragments=4).spec()
+
+
+def test_a_joiner_takes_the_roots_inner_state_typed_as_its_own():
+    import numpy as np
+
+    from ringtrain.train.optim import Adam
+    from ringtrain.train.rounds import _root_inner_state
+    from ringtrain.train.sync import array_names
+
+    params = np.zeros(3)
+    mine, root = Adam(params.copy(), lr=0.1), Adam(params.copy(), lr=0.1)
+    root.step(np.array([1.0, -2.0, 3.0]))
+    root.step(np.array([0.5, 0.5, 0.5]))
+    theirs = root.state_dict()
+    names = array_names(theirs)
+    scalars = sorted(name for name in theirs if name not in names)
+    state = _root_inner_state(mine.state_dict(), names, scalars,
+                              np.concatenate([theirs[name] for name in names]),
+                              np.array([float(theirs[name]) for name in scalars]))
+    mine.load_state_dict(state)
+    for name, value in root.state_dict().items():
+        np.testing.assert_array_equal(mine.state_dict()[name], value)
+        assert type(mine.state_dict()[name]) is type(value)
