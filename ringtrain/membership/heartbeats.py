@@ -41,11 +41,12 @@ class Heartbeats:
     def _send(self, now: float) -> None:
         m = self.m
         view = m.view
+        in_view = view is not None and not m.evicted
         beat = Heartbeat(view.lineage if view else "", view.generation if view else 0,
-                         view.members if view else (), view is not None and not m.evicted,
-                         m.sequence, m.leaving,
+                         view.members if view else (), in_view, m.sequence, m.leaving,
                          tuple(sorted(p for p, s in m.peers.items()
-                                      if m.alive(p, now)))[:MAX_MEMBERS])
+                                      if m.alive(p, now)))[:MAX_MEMBERS],
+                         in_view and view.world_size >= m.config.max_size)
         recent = 10 * m.config.suspect_timeout
         members, send = view.members if view else (), m.send
         for peer, state in m.peers.scan():
@@ -59,7 +60,7 @@ class Heartbeats:
             beat.members
         state.in_view, state.sequence, state.leaving = beat.in_view, beat.sequence, \
             beat.leaving
-        state.hears = frozenset(beat.hears)
+        state.hears, state.full = frozenset(beat.hears), beat.full
         m = self.m
         view = m.view
         if view is None or m.evicted:

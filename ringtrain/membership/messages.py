@@ -48,7 +48,9 @@ class Heartbeat:
     when it learnt it was left out of its lineage's newer views (it waits to be admitted);
     ``leaving`` True once it will leave after its current step (no next view includes it);
     ``hears`` the peers it heard from lately (a joiner is admitted once it hears every
-    member: then each admitted the other's HELLO, and their data is not dropped)."""
+    member: then each admitted the other's HELLO, and their data is not dropped); ``full``
+    True when its view has as many members as its ``--max-nodes`` (a joiner then waits for a
+    member to leave, and can say so)."""
 
     lineage: str
     generation: int
@@ -57,6 +59,7 @@ class Heartbeat:
     sequence: int  # the collective the sender is at (a stalled member lags)
     leaving: bool = False
     hears: tuple[str, ...] = ()
+    full: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ def from_body(body: dict, peer: str) -> Message:
     if kind is Heartbeat:
         return Heartbeat(get.lineage("lineage"), get.count("generation"),
                          get.ids("members"), get.flag("in_view"), get.count("sequence"),
-                         get.flag("leaving"), get.ids("hears"))
+                         get.flag("leaving"), get.ids("hears"),
+                         get.flag("full") if "full" in body else False)  # older peers: absent
     if kind is Prepare:
         return Prepare(get.lineage("lineage"), get.count("generation"), get.ballot("ballot"),
                        get.ids("wanted"))

@@ -31,6 +31,7 @@ class PeerState:
     left: bool = False  # it said Leave
     leaving: bool = False  # it leaves after its current step (its heartbeat says so)
     hears: frozenset[str] = frozenset()  # the peers it heard from lately (its heartbeat)
+    full: bool = False  # its view is at its --max-nodes (its heartbeat)
     removals: int = 0  # how often a view change removed it
     backoff_until: float = 0.0  # it may join again from then on
 

@@ -106,6 +106,7 @@ class Membership:
         self.reforming = False  # a view change is under way (we may propose)
         self.reform_due = False  # a suspect to drop, a joiner to admit (refreshed by tick)
         self.turned_away: tuple[str, ...] = ()  # joiners a full ring has no room for (tick)
+        self.full_ring: tuple[str, ...] = ()  # outside a ring: the members of a full one (tick)
         self.suspects: dict[str, str] = {}  # member -> why
         self.sequence = 0  # the collective we are at (told in heartbeats)
         self.waiting = ""  # why no view can be proposed now ("" if it can)
@@ -315,7 +316,11 @@ class Membership:
             self._instance.tick(now)
         if self.forming:
             self.reform_due, self.turned_away = False, ()
+            self.full_ring = next((state.members for peer, state in sorted(self.peers.items())
+                                   if state.full and state.in_ring and self.alive(peer, now)
+                                   and self.node_id not in state.members), ())
             return
+        self.full_ring = ()
         if installs != self.installs:
             gone = self.choice.lost_members()
         # a suspect, a member that does not survive (ViewChoice.survives, gone known), a joiner

@@ -116,6 +116,7 @@ class FlightRecorder:
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._members: tuple[str, ...] | None = None
         self._turned_away: set[str] = set()  # joiners told "the ring is full" about
+        self._full_ring: tuple[str, ...] = ()  # the full ring this node was told it waits for
         self.last_error: str | None = None
         self.collectives_total = 0
 
@@ -188,14 +189,21 @@ class FlightRecorder:
                    f"{view.generation} ({changes or 'same members'}){merged}",
                    joined=joined, left=left, met=list(met), **fields)
 
-    def turned_away(self, joiners: tuple[str, ...], max_size: int) -> None:
-        """Joiners a full ring has no room for (the membership's latest tick): one line for
-        each, when it starts waiting."""
+    def turned_away(self, joiners: tuple[str, ...], max_size: int,
+                    full_ring: tuple[str, ...]) -> None:
+        """A full ring, from the membership's latest tick: on a member, one line for each
+        joiner it has no room for, when it starts waiting; on a node outside, one line when
+        it finds the ring it would join full (``full_ring``: its members)."""
         for peer in sorted(set(joiners) - self._turned_away):
             self.event("full", f"{peer} asks to join, but the ring is full ({max_size} nodes, "
                        f"--max-nodes); it joins when a member leaves", peer=peer,
                        max_size=max_size)
         self._turned_away = set(joiners)
+        if full_ring and full_ring != self._full_ring:
+            self.event("full", f"the ring of {', '.join(full_ring)} is full ({len(full_ring)} "
+                       f"nodes, their --max-nodes); this node joins when a member leaves",
+                       members=list(full_ring))
+        self._full_ring = full_ring
 
     def suspected(self, peer: str, reason: str) -> None:
         """This node suspects ``peer`` of having failed (when a collective just failed, the

@@ -52,3 +52,29 @@ def test_a_peer_known_by_its_hello_alone_is_no_joiner_until_its_heartbeat():
     newer.receive("a", 1, Heartbeat("", 0, (), False, 0, hears=("b",)), 0.7)
     newer.tick(0.8)
     assert newer.reform_due  # a node in no ring that hears every member does
+
+
+def test_a_full_ring_says_so_in_its_heartbeats_and_a_node_outside_learns_whose_ring_it_is():
+    """A member whose view has --max-nodes members marks its heartbeats full; a node in no
+    ring that hears such a heartbeat (a ring without it) knows it waits for a member to leave
+    (``full_ring``), and forgets it once that ring has room again."""
+    from ringtrain.membership.messages import Heartbeat
+    from ringtrain.membership.protocol import Membership, MembershipConfig
+
+    member = Membership("a", 1, MembershipConfig(max_size=1))
+    member.start_alone(0.0)
+    assert member.hello("c", 1, "10.0.0.3:7077", 0.1)
+    member.take_sends()
+    member.tick(0.3)
+    beats = [s.message for s in member.take_sends() if isinstance(s.message, Heartbeat)]
+    assert beats and all(beat.full for beat in beats)
+    assert member.turned_away == ()  # "c" is not a joiner before its heartbeat says so
+
+    outside = Membership("c", 1, MembershipConfig())
+    assert outside.hello("a", 1, "10.0.0.1:7077", 0.1)
+    outside.receive("a", 1, beats[0], 0.2)
+    outside.tick(0.3)
+    assert outside.full_ring == ("a",)
+    outside.receive("a", 1, Heartbeat(beats[0].lineage, 1, ("a",), True, 0), 0.4)
+    outside.tick(0.5)
+    assert outside.full_ring == ()
