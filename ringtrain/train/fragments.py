@@ -12,7 +12,7 @@ from .optim import SGD
 def split(size: int, count: int) -> list[slice]:
     """``count`` contiguous slices of nearly equal length covering ``size`` elements."""
     bounds = [size * i // count for i in range(count + 1)]
-    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:], strict=False)]
 
 
 class Fragments:

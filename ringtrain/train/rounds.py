@@ -474,7 +474,8 @@ class Rounds:
             self.fragments.samples[self.fragments.index(pending.part)] += pending.samples
         log.info("rank %d: round state of rank %d adopted: %d rounds done%s", self.node.rank,
                  root, self.rounds_done,
-                 "" if joined else f", {self.unapplied} samples of own steps kept for the next round")
+                 "" if joined else
+                 f", {self.unapplied} samples of own steps kept for the next round")
 
     def outer_state(self) -> dict[str, np.ndarray | int | float]:
         """The shared round state: the outer optimizer's state and the round count."""

@@ -114,7 +114,8 @@ def _streaming_replay(batches: list[list[list[int]]]) -> np.ndarray:
         since[:, (synced - 1) % FRAGMENTS] = 0
         if weights.sum() == 0:
             return
-        delta = sum(w * (anchor[part] - m.params[part]) for w, m in zip(weights, members))
+        delta = sum(w * (anchor[part] - m.params[part])
+                    for w, m in zip(weights, members, strict=True))
         delta /= weights.sum()
         velocity[part] = 0.9 * velocity[part] + delta
         anchor[part] -= 0.7 * (delta + 0.9 * velocity[part])
@@ -122,8 +123,8 @@ def _streaming_replay(batches: list[list[list[int]]]) -> np.ndarray:
             m.params[part] = anchor[part]
 
     for step in range(STREAM_STEPS):
-        for m, optimizer, cut in zip(members, inner, (b[step] for b in batches)):
-            loss, grad_out = softmax_cross_entropy(m.forward(x[cut]), y[cut])
+        for m, optimizer, cut in zip(members, inner, (b[step] for b in batches), strict=True):
+            _, grad_out = softmax_cross_entropy(m.forward(x[cut]), y[cut])
             m.backward(grad_out, input_grad=False)
             optimizer.step(m.grads)
             since[members.index(m)] += len(cut)
