@@ -472,10 +472,9 @@ class Rounds:
             np.add(self.anchor[part], drift, out=self.params[part])
         elif pending is not None:
             self.fragments.samples[self.fragments.index(pending.part)] += pending.samples
+        kept = "" if joined else f", {self.unapplied} samples of own steps kept for the next round"
         log.info("rank %d: round state of rank %d adopted: %d rounds done%s", self.node.rank,
-                 root, self.rounds_done,
-                 "" if joined else
-                 f", {self.unapplied} samples of own steps kept for the next round")
+                 root, self.rounds_done, kept)
 
     def outer_state(self) -> dict[str, np.ndarray | int | float]:
         """The shared round state: the outer optimizer's state and the round count."""
