@@ -205,8 +205,8 @@ class Engine:
         for peer, reason in self.mailbox.take_offenders().items():
             self.membership.protocol.suspect(peer, reason)  # keeps sending garbage
         self.membership.tick()
-        full = self.membership.protocol  # whom its full ring turns away, or this node
-        self.runner.recorder.turned_away(full.turned_away, full.config.max_size, full.full_ring)
+        m = self.membership.protocol  # a full ring: joiners it turns away, or keeps out
+        self.runner.recorder.ring_full(m.turned_away, m.config.max_size, m.full_ring)
         if self.gate is not None:
             self.gate.tick()
         if self.wrong_key is not None:

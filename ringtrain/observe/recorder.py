@@ -189,8 +189,8 @@ class FlightRecorder:
                    f"{view.generation} ({changes or 'same members'}){merged}",
                    joined=joined, left=left, met=list(met), **fields)
 
-    def turned_away(self, joiners: tuple[str, ...], max_size: int,
-                    full_ring: tuple[str, ...]) -> None:
+    def ring_full(self, joiners: tuple[str, ...], max_size: int,
+                  full_ring: tuple[str, ...]) -> None:
         """A full ring, from the membership's latest tick: on a member, one line for each
         joiner it has no room for, when it starts waiting; on a node outside, one line when
         it finds the ring it would join full (``full_ring``: its members)."""

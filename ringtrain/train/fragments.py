@@ -39,14 +39,10 @@ class Fragments:
         self._steps = [outer] if count == 1 else [_part_of(outer, part) for part in self.parts]
         self.samples = np.zeros(count, dtype=np.int64)
 
-    def index(self, part: slice) -> int:
-        """Which part ``part`` is."""
-        return self.parts.index(part)
-
-    def outer_step(self, part: slice, delta: np.ndarray) -> None:
-        """The outer optimizer's step on one part of the anchor (with the whole's
+    def outer_step(self, index: int, delta: np.ndarray) -> None:
+        """The outer optimizer's step on part ``index`` of the anchor (with the whole's
         hyperparameters, which a checkpoint may have loaded)."""
-        step = self._steps[self.index(part)]
+        step = self._steps[index]
         if step is not self.outer:
             step.lr, step.momentum, step.nesterov = \
                 self.outer.lr, self.outer.momentum, self.outer.nesterov

@@ -181,7 +181,7 @@ class _Pending:
 
     weights: Work  # the control values (uncompressed: and the weighted pseudo-gradient)
     buffer: np.ndarray  # the control values, then the fragment's pseudo-gradient
-    part: slice  # the fragment of the parameters this round carries
+    index: int  # the fragment of the parameters this round carries
     snapshot: np.ndarray  # the fragment as submitted (anchor - snapshot travels)
     samples: int  # the samples in it
     leaving: bool
@@ -321,9 +321,8 @@ class Rounds:
         made since (every member calls this after the same applied round)."""
         if self._pending is not None:
             self._complete()
-        parts = self.fragments.parts
-        if len(parts) > 1:  # every part holds steps since its last round
-            for _ in parts:
+        if len(self.fragments.parts) > 1:  # every part holds steps since its last round
+            for _ in self.fragments.parts:
                 self._submit()
                 self._complete()
         elif self.inner_steps or self.fragments.samples[0] or self.settings.asynchronous:
@@ -366,7 +365,7 @@ class Rounds:
             if arrays:  # a weight of 0 everywhere leaves them as they are (see _complete)
                 inner = self.node.all_reduce_many_async(
                     [a * weight for a in arrays], op="sum", timeout=self.timeout)
-        self._pending = _Pending(weights, buffer, part, self.params[part].copy(),
+        self._pending = _Pending(weights, buffer, index, self.params[part].copy(),
                                  int(fragments.samples[index]), leaving, inner, compressed)
         self._own_weight = weight
         fragments.samples[index] = 0
@@ -389,9 +388,9 @@ class Rounds:
         if total > 0:
             delta = pending.buffer[ROUND_CONTROL:]
             delta *= self._own_weight / total
-            codec = self.fragments.codecs[self.fragments.index(pending.part)]
-            pending.mean = self.node.all_reduce_async(delta, op="sum", timeout=self.timeout,
-                                                      compression=codec, out=delta)
+            pending.mean = self.node.all_reduce_async(
+                delta, op="sum", timeout=self.timeout,
+                compression=self.fragments.codecs[pending.index], out=delta)
 
     def _complete(self) -> None:
         """Wait for the pending round, step the anchor, keep the steps made since."""
@@ -403,7 +402,6 @@ class Rounds:
             pending.mean.wait()
         inner = None if pending.inner is None else pending.inner.wait()
         self._pending = None
-        part = pending.part
         control, delta = pending.buffer[:ROUND_CONTROL], pending.buffer[ROUND_CONTROL:]
         total = float(control[0])
         self.reform_agreed = bool(control[1] != 0)
@@ -416,18 +414,22 @@ class Rounds:
                     f"the mean pseudo-gradient of round {self.rounds_done + 1} is not finite "
                     f"(generation {self.node.generation}); lower the learning rates",
                     step=self.rounds_done + 1, generation=self.node.generation)
-            self.fragments.outer_step(part, delta)
+            self.fragments.outer_step(pending.index, delta)
             if inner is not None:
                 state = self.inner.state_dict()
                 state.update({name: summed / total for name, summed in
                               zip(array_names(state), inner, strict=True)})
                 self.inner.load_state_dict(state)
-        # keep the steps made since submitting: params = new anchor + (params - snapshot)
-        drift = np.subtract(self.params[part], pending.snapshot, out=pending.snapshot)
-        np.add(self.anchor[part], drift, out=self.params[part])
-        if part is self.fragments.parts[0]:
+        self._keep_drift(pending)
+        if pending.index == 0:
             self.samples_total += int(round(total))
         self.rounds_done += 1
+
+    def _keep_drift(self, pending: _Pending) -> None:
+        """Keep the steps made since submitting ``pending``: params = anchor + drift."""
+        part = self.fragments.parts[pending.index]
+        drift = np.subtract(self.params[part], pending.snapshot, out=pending.snapshot)
+        np.add(self.anchor[part], drift, out=self.params[part])
 
     # elastic recovery and checkpoints ---------------------------------------------------------
 
@@ -467,11 +469,9 @@ class Rounds:
             self.fragments.samples[:] = 0
             self.inner_steps = 0
         elif behind and pending is not None:
-            part = pending.part
-            drift = np.subtract(self.params[part], pending.snapshot, out=pending.snapshot)
-            np.add(self.anchor[part], drift, out=self.params[part])
+            self._keep_drift(pending)
         elif pending is not None:
-            self.fragments.samples[self.fragments.index(pending.part)] += pending.samples
+            self.fragments.samples[pending.index] += pending.samples
         kept = "" if joined else f", {self.unapplied} samples of own steps kept for the next round"
         log.info("rank %d: round state of rank %d adopted: %d rounds done%s", self.node.rank,
                  root, self.rounds_done, kept)

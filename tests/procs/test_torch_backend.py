@@ -229,14 +229,7 @@ def test_ddp_on_the_ring_equals_one_process_with_the_global_batch():
     members = on_ring(lambda group: (train(group, False), train(group, True)))
     results = [exact for exact, _ in members]
     compressed = [int8 for _, int8 in members]
-    oracle = model()
-    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1, momentum=0.9)
-    for step in range(5):
-        optimizer.zero_grad()
-        batch = slice(step * SIZE * 4, (step + 1) * SIZE * 4)
-        torch.nn.functional.cross_entropy(oracle(x[batch]), y[batch]).backward()
-        optimizer.step()
-    expected = torch.cat([p.detach().reshape(-1) for p in oracle.parameters()])
+    expected = _full_batch_sgd(model(), x, y, steps=5, momentum=0.9)
     for result in results:
         assert torch.equal(result, results[0])
         assert torch.allclose(result, expected, atol=1e-12)
@@ -244,6 +237,18 @@ def test_ddp_on_the_ring_equals_one_process_with_the_global_batch():
     for result in compressed:
         assert torch.equal(result, compressed[0])
     assert (compressed[0].double() - expected).abs().max() < 2e-2
+
+
+def _full_batch_sgd(net, x, y, steps, momentum):
+    """The parameters ``net`` ends with after ``steps`` SGD steps (lr 0.1) on the global
+    batches of SIZE x 4 samples, in one process: what the ring's members must reach."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=momentum)
+    for step in range(steps):
+        optimizer.zero_grad()
+        batch = slice(step * SIZE * 4, (step + 1) * SIZE * 4)
+        torch.nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+        optimizer.step()
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
 # --- slow links: torch DiLoCo through the group -----------------------------------------------
@@ -326,14 +331,7 @@ def test_torch_diloco_rounds_equal_the_rounds_computed_in_one_process():
             expected = torch.cat([a.detach().reshape(-1) for a in anchor])
             assert torch.allclose(got[round_ + 1], expected, atol=1e-12), round_
     # H = 1, plain outer step: the synchronous full-batch SGD step
-    oracle = copy.deepcopy(NETS[0])
-    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1)
-    for step in range(6):
-        optimizer.zero_grad()
-        batch = slice(step * SIZE * 4, (step + 1) * SIZE * 4)
-        torch.nn.functional.cross_entropy(oracle(x[batch]), y[batch]).backward()
-        optimizer.step()
-    expected = torch.cat([p.detach().reshape(-1) for p in oracle.parameters()])
+    expected = _full_batch_sgd(copy.deepcopy(NETS[0]), x, y, steps=6, momentum=0.0)
     assert torch.allclose(members[0][1][-1], expected, atol=1e-12)
 
 
