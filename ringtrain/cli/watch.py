@@ -8,6 +8,7 @@ and the observer (status server, flight-recorder dumps, metrics, timeline).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import threading
@@ -104,10 +105,25 @@ def status_listen(options: LaunchOptions, port: int | None) -> str | None:
     return f"{host}:{port}"
 
 
+class _FullRing(logging.Handler):
+    """The members of the last full ring this node's membership found it cannot join (its
+    "full" event), so the waiting line says why the node waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.members: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "ringtrain_event", None)
+        if event is not None and event.get("event") == "full" and "members" in event:
+            self.members = list(event["members"])
+
+
 class WaitReporter:
     """While the ring forms: every few seconds one line saying who this node sees and what
     it waits for; after ``diagnose_after`` seconds, why it cannot see the others (the checks
-    of ``ringtrain doctor``), again whenever the findings change."""
+    of ``ringtrain doctor``), again whenever the findings change. A node that found the
+    ring full waits for a place instead, and says so."""
 
     def __init__(self, options: LaunchOptions, diagnose_after: float):
         self.options = options
@@ -115,9 +131,11 @@ class WaitReporter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ringtrain-waiting",
                                         daemon=True)
+        self._full = _FullRing()
         self.started = time.monotonic()
 
     def __enter__(self) -> WaitReporter:
+        logging.getLogger(output.EVENTS_LOGGER).addHandler(self._full)
         self._thread.start()
         return self
 
@@ -125,6 +143,7 @@ class WaitReporter:
         # a diagnosis in flight must not hold up the node: it notices the stop and says
         # nothing more
         self._stop.set()
+        logging.getLogger(output.EVENTS_LOGGER).removeHandler(self._full)
 
     def _run(self) -> None:
         options = self.options
@@ -136,11 +155,19 @@ class WaitReporter:
         next_diagnosis = self.started + self.diagnose_after
         while not self._stop.wait(REPORT_EVERY):
             waited = time.monotonic() - self.started
+            full = self._full.members
+            if full:  # the peers are seen: the reason is known, no diagnosis needed
+                output.event("waiting", f"waiting for a place ({waited:.0f} s): the ring of "
+                             f"{', '.join(full)} is full ({len(full)} nodes, their "
+                             f"--max-nodes); this node joins when a member leaves (Ctrl-C "
+                             f"to stop)", waited=round(waited, 1), full_ring=full)
+                continue
             if time.monotonic() >= next_diagnosis:
                 next_diagnosis = time.monotonic() + 6 * REPORT_EVERY
                 try:
                     findings = diagnose(options.job, key, options.interface, options.peers,
-                                        seconds=2.0, timeout=2.0, mdns=options.discovery)
+                                        seconds=2.0, timeout=2.0, mdns=options.discovery,
+                                        own_port=options.port)
                 except RingtrainError as exc:
                     output.event("diagnosis", f"could not run the checks: {exc}")
                     continue

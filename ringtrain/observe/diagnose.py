@@ -118,10 +118,22 @@ def _advert_endpoints(advert: Advert) -> list[str]:
     return [f"{address}:{advert.port}" for address in advert.addresses]
 
 
+def _is_this_node(endpoint: str, own_port: int | None) -> bool:
+    """Whether ``endpoint`` is this host on the node's own port: the node itself (every node
+    may be given the same --peer list, and its own advert comes back by mDNS)."""
+    host, _, port = endpoint.rpartition(":")
+    if not own_port or port != str(own_port):
+        return False
+    return host == "localhost" or host.startswith("127.") or any(
+        host in ips for _, ips in interface_table())
+
+
 def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
-                peers: Sequence[str], timeout: float) -> list[Finding]:
+                peers: Sequence[str], timeout: float,
+                own_port: int | None = None) -> list[Finding]:
     """Adverts of ``job`` with another key; then a connection and a handshake to every
-    advert with our key and every named peer."""
+    advert with our key and every named peer but this node itself (``own_port``: its port;
+    None or 0: unknown)."""
     findings = []
     fingerprint = key.fingerprint if key is not None else ""
     ours = [a for a in adverts if a.job == job]
@@ -136,7 +148,8 @@ def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
                 "and copy that file to every device (--key-file job.key)"))
     targets = [(a.node_id, e) for a in ours if a.key_fingerprint == fingerprint
                for e in _advert_endpoints(a)[:1]]
-    targets += [(None, split_pin(p)[1]) for p in peers]  # a pin is the node's to check
+    targets += [(None, endpoint) for endpoint in (split_pin(p)[1] for p in peers)
+                if not _is_this_node(endpoint, own_port)]  # a pin is the node's to check
     results: dict[str, str] = {}
 
     def probe(endpoint: str) -> None:
@@ -178,7 +191,8 @@ def check_peers(job: str, key: JobKey | None, adverts: Sequence[Advert],
 
 def diagnose(job: str, key: JobKey | None, interface: str | None = None,
              peers: Sequence[str] = (), seconds: float = 3.0, timeout: float = 3.0,
-             adverts: Sequence[Advert] | None = None, mdns: bool = True) -> list[Finding]:
+             adverts: Sequence[Advert] | None = None, mdns: bool = True,
+             own_port: int | None = None) -> list[Finding]:
     """Run every check; the findings, causes first and peers that are fine last.
 
     Args:
@@ -191,9 +205,12 @@ def diagnose(job: str, key: JobKey | None, interface: str | None = None,
         adverts: adverts already seen on the chosen interface (skips listening there).
         mdns: False for a node that does not use discovery: only its peers are checked
             (no multicast is sent anywhere).
+        own_port: the port of the node that asks (None: ``ringtrain doctor``, no node):
+            this host on that port is the node itself, not a peer.
     """
     if not mdns:
-        return sorted(check_peers(job, key, (), peers, timeout), key=lambda f: f.cause == "ok")
+        return sorted(check_peers(job, key, (), peers, timeout, own_port),
+                      key=lambda f: f.cause == "ok")
     table = interface_table()
     chosen = chosen_interfaces(interface, table)
     findings: list[Finding] = []
@@ -224,7 +241,8 @@ def diagnose(job: str, key: JobKey | None, interface: str | None = None,
     for thread in threads:
         thread.join(seconds + 10.0)
     here = list(adverts) if adverts is not None else seen.get("\0chosen", [])
-    ours = [a for a in here if a.job == job]
+    ours = [a for a in here if a.job == job
+            and not any(_is_this_node(e, own_port) for e in _advert_endpoints(a))]
     if not ours:
         where = ", ".join(f"{n} ({' '.join(ips)})" for n, ips in chosen) or "no interface"
         elsewhere = {n: [a for a in seen.get(n, []) if a.job == job] for n, _ in others}
@@ -262,5 +280,5 @@ def diagnose(job: str, key: JobKey | None, interface: str | None = None,
                 f"{seconds:.0f} s (interfaces here: {describe_interfaces(table)})",
                 "start ringtrain node on the other devices of the same LAN; pick the LAN's "
                 "interface with --interface NAME; or name peers with --peer HOST:PORT"))
-    findings += check_peers(job, key, ours, peers, timeout)
+    findings += check_peers(job, key, ours, peers, timeout, own_port)
     return sorted(findings, key=lambda f: f.cause == "ok")
