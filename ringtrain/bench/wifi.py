@@ -38,8 +38,10 @@ accuracy at the end of the epochs (missing when the time limit cut the run: sync
 methods compute the same steps at every rate, so their final accuracy is that of the fastest
 rate). "samples/s" counts every device's training samples per second of the run; "scaling"
 is that over 4 x a single device's (one device of the same budget training alone, no
-communication; the median of ``--alone-runs`` runs, which differ by up to ~10 % here):
-weak-scaling efficiency.
+communication, measured just before each rate's methods: ``--alone-runs`` runs, the median):
+weak-scaling efficiency. "ring CPU" is the devices' mean share of their CPU time spent off
+the training thread (the node's engine, ZeroMQ's I/O: encryption, codecs, the protocol):
+it comes out of the same budget as training, so it is most of what scaling loses.
 """
 
 from __future__ import annotations
@@ -122,8 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hundreds of steps)")
     parser.add_argument("--round-seconds", type=float, default=2.0,
                         help="async: seconds of stepping per round (default 2)")
-    parser.add_argument("--alone-runs", type=int, default=3,
-                        help="runs of the single device the scaling divides by (default 3)")
+    parser.add_argument("--alone-runs", type=int, default=1,
+                        help="runs of the single device the scaling divides by, before each "
+                             "rate's methods (default 1)")
     parser.add_argument("--time-limit", type=float, default=100.0,
                         help="seconds of training after which a run is stopped (default 100)")
     parser.add_argument("--png", default=None,
@@ -158,6 +161,8 @@ class Curve:
     finished: bool = False
     samples: int = 0  # every device's training samples (finished runs)
     seconds: float = 0.0  # the run's length on rank 0's clock (finished runs)
+    ring_cpu: float | None = None  # devices' mean CPU share off the main thread (ringtrain)
+    single: float | None = None  # samples/s of one device alone, measured before this run
     failed: str = ""  # why the run failed (empty: it did not)
 
     def time_to(self, target: float) -> float | None:
@@ -187,18 +192,18 @@ def ratio_text(reference: Curve | None, curve: Curve, target: float, limit: floa
     return f"{theirs / mine:.1f}x"
 
 
-def table(curves: list[Curve], target: float, limit: float, single: float | None) -> str:
+def table(curves: list[Curve], target: float, limit: float) -> str:
     """The result table, Markdown."""
-    lines = ["| run | Mbit/s | method | to target s | vs DDP | final | samples/s | scaling |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | Mbit/s | method | to target s | vs DDP | final | samples/s | scaling | "
+             "ring CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for curve in curves:
         reference = next((c for c in curves if c.method == "ddp" and c.rate == curve.rate
                           and c.run == curve.run), None)
         reached = curve.time_to(target)
-        throughput = curve.throughput
+        throughput, single = curve.throughput, curve.single
         if curve.failed:
             lines.append(f"| {curve.run} | {curve.rate:g} | {curve.method} | failed: "
-                         f"{curve.failed[:60]} | | | | |")
+                         f"{curve.failed[:60]} | | | | | |")
             continue
         lines.append(
             f"| {curve.run} | {curve.rate:g} | {curve.method} | "
@@ -206,7 +211,8 @@ def table(curves: list[Curve], target: float, limit: float, single: float | None
             f"{ratio_text(reference, curve, target, limit) if curve.method != 'ddp' else '1'} | "
             f"{f'{curve.final:.3f}' if curve.final is not None else '-'} | "
             f"{f'{throughput:.0f}' if throughput else '-'} | "
-            f"{f'{throughput / (DEVICES * single):.2f}' if throughput and single else '-'} |")
+            f"{f'{throughput / (DEVICES * single):.2f}' if throughput and single else '-'} | "
+            f"{f'{curve.ring_cpu:.0%}' if curve.ring_cpu is not None else '-'} |")
     return "\n".join(lines)
 
 
@@ -313,6 +319,8 @@ def measure(method: str, rate: float, run: str, devices: int, args: argparse.Nam
             summaries = [json.loads(line[len(DONE):]) for line in done]
             curve.finished = True
             curve.samples = sum(s["samples"] for s in summaries)
+            shares = [s["ring_cpu"] for s in summaries if "ring_cpu" in s]
+            curve.ring_cpu = statistics.mean(shares) if shares else None
             # rank 0's clock: it alone stops while it evaluates (the others go on, or wait)
             curve.seconds = json.loads(first[len(DONE):])["seconds"] if first else 0.0
     return curve
@@ -342,14 +350,9 @@ def run(args: argparse.Namespace) -> int:
     curves: list[Curve] = []
     with tempfile.TemporaryDirectory(prefix="ringtrain-wifi-") as tmp:
         key_file = write_key_file(Path(tmp) / "job.key", JobKey.generate())
-        alone = sorted(filter(None, (measure("diloco", rates[0], "even", 1, args,
-                                             key_file).throughput
-                                     for _ in range(max(1, args.alone_runs)))))
-        single = statistics.median(alone) if alone else None  # a failed run counts as none
-        print(f"  one device alone: {single or 0:.0f} samples/s (median of "
-              f"{', '.join(f'{value:.0f}' for value in alone)})", flush=True)
         for run_kind in runs:
             for rate in rates:
+                single = alone_throughput(args, key_file)
                 for method in methods:
                     try:
                         curve = measure(method, rate, run_kind, DEVICES, args, key_file)
@@ -357,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
                         print(f"  {run_kind} {rate:g} Mbit/s {method}: FAILED: "
                               f"{str(exc).splitlines()[-1][:300]}", flush=True)
                         curve = Curve(method, rate, run_kind, failed=str(exc).splitlines()[0])
+                    curve.single = single
                     curves.append(curve)
                     reached = curve.time_to(args.target)
                     print(f"  {run_kind} {rate:g} Mbit/s {method}: to target "
@@ -364,13 +368,25 @@ def run(args: argparse.Namespace) -> int:
                           f"{curve.points[-1][1] if curve.points else math.nan:.3f}"
                           f"{'' if curve.finished else ' (cut at the time limit)'}",
                           flush=True)
-    print(table(curves, args.target, args.time_limit, single))
+    print(table(curves, args.target, args.time_limit))
     if args.json:
         Path(args.json).write_text(json.dumps([vars(c) for c in curves]))
     if args.png:
         plot(curves, args.target, args.png)
         print(f"wrote {args.png}")
     return 0
+
+
+def alone_throughput(args: argparse.Namespace, key_file: Path) -> float | None:
+    """Samples/s of one device of the budget training alone (no ring): the median of
+    ``--alone-runs`` runs, measured before each rate's methods, so that the host's speed of
+    the moment divides the scaling (it moved one device by up to ~25 % between runs)."""
+    alone = sorted(filter(None, (measure("diloco", 1000.0, "even", 1, args, key_file).throughput
+                                 for _ in range(max(1, args.alone_runs)))))
+    single = statistics.median(alone) if alone else None  # a failed run counts as none
+    print(f"  one device alone: {single or 0:.0f} samples/s (median of "
+          f"{', '.join(f'{value:.0f}' for value in alone)})", flush=True)
+    return single
 
 
 def _interrupt(signum: int, frame: object) -> None:
