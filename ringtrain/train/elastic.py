@@ -90,6 +90,8 @@ class Recovery:
             return
         try:
             trainer.optimizer.start()
+            if trainer.rounds is not None:
+                trainer.rounds.begin()
         except PeerFailedError as exc:  # a member failed (or was starved) at the start
             log.warning("rank %d: the start failed (%s); re-forming the ring",
                         trainer.node.rank, exc)

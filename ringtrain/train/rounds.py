@@ -88,6 +88,10 @@ class DiLoCo:
         overlap: keep stepping while the round's all-reduce travels.
         round_seconds: asynchronous rounds: close each round after this many seconds of
             stepping, whatever the step count (implies ``overlap``).
+        warmup_rounds: asynchronous rounds: the first this many are shorter,
+            ``round_seconds / 2**warmup_rounds`` doubling up to ``round_seconds``: the
+            members' models drift apart fastest early in training, so they are averaged
+            more often then (post-local SGD's warm-up, on the rounds' clock).
         average_inner_state: also average the inner optimizers' arrays at every round (local
             SGD; not with ``overlap``).
         fragments: sync the parameters in this many fragments, one every ``inner_steps /
@@ -104,6 +108,7 @@ class DiLoCo:
     round_seconds: float | None = None
     average_inner_state: bool = False
     fragments: int = 1
+    warmup_rounds: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) \
@@ -126,6 +131,11 @@ class DiLoCo:
                 or self.fragments < 1 or self.inner_steps % self.fragments:
             raise ConfigError(f"fragments must be a positive divisor of inner_steps "
                               f"({self.inner_steps}), got {self.fragments!r}")
+        if isinstance(self.warmup_rounds, bool) or not isinstance(self.warmup_rounds, int) \
+                or not 0 <= self.warmup_rounds <= 10 \
+                or (self.warmup_rounds and not self.asynchronous):
+            raise ConfigError(f"warmup_rounds must be an integer in [0, 10], with "
+                              f"round_seconds; got {self.warmup_rounds!r}")
         if self.fragments > 1 and (self.asynchronous or self.average_inner_state):
             raise ConfigError("fragments need lockstep rounds: not with round_seconds or "
                               "average_inner_state")
@@ -141,12 +151,24 @@ class DiLoCo:
         """Whether rounds close on a time budget (members make different step counts)."""
         return self.round_seconds is not None
 
+    def seconds_until(self, first: int, count: int) -> float:
+        """Asynchronous rounds: seconds of stepping from the start of round ``first`` (the
+        rounds' clock starts there) to the end of the ``count``-th round after it."""
+        assert self.round_seconds is not None
+
+        def total(rounds: int) -> float:  # the length of rounds 0 .. rounds-1
+            short = min(rounds, self.warmup_rounds)
+            return ((2 ** short - 1) / 2 ** self.warmup_rounds + rounds - short) \
+                * self.round_seconds
+
+        return total(first + count) - total(first)
+
     def spec(self) -> str:
         """The settings as members agree on them."""
         return (f"inner_steps={self.inner_steps} outer=sgd(lr={self.outer_lr:g}, "
                 f"momentum={self.momentum:g}, nesterov={self.nesterov}) "
                 f"compression={self.compression} overlap={self.overlapped} "
-                f"round_seconds={self.round_seconds} "
+                f"round_seconds={self.round_seconds} warmup_rounds={self.warmup_rounds} "
                 f"average_inner_state={self.average_inner_state} fragments={self.fragments}")
 
 
@@ -167,6 +189,21 @@ def local_sgd(every: int) -> DiLoCo:
     """Local SGD: average parameters and inner optimizer arrays every ``every`` steps."""
     return DiLoCo(inner_steps=every, outer_lr=1.0, momentum=0.0, nesterov=False,
                   average_inner_state=True)
+
+
+@dataclass
+class _RoundClock:
+    """Asynchronous rounds' clock: started at the same collective on every member (the
+    start, a re-form), at round ``first``; ``closes``: rounds this member closed since."""
+
+    started: float
+    first: int = 0
+    closes: int = 0
+
+    def due(self, settings: DiLoCo) -> bool:
+        """Whether this member's current round has had its seconds of stepping."""
+        return time.monotonic() >= self.started + settings.seconds_until(self.first,
+                                                                          self.closes + 1)
 
 
 @dataclass
@@ -229,8 +266,7 @@ class Rounds:
         # the parts of the parameters synced in turn (one: the whole), their unsent samples
         self.fragments = Fragments(self.outer, settings.fragments, settings.compression)
         self.inner_steps = 0  # steps in this member's round so far
-        self.round_started = time.monotonic()
-        self._closes = 0  # asynchronous: rounds this member closed since the clock started
+        self.clock = _RoundClock(time.monotonic())
         self._nonfinite = 0  # inner steps skipped in a row
         self.reform_agreed = False
         """Whether the last applied round carried a request to re-form (on every member)."""
@@ -241,6 +277,11 @@ class Rounds:
         self._buffer = np.empty(ROUND_CONTROL + params.size, dtype=params.dtype)
         self._pending: _Pending | None = None
         self._own_weight = 0.0  # this member's weight in the pending round
+
+    def begin(self) -> None:
+        """A new ring's start: rank 0's parameters, now every member's, are the anchor."""
+        self.anchor[...] = self.params
+        self.clock = _RoundClock(time.monotonic())
 
     @property
     def unapplied(self) -> int:
@@ -253,11 +294,9 @@ class Rounds:
         """Whether this member's round is over (its steps, or its time budget)."""
         if self.settings.round_seconds is not None:
             # every member closes round k at the same time on its own clock, started at the
-            # same collective: their all-reduces start within one step of each other, so a
-            # member waits in none longer than a step of the slowest (the ring's progress
-            # deadline would evict a member that arrived rounds late)
-            close = self.round_started + (self._closes + 1) * self.settings.round_seconds
-            return self.inner_steps > 0 and time.monotonic() >= close
+            # same collective, so their all-reduces start within a step of one another (the
+            # ring's progress deadline would evict a member that arrived rounds late)
+            return self.inner_steps > 0 and self.clock.due(self.settings)
         return self.inner_steps >= self.settings.inner_steps // len(self.fragments.parts)
 
     def inner_step(self, grads: np.ndarray, samples: int, loss: float, step: int,
@@ -321,11 +360,9 @@ class Rounds:
         made since (every member calls this after the same applied round)."""
         if self._pending is not None:
             self._complete()
-        if len(self.fragments.parts) > 1:  # every part holds steps since its last round
-            for _ in self.fragments.parts:
-                self._submit()
-                self._complete()
-        elif self.inner_steps or self.fragments.samples[0] or self.settings.asynchronous:
+        last = len(self.fragments.parts) > 1 or self.inner_steps or \
+            self.fragments.samples[0] or self.settings.asynchronous
+        for _ in self.fragments.parts if last else ():  # each: steps since its last round
             self._submit()
             self._complete()
 
@@ -370,7 +407,7 @@ class Rounds:
         self._own_weight = weight
         fragments.samples[index] = 0
         self.inner_steps = 0
-        self._closes += 1
+        self.clock.closes += 1
 
     def _send_share(self, wait: bool) -> None:
         """Compressed rounds: once the weights' sum is in (``wait``: wait for it), send this
@@ -456,7 +493,7 @@ class Rounds:
                             *(float(inner_state[name]) for name in scalars)], np.float64)
         numbers = self.node.broadcast(numbers, root, timeout=self.timeout)
         behind = int(numbers[0]) > self.rounds_done
-        self.round_started, self._closes = time.monotonic(), 0  # the clocks start again here
+        self.clock = _RoundClock(time.monotonic(), int(numbers[0]))  # again, on every member
         pending, self._pending = self._pending, None
         self.anchor[...] = flat[:size]
         self.outer.velocity[...] = flat[size:2 * size]

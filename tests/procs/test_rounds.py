@@ -42,15 +42,17 @@ def _data() -> tuple[np.ndarray, np.ndarray]:
     return digits.x[:SAMPLES], digits.y[:SAMPLES]
 
 
-def _model() -> Sequential:
-    return Sequential(Dense(64, 16), Tanh(), Dense(16, 10), seed=1, dtype=np.float64)
+def _model(seed: int = 1) -> Sequential:
+    return Sequential(Dense(64, 16), Tanh(), Dense(16, 10), seed=seed, dtype=np.float64)
 
 
 # --- DiLoCo with H = 1 is synchronous training ------------------------------------------------
 
 def _one_inner_step(node: Node, rounds: bool) -> dict:
     x, y = _data()
-    model = _model()
+    # every member initialises its own model, as a script without a fixed seed does: the
+    # ring starts from rank 0's (rounds once kept each member's own as its anchor)
+    model = _model(seed=1 + node.rank)
     trainer = Trainer(node, model, SGD(model.params, lr=0.1), x, y, batch_size=BATCH,
                       adaptive=False, bucket_bytes=0,
                       rounds=DiLoCo(inner_steps=1, outer_lr=1.0, momentum=0.0, nesterov=False)

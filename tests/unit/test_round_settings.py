@@ -18,6 +18,9 @@ from ringtrain.train.rounds import DiLoCo
     ({"inner_steps": 10, "fragments": 2, "average_inner_state": True},
      "fragments need lockstep"),
     ({"inner_steps": 0}, "inner_steps must be a positive integer"),
+    ({"warmup_rounds": 2}, "warmup_rounds must be an integer in \\[0, 10\\], with round_seconds"),
+    ({"warmup_rounds": -1, "round_seconds": 2.0}, "warmup_rounds must be"),
+    ({"warmup_rounds": True, "round_seconds": 2.0}, "warmup_rounds must be"),
 ])
 def test_bad_settings_are_refused_naming_what_is_wrong(settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -29,6 +32,17 @@ def test_fragments_cover_the_parameters_once_in_nearly_equal_parts():
     assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 10)]
     assert split(7, 1) == [slice(0, 7)]
     assert "fragments=4" in DiLoCo(inner_steps=8, fragments=4).spec()
+
+
+def test_warmup_rounds_double_up_to_round_seconds_from_wherever_the_clock_starts():
+    plain = DiLoCo(round_seconds=2.0)
+    assert [plain.seconds_until(0, k) for k in (1, 2, 3)] == [2.0, 4.0, 6.0]
+    warm = DiLoCo(round_seconds=2.0, warmup_rounds=2)
+    assert [warm.seconds_until(0, k) for k in (1, 2, 3, 4)] == [0.5, 1.5, 3.5, 5.5]
+    # a clock started at round 1 (a re-form) goes on with round 1's length, not round 0's
+    assert [warm.seconds_until(1, k) for k in (1, 2, 3)] == [1.0, 3.0, 5.0]
+    assert warm.seconds_until(7, 1) == 2.0
+    assert "warmup_rounds=2" in warm.spec()
 
 
 def test_a_joiner_takes_the_roots_inner_state_typed_as_its_own():
