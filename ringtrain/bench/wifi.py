@@ -124,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hundreds of steps)")
     parser.add_argument("--round-seconds", type=float, default=2.0,
                         help="async: seconds of stepping per round (default 2)")
+    parser.add_argument("--warmup-rounds", type=int, default=0,
+                        help="async: the first rounds shorter, round-seconds / 2^N doubling "
+                             "up to round-seconds (default 0)")
     parser.add_argument("--alone-runs", type=int, default=1,
                         help="runs of the single device the scaling divides by, before each "
                              "rate's methods (default 1)")
@@ -272,7 +275,8 @@ def measure(method: str, rate: float, run: str, devices: int, args: argparse.Nam
                   "hidden": parse_list(args.hidden, int, "--hidden"),
                   **{name: getattr(args, name) for name in (
                       "batch", "lr", "lr_schedule", "seed", "epochs", "inner_steps",
-                      "outer_lr", "outer_momentum", "round_seconds", "fragments")}}
+                      "outer_lr", "outer_momentum", "round_seconds", "warmup_rounds",
+                      "fragments")}}
         if method in ("diloco", "streaming", "async") and args.round_epochs:
             config["epochs"] = args.round_epochs
         env = {**os.environ, **_THREADS, **SLOW_LINK_SETTINGS, "PYTHONUNBUFFERED": "1",

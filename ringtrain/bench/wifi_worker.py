@@ -60,7 +60,8 @@ def rounds_of(config: dict[str, Any]) -> DiLoCo | None:
     if method == "async":
         return DiLoCo(inner_steps=config["inner_steps"], outer_lr=config["outer_lr"],
                       momentum=config["outer_momentum"], compression="int4",
-                      round_seconds=config["round_seconds"])
+                      round_seconds=config["round_seconds"],
+                      warmup_rounds=config["warmup_rounds"])
     return None
 
 
