@@ -27,8 +27,9 @@ epochs or until ``--time-limit``:
 * ``streaming`` (not in the default list): ``diloco`` with the parameters synced in
   ``--fragments`` fragments, one every ``--inner-steps / --fragments`` steps (Streaming
   DiLoCo);
-* ``async``: rounds that close every ``--round-seconds`` of stepping, each device
-  contributing the steps it made (4-bit pseudo-gradient, overlapped).
+* ``async``: rounds that close every ``--round-seconds`` of stepping (the first
+  ``--warmup-rounds`` shorter), each device contributing the steps it made (4-bit
+  pseudo-gradient, overlapped).
 
 Rank 0 evaluates the shared model on the held-out test set after every step (every applied
 round), with the clock stopped. "to target" is the first time it reaches ``--target``; "vs
@@ -122,11 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="diloco, async: the outer optimizer's Nesterov momentum "
                              "(default 0; DiLoCo's paper uses 0.9 with lr 0.7 for rounds of "
                              "hundreds of steps)")
-    parser.add_argument("--round-seconds", type=float, default=2.0,
-                        help="async: seconds of stepping per round (default 2)")
-    parser.add_argument("--warmup-rounds", type=int, default=0,
-                        help="async: the first rounds shorter, round-seconds / 2^N doubling "
-                             "up to round-seconds (default 0)")
+    parser.add_argument("--round-seconds", type=float, default=4.0,
+                        help="async: seconds of stepping per round (default 4)")
+    parser.add_argument("--warmup-rounds", type=int, default=1,
+                        help="async: the first N rounds shorter, round-seconds / 2^N doubling "
+                             "up to round-seconds (default 1: a first round of 2 s)")
     parser.add_argument("--alone-runs", type=int, default=1,
                         help="runs of the single device the scaling divides by, before each "
                              "rate's methods (default 1)")
