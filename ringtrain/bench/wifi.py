@@ -386,7 +386,8 @@ def alone_throughput(args: argparse.Namespace, key_file: Path) -> float | None:
     """Samples/s of one device of the budget training alone (no ring): the median of
     ``--alone-runs`` runs, measured before each rate's methods, so that the host's speed of
     the moment divides the scaling (it moved one device by up to ~25 % between runs)."""
-    alone = sorted(filter(None, (measure("diloco", 1000.0, "even", 1, args, key_file).throughput
+    alone = sorted(filter(None, (measure("diloco", 1000.0, "even", 1, args,  # no traffic:
+                                         key_file).throughput          # any link rate
                                  for _ in range(max(1, args.alone_runs)))))
     single = statistics.median(alone) if alone else None  # a failed run counts as none
     print(f"  one device alone: {single or 0:.0f} samples/s (median of "

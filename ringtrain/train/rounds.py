@@ -360,9 +360,9 @@ class Rounds:
         made since (every member calls this after the same applied round)."""
         if self._pending is not None:
             self._complete()
-        last = len(self.fragments.parts) > 1 or self.inner_steps or \
-            self.fragments.samples[0] or self.settings.asynchronous
-        for _ in self.fragments.parts if last else ():  # each: steps since its last round
+        owed = len(self.fragments.parts) > 1 or self.inner_steps or \
+            self.fragments.samples[0] or self.settings.asynchronous  # steps not in a round
+        for _ in self.fragments.parts if owed else ():  # each part: one last round
             self._submit()
             self._complete()
 
